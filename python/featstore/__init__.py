@@ -1,0 +1,56 @@
+"""featstore: precomputed frozen-encoder features, stored beside the data, served zero-copy.
+
+The public surface::
+
+    featstore.scan(root, ...) -> ScanResult
+    featstore.FeatureStore(data_root, feature, ...)       # get / put / contains / status ...
+    featstore.stamp_key(path, data_root), featstore.legacy_sha256_key(path)
+    featstore.EmbeddingCacheManager(cache_dir), featstore.file_hash(path)
+    featstore.errors: FeatstoreError and its subclasses
+
+``import featstore`` does not import torch; the functions that need it import it themselves.
+"""
+
+from featstore._core import __version__
+from featstore.compat import EmbeddingCacheManager, file_hash, legacy_sha256_key, stamp_key
+from featstore.errors import (
+    CheckpointError,
+    CorruptEntryError,
+    DataRootError,
+    FeatstoreError,
+    ForeignEntryError,
+    LockHeldError,
+    ManifestError,
+    NoImagesFoundError,
+    PathOutsideRootError,
+    ReadOnlyDataRootError,
+    StaleEntryError,
+)
+from featstore.scan import DEFAULT_EXTENSIONS, ScanResult, scan
+from featstore.store import LAYOUTS, STATES, FeatureStore, Status
+
+__all__ = [
+    "__version__",
+    "scan",
+    "ScanResult",
+    "DEFAULT_EXTENSIONS",
+    "FeatureStore",
+    "Status",
+    "STATES",
+    "LAYOUTS",
+    "stamp_key",
+    "legacy_sha256_key",
+    "file_hash",
+    "EmbeddingCacheManager",
+    "FeatstoreError",
+    "CorruptEntryError",
+    "StaleEntryError",
+    "ForeignEntryError",
+    "CheckpointError",
+    "DataRootError",
+    "NoImagesFoundError",
+    "ManifestError",
+    "PathOutsideRootError",
+    "ReadOnlyDataRootError",
+    "LockHeldError",
+]

@@ -1,0 +1,71 @@
+"""The featstore exception family.
+
+Every error featstore raises on purpose is a :class:`FeatstoreError`. Errors that are really
+operating-system errors keep their Python types as well (a read-only data root is both a
+``FeatstoreError`` and a ``PermissionError``), so ``except PermissionError`` keeps working.
+Messages name the offending path or value and say what to do about it.
+
+The Rust extension raises these same classes (it looks them up here by name), so there is one
+definition of each.
+"""
+
+from __future__ import annotations
+
+
+class FeatstoreError(Exception):
+    """Base class of every error featstore raises deliberately."""
+
+
+class CorruptEntryError(FeatstoreError):
+    """An entry file is unreadable or invalid (truncated, malformed header, bad checksum)."""
+
+
+class StaleEntryError(FeatstoreError):
+    """An entry exists but one of its inputs changed since it was written."""
+
+
+class ForeignEntryError(FeatstoreError):
+    """An entry was written with another encoder fingerprint than the store expects."""
+
+
+class CheckpointError(FeatstoreError):
+    """A model checkpoint is missing, unreadable, or does not fit the model."""
+
+
+class DataRootError(FeatstoreError, OSError):
+    """The data root does not exist or is not a directory."""
+
+
+class NoImagesFoundError(FeatstoreError):
+    """A scan found no source files to work on."""
+
+
+class ManifestError(FeatstoreError):
+    """A manifest or journal file is unreadable or of an unknown format."""
+
+
+class PathOutsideRootError(FeatstoreError, ValueError):
+    """A source path does not lie inside the store's data root."""
+
+
+class ReadOnlyDataRootError(FeatstoreError, PermissionError):
+    """A sidecar entry could not be written because the data root is read-only."""
+
+
+class LockHeldError(FeatstoreError):
+    """Another live process holds the lock of this feature."""
+
+
+__all__ = [
+    "FeatstoreError",
+    "CorruptEntryError",
+    "StaleEntryError",
+    "ForeignEntryError",
+    "CheckpointError",
+    "DataRootError",
+    "NoImagesFoundError",
+    "ManifestError",
+    "PathOutsideRootError",
+    "ReadOnlyDataRootError",
+    "LockHeldError",
+]

@@ -1,0 +1,1 @@
+"""PyTorch models whose outputs featstore caches (importing this package imports torch)."""

@@ -1,0 +1,144 @@
+"""Finding the sources of a data root (the Rust core walks and stats in parallel)."""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import numpy as np
+
+from featstore import _core
+
+DEFAULT_EXTENSIONS: tuple[str, ...] = tuple(_core.DEFAULT_EXTENSIONS)
+
+T = TypeVar("T")
+
+
+@dataclass
+class ScanResult:
+    """Sources found under a data root.
+
+    Attributes
+    ----------
+    paths : list of str
+        Paths relative to the root, POSIX separators, sorted.
+    sizes : numpy.ndarray of uint64
+        File sizes in bytes, aligned with ``paths``.
+    mtimes_ns : numpy.ndarray of int64
+        Modification times in nanoseconds since the epoch, aligned with ``paths``.
+    errors : list of (str, str)
+        ``(path, reason)`` for what could not be scanned (unreadable directory, symlink loop,
+        a listed file that does not exist). Not fatal.
+    sets : list of list of str
+        Ordered groups of relative paths, one per ``.jsonl`` line whose field is a list.
+    root : str
+        The absolute data root.
+    """
+
+    paths: list[str]
+    sizes: np.ndarray
+    mtimes_ns: np.ndarray
+    errors: list[tuple[str, str]] = field(default_factory=list)
+    sets: list[list[str]] = field(default_factory=list)
+    root: str = ""
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @property
+    def total_bytes(self) -> int:
+        """Sum of the source sizes in bytes."""
+        return int(self.sizes.sum()) if len(self.sizes) else 0
+
+    def by_extension(self) -> dict[str, tuple[int, int]]:
+        """``{".jpg": (count, bytes), ...}`` with extensions in lower case."""
+        out: dict[str, list[int]] = {}
+        for p, s in zip(self.paths, self.sizes.tolist()):
+            ext = os.path.splitext(p)[1].lower()
+            c = out.setdefault(ext, [0, 0])
+            c[0] += 1
+            c[1] += s
+        return {k: (v[0], v[1]) for k, v in sorted(out.items())}
+
+
+def run_with_progress(work: Callable[[_core.Progress], T], desc: str, total: int | None = None,
+                      show: bool | None = None, unit: str = "files") -> T:
+    """Runs ``work(progress)`` (a Rust call that releases the GIL) while a thread shows its count
+    on stderr. The bar appears only if the work takes longer than half a second, so small trees
+    print nothing; ``show=False`` silences it."""
+    progress = _core.Progress()
+    if show is False:
+        return work(progress)
+    done = threading.Event()
+
+    def render() -> None:
+        if done.wait(0.5):
+            return
+        from tqdm import tqdm
+
+        with tqdm(total=total, desc=desc, unit=f" {unit}", file=sys.stderr, leave=False) as bar:
+            while not done.wait(0.1):
+                bar.update(progress.count - bar.n)
+            bar.update(progress.count - bar.n)
+
+    thread = threading.Thread(target=render, daemon=True)
+    thread.start()
+    try:
+        return work(progress)
+    finally:
+        done.set()
+        thread.join()
+
+
+def scan(root: str | os.PathLike[str], *, extensions: Sequence[str] | None = None, jsonl: str | None = None,
+         follow_symlinks: bool = True, files_from: str | os.PathLike[str] | None = None,
+         skip_dirs: Sequence[str | os.PathLike[str]] = (), threads: int | None = None,
+         progress: bool | None = False) -> ScanResult:
+    """Finds the sources under ``root``.
+
+    Parameters
+    ----------
+    root : path
+        The data root (a directory).
+    extensions : sequence of str, optional
+        File extensions to collect, without case (default: jpg, jpeg, png, webp, bmp, tif, tiff).
+    jsonl : str, optional
+        Instead of walking for images, read this field of every line of every ``.jsonl`` file
+        under the root: a path or a list of paths, relative to the jsonl's folder or to the root.
+        Each list becomes one entry of ``sets``.
+    follow_symlinks : bool
+        Follow symbolic links (loops are reported in ``errors``).
+    files_from : path, optional
+        A text file with one source path per line (relative to the root or absolute inside it);
+        only those are stat'ed.
+    skip_dirs : sequence of paths
+        Directories to leave out (a cache directory inside the data root).
+    threads : int, optional
+        Worker threads (default: one per core).
+    progress : bool or None
+        Show a progress counter on stderr for long scans (None: only on a terminal).
+
+    Raises
+    ------
+    DataRootError
+        The root does not exist or is not a directory.
+    """
+    root_abs = os.path.abspath(os.fspath(root))
+    listed = None
+    if files_from is not None:
+        with open(files_from, encoding="utf-8") as f:
+            listed = [line.strip() for line in f if line.strip() and not line.startswith("#")]
+    if progress is None:
+        progress = sys.stderr.isatty()
+    paths, sizes, mtimes, errors, sets = run_with_progress(
+        lambda p: _core.scan(root_abs, extensions=list(extensions or []), follow_symlinks=follow_symlinks,
+                             skip_dirs=[os.path.abspath(os.fspath(d)) for d in skip_dirs], jsonl=jsonl,
+                             listed=listed, threads=threads, progress=p),
+        desc=f"scanning {root_abs}", show=progress)
+    return ScanResult(paths=[os.fspath(p) for p in paths], sizes=np.frombuffer(sizes, dtype="<u8").copy(),
+                      mtimes_ns=np.frombuffer(mtimes, dtype="<i8").copy(), errors=list(errors),
+                      sets=[[os.fspath(p) for p in s] for s in sets], root=root_abs)

@@ -1,0 +1,445 @@
+"""`FeatureStore`: one feature's entries under one data root.
+
+The Rust core decides where entries live and whether they may be served (``_core.Store``); this
+module adds what needs Python: path handling, torch tensors, legacy pickles, warnings, counters.
+torch is imported on first use, so opening a store (and ``import featstore``) stays fast.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import shutil
+import warnings
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from featstore import _core
+from featstore.errors import (
+    CorruptEntryError,
+    DataRootError,
+    PathOutsideRootError,
+    ReadOnlyDataRootError,
+)
+
+if TYPE_CHECKING:
+    import torch
+
+STATES: tuple[str, ...] = ("valid", "missing", "stale", "foreign", "corrupt", "orphan", "legacy")
+LAYOUTS: tuple[str, ...] = ("sidecar", "dir")
+LEGACY_SIDECAR_SUFFIX = ".vggt_cache.pt"
+_FEATURE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+# What to do about each kind of miss, for the one warning a store gives per kind.
+_MISS_ADVICE = {
+    "stale": "an input changed since caching; recompute with `featstore precompute`",
+    "foreign": "written by another encoder configuration; recompute, or open the store with that fingerprint",
+    "corrupt": "the file is damaged; `featstore verify --quarantine` moves it aside, then recompute",
+    "orphan": "the source is gone; `featstore gc` removes such entries",
+}
+
+
+@dataclass
+class Status:
+    """Counts of entries per state for one feature.
+
+    Attributes
+    ----------
+    counts : dict of str to int
+        One count per state in :data:`STATES`.
+    feature, layout, data_root : str
+        What was counted.
+    fingerprint : str or None
+        The fingerprint entries were checked against.
+    errors : list of (str, str)
+        Sources that could not be checked, with the reason.
+    """
+
+    counts: dict[str, int]
+    feature: str
+    layout: str
+    data_root: str
+    fingerprint: str | None = None
+    errors: list[tuple[str, str]] = field(default_factory=list)
+
+    def __getitem__(self, state: str) -> int:
+        return self.counts[state]
+
+    @property
+    def sources(self) -> int:
+        """Sources that exist (every state but ``orphan``)."""
+        return sum(n for s, n in self.counts.items() if s != "orphan")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"feature": self.feature, "layout": self.layout, "data_root": self.data_root,
+                "fingerprint": self.fingerprint, "sources": self.sources, "counts": dict(self.counts),
+                "errors": [list(e) for e in self.errors]}
+
+
+def _torch_helpers() -> Any:
+    from featstore import _torch
+
+    return _torch
+
+
+class FeatureStore:
+    """Cached features of one encoder output (``feature``) for the sources under a data root.
+
+    Parameters
+    ----------
+    data_root : path
+        The dataset directory. Sources are named by their path relative to it.
+    feature : str
+        The feature's name (``"vggt"``, ``"pixel_latent"``, ...): part of entry file names.
+    layout : {"sidecar", "dir"}
+        ``sidecar`` stores ``<source>.<feature>.safetensors`` beside each source; ``dir`` stores
+        entries under ``cache_dir`` named by key, for read-only datasets. Giving ``cache_dir``
+        implies ``dir``.
+    cache_dir : path, optional
+        The cache directory of the ``dir`` layout.
+    fingerprint : str, optional
+        The encoder fingerprint entries must carry. None means the one recorded in the feature's
+        manifest (training never needs to load the encoder), or any when there is no manifest.
+    read_mode : {"auto", "map", "pread"}
+        ``map`` maps entries (zero-copy); ``pread`` reads them into memory; ``auto`` maps except
+        on network file systems, where a file replaced by another node could fault a mapping.
+    allow_legacy : bool
+        Serve old ``<image>.vggt_cache.pt`` sidecars (read with ``weights_only=True``) when no
+        entry exists.
+
+    Notes
+    -----
+    The check behind :meth:`contains` and :meth:`get` costs two ``stat`` calls (source and entry)
+    once an entry has been seen; the first look at an entry reads its header. On network file
+    systems attribute caches can hide another node's edit for up to a minute (``actimeo``).
+    """
+
+    def __init__(self, data_root: str | os.PathLike[str], feature: str, *, layout: str = "sidecar",
+                 cache_dir: str | os.PathLike[str] | None = None, fingerprint: str | None = None,
+                 read_mode: str = "auto", allow_legacy: bool = True) -> None:
+        self._args = dict(data_root=data_root, feature=feature, layout=layout, cache_dir=cache_dir,
+                          fingerprint=fingerprint, read_mode=read_mode, allow_legacy=allow_legacy)
+        root = os.path.abspath(os.fspath(data_root))
+        if not os.path.isdir(root):
+            what = "is not a directory" if os.path.exists(root) else "does not exist"
+            raise DataRootError(f"data root {root} {what}; pass the dataset's top directory")
+        if not _FEATURE_NAME.match(feature):
+            raise ValueError(f"feature name {feature!r} must be letters, digits, '_', '.' or '-'")
+        if cache_dir is not None:
+            layout = "dir"
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout {layout!r} is not one of {LAYOUTS}")
+        if layout == "dir" and cache_dir is None:
+            raise ValueError("layout 'dir' needs cache_dir (where the entries go)")
+        if read_mode not in ("auto", "map", "pread"):
+            raise ValueError(f"read_mode {read_mode!r} is not one of 'auto', 'map', 'pread'")
+        self.data_root = root
+        self.feature = feature
+        self.layout = layout
+        self.cache_dir = os.path.abspath(os.fspath(cache_dir)) if cache_dir is not None else None
+        entries_at = self.cache_dir if self.cache_dir else root
+        if read_mode == "auto":
+            read_mode = "pread" if _core.is_network_fs(entries_at) else "map"
+        self.read_mode = read_mode
+        self.allow_legacy = allow_legacy
+        self._core = _core.Store(root, feature, cache_dir=self.cache_dir, fingerprint=fingerprint,
+                                 legacy_suffix=LEGACY_SIDECAR_SUFFIX if feature == "vggt" else None,
+                                 pread=read_mode == "pread")
+        self._prefix = root.rstrip(os.sep) + os.sep
+        self.stats: dict[str, int] = {"hits": 0, "misses": 0, **{s: 0 for s in STATES if s != "valid"}}
+        self._warned: set[str] = set()
+
+    # Pickling reopens the store from its arguments (DataLoader workers under spawn).
+    def __getstate__(self) -> dict[str, Any]:
+        return dict(self._args)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(**state)  # type: ignore[misc]
+
+    def __repr__(self) -> str:
+        where = f", cache_dir={self.cache_dir!r}" if self.cache_dir else ""
+        return f"FeatureStore({self.data_root!r}, {self.feature!r}, layout={self.layout!r}{where})"
+
+    @property
+    def fingerprint(self) -> str | None:
+        """The fingerprint entries are checked against (None: any)."""
+        return self._core.fingerprint
+
+    @property
+    def manifest_path(self) -> str:
+        """The feature's manifest (``<root>/<feature>_cache_manifest.json`` in the sidecar layout)."""
+        return os.fspath(self._core.manifest_path)
+
+    # ----------------------------------------------------------------------------- paths
+    def rel(self, path: str | os.PathLike[str]) -> str:
+        """The path of a source relative to the data root (absolute paths must lie inside it)."""
+        p = os.fspath(path)
+        if isinstance(p, bytes):
+            p = os.fsdecode(p)
+        if p.startswith(self._prefix):
+            p = p[len(self._prefix):]
+        elif os.path.isabs(p):
+            raise PathOutsideRootError(f"{p} is outside the data root {self.data_root}; "
+                                       "open a store on a root that contains it")
+        if "\\" in p or p.startswith("./") or "/." in p or p.startswith(".."):
+            norm = os.path.normpath(p)
+            if norm == ".." or norm.startswith("../"):
+                raise PathOutsideRootError(f"{path} is outside the data root {self.data_root}")
+            p = norm
+        return p
+
+    def entry_path(self, path: str | os.PathLike[str]) -> str:
+        """Where the entry of ``path`` is (or would be written) for the source as it is now."""
+        rel = self.rel(path)
+        st = os.stat(os.path.join(self.data_root, rel))
+        return os.fspath(self._core.entry_path(rel, st.st_size, st.st_mtime_ns))
+
+    # ----------------------------------------------------------------------------- checks
+    def contains(self, path: str | os.PathLike[str]) -> bool:
+        """True when a valid entry exists for ``path`` (two ``stat`` calls once seen)."""
+        return self._core.state(self.rel(path)) == "valid"
+
+    def state(self, path: str | os.PathLike[str]) -> str:
+        """The entry state of ``path``: one of :data:`STATES`."""
+        return self._core.state(self.rel(path))
+
+    def explain(self, path: str | os.PathLike[str]) -> str:
+        """A few lines saying why a lookup of ``path`` hits or misses."""
+        rel = self.rel(path)
+        state, entry, reason = self._core.check(rel)
+        lines = [f"{rel}: {state}", f"  entry: {os.fspath(entry) or '(none)'}"]
+        if reason:
+            lines.append(f"  why: {reason}")
+        lines.append(f"  feature {self.feature}, layout {self.layout}, expected fingerprint {self.fingerprint or '(any)'}")
+        return "\n".join(lines)
+
+    def _miss(self, rel: str, state: str | None = None) -> None:
+        self.stats["misses"] += 1
+        if state is None:
+            state, entry, reason = self._core.check(rel)
+        else:
+            entry, reason = "", ""
+        if state in self.stats:
+            self.stats[state] += 1
+        if state in _MISS_ADVICE and state not in self._warned:
+            self._warned.add(state)
+            if not reason:
+                _, entry, reason = self._core.check(rel)
+            warnings.warn(f"featstore: {state} entry for {rel} ({os.fspath(entry)}): {reason}; "
+                          f"{_MISS_ADVICE[state]}. Further {state} entries are counted in "
+                          f"FeatureStore.stats without warning.", stacklevel=3)
+
+    # ----------------------------------------------------------------------------- reads
+    def get(self, path: str | os.PathLike[str], *, device: Any = None, dtype: Any = None) -> dict[str, torch.Tensor] | None:
+        """The cached tensors of ``path``, or None when there is no valid entry.
+
+        Tensors view the entry's private copy-on-write mapping: no copy is made, and in-place
+        changes never reach the file. ``device``/``dtype`` move or cast on request (floating
+        tensors only for ``dtype``). A stale, foreign or corrupt entry is a counted miss
+        (``stats``) with one warning per kind, never an exception.
+        """
+        rel = self.rel(path)
+        try:
+            capsules = self._core.read(rel)
+        except (CorruptEntryError, PermissionError) as exc:
+            self._miss(rel, "corrupt" if isinstance(exc, CorruptEntryError) else "missing")
+            return None
+        if capsules is None:
+            if self.allow_legacy and self.feature == "vggt":
+                legacy = self._read_legacy(rel)
+                if legacy is not None:
+                    self.stats["hits"] += 1
+                    return legacy
+            self._miss(rel)
+            return None
+        self.stats["hits"] += 1
+        return _torch_helpers().from_capsules(capsules, device, dtype)
+
+    def _read_legacy(self, rel: str) -> dict[str, torch.Tensor] | None:
+        state, entry, _ = self._core.check(rel)
+        if state != "legacy":
+            return None
+        from featstore.compat import load_legacy_sidecar
+
+        return load_legacy_sidecar(os.fspath(entry))
+
+    def get_many(self, paths: Iterable[str | os.PathLike[str]], *, device: Any = None,
+                 dtype: Any = None) -> list[dict[str, torch.Tensor] | None]:
+        """:meth:`get` for each path, in order."""
+        return [self.get(p, device=device, dtype=dtype) for p in paths]
+
+    # ----------------------------------------------------------------------------- writes
+    def put(self, path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor], *,
+            inputs: Mapping[str, str | os.PathLike[str] | bytes] | None = None,
+            metadata: Mapping[str, str] | None = None, durable: bool = False) -> str:
+        """Writes the entry of ``path`` atomically and returns its file path.
+
+        Parameters
+        ----------
+        tensors : dict of str to Tensor
+            Any device and layout; stored contiguous on CPU.
+        inputs : dict, optional
+            Inputs besides the source: a path (str or PathLike, relative to the root or
+            absolute) for files such as a caption ``.txt`` or a control image, recorded by stamp
+            and digest and checked on every lookup; ``bytes`` for a text (a caption from a
+            ``.jsonl``), recorded by digest.
+        metadata : dict of str to str, optional
+            Extra header metadata; featstore's own keys take precedence.
+        durable : bool
+            fsync the entry and its directory before returning.
+
+        Raises
+        ------
+        FileNotFoundError
+            The source does not exist.
+        ReadOnlyDataRootError
+            Sidecar layout on a read-only data root: use a cache directory (``cache_dir=``,
+            ``--cache-dir``).
+        """
+        rel = self.rel(path)
+        raw, keep = _torch_helpers().to_raw(tensors)
+        meta = {}
+        for k, v in (metadata or {}).items():
+            if not isinstance(k, str) or not isinstance(v, str):
+                raise TypeError(f"metadata must map str to str, got {k!r}: {type(v).__name__}")
+            meta[k] = v
+        extra = [(name, v if isinstance(v, bytes) else os.fspath(v)) for name, v in (inputs or {}).items()]
+        try:
+            written = self._core.put(rel, raw, meta, extra, durable)
+        except OSError as exc:
+            if self.layout == "sidecar" and exc.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
+                raise ReadOnlyDataRootError(
+                    exc.errno, f"cannot write the entry of {rel} beside its source: {exc.strerror}. "
+                    f"The data root {self.data_root} is not writable here; keep entries in a cache "
+                    f"directory instead (--cache-dir DIR, or FeatureStore(..., cache_dir=DIR))",
+                    exc.filename) from exc
+            raise
+        finally:
+            del keep
+        return os.fspath(written["path"])
+
+    def remove(self, path: str | os.PathLike[str]) -> bool:
+        """Removes the entry of ``path`` (never the source); True if a file was removed."""
+        return self._core.remove(self.rel(path))
+
+    def clear(self) -> int:
+        """Removes every entry of this feature, its manifest, journals and state; returns the
+        number of entry files removed. Sources are never touched."""
+        removed = 0
+        if self.layout == "dir":
+            assert self.cache_dir is not None
+            feature_dir = os.path.join(self.cache_dir, self.feature)
+            for _, _, files in os.walk(feature_dir):
+                removed += sum(1 for f in files if f.endswith(".safetensors"))
+            shutil.rmtree(feature_dir, ignore_errors=True)
+        else:
+            for rel in self._sidecar_entries():
+                try:
+                    os.remove(os.path.join(self.data_root, rel))
+                    removed += 1
+                except FileNotFoundError:
+                    pass
+            manifest = self.manifest_path
+            for p in [manifest] + [os.path.join(self.data_root, f) for f in os.listdir(self.data_root)
+                                   if f.startswith(os.path.basename(manifest) + ".rank")]:
+                try:
+                    os.remove(p)
+                except FileNotFoundError:
+                    pass
+        shutil.rmtree(os.fspath(self._core.state_dir), ignore_errors=True)
+        self.__init__(**self._args)  # type: ignore[misc]  # forget everything known in memory
+        return removed
+
+    def _sidecar_entries(self) -> list[str]:
+        """Relative paths of this feature's sidecar entry files under the root."""
+        suffix = f".{self.feature}.safetensors"
+        paths, *_ = _core.scan(self.data_root, extensions=["safetensors"])
+        return [os.fspath(p) for p in paths if os.fspath(p).endswith(suffix)]
+
+    # ----------------------------------------------------------------------------- status
+    def status(self, sources: Iterable[str] | None = None, *, threads: int | None = None,
+               progress: bool | None = False) -> Status:
+        """Counts entries per state. ``sources`` defaults to a scan of the root for images.
+
+        Opens no entry that was seen before (in this process or in the manifest's index).
+        Orphans are entries whose source is gone.
+        """
+        from featstore.scan import run_with_progress, scan
+
+        if sources is None:
+            found = scan(self.data_root, skip_dirs=[self.cache_dir] if self.cache_dir else (), threads=threads,
+                         progress=progress)
+            rels = found.paths
+            errors = list(found.errors)
+        else:
+            rels = [self.rel(s) for s in sources]
+            errors = []
+        states = run_with_progress(lambda p: self._core.check_many(rels, threads, p), desc="checking entries",
+                                   total=len(rels), show=progress, unit="sources")
+        counts = {s: 0 for s in STATES}
+        for rel, s in zip(rels, states):
+            if s.startswith("error: "):
+                errors.append((rel, s[len("error: "):]))
+            else:
+                counts[s] += 1
+        known = set(rels)
+        for rel in self._orphan_candidates():
+            if rel not in known and self._core.state(rel) == "orphan":
+                counts["orphan"] += 1
+        return Status(counts=counts, feature=self.feature, layout=self.layout, data_root=self.data_root,
+                      fingerprint=self.fingerprint, errors=errors)
+
+    def write_manifest(self, status: Status, sources: Iterable[str], fields: Mapping[str, Any] | None = None) -> str:
+        """Writes the feature's manifest atomically and returns its path.
+
+        It keeps the fields users of the old scripts read (``total_images``, ``processed_images``,
+        ``data_root``, ``cache_format``, the weights path when known), adds featstore's (format,
+        feature, layout, fingerprint, counts per state, version, time), and indexes the valid
+        entries among ``sources`` so later lookups and ``status`` open no entry.
+        """
+        import json
+        import time
+
+        path = self.manifest_path
+        old = json.loads(_core.read_manifest(path) or "{}")
+        doc: dict[str, Any] = {k: v for k, v in old.items() if k not in ("index", "failures", "format")}
+        cache_format = (f"<image_path>.{self.feature}.safetensors" if self.layout == "sidecar"
+                        else f"<cache_dir>/{self.feature}/<key[:2]>/<key[:32]>.safetensors")
+        doc.update({
+            "total_images": status.sources,
+            "processed_images": status.counts["valid"],
+            "data_root": self.data_root,
+            "cache_format": cache_format,
+            "feature": self.feature,
+            "layout": self.layout,
+            "cache_dir": self.cache_dir,
+            "fingerprint": self.fingerprint,
+            "counts": dict(status.counts),
+            "featstore_version": _core.__version__,
+            "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        })
+        doc.update(fields or {})
+        doc["failures"] = old.get("failures", {})
+        doc["index"] = {os.fspath(rel): list(rec) for rel, rec in self._core.index_records([self.rel(s) for s in sources])}
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        _core.write_manifest(path, json.dumps(doc))
+        return path
+
+    def _orphan_candidates(self) -> list[str]:
+        suffix = f".{self.feature}.safetensors"
+        if self.layout == "sidecar":
+            return [p[: -len(suffix)] for p in self._sidecar_entries()]
+        text = _core.read_manifest(self.manifest_path)
+        if text is None:
+            return []
+        import json
+
+        return list(json.loads(text).get("index", {}))
+
+    def __contains__(self, path: object) -> bool:
+        if not isinstance(path, (str, os.PathLike)):
+            return False
+        return self.contains(path)
+

@@ -1,0 +1,69 @@
+//! The one error type of the core. Every variant carries the path (or value) it is about, so the
+//! bindings can raise a Python exception that names it and says what to do.
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+/// Everything that can go wrong in featstore-core.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// An operating-system error on `path`; the bindings keep the OS error type
+    /// (`FileNotFoundError`, `PermissionError`, ...).
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// An entry file that is not a valid featstore/safetensors file.
+    #[error("corrupt entry {path}: {reason}")]
+    Corrupt { path: PathBuf, reason: String },
+    /// A manifest or journal that cannot be read.
+    #[error("bad manifest {path}: {reason}")]
+    Manifest { path: PathBuf, reason: String },
+    /// The data root to scan is missing or not a directory.
+    #[error("data root {path}: {reason}")]
+    DataRoot { path: PathBuf, reason: String },
+    /// A source path that does not lie inside the data root.
+    #[error("{path} is outside the data root {root}")]
+    OutsideRoot { path: PathBuf, root: PathBuf },
+    /// A caller passed a value the core cannot use (unknown dtype, inconsistent sizes, ...).
+    #[error("{0}")]
+    Invalid(String),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    /// Wraps an I/O error with the path it happened on.
+    pub fn io(path: impl AsRef<Path>, source: io::Error) -> Self {
+        Error::Io {
+            path: path.as_ref().to_path_buf(),
+            source,
+        }
+    }
+
+    /// A corrupt-entry error for `path` with a human-readable reason.
+    pub fn corrupt(path: impl AsRef<Path>, reason: impl Into<String>) -> Self {
+        Error::Corrupt {
+            path: path.as_ref().to_path_buf(),
+            reason: reason.into(),
+        }
+    }
+
+    /// True when this is an I/O error of the given kind (used to tell "missing" from "broken").
+    pub fn is_io_kind(&self, kind: io::ErrorKind) -> bool {
+        matches!(self, Error::Io { source, .. } if source.kind() == kind)
+    }
+}
+
+/// Adds the path to an `io::Result`.
+pub(crate) trait IoContext<T> {
+    fn at(self, path: impl AsRef<Path>) -> Result<T>;
+}
+
+impl<T> IoContext<T> for io::Result<T> {
+    fn at(self, path: impl AsRef<Path>) -> Result<T> {
+        self.map_err(|e| Error::io(path, e))
+    }
+}

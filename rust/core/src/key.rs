@@ -1,0 +1,184 @@
+//! Stamps, digests and keys.
+//!
+//! A *stamp* is `(size, mtime_ns)` from one `stat`; a *digest* is blake3 of a file's bytes; a
+//! *key* names an entry by the source's relative path and stamp, so any change of the source gives
+//! a new key. The legacy key is the old scripts' `sha256(path_as_given + file_bytes)[:16]`.
+
+use std::fs::{File, Metadata};
+use std::io::Read;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+
+use sha2::Digest as _;
+
+use crate::error::{IoContext, Result};
+
+/// Domain separator of the v1 key, so a key can never collide with a digest of other data.
+const KEY_DOMAIN: &[u8] = b"featstore-key-v1\0";
+
+/// How many hex digits of a key the dir layout uses in file names (128 bits).
+pub const KEY_NAME_LEN: usize = 32;
+
+/// `(size, mtime_ns)` of a file: what one `stat` tells about whether it changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub struct Stamp {
+    /// File size in bytes.
+    pub size: u64,
+    /// Modification time in nanoseconds since the Unix epoch (as `os.stat().st_mtime_ns`).
+    pub mtime_ns: i64,
+}
+
+impl Stamp {
+    /// The stamp of already-fetched metadata.
+    pub fn from_metadata(meta: &Metadata) -> Stamp {
+        Stamp {
+            size: meta.size(),
+            mtime_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
+        }
+    }
+
+    /// `stat`s `path` (following symlinks) and returns its stamp.
+    pub fn of(path: &Path) -> Result<Stamp> {
+        Ok(Stamp::from_metadata(&std::fs::metadata(path).at(path)?))
+    }
+}
+
+/// The v1 key of a source: `blake3("featstore-key-v1\0" || u32le(len(p)) || p || u64le(size) ||
+/// i64le(mtime_ns))` as 64 hex digits, where `p` is the relative path's raw bytes.
+pub fn stamp_key(rel_path: &[u8], stamp: Stamp) -> String {
+    let mut h = blake3::Hasher::new();
+    h.update(KEY_DOMAIN);
+    // Paths longer than 4 GiB do not exist on any file system we run on.
+    h.update(&(rel_path.len() as u32).to_le_bytes());
+    h.update(rel_path);
+    h.update(&stamp.size.to_le_bytes());
+    h.update(&stamp.mtime_ns.to_le_bytes());
+    h.finalize().to_hex().to_string()
+}
+
+/// blake3 of a file's bytes, as 64 hex digits.
+pub fn file_digest(path: &Path) -> Result<String> {
+    let mut h = blake3::Hasher::new();
+    let file = File::open(path).at(path)?;
+    // `update_reader` streams through a fixed buffer: constant memory whatever the file size.
+    h.update_reader(file).at(path)?;
+    Ok(h.finalize().to_hex().to_string())
+}
+
+/// blake3 of in-memory bytes (a caption's text, a data section), as 64 hex digits.
+pub fn bytes_digest(bytes: &[u8]) -> String {
+    blake3::hash(bytes).to_hex().to_string()
+}
+
+/// The old scripts' cache key: `sha256(path_as_given || file_bytes)`, first 16 hex digits.
+///
+/// `path_as_given` is the path string exactly as the old loader passed it (usually absolute at
+/// caching time); `read_from` is where the file can be read now (they differ after a move).
+pub fn legacy_sha256_key(path_as_given: &[u8], read_from: &Path) -> Result<String> {
+    let mut h = sha2::Sha256::new();
+    h.update(path_as_given);
+    let mut file = File::open(read_from).at(read_from)?;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf).at(read_from)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    let full = hex::encode(h.finalize());
+    Ok(full[..16].to_string())
+}
+
+/// Raw bytes of a path, as used in keys.
+pub fn path_bytes(p: &Path) -> &[u8] {
+    p.as_os_str().as_bytes()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Pinned vectors: changing the key function silently would invalidate every dir-layout cache.
+    #[test]
+    fn stamp_key_vectors() {
+        let k = stamp_key(
+            b"scene001/img_0001.jpg",
+            Stamp {
+                size: 307_200,
+                mtime_ns: 1_700_000_000_123_456_789,
+            },
+        );
+        assert_eq!(
+            k,
+            "0c753eb4ba0f06b37b5a3e7defe849d58378c83cf7537e382cf55968eda3de05"
+        );
+        let k = stamp_key(
+            b"",
+            Stamp {
+                size: 0,
+                mtime_ns: 0,
+            },
+        );
+        assert_eq!(
+            k,
+            "b3d6ed7aa7bdc00d764336aa0a2dc3fda79f35aed5436a4c4dd7d7273b14c2ff"
+        );
+        let k = stamp_key(
+            "图片/ä.png".as_bytes(),
+            Stamp {
+                size: 1,
+                mtime_ns: -1,
+            },
+        );
+        assert_eq!(
+            k,
+            "0d08e951a5a5a3200ff5429e3045ef4c2096bdb9a2ad1df3607eb32a296edbd5"
+        );
+    }
+
+    #[test]
+    fn key_depends_on_every_field() {
+        let base = Stamp {
+            size: 10,
+            mtime_ns: 20,
+        };
+        let k = stamp_key(b"a", base);
+        assert_ne!(k, stamp_key(b"b", base));
+        assert_ne!(k, stamp_key(b"a", Stamp { size: 11, ..base }));
+        assert_ne!(
+            k,
+            stamp_key(
+                b"a",
+                Stamp {
+                    mtime_ns: 21,
+                    ..base
+                }
+            )
+        );
+        // The length prefix keeps path/size boundaries unambiguous.
+        assert_ne!(stamp_key(b"ab", base), stamp_key(b"a", base));
+    }
+
+    #[test]
+    fn legacy_key_matches_sha256_of_path_then_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("img.jpg");
+        std::fs::write(&f, b"hello").unwrap();
+        // sha256(b"/data/img.jpg" + b"hello") computed independently (Python hashlib).
+        let k = legacy_sha256_key(b"/data/img.jpg", &f).unwrap();
+        assert_eq!(k, "9c606ebf7ef75b50");
+    }
+
+    #[test]
+    fn digest_of_file_equals_digest_of_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("x");
+        std::fs::write(&f, vec![7u8; 3_000_000]).unwrap();
+        assert_eq!(
+            file_digest(&f).unwrap(),
+            bytes_digest(&vec![7u8; 3_000_000])
+        );
+    }
+}

@@ -1,0 +1,18 @@
+//! featstore-core: the per-file, parallel half of featstore, with no Python in it.
+//!
+//! - [`key`]: stamps, digests, entry keys and the legacy SHA256 key;
+//! - [`scan`]: parallel discovery of source files;
+//! - [`entry`]: the aligned safetensors entry format: writer, validating reader, mappings;
+//! - [`manifest`]: the manifest, the per-rank journals and their merge;
+//! - [`store`]: entry locations, layouts and the validity check;
+//! - [`pool`]: featstore's own, fork-aware thread pools.
+
+pub mod entry;
+pub mod error;
+pub mod key;
+pub mod manifest;
+pub mod pool;
+pub mod scan;
+pub mod store;
+
+pub use error::{Error, Result};

@@ -1,0 +1,375 @@
+//! The manifest (one JSON file per feature, written atomically) and the per-rank journals that
+//! record progress during a run.
+//!
+//! Workers never rewrite the manifest while they run: each rank appends one line per finished
+//! batch to `<manifest>.rank<R>-of-<N>.jsonl`, and the manifest is compacted from the journals at
+//! the end (or by any later run that finds journals). A crash can tear only the last line of a
+//! journal, and a torn line is skipped when reading.
+
+use std::collections::BTreeMap;
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde_json::{Map, Value};
+
+use crate::entry::write_atomic;
+use crate::error::{Error, IoContext, Result};
+use crate::key::Stamp;
+
+/// Format tag of the manifests this crate writes.
+pub const MANIFEST_FORMAT: &str = "featstore-manifest-v1";
+
+/// What the manifest remembers of one valid entry: the source and entry stamps when it was
+/// written (so `status` and the hot path open no entry) and whether it was racy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IndexRecord {
+    pub source: Stamp,
+    pub entry: Stamp,
+    pub racy: bool,
+}
+
+impl IndexRecord {
+    // Stored as a compact array: a million-entry index stays around 80 MB of JSON.
+    fn to_json(self) -> Value {
+        Value::from(vec![
+            Value::from(self.source.size),
+            Value::from(self.source.mtime_ns),
+            Value::from(self.entry.size),
+            Value::from(self.entry.mtime_ns),
+            Value::from(self.racy as u8),
+        ])
+    }
+
+    fn from_json(v: &Value) -> Option<IndexRecord> {
+        let a = v.as_array()?;
+        if a.len() != 5 {
+            return None;
+        }
+        Some(IndexRecord {
+            source: Stamp {
+                size: a[0].as_u64()?,
+                mtime_ns: a[1].as_i64()?,
+            },
+            entry: Stamp {
+                size: a[2].as_u64()?,
+                mtime_ns: a[3].as_i64()?,
+            },
+            racy: a[4].as_u64()? != 0,
+        })
+    }
+}
+
+/// A manifest: free-form fields (the ones users already read, counts, encoder description,
+/// timings, ...) plus the index and the failures.
+#[derive(Debug, Clone, Default)]
+pub struct Manifest {
+    pub fields: Map<String, Value>,
+    pub index: BTreeMap<String, IndexRecord>,
+    pub failures: BTreeMap<String, String>,
+}
+
+impl Manifest {
+    /// Reads a manifest; `Ok(None)` when there is none.
+    pub fn read(path: &Path) -> Result<Option<Manifest>> {
+        let text = match std::fs::read(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(Error::io(path, e)),
+        };
+        let bad = |reason: String| Error::Manifest {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let mut fields: Map<String, Value> = serde_json::from_slice(&text).map_err(|e| {
+            bad(format!(
+                "not valid JSON ({e}); delete it, `featstore status` rebuilds it"
+            ))
+        })?;
+        let mut index = BTreeMap::new();
+        if let Some(v) = fields.remove("index") {
+            let Value::Object(m) = v else {
+                return Err(bad("index is not an object".into()));
+            };
+            for (rel, rec) in m {
+                let r = IndexRecord::from_json(&rec)
+                    .ok_or_else(|| bad(format!("index record of {rel:?} is malformed")))?;
+                index.insert(rel, r);
+            }
+        }
+        let mut failures = BTreeMap::new();
+        if let Some(Value::Object(m)) = fields.remove("failures") {
+            for (rel, reason) in m {
+                failures.insert(rel, reason.as_str().unwrap_or_default().to_string());
+            }
+        }
+        Ok(Some(Manifest {
+            fields,
+            index,
+            failures,
+        }))
+    }
+
+    /// Serializes the manifest (fields first, then failures, then the index).
+    pub fn to_json_bytes(&self) -> Vec<u8> {
+        let mut root = self.fields.clone();
+        root.insert("format".into(), Value::from(MANIFEST_FORMAT));
+        root.insert(
+            "failures".into(),
+            Value::Object(
+                self.failures
+                    .iter()
+                    .map(|(k, v)| (k.clone(), Value::from(v.as_str())))
+                    .collect(),
+            ),
+        );
+        root.insert(
+            "index".into(),
+            Value::Object(
+                self.index
+                    .iter()
+                    .map(|(k, r)| (k.clone(), r.to_json()))
+                    .collect(),
+            ),
+        );
+        let mut out = serde_json::to_vec_pretty(&Value::Object(root)).expect("manifest serializes");
+        out.push(b'\n');
+        out
+    }
+
+    /// Writes the manifest atomically (temporary file, rename).
+    pub fn write(&self, path: &Path, durable: bool) -> Result<()> {
+        write_atomic(path, &[&self.to_json_bytes()], durable)
+    }
+
+    /// Applies one journal record. Unknown operations are ignored (newer writers).
+    pub fn apply(&mut self, record: &Value) {
+        let Some(rel) = record.get("path").and_then(Value::as_str) else {
+            return;
+        };
+        match record.get("op").and_then(Value::as_str) {
+            Some("ok") => {
+                let stamp = |k: &str| {
+                    let a = record.get(k)?.as_array()?;
+                    Some(Stamp {
+                        size: a.first()?.as_u64()?,
+                        mtime_ns: a.get(1)?.as_i64()?,
+                    })
+                };
+                if let (Some(source), Some(entry)) = (stamp("source"), stamp("entry")) {
+                    let racy = record.get("racy").and_then(Value::as_bool).unwrap_or(false);
+                    self.index.insert(
+                        rel.to_string(),
+                        IndexRecord {
+                            source,
+                            entry,
+                            racy,
+                        },
+                    );
+                    self.failures.remove(rel);
+                }
+            }
+            Some("failed") => {
+                let reason = record
+                    .get("reason")
+                    .and_then(Value::as_str)
+                    .unwrap_or("unknown error");
+                self.failures.insert(rel.to_string(), reason.to_string());
+            }
+            Some("removed") => {
+                self.index.remove(rel);
+                self.failures.remove(rel);
+            }
+            _ => {}
+        }
+    }
+}
+
+/// The journal of rank `rank` of `world` beside `manifest`.
+pub fn journal_path(manifest: &Path, rank: u32, world: u32) -> PathBuf {
+    let mut name = manifest.file_name().unwrap_or_default().to_os_string();
+    name.push(format!(".rank{rank}-of-{world}.jsonl"));
+    manifest.with_file_name(name)
+}
+
+/// Journals found beside `manifest`, sorted by name.
+pub fn find_journals(manifest: &Path) -> Result<Vec<PathBuf>> {
+    let dir = manifest
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let prefix = format!(
+        "{}.rank",
+        manifest.file_name().unwrap_or_default().to_string_lossy()
+    );
+    let mut out = Vec::new();
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(Error::io(dir, e)),
+    };
+    for e in entries {
+        let e = e.at(dir)?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with(&prefix) && name.ends_with(".jsonl") {
+            out.push(e.path());
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Appends records to a journal with one `write` (lines of one batch land together or, after a
+/// crash, the torn tail is skipped by [`read_journal`]). With `durable`, fsyncs the journal.
+pub fn append_journal(path: &Path, records: &[Value], durable: bool) -> Result<()> {
+    let mut buf = Vec::new();
+    for r in records {
+        serde_json::to_writer(&mut buf, r).expect("record serializes");
+        buf.push(b'\n');
+    }
+    let mut f = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .at(path)?;
+    f.write_all(&buf).at(path)?;
+    if durable {
+        f.sync_data().at(path)?;
+    }
+    Ok(())
+}
+
+/// Reads a journal's records; returns them and the number of torn or malformed lines skipped.
+pub fn read_journal(path: &Path) -> Result<(Vec<Value>, usize)> {
+    let text = std::fs::read(path).at(path)?;
+    let mut records = Vec::new();
+    let mut skipped = 0;
+    for line in text.split(|&b| b == b'\n') {
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        match serde_json::from_slice::<Value>(line) {
+            Ok(v) if v.is_object() => records.push(v),
+            _ => skipped += 1,
+        }
+    }
+    Ok((records, skipped))
+}
+
+/// What a merge did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct MergeSummary {
+    pub journals: usize,
+    pub records: usize,
+    pub skipped_lines: usize,
+}
+
+/// Folds every journal beside `manifest_path` into the manifest (starting from `base` when given,
+/// else from the manifest on disk), writes it atomically, then deletes the journals. Records are
+/// applied journal by journal in name order; within one source the last record wins.
+pub fn merge_journals(
+    manifest_path: &Path,
+    base: Option<Manifest>,
+    durable: bool,
+) -> Result<(Manifest, MergeSummary)> {
+    let mut manifest = match base {
+        Some(m) => m,
+        None => Manifest::read(manifest_path)?.unwrap_or_default(),
+    };
+    let journals = find_journals(manifest_path)?;
+    let mut summary = MergeSummary {
+        journals: journals.len(),
+        ..Default::default()
+    };
+    for j in &journals {
+        let (records, skipped) = read_journal(j)?;
+        summary.records += records.len();
+        summary.skipped_lines += skipped;
+        for r in &records {
+            manifest.apply(r);
+        }
+    }
+    manifest.write(manifest_path, durable)?;
+    // Only after the manifest holds everything: a crash in between merges the same records again,
+    // which is harmless because applying a record twice gives the same result.
+    for j in &journals {
+        match std::fs::remove_file(j) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io(j, e)),
+        }
+    }
+    Ok((manifest, summary))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn journal_merge_builds_index_and_failures() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = dir.path().join("vggt_cache_manifest.json");
+        append_journal(
+            &journal_path(&m, 0, 2),
+            &[json!({"op": "ok", "path": "a.jpg", "source": [1, 2], "entry": [3, 4]})],
+            false,
+        )
+        .unwrap();
+        append_journal(
+            &journal_path(&m, 1, 2),
+            &[json!({"op": "failed", "path": "b.jpg", "reason": "cannot decode"})],
+            false,
+        )
+        .unwrap();
+        // A torn last line, as a crash mid-append leaves it.
+        let j1 = journal_path(&m, 1, 2);
+        let mut f = OpenOptions::new().append(true).open(&j1).unwrap();
+        f.write_all(b"{\"op\": \"ok\", \"pa").unwrap();
+        let (manifest, summary) = merge_journals(&m, None, false).unwrap();
+        assert_eq!(
+            summary,
+            MergeSummary {
+                journals: 2,
+                records: 2,
+                skipped_lines: 1
+            }
+        );
+        assert_eq!(
+            manifest.index["a.jpg"].source,
+            Stamp {
+                size: 1,
+                mtime_ns: 2
+            }
+        );
+        assert_eq!(manifest.failures["b.jpg"], "cannot decode");
+        assert!(find_journals(&m).unwrap().is_empty());
+        let again = Manifest::read(&m).unwrap().unwrap();
+        assert_eq!(again.index, manifest.index);
+        assert_eq!(again.failures, manifest.failures);
+    }
+
+    #[test]
+    fn later_success_clears_failure_and_removal_drops_entry() {
+        let mut m = Manifest::default();
+        m.apply(&json!({"op": "failed", "path": "x", "reason": "oom"}));
+        m.apply(&json!({"op": "ok", "path": "x", "source": [1, 1], "entry": [2, 2], "racy": true}));
+        assert!(m.failures.is_empty());
+        assert!(m.index["x"].racy);
+        m.apply(&json!({"op": "removed", "path": "x"}));
+        assert!(m.index.is_empty());
+    }
+
+    #[test]
+    fn malformed_manifest_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = dir.path().join("m.json");
+        std::fs::write(&m, b"{not json").unwrap();
+        let err = Manifest::read(&m).unwrap_err().to_string();
+        assert!(
+            err.contains("m.json") && err.contains("not valid JSON"),
+            "{err}"
+        );
+    }
+}

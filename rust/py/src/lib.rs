@@ -1,0 +1,717 @@
+//! `featstore._core`: thin PyO3 bindings of featstore-core. Types and errors are converted here;
+//! all logic lives in the core crate. Every call that does real work releases the GIL.
+
+mod dlpack;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use featstore_core::entry::{self, Dtype, ReadMode, TensorData};
+use featstore_core::key::{self, Stamp};
+use featstore_core::manifest::{self, Manifest};
+use featstore_core::scan::{self, ScanOptions};
+use featstore_core::store::{Input, Layout, Store, StoreConfig};
+use featstore_core::{pool, Error};
+use pyo3::exceptions::{PyOSError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict, PyType};
+use rayon::prelude::*;
+
+/// Raises the `featstore.errors` class `name` with `msg`.
+fn featstore_error(name: &str, msg: String) -> PyErr {
+    Python::attach(|py| {
+        let cls = py.import("featstore.errors").and_then(|m| m.getattr(name));
+        match cls {
+            Ok(cls) => match cls.cast_into::<PyType>() {
+                Ok(t) => PyErr::from_type(t, msg),
+                Err(_) => PyValueError::new_err(msg),
+            },
+            Err(e) => e,
+        }
+    })
+}
+
+/// Converts a core error into the Python exception a user can act on. OS errors keep their
+/// Python types (OSError picks FileNotFoundError, PermissionError, ... from the errno).
+fn to_py(err: Error) -> PyErr {
+    match err {
+        Error::Io { path, source } => match errno_of(&source) {
+            Some(errno) => {
+                PyOSError::new_err((errno, source.to_string(), path.display().to_string()))
+            }
+            None => PyOSError::new_err(format!("{}: {source}", path.display())),
+        },
+        e @ Error::Corrupt { .. } => featstore_error("CorruptEntryError", e.to_string()),
+        e @ Error::Manifest { .. } => featstore_error("ManifestError", e.to_string()),
+        e @ Error::DataRoot { .. } => featstore_error("DataRootError", e.to_string()),
+        e @ Error::OutsideRoot { .. } => featstore_error("PathOutsideRootError", e.to_string()),
+        Error::Invalid(msg) => featstore_error("FeatstoreError", msg),
+    }
+}
+
+/// The errno behind an I/O error. Wrapped errors (tempfile adds the path to its errors) carry
+/// no raw errno, so their kind is mapped back.
+fn errno_of(e: &std::io::Error) -> Option<i32> {
+    use std::io::ErrorKind::*;
+    e.raw_os_error().or(match e.kind() {
+        NotFound => Some(libc_errno::ENOENT),
+        PermissionDenied => Some(libc_errno::EACCES),
+        ReadOnlyFilesystem => Some(libc_errno::EROFS),
+        StorageFull => Some(libc_errno::ENOSPC),
+        AlreadyExists => Some(libc_errno::EEXIST),
+        NotADirectory => Some(libc_errno::ENOTDIR),
+        IsADirectory => Some(libc_errno::EISDIR),
+        FileTooLarge => Some(libc_errno::EFBIG),
+        _ => None,
+    })
+}
+
+/// Linux errno values (stable ABI constants).
+mod libc_errno {
+    pub const ENOENT: i32 = 2;
+    pub const EACCES: i32 = 13;
+    pub const EEXIST: i32 = 17;
+    pub const ENOTDIR: i32 = 20;
+    pub const EISDIR: i32 = 21;
+    pub const EFBIG: i32 = 27;
+    pub const ENOSPC: i32 = 28;
+    pub const EROFS: i32 = 30;
+}
+
+trait IntoPy<T> {
+    fn py_err(self) -> PyResult<T>;
+}
+
+impl<T> IntoPy<T> for featstore_core::Result<T> {
+    fn py_err(self) -> PyResult<T> {
+        self.map_err(to_py)
+    }
+}
+
+fn parse_dtype(name: &str) -> PyResult<Dtype> {
+    Dtype::parse(name).ok_or_else(|| PyValueError::new_err(format!("unknown dtype {name:?}")))
+}
+
+/// A counter another thread can read while a long call runs without the GIL.
+#[pyclass(module = "featstore._core", frozen)]
+#[derive(Default)]
+struct Progress {
+    count: Arc<AtomicU64>,
+}
+
+#[pymethods]
+impl Progress {
+    #[new]
+    fn new() -> Self {
+        Progress::default()
+    }
+
+    /// Items done so far.
+    #[getter]
+    fn count(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+}
+
+fn progress_counter(progress: Option<&Bound<'_, Progress>>) -> Arc<AtomicU64> {
+    progress
+        .map(|p| Arc::clone(&p.get().count))
+        .unwrap_or_default()
+}
+
+type ScanTuple<'py> = (
+    Vec<PathBuf>,
+    Bound<'py, PyBytes>,
+    Bound<'py, PyBytes>,
+    Vec<(String, String)>,
+    Vec<Vec<PathBuf>>,
+);
+
+fn scan_to_python(py: Python<'_>, s: scan::Scan) -> ScanTuple<'_> {
+    // Sizes and mtimes go out as raw little-endian arrays: numpy.frombuffer turns them into
+    // arrays without a Python int per file.
+    let sizes: Vec<u8> = s
+        .sources
+        .iter()
+        .flat_map(|x| x.stamp.size.to_le_bytes())
+        .collect();
+    let mtimes: Vec<u8> = s
+        .sources
+        .iter()
+        .flat_map(|x| x.stamp.mtime_ns.to_le_bytes())
+        .collect();
+    let paths = s.sources.into_iter().map(|x| x.rel).collect();
+    (
+        paths,
+        PyBytes::new(py, &sizes),
+        PyBytes::new(py, &mtimes),
+        s.errors,
+        s.sets,
+    )
+}
+
+/// Scans a directory tree (or `.jsonl` fields, or a list) and returns
+/// `(paths, sizes_le_u64, mtimes_le_i64, errors, sets)`.
+#[pyfunction(name = "scan")]
+#[pyo3(signature = (root, *, extensions=Vec::new(), follow_symlinks=true, skip_dirs=Vec::new(), jsonl=None, listed=None, threads=None, progress=None))]
+#[allow(clippy::too_many_arguments)]
+fn scan_sources<'py>(
+    py: Python<'py>,
+    root: PathBuf,
+    extensions: Vec<String>,
+    follow_symlinks: bool,
+    skip_dirs: Vec<PathBuf>,
+    jsonl: Option<String>,
+    listed: Option<Vec<String>>,
+    threads: Option<usize>,
+    progress: Option<&Bound<'py, Progress>>,
+) -> PyResult<ScanTuple<'py>> {
+    let counter = progress_counter(progress);
+    let opts = ScanOptions {
+        extensions,
+        follow_symlinks,
+        skip_dirs,
+        threads,
+    };
+    let result = py.detach(|| match (&jsonl, &listed) {
+        (_, Some(list)) => scan::scan_list(&root, list, threads, &counter),
+        (Some(field), None) => scan::scan_jsonl(&root, field, &opts, &counter),
+        (None, None) => scan::scan_tree(&root, &opts, &counter),
+    });
+    Ok(scan_to_python(py, result.py_err()?))
+}
+
+/// The v1 key of a relative path (raw bytes) with a stamp, as 64 hex digits.
+#[pyfunction]
+fn stamp_key(rel: &[u8], size: u64, mtime_ns: i64) -> String {
+    key::stamp_key(rel, Stamp { size, mtime_ns })
+}
+
+/// blake3 of a file's bytes (64 hex digits).
+#[pyfunction]
+fn file_digest(py: Python<'_>, path: PathBuf) -> PyResult<String> {
+    py.detach(|| key::file_digest(&path)).py_err()
+}
+
+/// blake3 of many files in parallel; `None` where a file cannot be read.
+#[pyfunction]
+#[pyo3(signature = (paths, threads=None))]
+fn file_digests(
+    py: Python<'_>,
+    paths: Vec<PathBuf>,
+    threads: Option<usize>,
+) -> Vec<Option<String>> {
+    py.detach(|| {
+        pool::pool(threads).install(|| paths.par_iter().map(|p| key::file_digest(p).ok()).collect())
+    })
+}
+
+/// The old scripts' key: `sha256(path_as_given + bytes of read_from)[:16]`.
+#[pyfunction]
+fn legacy_sha256_key(py: Python<'_>, path_as_given: &[u8], read_from: PathBuf) -> PyResult<String> {
+    let given = path_as_given.to_vec();
+    py.detach(|| key::legacy_sha256_key(&given, &read_from))
+        .py_err()
+}
+
+/// Legacy keys of many files in parallel; `None` where a file cannot be read.
+#[pyfunction]
+#[pyo3(signature = (paths_as_given, read_from, threads=None))]
+fn legacy_sha256_keys(
+    py: Python<'_>,
+    paths_as_given: Vec<Vec<u8>>,
+    read_from: Vec<PathBuf>,
+    threads: Option<usize>,
+) -> PyResult<Vec<Option<String>>> {
+    if paths_as_given.len() != read_from.len() {
+        return Err(PyValueError::new_err(
+            "paths_as_given and read_from differ in length",
+        ));
+    }
+    Ok(py.detach(|| {
+        pool::pool(threads).install(|| {
+            paths_as_given
+                .par_iter()
+                .zip(read_from.par_iter())
+                .map(|(g, r)| key::legacy_sha256_key(g, r).ok())
+                .collect()
+        })
+    }))
+}
+
+/// Tensors from Python: `(name, dtype, shape, data_ptr, nbytes)`.
+type RawTensor = (String, String, Vec<u64>, usize, usize);
+
+/// Views the callers' tensor memory.
+///
+/// # Safety
+/// Each pointer must be valid for `nbytes` bytes and stay alive and unmodified until the returned
+/// views are dropped. The Python callers (`featstore.store`) pass `data_ptr()` of contiguous CPU
+/// tensors that they hold references to for the duration of the call.
+unsafe fn tensor_views(raw: &[RawTensor]) -> PyResult<Vec<TensorData<'_>>> {
+    raw.iter()
+        .map(|(name, dtype, shape, ptr, nbytes)| {
+            let data: &[u8] = if *nbytes == 0 {
+                &[]
+            } else {
+                // SAFETY: guaranteed by this function's contract.
+                unsafe { std::slice::from_raw_parts(*ptr as *const u8, *nbytes) }
+            };
+            Ok(TensorData {
+                name: name.clone(),
+                dtype: parse_dtype(dtype)?,
+                shape: shape.clone(),
+                data,
+            })
+        })
+        .collect()
+}
+
+/// Writes an entry file atomically. `tensors` are `(name, dtype, shape, data_ptr, nbytes)` of
+/// contiguous CPU memory the caller keeps alive; returns the file size.
+#[pyfunction]
+#[pyo3(signature = (path, tensors, metadata, durable=false))]
+fn write_entry(
+    py: Python<'_>,
+    path: PathBuf,
+    tensors: Vec<RawTensor>,
+    metadata: BTreeMap<String, String>,
+    durable: bool,
+) -> PyResult<u64> {
+    // SAFETY: see tensor_views; the caller holds the tensors for the duration of this call.
+    let views = unsafe { tensor_views(&tensors)? };
+    py.detach(|| entry::write_entry(&path, &views, &metadata, durable))
+        .py_err()
+}
+
+type HeaderTuple = (
+    BTreeMap<String, String>,
+    Vec<(String, String, Vec<u64>, u64, u64)>,
+    u64,
+);
+
+fn header_tuple(h: &entry::Header) -> HeaderTuple {
+    (
+        h.metadata.clone(),
+        h.tensors
+            .iter()
+            .map(|t| {
+                (
+                    t.name.clone(),
+                    t.dtype.name().to_string(),
+                    t.shape.clone(),
+                    t.start,
+                    t.end,
+                )
+            })
+            .collect(),
+        h.data_start,
+    )
+}
+
+/// Reads and validates an entry's header only: `(metadata, [(name, dtype, shape, start, end)],
+/// data_start)`.
+#[pyfunction]
+fn read_header(py: Python<'_>, path: PathBuf) -> PyResult<HeaderTuple> {
+    let h = py.detach(|| entry::read_header(&path)).py_err()?;
+    Ok(header_tuple(&h))
+}
+
+/// `[(name, dltensor capsule)]` of an entry.
+type Capsules<'py> = Vec<(String, Bound<'py, PyAny>)>;
+
+/// Tensors, metadata and the `(address, length)` of the bytes they view.
+type OpenedEntry<'py> = (Capsules<'py>, BTreeMap<String, String>, (usize, usize));
+
+fn tensors_of<'py>(py: Python<'py>, e: &entry::Entry) -> PyResult<Capsules<'py>> {
+    e.header
+        .tensors
+        .iter()
+        .map(|t| {
+            Ok((
+                t.name.clone(),
+                dlpack::capsule(py, &e.bytes, e.header.data_start, t)?,
+            ))
+        })
+        .collect()
+}
+
+fn read_mode(pread: bool) -> ReadMode {
+    if pread {
+        ReadMode::Pread
+    } else {
+        ReadMode::Map
+    }
+}
+
+/// Opens an entry file: `([(name, dltensor capsule)], metadata, (address, length))`. The
+/// address range is that of the mapping (or buffer) the tensors view.
+#[pyfunction]
+#[pyo3(signature = (path, pread=false))]
+fn read_entry<'py>(py: Python<'py>, path: PathBuf, pread: bool) -> PyResult<OpenedEntry<'py>> {
+    let e = py
+        .detach(|| entry::open_entry(&path, read_mode(pread)))
+        .py_err()?;
+    let range = (e.bytes.as_ptr() as usize, e.bytes.as_slice().len());
+    Ok((tensors_of(py, &e)?, e.header.metadata.clone(), range))
+}
+
+/// Opens an entry and checks its data against `data.blake3`; returns its metadata.
+#[pyfunction]
+fn verify_entry(py: Python<'_>, path: PathBuf) -> PyResult<BTreeMap<String, String>> {
+    py.detach(|| {
+        let e = entry::open_entry(&path, ReadMode::Pread)?;
+        e.verify_checksum(&path)?;
+        Ok(e.header.metadata.clone())
+    })
+    .py_err()
+}
+
+/// Reads one tensor of an entry into caller memory (`data_ptr`, `nbytes`) with `pread`.
+#[pyfunction]
+fn read_tensor_into(
+    py: Python<'_>,
+    path: PathBuf,
+    name: String,
+    data_ptr: usize,
+    nbytes: usize,
+) -> PyResult<()> {
+    py.detach(|| {
+        // SAFETY: the caller passes the data pointer of a contiguous tensor of nbytes bytes it
+        // holds for the duration of the call, and nothing else writes it meanwhile.
+        let out = unsafe { std::slice::from_raw_parts_mut(data_ptr as *mut u8, nbytes) };
+        entry::read_tensor_into(&path, &name, out).map(|_| ())
+    })
+    .py_err()
+}
+
+/// True when `path` is on a network file system (featstore then reads with pread).
+#[pyfunction]
+fn is_network_fs(path: PathBuf) -> bool {
+    entry::is_network_fs(&path)
+}
+
+/// Reads a manifest as JSON text (index included), or None if there is none.
+#[pyfunction]
+fn read_manifest(py: Python<'_>, path: PathBuf) -> PyResult<Option<String>> {
+    let m = py.detach(|| Manifest::read(&path)).py_err()?;
+    Ok(m.map(|m| String::from_utf8(m.to_json_bytes()).expect("JSON is UTF-8")))
+}
+
+/// Parses a manifest from JSON text (the form `read_manifest` returns).
+fn parse_manifest(path: &Path, json: &str) -> PyResult<Manifest> {
+    let value: serde_json::Value = serde_json::from_str(json)
+        .map_err(|e| PyValueError::new_err(format!("manifest for {}: {e}", path.display())))?;
+    let mut fields = match value {
+        serde_json::Value::Object(m) => m,
+        _ => return Err(PyValueError::new_err("a manifest is a JSON object")),
+    };
+    let mut m = Manifest::default();
+    if let Some(serde_json::Value::Object(index)) = fields.remove("index") {
+        for (rel, rec) in index {
+            let a = rec.as_array().cloned().unwrap_or_default();
+            let n = |i: usize| a.get(i).and_then(|v| v.as_i64());
+            if let (Some(s), Some(mt), Some(es), Some(emt), Some(r)) =
+                (n(0), n(1), n(2), n(3), n(4))
+            {
+                m.apply(&serde_json::json!({"op": "ok", "path": rel, "source": [s, mt], "entry": [es, emt], "racy": r != 0}));
+            }
+        }
+    }
+    if let Some(serde_json::Value::Object(failures)) = fields.remove("failures") {
+        for (rel, reason) in failures {
+            m.failures
+                .insert(rel, reason.as_str().unwrap_or_default().to_string());
+        }
+    }
+    m.fields = fields;
+    Ok(m)
+}
+
+/// Writes a manifest (JSON text of the whole manifest) atomically.
+#[pyfunction]
+#[pyo3(signature = (path, json, durable=true))]
+fn write_manifest(py: Python<'_>, path: PathBuf, json: &str, durable: bool) -> PyResult<()> {
+    let m = parse_manifest(&path, json)?;
+    py.detach(|| m.write(&path, durable)).py_err()
+}
+
+/// The journal path of rank `rank` of `world` beside a manifest.
+#[pyfunction]
+fn journal_path(manifest: PathBuf, rank: u32, world: u32) -> PathBuf {
+    manifest::journal_path(&manifest, rank, world)
+}
+
+/// Appends records (JSON texts of objects) to a journal in one write.
+#[pyfunction]
+#[pyo3(signature = (path, records, durable=false))]
+fn append_journal(
+    py: Python<'_>,
+    path: PathBuf,
+    records: Vec<String>,
+    durable: bool,
+) -> PyResult<()> {
+    let values = records
+        .iter()
+        .map(|r| {
+            serde_json::from_str(r)
+                .map_err(|e| PyValueError::new_err(format!("journal record is not JSON: {e}")))
+        })
+        .collect::<PyResult<Vec<serde_json::Value>>>()?;
+    py.detach(|| manifest::append_journal(&path, &values, durable))
+        .py_err()
+}
+
+/// Merges every journal beside the manifest into it (with `fields` JSON overriding its fields)
+/// and deletes the journals; returns `(journals, records, skipped_lines)`.
+#[pyfunction]
+#[pyo3(signature = (manifest_path, fields=None, durable=true))]
+fn merge_journals(
+    py: Python<'_>,
+    manifest_path: PathBuf,
+    fields: Option<String>,
+    durable: bool,
+) -> PyResult<(usize, usize, usize)> {
+    let updates: Option<serde_json::Map<String, serde_json::Value>> = match fields {
+        Some(f) => Some(serde_json::from_str(&f).map_err(|e| {
+            PyValueError::new_err(format!("manifest fields are not a JSON object: {e}"))
+        })?),
+        None => None,
+    };
+    let (_, s) = py
+        .detach(|| {
+            let mut base = Manifest::read(&manifest_path)?.unwrap_or_default();
+            if let Some(u) = updates {
+                base.fields.extend(u);
+            }
+            manifest::merge_journals(&manifest_path, Some(base), durable)
+        })
+        .py_err()?;
+    Ok((s.journals, s.records, s.skipped_lines))
+}
+
+/// A feature's entries under a data root: layouts, the validity check, writes and reads.
+#[pyclass(module = "featstore._core", name = "Store", frozen)]
+struct PyStore {
+    inner: Arc<Store>,
+}
+
+fn parse_inputs(inputs: Vec<(String, Bound<'_, PyAny>)>) -> PyResult<Vec<Input>> {
+    inputs
+        .into_iter()
+        .map(|(name, v)| {
+            if let Ok(b) = v.cast::<PyBytes>() {
+                Ok(Input::Text {
+                    name,
+                    text: b.as_bytes().to_vec(),
+                })
+            } else {
+                Ok(Input::File {
+                    name,
+                    path: v.extract::<PathBuf>()?,
+                })
+            }
+        })
+        .collect()
+}
+
+#[pymethods]
+impl PyStore {
+    #[new]
+    #[pyo3(signature = (root, feature, *, cache_dir=None, fingerprint=None, legacy_suffix=None, pread=false))]
+    fn new(
+        py: Python<'_>,
+        root: PathBuf,
+        feature: String,
+        cache_dir: Option<PathBuf>,
+        fingerprint: Option<String>,
+        legacy_suffix: Option<String>,
+        pread: bool,
+    ) -> PyResult<Self> {
+        let layout = match cache_dir {
+            Some(d) => Layout::Dir {
+                cache_dir: std::path::absolute(&d).map_err(|e| to_py(Error::io(&d, e)))?,
+            },
+            None => Layout::Sidecar,
+        };
+        let cfg = StoreConfig {
+            root,
+            feature,
+            layout,
+            fingerprint,
+            legacy_suffix,
+            read_mode: read_mode(pread),
+        };
+        let store = py.detach(|| Store::open(cfg)).py_err()?;
+        Ok(PyStore {
+            inner: Arc::new(store),
+        })
+    }
+
+    /// The fingerprint this store checks entries against (None: any).
+    #[getter]
+    fn fingerprint(&self) -> Option<String> {
+        self.inner.config().fingerprint.clone()
+    }
+
+    #[getter]
+    fn manifest_path(&self) -> PathBuf {
+        self.inner.manifest_path()
+    }
+
+    #[getter]
+    fn state_dir(&self) -> PathBuf {
+        self.inner.state_dir()
+    }
+
+    fn entry_path(&self, rel: PathBuf, size: u64, mtime_ns: i64) -> PathBuf {
+        self.inner.entry_path(&rel, Stamp { size, mtime_ns })
+    }
+
+    fn legacy_path(&self, rel: PathBuf) -> Option<PathBuf> {
+        self.inner.legacy_path(&rel)
+    }
+
+    /// `(state, entry_path, reason)` of one source.
+    fn check(&self, py: Python<'_>, rel: PathBuf) -> PyResult<(&'static str, PathBuf, String)> {
+        let c = py.detach(|| self.inner.check(&rel)).py_err()?;
+        Ok((c.state.name(), c.entry, c.reason))
+    }
+
+    /// The state name of one source: the hot path (the GIL is kept: the call is shorter than
+    /// releasing it).
+    fn state(&self, rel: PathBuf) -> PyResult<&'static str> {
+        Ok(self.inner.check(&rel).py_err()?.state.name())
+    }
+
+    /// State names of many sources, checked in parallel; `"error: ..."` where a check failed.
+    #[pyo3(signature = (rels, threads=None, progress=None))]
+    fn check_many(
+        &self,
+        py: Python<'_>,
+        rels: Vec<PathBuf>,
+        threads: Option<usize>,
+        progress: Option<&Bound<'_, Progress>>,
+    ) -> Vec<String> {
+        let counter = progress_counter(progress);
+        py.detach(|| {
+            pool::pool(threads).install(|| {
+                rels.par_iter()
+                    .map(|r| {
+                        counter.fetch_add(1, Ordering::Relaxed);
+                        match self.inner.check(r) {
+                            Ok(c) => c.state.name().to_string(),
+                            Err(e) => format!("error: {e}"),
+                        }
+                    })
+                    .collect()
+            })
+        })
+    }
+
+    /// Writes the entry of `rel`; returns `{"path", "source": [size, mtime_ns], "entry": [...],
+    /// "racy", "bytes"}`. Tensors as for `write_entry`; inputs are `(name, path)` for files and
+    /// `(name, bytes)` for texts.
+    #[pyo3(signature = (rel, tensors, metadata, inputs, durable=false))]
+    fn put<'py>(
+        &self,
+        py: Python<'py>,
+        rel: PathBuf,
+        tensors: Vec<RawTensor>,
+        metadata: BTreeMap<String, String>,
+        inputs: Vec<(String, Bound<'py, PyAny>)>,
+        durable: bool,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let inputs = parse_inputs(inputs)?;
+        // SAFETY: see tensor_views; `featstore.store` holds the tensors during this call.
+        let views = unsafe { tensor_views(&tensors)? };
+        let w = py
+            .detach(|| self.inner.put(&rel, &views, &metadata, &inputs, durable))
+            .py_err()?;
+        let d = PyDict::new(py);
+        d.set_item("path", w.path)?;
+        d.set_item("source", (w.source.size, w.source.mtime_ns))?;
+        d.set_item("entry", (w.entry.size, w.entry.mtime_ns))?;
+        d.set_item("racy", w.racy)?;
+        d.set_item("bytes", w.bytes)?;
+        Ok(d)
+    }
+
+    /// The tensors of `rel`'s entry as `[(name, dltensor capsule)]`, or None unless it is valid.
+    fn read<'py>(&self, py: Python<'py>, rel: PathBuf) -> PyResult<Option<Capsules<'py>>> {
+        match self.inner.open_valid(&rel).py_err()? {
+            Some(e) => Ok(Some(tensors_of(py, &e)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Removes `rel`'s entry; True if a file was removed.
+    fn remove(&self, py: Python<'_>, rel: PathBuf) -> PyResult<bool> {
+        py.detach(|| self.inner.remove(&rel)).py_err()
+    }
+
+    /// Manifest index records `(rel, [source size, mtime_ns, entry size, mtime_ns, racy])` of the
+    /// given sources whose entries this process found valid.
+    fn index_records(&self, rels: Vec<PathBuf>) -> Vec<(PathBuf, (u64, i64, u64, i64, u8))> {
+        rels.into_iter()
+            .filter_map(|r| {
+                let rec = self.inner.index_record(&r)?;
+                Some((
+                    r,
+                    (
+                        rec.source.size,
+                        rec.source.mtime_ns,
+                        rec.entry.size,
+                        rec.entry.mtime_ns,
+                        rec.racy as u8,
+                    ),
+                ))
+            })
+            .collect()
+    }
+
+    /// Forgets what this process remembers about `rel`.
+    fn forget(&self, rel: PathBuf) {
+        self.inner.forget(&rel)
+    }
+}
+
+/// The threads featstore uses by default (one per core).
+#[pyfunction]
+fn default_threads() -> usize {
+    pool::default_threads()
+}
+
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add("DEFAULT_EXTENSIONS", scan::DEFAULT_EXTENSIONS.to_vec())?;
+    m.add("RACY_WINDOW_NS", featstore_core::store::RACY_WINDOW_NS)?;
+    m.add_class::<Progress>()?;
+    m.add_class::<PyStore>()?;
+    for f in [
+        wrap_pyfunction!(scan_sources, m)?,
+        wrap_pyfunction!(stamp_key, m)?,
+        wrap_pyfunction!(file_digest, m)?,
+        wrap_pyfunction!(file_digests, m)?,
+        wrap_pyfunction!(legacy_sha256_key, m)?,
+        wrap_pyfunction!(legacy_sha256_keys, m)?,
+        wrap_pyfunction!(write_entry, m)?,
+        wrap_pyfunction!(read_header, m)?,
+        wrap_pyfunction!(read_entry, m)?,
+        wrap_pyfunction!(verify_entry, m)?,
+        wrap_pyfunction!(read_tensor_into, m)?,
+        wrap_pyfunction!(is_network_fs, m)?,
+        wrap_pyfunction!(read_manifest, m)?,
+        wrap_pyfunction!(write_manifest, m)?,
+        wrap_pyfunction!(journal_path, m)?,
+        wrap_pyfunction!(append_journal, m)?,
+        wrap_pyfunction!(merge_journals, m)?,
+        wrap_pyfunction!(default_threads, m)?,
+    ] {
+        m.add_function(f)?;
+    }
+    Ok(())
+}
