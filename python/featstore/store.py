@@ -78,10 +78,17 @@ class Status:
                 "errors": [list(e) for e in self.errors]}
 
 
-def _torch_helpers() -> Any:
-    from featstore import _torch
+_TORCH_HELPERS: Any = None
 
-    return _torch
+
+def _torch_helpers() -> Any:
+    """featstore._torch, imported on first use (it imports torch)."""
+    global _TORCH_HELPERS
+    if _TORCH_HELPERS is None:
+        from featstore import _torch
+
+        _TORCH_HELPERS = _torch
+    return _TORCH_HELPERS
 
 
 class FeatureStore:

@@ -555,7 +555,7 @@ impl EntryBytes {
 /// An open, validated entry. Tensors are views into `bytes`, which lives as long as any holder
 /// of the `Arc` (the bindings give one to every tensor they hand out).
 pub struct Entry {
-    pub header: Header,
+    pub header: Arc<Header>,
     pub bytes: Arc<EntryBytes>,
 }
 
@@ -586,12 +586,47 @@ impl Entry {
     }
 }
 
+/// Identifies the exact file an entry was read from: a header validated for one identity is
+/// valid for the same identity later (entries are replaced by rename, never rewritten in place).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileId {
+    pub ino: u64,
+    pub dev: u64,
+    pub size: u64,
+    pub mtime_ns: i64,
+}
+
+impl FileId {
+    pub fn of(meta: &std::fs::Metadata) -> FileId {
+        use std::os::unix::fs::MetadataExt;
+        let stamp = crate::key::Stamp::from_metadata(meta);
+        FileId {
+            ino: meta.ino(),
+            dev: meta.dev(),
+            size: stamp.size,
+            mtime_ns: stamp.mtime_ns,
+        }
+    }
+}
+
 /// Opens and validates the entry at `path`. The file descriptor is closed before returning: a
 /// mapping does not need it, and a training loop holding thousands of tensors must not run out
 /// of descriptors.
 pub fn open_entry(path: &Path, mode: ReadMode) -> Result<Entry> {
+    open_entry_with(path, mode, None).map(|(e, _)| e)
+}
+
+/// Like [`open_entry`], but reuses `known`'s header when the opened file is the one it was
+/// validated for (same [`FileId`]), skipping the JSON parse. Returns the file's identity too.
+pub fn open_entry_with(
+    path: &Path,
+    mode: ReadMode,
+    known: Option<(FileId, Arc<Header>)>,
+) -> Result<(Entry, FileId)> {
     let file = File::open(path).at(path)?;
-    let len = file.metadata().at(path)?.len();
+    let meta = file.metadata().at(path)?;
+    let id = FileId::of(&meta);
+    let len = meta.len();
     if len < 8 {
         return Err(Error::corrupt(path, format!("file is {len} bytes, shorter than a header length: truncated; delete it and recompute")));
     }
@@ -611,11 +646,17 @@ pub fn open_entry(path: &Path, mode: ReadMode) -> Result<Entry> {
         }
     };
     drop(file);
-    let header = parse_entry_bytes(path, bytes.as_slice())?;
-    Ok(Entry {
-        header,
-        bytes: Arc::new(bytes),
-    })
+    let header = match known {
+        Some((known_id, header)) if known_id == id => header,
+        _ => Arc::new(parse_entry_bytes(path, bytes.as_slice())?),
+    };
+    Ok((
+        Entry {
+            header,
+            bytes: Arc::new(bytes),
+        },
+        id,
+    ))
 }
 
 /// Reads one tensor of the entry at `path` straight into `out` with `pread` (no mapping).

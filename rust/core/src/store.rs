@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use rayon::prelude::*;
@@ -129,6 +129,8 @@ struct Known {
     reason: String,
     /// False for racy manifest records: they locate the entry but still need a full check.
     trusted: bool,
+    /// The entry's validated header and the file it was validated for, once read.
+    header: Option<(entry::FileId, Arc<entry::Header>)>,
 }
 
 /// A feature's entries under one data root.
@@ -206,6 +208,7 @@ impl Store {
                         state: State::Valid,
                         reason: String::new(),
                         trusted: !r.racy,
+                        header: None,
                     },
                 );
             }
@@ -547,6 +550,7 @@ impl Store {
                     state,
                     reason: reason.clone(),
                     trusted: true,
+                    header: None,
                 },
             );
         }
@@ -661,6 +665,7 @@ impl Store {
                 state: State::Valid,
                 reason: String::new(),
                 trusted: true,
+                header: None,
             },
         );
         Ok(Written {
@@ -703,13 +708,61 @@ impl Store {
     }
 
     /// Opens the valid entry of `rel` for reading, or None when it is not valid.
+    ///
+    /// Fast path for an entry this process already validated: stat the source, open the entry and
+    /// take its stamp from the open descriptor (no separate stat), map it, and reuse the header
+    /// validated on the first read while the file is the same. Anything else goes through
+    /// [`Store::check`].
     pub fn open_valid(&self, rel: &Path) -> Result<Option<entry::Entry>> {
+        if let Some(k) = self
+            .recall(rel)
+            .filter(|k| k.trusted && k.state == State::Valid)
+        {
+            if let (Some(src_stamp), Some((id, header))) =
+                (stat_opt(&self.cfg.root.join(rel))?, &k.header)
+            {
+                let unchanged = src_stamp == k.source
+                    && k.path == self.entry_path(rel, src_stamp)
+                    && self.inputs_unchanged(&k.inputs)?;
+                if unchanged {
+                    match entry::open_entry_with(
+                        &k.path,
+                        self.cfg.read_mode,
+                        Some((*id, Arc::clone(header))),
+                    ) {
+                        Ok((e, opened)) if opened == *id => return Ok(Some(e)),
+                        // The entry file changed since we validated it: take the slow path.
+                        Ok(_) | Err(_) => {}
+                    }
+                }
+            }
+        }
         let c = self.check(rel)?;
         if c.state != State::Valid {
             return Ok(None);
         }
-        match entry::open_entry(&c.entry, self.cfg.read_mode) {
-            Ok(e) => Ok(Some(e)),
+        let known_header = self
+            .recall(rel)
+            .filter(|k| k.path == c.entry)
+            .and_then(|k| k.header);
+        match entry::open_entry_with(&c.entry, self.cfg.read_mode, known_header) {
+            Ok((e, id)) => {
+                // Cache the header only for the very file the check judged (not one renamed over
+                // it in between), so the fast path never serves an unchecked file.
+                let judged = |k: &&mut Known| {
+                    k.path == c.entry
+                        && k.entry
+                            == Stamp {
+                                size: id.size,
+                                mtime_ns: id.mtime_ns,
+                            }
+                };
+                let mut known = self.known.write().unwrap_or_else(|p| p.into_inner());
+                if let Some(k) = known.get_mut(rel).filter(judged) {
+                    k.header = Some((id, Arc::clone(&e.header)));
+                }
+                Ok(Some(e))
+            }
             // Replaced or removed between the check and the open: a miss, not an error.
             Err(e) if e.is_io_kind(ErrorKind::NotFound) => Ok(None),
             Err(Error::Corrupt { .. }) => {
