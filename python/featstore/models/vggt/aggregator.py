@@ -411,19 +411,22 @@ class Aggregator(nn.Module):
             device=tokens.device,
         )
 
+        # Frame attention sees [B*S, N] tokens, global attention [B, S*N]; both use per-frame positions.
+        shapes = {
+            "frame": (batch * frames, per_frame, self.embed_dim),
+            "global": (batch, frames * per_frame, self.embed_dim),
+        }
+        positions = {kind: pos.reshape(*shape[:2], 2) for kind, shape in shapes.items()}
+        block_lists = {"frame": self.frame_blocks, "global": self.global_blocks}
+
         kept: dict[int, torch.Tensor] = {}
         block_index = {"frame": 0, "global": 0}
         for group in range(last_group + 1):
             outputs: dict[str, list[torch.Tensor]] = {}
             for kind in self.aa_order:
-                if kind == "frame":
-                    shape = (batch * frames, per_frame, self.embed_dim)
-                    blocks = self.frame_blocks
-                else:
-                    shape = (batch, frames * per_frame, self.embed_dim)
-                    blocks = self.global_blocks
-                tokens = tokens.reshape(shape)
-                pos_here = pos.reshape(*shape[:2], 2)
+                blocks = block_lists[kind]
+                tokens = tokens.reshape(shapes[kind])
+                pos_here = positions[kind]
                 outputs[kind] = []
                 for _ in range(self.aa_block_size):
                     tokens = self._run_block(blocks[block_index[kind]], tokens, pos_here)

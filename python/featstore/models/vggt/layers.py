@@ -71,7 +71,7 @@ class RotaryPositionEmbedding2D(nn.Module):
     """2D rotary position embedding: the first half of each head rotates with y, the second with x.
 
     Holds no parameters or buffers (the checkpoint has no keys for it); cosine and sine tables are
-    cached in a plain dict keyed by width, length, device and dtype.
+    cached in a plain dict keyed by width, length, device, dtype and inference mode.
 
     Parameters
     ----------
@@ -82,15 +82,23 @@ class RotaryPositionEmbedding2D(nn.Module):
     def __init__(self, frequency: float = 100.0):
         super().__init__()
         self.frequency = float(frequency)
-        self._tables: dict[tuple[int, int, torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._tables: dict[
+            tuple[int, int, torch.device, torch.dtype, bool], tuple[torch.Tensor, torch.Tensor]
+        ] = {}
+        # Every block of a forward passes the same positions tensor; remembering its maximum saves
+        # a device-to-host sync per attention call on GPUs.
+        self._last_positions: torch.Tensor | None = None
+        self._last_length = 0
 
     def _cos_sin(
         self, width: int, length: int, device: torch.device, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (width, length, device, dtype)
+        # Tables made under inference_mode are inference tensors, which autograd refuses to save:
+        # they are cached apart from those made outside it.
+        key = (width, length, device, dtype, torch.is_inference_mode_enabled())
         if key not in self._tables:
-            # The exact float32 recipe of the reference: over 24 layers a float64 or exp/log
-            # formulation drifts past the equivalence tolerance.
+            # The reference's float32 recipe, step for step: a float64 or exp/log formulation
+            # differs in the last bits, and over 24 layers that difference shows.
             inv_freq = 1.0 / (self.frequency ** (torch.arange(0, width, 2, device=device).float() / width))
             positions = torch.arange(length, device=device, dtype=inv_freq.dtype)
             angles = (positions[:, None] * inv_freq[None, :]).to(dtype)
@@ -126,8 +134,10 @@ class RotaryPositionEmbedding2D(nn.Module):
             Same shape and dtype as ``x``.
         """
         width = x.shape[-1] // 2
-        length = int(positions.max()) + 1
-        cos, sin = self._cos_sin(width, length, x.device, x.dtype)
+        if positions is not self._last_positions:
+            self._last_positions = positions
+            self._last_length = int(positions.max()) + 1
+        cos, sin = self._cos_sin(width, self._last_length, x.device, x.dtype)
         along_y, along_x = x.chunk(2, dim=-1)
         along_y = self._rotate(along_y, positions[..., 0], cos, sin)
         along_x = self._rotate(along_x, positions[..., 1], cos, sin)
