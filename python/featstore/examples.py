@@ -24,8 +24,8 @@ def make_image_tree(root: str | os.PathLike[str], count: int = 24, *, scenes: in
     size : int
         Width and height in pixels when ``target_bytes`` is not given.
     target_bytes : int, optional
-        Approximate file size: noise images of about this many bytes (JPEG quality 95 keeps
-        random noise at roughly 1.1 bytes per pixel).
+        Approximate file size: noise images of about this many bytes (JPEG quality 95 stores
+        random noise in roughly 1.2 bytes per pixel).
     seed : int
         Seed of the pixel noise (same seed, same bytes).
     png_every : int
@@ -35,7 +35,7 @@ def make_image_tree(root: str | os.PathLike[str], count: int = 24, *, scenes: in
 
     rng = np.random.default_rng(seed)
     if target_bytes is not None:
-        size = max(16, int((target_bytes / 1.1 / 3) ** 0.5 * 1.0))
+        size = max(16, int((target_bytes / 1.2) ** 0.5))
     rels = []
     for i in range(count):
         scene = f"scene{i % max(scenes, 1):03d}"

@@ -139,6 +139,6 @@ def scan(root: str | os.PathLike[str], *, extensions: Sequence[str] | None = Non
                              skip_dirs=[os.path.abspath(os.fspath(d)) for d in skip_dirs], jsonl=jsonl,
                              listed=listed, threads=threads, progress=p),
         desc=f"scanning {root_abs}", show=progress)
-    return ScanResult(paths=[os.fspath(p) for p in paths], sizes=np.frombuffer(sizes, dtype="<u8").copy(),
+    return ScanResult(paths=paths, sizes=np.frombuffer(sizes, dtype="<u8").copy(),
                       mtimes_ns=np.frombuffer(mtimes, dtype="<i8").copy(), errors=list(errors),
-                      sets=[[os.fspath(p) for p in s] for s in sets], root=root_abs)
+                      sets=sets, root=root_abs)

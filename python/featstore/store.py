@@ -79,6 +79,15 @@ class Status:
 
 
 _TORCH_HELPERS: Any = None
+_FROM_DLPACK: Any = None
+
+
+def _load_from_dlpack() -> Any:
+    global _FROM_DLPACK
+    import torch
+
+    _FROM_DLPACK = torch.from_dlpack
+    return _FROM_DLPACK
 
 
 def _torch_helpers() -> Any:
@@ -262,6 +271,10 @@ class FeatureStore:
             self._miss(rel)
             return None
         self.stats["hits"] += 1
+        if device is None and dtype is None:
+            # The hot path: no helper calls between the core and torch.
+            from_dlpack = _FROM_DLPACK or _load_from_dlpack()
+            return {name: from_dlpack(cap) for name, cap in capsules}
         return _torch_helpers().from_capsules(capsules, device, dtype)
 
     def _read_legacy(self, rel: str) -> dict[str, torch.Tensor] | None:

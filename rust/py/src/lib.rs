@@ -4,6 +4,7 @@
 mod dlpack;
 
 use std::collections::BTreeMap;
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -122,11 +123,11 @@ fn progress_counter(progress: Option<&Bound<'_, Progress>>) -> Arc<AtomicU64> {
 }
 
 type ScanTuple<'py> = (
-    Vec<PathBuf>,
+    Vec<OsString>,
     Bound<'py, PyBytes>,
     Bound<'py, PyBytes>,
     Vec<(String, String)>,
-    Vec<Vec<PathBuf>>,
+    Vec<Vec<OsString>>,
 );
 
 fn scan_to_python(py: Python<'_>, s: scan::Scan) -> ScanTuple<'_> {
@@ -142,13 +143,22 @@ fn scan_to_python(py: Python<'_>, s: scan::Scan) -> ScanTuple<'_> {
         .iter()
         .flat_map(|x| x.stamp.mtime_ns.to_le_bytes())
         .collect();
-    let paths = s.sources.into_iter().map(|x| x.rel).collect();
+    let paths = s
+        .sources
+        .into_iter()
+        .map(|x| x.rel.into_os_string())
+        .collect();
+    let sets = s
+        .sets
+        .into_iter()
+        .map(|set| set.into_iter().map(PathBuf::into_os_string).collect())
+        .collect();
     (
         paths,
         PyBytes::new(py, &sizes),
         PyBytes::new(py, &mtimes),
         s.errors,
-        s.sets,
+        sets,
     )
 }
 
@@ -440,8 +450,8 @@ fn write_manifest(py: Python<'_>, path: PathBuf, json: &str, durable: bool) -> P
 
 /// The journal path of rank `rank` of `world` beside a manifest.
 #[pyfunction]
-fn journal_path(manifest: PathBuf, rank: u32, world: u32) -> PathBuf {
-    manifest::journal_path(&manifest, rank, world)
+fn journal_path(manifest: PathBuf, rank: u32, world: u32) -> OsString {
+    manifest::journal_path(&manifest, rank, world).into_os_string()
 }
 
 /// Appends records (JSON texts of objects) to a journal in one write.
@@ -557,27 +567,29 @@ impl PyStore {
     }
 
     #[getter]
-    fn manifest_path(&self) -> PathBuf {
-        self.inner.manifest_path()
+    fn manifest_path(&self) -> OsString {
+        self.inner.manifest_path().into_os_string()
     }
 
     #[getter]
-    fn state_dir(&self) -> PathBuf {
-        self.inner.state_dir()
+    fn state_dir(&self) -> OsString {
+        self.inner.state_dir().into_os_string()
     }
 
-    fn entry_path(&self, rel: PathBuf, size: u64, mtime_ns: i64) -> PathBuf {
-        self.inner.entry_path(&rel, Stamp { size, mtime_ns })
+    fn entry_path(&self, rel: PathBuf, size: u64, mtime_ns: i64) -> OsString {
+        self.inner
+            .entry_path(&rel, Stamp { size, mtime_ns })
+            .into_os_string()
     }
 
-    fn legacy_path(&self, rel: PathBuf) -> Option<PathBuf> {
-        self.inner.legacy_path(&rel)
+    fn legacy_path(&self, rel: PathBuf) -> Option<OsString> {
+        self.inner.legacy_path(&rel).map(PathBuf::into_os_string)
     }
 
     /// `(state, entry_path, reason)` of one source.
-    fn check(&self, py: Python<'_>, rel: PathBuf) -> PyResult<(&'static str, PathBuf, String)> {
+    fn check(&self, py: Python<'_>, rel: PathBuf) -> PyResult<(&'static str, OsString, String)> {
         let c = py.detach(|| self.inner.check(&rel)).py_err()?;
-        Ok((c.state.name(), c.entry, c.reason))
+        Ok((c.state.name(), c.entry.into_os_string(), c.reason))
     }
 
     /// The state name of one source: the hot path (the GIL is kept: the call is shorter than
@@ -631,7 +643,7 @@ impl PyStore {
             .detach(|| self.inner.put(&rel, &views, &metadata, &inputs, durable))
             .py_err()?;
         let d = PyDict::new(py);
-        d.set_item("path", w.path)?;
+        d.set_item("path", w.path.into_os_string())?;
         d.set_item("source", (w.source.size, w.source.mtime_ns))?;
         d.set_item("entry", (w.entry.size, w.entry.mtime_ns))?;
         d.set_item("racy", w.racy)?;
@@ -654,12 +666,12 @@ impl PyStore {
 
     /// Manifest index records `(rel, [source size, mtime_ns, entry size, mtime_ns, racy])` of the
     /// given sources whose entries this process found valid.
-    fn index_records(&self, rels: Vec<PathBuf>) -> Vec<(PathBuf, (u64, i64, u64, i64, u8))> {
+    fn index_records(&self, rels: Vec<PathBuf>) -> Vec<(OsString, (u64, i64, u64, i64, u8))> {
         rels.into_iter()
             .filter_map(|r| {
                 let rec = self.inner.index_record(&r)?;
                 Some((
-                    r,
+                    r.into_os_string(),
                     (
                         rec.source.size,
                         rec.source.mtime_ns,
