@@ -318,6 +318,13 @@ class FeatureStore:
             Sidecar layout on a read-only data root: use a cache directory (``cache_dir=``,
             ``--cache-dir``).
         """
+        return os.fspath(self._put(path, tensors, inputs=inputs, metadata=metadata, durable=durable)["path"])
+
+    def _put(self, path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor], *,
+             inputs: Mapping[str, str | os.PathLike[str] | bytes] | None = None,
+             metadata: Mapping[str, str] | None = None, durable: bool = False) -> dict[str, Any]:
+        """:meth:`put`, returning what was written: ``path``, the ``source`` and ``entry`` stamps
+        as ``(size, mtime_ns)``, ``racy`` and ``bytes`` (precompute journals these)."""
         rel = self.rel(path)
         raw, keep = _torch_helpers().to_raw(tensors)
         meta = {}
@@ -338,7 +345,7 @@ class FeatureStore:
             raise
         finally:
             del keep
-        return os.fspath(written["path"])
+        return written
 
     def remove(self, path: str | os.PathLike[str]) -> bool:
         """Removes the entry of ``path`` (never the source); True if a file was removed."""

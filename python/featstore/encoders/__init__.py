@@ -1,0 +1,28 @@
+"""Encoders featstore can precompute: the protocol, the built-ins, and user encoders.
+
+- ``vggt``: :class:`VGGTEncoder` (patch tokens of selected VGGT layers);
+- ``module:callable``: a user factory returning an encoder or an ``nn.Module`` (see
+  :func:`resolve_encoder`).
+"""
+
+from featstore.encoders.base import Encoder, describe, digest_of, state_dict_digest, weights_digest
+from featstore.encoders.module import ModuleEncoder, as_encoder, load_callable
+from featstore.encoders.vggt import TINY_CONFIG, VGGTEncoder
+
+
+def resolve_encoder(spec: object, **vggt_options: object) -> Encoder:
+    """An encoder from ``"vggt"``, ``"module:callable"``, an encoder object, an ``nn.Module`` or a
+    zero-argument factory of one. ``vggt_options`` go to :class:`VGGTEncoder`."""
+    if isinstance(spec, str):
+        if spec == "vggt":
+            return VGGTEncoder(**vggt_options)  # type: ignore[arg-type]
+        if ":" in spec:
+            return as_encoder(load_callable(spec)())
+        raise ValueError(f"unknown encoder {spec!r}: use 'vggt' or 'module.path:callable'")
+    if callable(spec) and not hasattr(spec, "encode") and not hasattr(spec, "forward"):
+        return as_encoder(spec())
+    return as_encoder(spec)
+
+
+__all__ = ["Encoder", "ModuleEncoder", "VGGTEncoder", "TINY_CONFIG", "resolve_encoder", "as_encoder", "load_callable",
+           "describe", "digest_of", "state_dict_digest", "weights_digest"]

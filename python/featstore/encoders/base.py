@@ -1,0 +1,124 @@
+"""The encoder protocol, and the fingerprints that say when an encoder's output changes.
+
+An encoder is anything with::
+
+    name: str                                   # default feature name ("vggt", "pixel_latent")
+    fingerprint() -> str                        # digest of everything that changes the output
+    preprocess(path) -> Tensor                  # uint8 [3, H, W]; runs in DataLoader workers
+    encode(batch) -> dict[str, Tensor]          # batch: float [B, 3, H, W] in [0, 1] on the device;
+                                                # every output has the batch as its first axis
+
+and optionally ``to(device)`` (load weights and move there; called once before the first batch,
+in the main process) and ``describe() -> dict`` (what the manifest records about it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Mapping
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+
+@runtime_checkable
+class Encoder(Protocol):
+    """What ``featstore precompute`` and ``CachedDataset`` need from an encoder."""
+
+    name: str
+
+    def fingerprint(self) -> str: ...
+
+    def preprocess(self, path: str) -> torch.Tensor: ...
+
+    def encode(self, batch: torch.Tensor) -> dict[str, torch.Tensor]: ...
+
+
+def digest_of(*parts: Any) -> str:
+    """A stable 32-hex-digit digest of JSON-serializable parts (the configuration half of a
+    fingerprint)."""
+    text = json.dumps(parts, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def state_dict_digest(module: torch.nn.Module) -> str:
+    """Digest of a module's class and every tensor of its state dict (names, dtypes, shapes, bytes)."""
+    h = hashlib.sha256(f"{type(module).__module__}.{type(module).__qualname__}".encode())
+    for key, t in module.state_dict().items():
+        t = t.detach().cpu().contiguous()
+        h.update(f"{key}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:32]
+
+
+def _digest_cache_path() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "featstore", "weight-digests.json")
+
+
+def weights_digest(path: str | os.PathLike[str]) -> str:
+    """Content digest (blake3) of a weights file, or of every weights file in a directory.
+
+    Digests are cached by path and stamp in ``~/.cache/featstore/weight-digests.json``, so a
+    5 GB checkpoint is read once per machine; copies on other nodes give the same digest (the
+    fingerprint depends on the bytes, not the path).
+    """
+    from featstore import _core
+
+    root = os.path.abspath(os.fspath(path))
+    if os.path.isdir(root):
+        files = sorted(os.path.join(root, f) for f in os.listdir(root)
+                       if f.endswith((".pt", ".pth", ".bin", ".safetensors", ".json")))
+    else:
+        files = [root]
+    cache_file = _digest_cache_path()
+    try:
+        with open(cache_file) as f:
+            cache: dict[str, Any] = json.load(f)
+    except (OSError, ValueError):
+        cache = {}
+    parts = []
+    changed = False
+    for file in files:
+        st = os.stat(file)
+        hit = cache.get(file)
+        if hit and hit[0] == st.st_size and hit[1] == st.st_mtime_ns:
+            parts.append(hit[2])
+            continue
+        digest = _core.file_digest(file)
+        cache[file] = [st.st_size, st.st_mtime_ns, digest]
+        parts.append(digest)
+        changed = True
+    if changed:
+        try:
+            os.makedirs(os.path.dirname(cache_file), exist_ok=True)
+            tmp = f"{cache_file}.{os.getpid()}.tmp"
+            with open(tmp, "w") as f:
+                json.dump(cache, f)
+            os.replace(tmp, cache_file)
+        except OSError:
+            pass  # a read-only home only costs a re-digest next time
+    return digest_of([os.path.basename(f) for f in files], parts)
+
+
+def describe(encoder: Any) -> dict[str, Any]:
+    """What the manifest records about an encoder."""
+    if hasattr(encoder, "describe"):
+        return dict(encoder.describe())
+    return {"name": getattr(encoder, "name", type(encoder).__name__), "class": type(encoder).__qualname__}
+
+
+def check_outputs(outputs: Any, batch_size: int, encoder_name: str) -> Mapping[str, torch.Tensor]:
+    """Validates what ``encode`` returned: a dict of tensors with the batch as first axis."""
+    if isinstance(outputs, torch.Tensor):
+        outputs = {"features": outputs}
+    if not isinstance(outputs, Mapping) or not outputs:
+        raise TypeError(f"encoder {encoder_name!r}: encode() must return a dict of tensors, got {type(outputs).__name__}")
+    for k, v in outputs.items():
+        if not isinstance(v, torch.Tensor) or v.dim() == 0 or v.shape[0] != batch_size:
+            shape = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+            raise TypeError(f"encoder {encoder_name!r}: output {k!r} must have the batch ({batch_size}) as its "
+                            f"first axis, got {shape}")
+    return outputs

@@ -1,0 +1,155 @@
+"""The ``vggt`` encoder: patch tokens of selected VGGT aggregator layers, one entry per image."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from featstore.encoders.base import digest_of, weights_digest
+from featstore.errors import CheckpointError
+
+# A VGGT small enough to run anywhere, for `featstore demo` and tests: random weights.
+TINY_CONFIG: dict[str, Any] = {
+    "embed_dim": 64,
+    "aggregator_kwargs": {"depth": 4, "num_heads": 4, "patch_embed": "conv"},
+}
+
+
+def default_stored_dtype(device: torch.device | str) -> torch.dtype:
+    """bf16 on GPUs that support it, else fp16 on CUDA, fp32 on CPU."""
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+class VGGTEncoder:
+    """VGGT aggregator features for single images (``--frames-per-set 1``).
+
+    Parameters
+    ----------
+    model_path : path, optional
+        VGGT-1B weights (a ``.pt``/``.safetensors`` file or a directory holding one); defaults to
+        ``$VGGT_MODEL_PATH``. Checked when the encoder is made (so a wrong path fails in the
+        first second), loaded on :meth:`to`.
+    layers : sequence of int
+        Aggregator layers to store (absolute, negatives from the end). Default ``(-2,)``: layer
+        22, the one JanusVLN-style models read. Several layers are stacked: ``[L, P, 2C]``.
+    tokens : {"patch", "all"}
+        ``patch`` drops the camera and register tokens (``[P, 2C]`` per image).
+    dtype : torch.dtype, optional
+        Stored dtype; default bf16 where the GPU supports it, fp16 on other GPUs, fp32 on CPU.
+    mode : {"crop", "pad"}
+        VGGT's preprocessing.
+    config : dict, optional
+        ``VGGT(...)`` arguments for weights of another size.
+    random_weights_seed : int, optional
+        Use :data:`TINY_CONFIG` with random weights instead of a checkpoint (demo and tests only;
+        the features mean nothing).
+    device : torch.device or str, optional
+        Where it will run; decides the default stored dtype (part of the fingerprint).
+
+    Notes
+    -----
+    VGGT attends across all frames given together: features of an image computed alone (S=1)
+    differ from its features computed with other frames, and are valid only for S=1 use.
+    """
+
+    name = "vggt"
+
+    def __init__(self, model_path: str | os.PathLike[str] | None = None, *, layers: tuple[int, ...] = (-2,),
+                 tokens: str = "patch", dtype: torch.dtype | None = None, mode: str = "crop",
+                 config: dict[str, Any] | None = None, random_weights_seed: int | None = None,
+                 device: torch.device | str | None = None) -> None:
+        if random_weights_seed is None:
+            model_path = model_path or os.environ.get("VGGT_MODEL_PATH")
+            if not model_path:
+                raise CheckpointError("no VGGT weights given: pass --vggt-model-path PATH (or set VGGT_MODEL_PATH) "
+                                      "to the downloaded VGGT-1B checkpoint")
+            model_path = os.path.abspath(os.fspath(model_path))
+            if not os.path.exists(model_path):
+                raise CheckpointError(f"VGGT_MODEL_PATH not found: {model_path} does not exist; point "
+                                      "--vggt-model-path to the VGGT-1B model file or its directory")
+        if tokens not in ("patch", "all"):
+            raise ValueError(f"tokens must be 'patch' or 'all', got {tokens!r}")
+        if mode not in ("crop", "pad"):
+            raise ValueError(f"mode must be 'crop' or 'pad', got {mode!r}")
+        if not layers:
+            raise ValueError("select at least one layer")
+        self.model_path = model_path
+        self.layers = tuple(int(x) for x in layers)
+        self.tokens = tokens
+        self.mode = mode
+        self.config = dict(TINY_CONFIG if random_weights_seed is not None and config is None else (config or {}))
+        self.random_weights_seed = random_weights_seed
+        self._dtype = dtype
+        self._device: torch.device | None = torch.device(device) if device is not None else None
+        self.model: Any = None
+        self._fingerprint: str | None = None
+
+    @property
+    def frames_per_set(self) -> int:
+        return 1
+
+    def stored_dtype(self) -> torch.dtype:
+        return self._dtype or default_stored_dtype(self._device or "cpu")
+
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            weights = (f"random-seed-{self.random_weights_seed}" if self.random_weights_seed is not None
+                       else weights_digest(self.model_path))  # type: ignore[arg-type]
+            self._fingerprint = digest_of("featstore-vggt-encoder-v1", weights, self.config, self.layers, self.tokens,
+                                          str(self.stored_dtype()), self.mode, self.frames_per_set)
+        return self._fingerprint
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "model_path": self.model_path, "random_weights": self.random_weights_seed is not None,
+                "layers": list(self.layers), "tokens": self.tokens, "dtype": str(self.stored_dtype()).replace("torch.", ""),
+                "mode": self.mode, "frames_per_set": self.frames_per_set, "config": self.config}
+
+    def to(self, device: torch.device | str) -> VGGTEncoder:
+        """Loads the weights (once) onto ``device``; heads are never built."""
+        device = torch.device(device)
+        if self.model is not None and self._device == device:
+            return self
+        if self._fingerprint is not None and self._dtype is None and default_stored_dtype(device) != self.stored_dtype():
+            self._fingerprint = None  # the default stored dtype depends on the device
+        self._device = device
+        from featstore.models.vggt import VGGT, load_vggt
+
+        heads = {"enable_camera": False, "enable_point": False, "enable_depth": False, "enable_track": False}
+        if self.random_weights_seed is not None:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.random_weights_seed)
+                self.model = VGGT(**self.config, **heads)
+            self.model.to(device)
+        else:
+            self.model = load_vggt(self.model_path, device=device, config=self.config or None,  # type: ignore[arg-type]
+                                   **heads)
+        self.model.eval()
+        return self
+
+    def preprocess(self, path: str) -> torch.Tensor:
+        from featstore.models.vggt import preprocess_image_uint8
+
+        return preprocess_image_uint8(path, self.mode)  # type: ignore[arg-type]
+
+    def estimate_entry_bytes(self) -> int:
+        """Upper bound of one entry's size: a 518x518 image, every selected layer."""
+        dim = 2 * int(self.config.get("embed_dim", 1024))
+        tokens = 37 * 37 + (0 if self.tokens == "patch" else 5)
+        return len(self.layers) * tokens * dim * self.stored_dtype().itemsize + 4096
+
+    def encode(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``features``: ``[B, P, 2C]`` for one layer, ``[B, L, P, 2C]`` for several."""
+        if self.model is None:
+            self.to(batch.device)
+        from featstore.models.vggt import extract_layers
+
+        view = extract_layers(self.model, batch.unsqueeze(1), self.layers)  # each image is a set of one
+        start = self.model.aggregator.patch_start_idx if self.tokens == "patch" else 0
+        per_layer = [view[layer][:, 0, start:] for layer in self.layers]
+        out = per_layer[0] if len(per_layer) == 1 else torch.stack(per_layer, dim=1)
+        return {"features": out.to(self.stored_dtype())}

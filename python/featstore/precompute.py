@@ -1,0 +1,510 @@
+"""The precompute engine behind ``featstore precompute`` and :func:`featstore.precompute`.
+
+The pipeline keeps the device busy:
+
+1. **scan** the data root (Rust, parallel) and **plan**: only missing or stale entries (all with
+   ``overwrite``), restricted to a list, an index range, a shard and the torchrun rank;
+2. **decode** in DataLoader worker processes (the encoder's ``preprocess`` gives uint8, so
+   workers send a quarter of the bytes of float images);
+3. **batch** items of equal shape together ("crop" preprocessing gives varying heights);
+4. **encode** on the device under ``inference_mode`` (the encoder picks its autocast);
+5. **write** in a background thread (the Rust writer releases the GIL): each entry atomically,
+   fsynced in batches, then one journal line per entry, so a killed run leaves only complete
+   entries and a journal the next run continues from;
+6. **compact** the journals into the manifest at the end.
+
+A CUDA out-of-memory error halves the batch and retries; an undecodable image is recorded as
+failed and the run goes on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import queue
+import shutil
+import socket
+import sys
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from featstore import _core
+from featstore.encoders import Encoder, describe, resolve_encoder
+from featstore.encoders.base import check_outputs
+from featstore.errors import FeatstoreError, LockHeldError, NoImagesFoundError
+from featstore.scan import DEFAULT_EXTENSIONS, scan
+from featstore.store import FeatureStore
+
+#: States precompute (re)computes; `valid` ones only with overwrite.
+TODO_STATES = ("missing", "stale", "foreign", "corrupt", "legacy")
+
+
+# ----------------------------------------------------------------------------------- selection
+def parse_shard(spec: str | tuple[int, int] | None) -> tuple[int, int] | None:
+    """``"I/N"`` (0 <= I < N) to ``(I, N)``."""
+    if spec is None or isinstance(spec, tuple):
+        return spec
+    try:
+        i, n = (int(x) for x in spec.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard {spec!r} is not of the form I/N (e.g. 0/4)") from None
+    if not 0 <= i < n:
+        raise ValueError(f"--shard {spec!r}: I must be in 0..N-1")
+    return i, n
+
+
+def distributed_rank() -> tuple[int, int]:
+    """``(rank, world_size)`` under torchrun (from the environment), else ``(0, 1)``."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def select(paths: Sequence[str], *, start_idx: int | None = None, end_idx: int | None = None,
+           shard: tuple[int, int] | None = None, rank: tuple[int, int] = (0, 1)) -> list[str]:
+    """The sources this process works on: ``[start:end]`` of the sorted list, then every N-th
+    for a shard, then every world-th for a torchrun rank (disjoint, together complete)."""
+    chosen = list(paths[start_idx:end_idx])
+    if shard is not None:
+        chosen = chosen[shard[0]::shard[1]]
+    r, world = rank
+    return chosen[r::world] if world > 1 else chosen
+
+
+# ----------------------------------------------------------------------------------- locking
+@contextlib.contextmanager
+def feature_lock(store: FeatureStore, name: str) -> Iterator[str]:
+    """Keeps two runs of one feature (and shard) apart. An ``flock``: it goes away with its
+    process, so the lock of a killed run is taken over without any cleanup."""
+    lock_dir = os.path.join(os.fspath(store._core.state_dir), "locks")
+    os.makedirs(lock_dir, exist_ok=True)
+    path = os.path.join(lock_dir, f"{name}.lock")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            raise LockHeldError(f"another precompute of feature {store.feature!r} is running ({holder}; lock "
+                                f"{path}). Wait for it, or run a different --shard.") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%H:%M:%S')}".encode(), 0)
+        yield path
+    finally:
+        os.close(fd)
+
+
+def lock_is_held(path: str) -> bool:
+    """True when a live process holds the lock file at ``path``."""
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
+# ----------------------------------------------------------------------------------- decoding
+class _Decode(torch.utils.data.Dataset):
+    """Decodes one source in a worker: ``(index, uint8 tensor or None, error or None)``."""
+
+    def __init__(self, encoder: Encoder, root: str, rels: Sequence[str]) -> None:
+        self.encoder, self.root, self.rels = encoder, root, list(rels)
+
+    def __len__(self) -> int:
+        return len(self.rels)
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None]:
+        try:
+            image = self.encoder.preprocess(os.path.join(self.root, self.rels[i]))
+        except Exception as exc:  # a bad image is recorded, never fatal
+            return i, None, f"{type(exc).__name__}: {exc}"
+        if not isinstance(image, torch.Tensor) or image.dim() != 3:
+            return i, None, f"preprocess returned {type(image).__name__}, not a [3, H, W] tensor"
+        return i, image, None
+
+
+def _identity(item: Any) -> Any:
+    return item
+
+
+def _is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+# ----------------------------------------------------------------------------------- writing
+@dataclass
+class _Counts:
+    written: int = 0
+    failed: int = 0
+    bytes: int = 0
+    failures: list[tuple[str, str]] = field(default_factory=list)
+    stage_seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+
+
+class _Writer:
+    """Writes entries on a background thread: atomic entries, fsync in batches, then journal."""
+
+    def __init__(self, store: FeatureStore, journal: str, durable: bool, counts: _Counts) -> None:
+        self.store, self.journal, self.durable, self.counts = store, journal, durable, counts
+        self.queue: queue.Queue[Any] = queue.Queue(maxsize=4)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="featstore-writer", daemon=True)
+        self.thread.start()
+
+    def submit(self, rels: list[str], outputs: dict[str, torch.Tensor]) -> None:
+        if self.error is not None:
+            raise self.error
+        self.queue.put((rels, outputs))
+
+    def fail(self, rel: str, reason: str) -> None:
+        self.queue.put(([rel], reason))
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+    def _run(self) -> None:
+        while True:
+            job = self.queue.get()
+            if job is None:
+                return
+            if self.error is not None:
+                continue  # drain
+            try:
+                self._write(*job)
+            except BaseException as exc:  # surfaced to the main thread on the next submit/close
+                self.error = exc
+
+    def _write(self, rels: list[str], outputs: dict[str, torch.Tensor] | str) -> None:
+        t0 = time.perf_counter()
+        records = []
+        if isinstance(outputs, str):
+            self.counts.failed += 1
+            self.counts.failures.append((rels[0], outputs))
+            records.append({"op": "failed", "path": rels[0], "reason": outputs})
+        else:
+            written = []
+            for i, rel in enumerate(rels):
+                try:
+                    w = self.store._put(rel, {k: v[i] for k, v in outputs.items()})
+                except FileNotFoundError as exc:  # deleted between scan and write
+                    self.counts.failed += 1
+                    reason = f"source disappeared: {exc}"
+                    self.counts.failures.append((rel, reason))
+                    records.append({"op": "failed", "path": rel, "reason": reason})
+                    continue
+                written.append((rel, w))
+            if self.durable:
+                _fsync_all([os.fspath(w["path"]) for _, w in written])
+            for rel, w in written:
+                records.append({"op": "ok", "path": rel, "source": list(w["source"]), "entry": list(w["entry"]),
+                                "racy": bool(w["racy"])})
+                self.counts.written += 1
+                self.counts.bytes += int(w["bytes"])
+        _core.append_journal(self.journal, [json.dumps(r) for r in records], durable=self.durable)
+        self.counts.stage_seconds["write"] += time.perf_counter() - t0
+
+
+def _fsync_all(paths: Sequence[str]) -> None:
+    """fsyncs files, then their directories once each (makes the renames durable)."""
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    for d in {os.path.dirname(p) for p in paths}:
+        fd = os.open(d, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+# ----------------------------------------------------------------------------------- the run
+def _default_device() -> str:
+    env = os.environ.get("DEVICE")
+    if env:
+        return env
+    return "cuda:0" if torch.cuda.is_available() else "cpu"
+
+
+def _env_bool(name: str, default: bool) -> bool:
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    return value.strip().lower() in ("1", "true", "yes", "on")
+
+
+def precompute(data_root: str | os.PathLike[str], *, encoder: Any = "vggt", feature: str | None = None,
+               layout: str = "sidecar", cache_dir: str | os.PathLike[str] | None = None,
+               device: str | None = None, batch_size: int | None = None, num_workers: int | None = None,
+               skip_existing: bool | None = None, overwrite: bool = False, start_idx: int | None = None,
+               end_idx: int | None = None, shard: str | tuple[int, int] | None = None,
+               files_from: str | os.PathLike[str] | None = None, extensions: Sequence[str] | None = None,
+               jsonl: str | None = None, dry_run: bool = False, force: bool = False, durable: bool = True,
+               progress: bool | None = None, encoder_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Computes and stores an encoder's features for every source under ``data_root``.
+
+    Parameters
+    ----------
+    data_root : path
+        The dataset directory.
+    encoder : str, encoder, nn.Module or callable
+        ``"vggt"``, ``"module.path:callable"``, an encoder object (see
+        :mod:`featstore.encoders.base`), an ``nn.Module``, or a factory of one.
+    feature : str, optional
+        Feature name (default: the encoder's ``name``).
+    layout, cache_dir
+        Where entries go (see :class:`featstore.FeatureStore`).
+    device : str, optional
+        Default ``$DEVICE``, else ``cuda:0`` when available, else ``cpu``.
+    batch_size : int, optional
+        Images per batch (default ``$BATCH_SIZE`` or 16); halved on CUDA out-of-memory.
+    num_workers : int, optional
+        Decoding processes (default: cores - 1, at most 8; 0 decodes in this process).
+    skip_existing : bool, optional
+        Skip sources whose entry is valid (default ``$SKIP_EXISTING`` or True). ``overwrite``
+        recomputes everything.
+    start_idx, end_idx : int, optional
+        A range of the sorted source list.
+    shard : "I/N", optional
+        Take every N-th source starting at I (run N shards anywhere, in any order).
+    files_from : path, optional
+        Only the sources listed in this file.
+    extensions, jsonl
+        What to scan (see :func:`featstore.scan`).
+    dry_run : bool
+        Plan only: counts, estimated bytes, free space. Nothing is loaded or written.
+    force : bool
+        Start even when the estimate says the disk is too small.
+    durable : bool
+        fsync entries (in batches) before recording them in the journal.
+    progress : bool, optional
+        Progress bar on stderr (default: when stderr is a terminal).
+    encoder_options : dict, optional
+        Options of the ``vggt`` encoder (``model_path``, ``layers``, ``tokens``, ``dtype``,
+        ``mode``, ``random_weights_seed``).
+
+    Returns
+    -------
+    dict
+        The summary ``featstore precompute --json`` prints.
+    """
+    t_start = time.perf_counter()
+    device = device or _default_device()
+    batch_size = batch_size or int(os.environ.get("BATCH_SIZE", "16"))
+    if batch_size < 1:
+        raise ValueError(f"batch size must be at least 1, got {batch_size}")
+    if skip_existing is None:
+        skip_existing = _env_bool("SKIP_EXISTING", True)
+    if encoder == "vggt":
+        # The default stored dtype depends on the device (bf16 on GPUs that support it).
+        enc = resolve_encoder(encoder, **{"device": device, **(encoder_options or {})})
+    else:
+        enc = resolve_encoder(encoder)
+    feature = feature or enc.name
+    fingerprint = enc.fingerprint()
+    store = FeatureStore(data_root, feature, layout=layout, cache_dir=cache_dir, fingerprint=fingerprint)
+    shard_spec = parse_shard(shard)
+    rank = distributed_rank()
+    show = sys.stderr.isatty() if progress is None else progress
+
+    found = scan(store.data_root, extensions=extensions, jsonl=jsonl, files_from=files_from,
+                 skip_dirs=[store.cache_dir] if store.cache_dir else (), progress=show)
+    if len(found) == 0:
+        searched = (f"the field {jsonl!r} of the .jsonl files" if jsonl else
+                    f"the files listed in {files_from}" if files_from else
+                    "extensions " + ", ".join(extensions or DEFAULT_EXTENSIONS))
+        raise NoImagesFoundError(f"no images found under {store.data_root} (searched {searched}); check "
+                                 "DATA_ROOT, or pass --ext / --jsonl FIELD")
+    mine = select(found.paths, start_idx=start_idx, end_idx=end_idx, shard=shard_spec, rank=rank)
+    t_plan = time.perf_counter()
+    states = store._core.check_many(mine)
+    todo = [rel for rel, s in zip(mine, states, strict=True)
+            if overwrite or not skip_existing or s in TODO_STATES or s.startswith("error")]
+    plan_seconds = time.perf_counter() - t_plan
+    counts_by_state: dict[str, int] = defaultdict(int)
+    for s in states:
+        counts_by_state[s if not s.startswith("error") else "error"] += 1
+
+    target_dir = store.cache_dir or store.data_root
+    free = shutil.disk_usage(target_dir).free
+    per_entry = _estimate_entry_bytes(store, enc, mine, states)
+    estimate = per_entry * len(todo) if per_entry is not None else None
+    summary: dict[str, Any] = {
+        "data_root": store.data_root, "feature": feature, "layout": store.layout, "cache_dir": store.cache_dir,
+        "fingerprint": fingerprint, "encoder": describe(enc), "device": device, "sources": len(found),
+        "selected": len(mine), "planned": len(todo), "skipped": len(mine) - len(todo),
+        "states": dict(counts_by_state), "estimated_bytes": estimate, "free_bytes": free,
+        "plan_seconds": round(plan_seconds, 3), "dry_run": dry_run, "scan_errors": len(found.errors),
+        "shard": f"{shard_spec[0]}/{shard_spec[1]}" if shard_spec else None,
+        "rank": f"{rank[0]}/{rank[1]}" if rank[1] > 1 else None, "frames_per_set": 1,
+        "note": "frames-per-set 1: each image is encoded alone (S=1); its features differ from those computed "
+                "with other frames and are valid only for single-frame use",
+    }
+    if dry_run:
+        return summary
+    if estimate is not None and estimate > free and not force:
+        raise FeatstoreError(f"not enough space in {target_dir}: the plan needs about {estimate / 1e9:.2f} GB, "
+                             f"{free / 1e9:.2f} GB are free. Free space, use --cache-dir elsewhere, or --force")
+
+    lock_name = "precompute" + (f".shard{shard_spec[0]}-of-{shard_spec[1]}" if shard_spec else "")
+    counts = _Counts()
+    world = max(rank[1], 1) * (shard_spec[1] if shard_spec else 1)
+    me = rank[0] + (shard_spec[0] * rank[1] if shard_spec else 0)
+    journal = os.fspath(_core.journal_path(store.manifest_path, me, world))
+    interrupted = False
+    with contextlib.ExitStack() as stack:
+        if rank[0] == 0:
+            stack.enter_context(feature_lock(store, lock_name))
+        os.makedirs(os.path.dirname(store.manifest_path), exist_ok=True)
+        if todo:
+            try:
+                _run_pipeline(store, enc, todo, device, batch_size, num_workers, durable, counts, journal, show)
+            except KeyboardInterrupt:
+                interrupted = True
+    if rank[1] > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    summary["manifest"] = _finish_manifest(store, enc, found.paths, lock_name, rank, shard_spec, summary)
+    seconds = time.perf_counter() - t_start
+    summary.update({
+        "written": counts.written, "failed": counts.failed, "bytes_written": counts.bytes,
+        "failures": [list(f) for f in counts.failures[:100]], "seconds": round(seconds, 3),
+        "images_per_second": round(counts.written / seconds, 2) if seconds > 0 else None,
+        "stage_seconds": {k: round(v, 3) for k, v in counts.stage_seconds.items()},
+        "interrupted": interrupted,
+    })
+    if interrupted:
+        raise KeyboardInterrupt(summary)
+    return summary
+
+
+def _estimate_entry_bytes(store: FeatureStore, enc: Encoder, rels: Sequence[str], states: Sequence[str]) -> int | None:
+    valid = [r for r, s in zip(rels, states, strict=True) if s == "valid"][:16]
+    sizes = []
+    for r in valid:
+        with contextlib.suppress(OSError):
+            sizes.append(os.path.getsize(store.entry_path(r)))
+    if sizes:
+        return int(sum(sizes) / len(sizes))
+    estimate = getattr(enc, "estimate_entry_bytes", None)
+    return int(estimate()) if callable(estimate) else None
+
+
+def _run_pipeline(store: FeatureStore, enc: Encoder, todo: list[str], device: str, batch_size: int,
+                  num_workers: int | None, durable: bool, counts: _Counts, journal: str, show: bool) -> None:
+    from tqdm import tqdm
+
+    if num_workers is None:
+        num_workers = min(8, max((os.cpu_count() or 1) - 1, 0))
+    if hasattr(enc, "to"):
+        enc.to(device)
+    dev = torch.device(device)
+    loader = torch.utils.data.DataLoader(
+        _Decode(enc, store.data_root, todo), batch_size=None, shuffle=False, num_workers=num_workers,
+        collate_fn=_identity, pin_memory=dev.type == "cuda", prefetch_factor=4 if num_workers else None,
+        persistent_workers=False)
+    writer = _Writer(store, journal, durable, counts)  # started after the workers fork
+    buckets: dict[tuple[int, ...], list[tuple[int, torch.Tensor]]] = defaultdict(list)
+    bar = tqdm(total=len(todo), desc=f"precompute {store.feature}", unit="img", file=sys.stderr,
+               disable=not show, dynamic_ncols=True)
+    state = {"batch": batch_size}
+
+    def flush(key: tuple[int, ...]) -> None:
+        items = buckets.pop(key)
+        _encode_batch(enc, dev, [todo[i] for i, _ in items], torch.stack([img for _, img in items]), writer,
+                      counts, state)
+        bar.update(len(items))
+        bar.set_postfix(written=counts.written, failed=counts.failed, refresh=False)
+
+    try:
+        t_wait = time.perf_counter()
+        for index, image, error in loader:
+            counts.stage_seconds["decode_wait"] += time.perf_counter() - t_wait
+            if image is None:
+                writer.fail(todo[index], error or "cannot decode")
+                bar.update(1)
+            else:
+                key = tuple(image.shape)
+                buckets[key].append((index, image))
+                if len(buckets[key]) >= state["batch"]:
+                    flush(key)
+            t_wait = time.perf_counter()
+        for key in list(buckets):
+            flush(key)
+    finally:
+        bar.close()
+        writer.close()
+
+
+def _encode_batch(enc: Encoder, dev: torch.device, rels: list[str], images: torch.Tensor, writer: _Writer,
+                  counts: _Counts, state: dict[str, int]) -> None:
+    """Encodes one batch; on out-of-memory halves it (and later batches) and retries."""
+    t0 = time.perf_counter()
+    try:
+        with torch.inference_mode():
+            batch = images.to(dev, non_blocking=True).float().div_(255)
+            outputs = check_outputs(enc.encode(batch), len(rels), enc.name)
+            outputs = {k: v.detach().to("cpu") for k, v in outputs.items()}
+    except Exception as exc:
+        if not _is_oom(exc):
+            raise
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+        if len(rels) == 1:
+            writer.fail(rels[0], f"out of memory even alone: {str(exc).splitlines()[0]}")
+            return
+        half = len(rels) // 2
+        state["batch"] = max(1, min(state["batch"], half))
+        print(f"featstore precompute: out of memory at batch {len(rels)}; retrying with {half}", file=sys.stderr)
+        _encode_batch(enc, dev, rels[:half], images[:half], writer, counts, state)
+        _encode_batch(enc, dev, rels[half:], images[half:], writer, counts, state)
+        return
+    counts.stage_seconds["encode"] += time.perf_counter() - t0
+    writer.submit(rels, outputs)
+
+
+def _finish_manifest(store: FeatureStore, enc: Encoder, all_paths: list[str], lock_name: str,
+                     rank: tuple[int, int], shard: tuple[int, int] | None, summary: dict[str, Any]) -> str | None:
+    """Compacts the journals into the manifest: rank 0 under torchrun; with shards, the last shard
+    to finish (a later run or `featstore status` merges what an earlier one left)."""
+    if rank[0] != 0:
+        return None
+    if shard is not None:
+        lock_dir = os.path.join(os.fspath(store._core.state_dir), "locks")
+        others = [os.path.join(lock_dir, f"precompute.shard{i}-of-{shard[1]}.lock") for i in range(shard[1])
+                  if i != shard[0]]
+        if any(lock_is_held(p) for p in others):
+            return None  # a shard still running merges when it finishes
+    fields = {
+        "total_images": len(all_paths), "data_root": store.data_root, "feature": store.feature,
+        "layout": store.layout, "cache_dir": store.cache_dir, "fingerprint": store.fingerprint,
+        "encoder": describe(enc), "frames_per_set": 1, "featstore_version": _core.__version__,
+        "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "cache_format": (f"<image_path>.{store.feature}.safetensors" if store.layout == "sidecar"
+                         else f"<cache_dir>/{store.feature}/<key[:2]>/<key[:32]>.safetensors"),
+    }
+    model_path = summary["encoder"].get("model_path")
+    if model_path:
+        fields["vggt_model_path" if store.feature == "vggt" else "model_path"] = model_path
+    _core.merge_journals(store.manifest_path, json.dumps(fields))
+    doc = json.loads(_core.read_manifest(store.manifest_path) or "{}")
+    doc["processed_images"] = len(doc.get("index", {}))
+    _core.write_manifest(store.manifest_path, json.dumps(doc))
+    return store.manifest_path

@@ -1,0 +1,207 @@
+"""featstore.precompute: planning, resume, sharding, locks, bad images, OOM, kill safety."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from PIL import Image
+
+import featstore
+from featstore import FeatureStore
+from featstore.errors import CheckpointError, FeatstoreError, LockHeldError, NoImagesFoundError
+from featstore.examples import make_image_tree
+from featstore.precompute import feature_lock, precompute, select
+from toy_encoders import Huge, MeanColor, OOMAboveTwo, TinyConv
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+
+
+def run(root, encoder=None, **kw):
+    kw.setdefault("num_workers", 0)
+    kw.setdefault("progress", False)
+    return precompute(root, encoder=encoder or MeanColor(), **kw)
+
+
+@pytest.fixture
+def data(tmp_path):
+    root = str(tmp_path / "data")
+    return root, make_image_tree(root, 20, size=40)
+
+
+def test_writes_one_valid_entry_per_image_then_does_nothing(data):
+    root, rels = data
+    s = run(root, batch_size=8)
+    assert s["written"] == len(rels) and s["failed"] == 0 and s["planned"] == len(rels)
+    store = FeatureStore(root, "toy")
+    assert store.fingerprint == "toy-v1"  # adopted from the manifest
+    assert all(store.state(r) == "valid" for r in rels)
+    assert store.get(rels[0])["features"].shape == (48,)
+    again = run(root)
+    assert again["planned"] == 0 and again["written"] == 0 and again["skipped"] == len(rels)
+    manifest = json.load(open(os.path.join(root, "toy_cache_manifest.json")))
+    assert manifest["total_images"] == len(rels) and manifest["processed_images"] == len(rels)
+    assert manifest["fingerprint"] == "toy-v1" and not manifest["failures"]
+
+
+def test_touch_recomputes_nothing_edit_recomputes_exactly_one(data):
+    root, rels = data
+    run(root)
+    st = os.stat(os.path.join(root, rels[0]))
+    os.utime(os.path.join(root, rels[0]), ns=(st.st_atime_ns, st.st_mtime_ns + 5 * 10**9))
+    assert run(root)["planned"] == 0
+    with Image.open(os.path.join(root, rels[1])) as im:
+        im.rotate(90).save(os.path.join(root, rels[1]))
+    s = run(root)
+    assert s["planned"] == 1 and s["written"] == 1
+
+
+def test_results_match_encoding_one_image_at_a_time(data):
+    root, rels = data
+    run(root, batch_size=7)
+    enc = MeanColor()
+    store = FeatureStore(root, "toy")
+    for rel in rels[:5]:
+        direct = enc.encode(enc.preprocess(os.path.join(root, rel))[None].float() / 255)["features"][0]
+        assert torch.allclose(store.get(rel)["features"], direct)
+
+
+def test_undecodable_image_is_recorded_and_the_run_goes_on(data):
+    root, rels = data
+    with open(os.path.join(root, "scene000", "broken.jpg"), "wb") as f:
+        f.write(b"not a jpeg")
+    s = run(root)
+    assert s["written"] == len(rels) and s["failed"] == 1
+    assert s["failures"][0][0] == "scene000/broken.jpg"
+    manifest = json.load(open(os.path.join(root, "toy_cache_manifest.json")))
+    assert "scene000/broken.jpg" in manifest["failures"]
+
+
+def test_out_of_memory_halves_the_batch_and_retries(data):
+    root, rels = data
+    enc = OOMAboveTwo()
+    s = run(root, enc, batch_size=8)
+    assert s["written"] == len(rels) and s["failed"] == 0
+    assert max(enc.sizes[-3:]) <= 2 and 8 in enc.sizes
+
+
+def test_workers_decode_in_other_processes(data):
+    root, rels = data
+    s = run(root, num_workers=2, batch_size=4)
+    assert s["written"] == len(rels)
+
+
+def test_plain_module_and_module_callable_encoders(data, monkeypatch):
+    root, rels = data
+    s = run(root, TinyConv(), feature="conv")
+    assert s["written"] == len(rels)
+    assert FeatureStore(root, "conv").get(rels[0])["features"].shape == (8,)
+    monkeypatch.syspath_prepend(TESTS)
+    s = run(root, "toy_encoders:make_toy", feature="toy2")
+    assert s["written"] == len(rels)
+
+
+def test_dry_run_plans_and_writes_nothing(data):
+    root, rels = data
+    before = sorted(os.listdir(root))
+    s = run(root, dry_run=True)
+    assert s["planned"] == len(rels) and s["dry_run"] and s["free_bytes"] > 0
+    assert sorted(os.listdir(root)) == before
+
+
+def test_refuses_when_the_estimate_exceeds_free_space(data):
+    root, _ = data
+    with pytest.raises(FeatstoreError, match="not enough space"):
+        run(root, Huge())
+    assert not any(f.endswith(".safetensors") for _, _, fs in os.walk(root) for f in fs)
+
+
+def test_second_run_of_a_feature_is_refused_by_the_lock(data):
+    root, _ = data
+    store = FeatureStore(root, "toy", fingerprint="toy-v1")
+    with feature_lock(store, "precompute"):
+        with pytest.raises(LockHeldError, match="another precompute"):
+            run(root)
+    assert run(root)["written"] > 0  # released with its holder
+
+
+def test_ranges_lists_and_shards(data, tmp_path):
+    root, rels = data
+    assert select(rels, start_idx=2, end_idx=6) == rels[2:6]
+    assert select(rels, shard=(1, 3)) == rels[1::3]
+    assert select(rels, rank=(1, 2)) == rels[1::2]
+    lst = tmp_path / "list.txt"
+    lst.write_text("\n".join(rels[:3]))
+    assert run(root, files_from=lst)["written"] == 3
+    assert run(root, start_idx=3, end_idx=5)["written"] == 2
+
+
+def test_two_shards_give_the_same_entries_as_one_run(data, tmp_path):
+    root, rels = data
+    a = run(root, shard="0/2", batch_size=3)
+    b = run(root, shard="1/2", batch_size=5)
+    assert a["written"] + b["written"] == len(rels)
+    one_root = str(tmp_path / "one")
+    make_image_tree(one_root, 20, size=40)
+    run(one_root)
+    s2, s1 = FeatureStore(root, "toy"), FeatureStore(one_root, "toy")
+    for rel in rels:
+        assert torch.equal(s2.get(rel)["features"], s1.get(rel)["features"])
+    manifest = json.load(open(os.path.join(root, "toy_cache_manifest.json")))
+    assert len(manifest["index"]) == len(rels)
+    assert not [f for f in os.listdir(root) if ".rank" in f]  # journals compacted
+
+
+def test_missing_weights_fail_in_the_first_second(data):
+    root, _ = data
+    t0 = time.perf_counter()
+    with pytest.raises(CheckpointError, match="not found"):
+        precompute(root, encoder_options={"model_path": "/nonexistent/VGGT-1B"}, progress=False)
+    assert time.perf_counter() - t0 < 1.0
+
+
+def test_no_images_found_names_root_and_extensions(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(NoImagesFoundError, match="jpg, jpeg, png") as info:
+        run(str(tmp_path / "empty"))
+    assert str(tmp_path / "empty") in str(info.value)
+
+
+def test_tiny_vggt_encoder_end_to_end(tmp_path):
+    root = str(tmp_path / "data")
+    rels = make_image_tree(root, 3, size=48)
+    s = precompute(root, encoder_options={"random_weights_seed": 0, "layers": (-2,)}, batch_size=2, num_workers=0,
+                   progress=False)
+    assert s["written"] == 3 and "single-frame" in s["note"]
+    feats = featstore.FeatureStore(root, "vggt").get(rels[0])["features"]
+    assert feats.shape == (37 * 37, 128) and feats.dtype == torch.float32
+
+
+def test_kill_midway_leaves_complete_entries_and_a_rerun_finishes(tmp_path):
+    root = str(tmp_path / "data")
+    rels = make_image_tree(root, 24, size=32)
+    code = ("import sys; sys.path.insert(0, %r); from featstore.precompute import precompute; "
+            "precompute(%r, encoder='toy_encoders:make_slow', batch_size=2, num_workers=0, progress=False)"
+            % (TESTS, root))
+    proc = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "TOY_DELAY": "0.15"})
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        done = [r for r in rels if os.path.exists(os.path.join(root, r + ".toy.safetensors"))]
+        if len(done) >= 6:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert 0 < len(done) < len(rels)
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            if f.endswith(".toy.safetensors"):
+                featstore._core.verify_entry(os.path.join(dirpath, f))  # complete and checksummed
+    s = run(root, MeanColor())
+    assert s["written"] + s["skipped"] == len(rels) and s["skipped"] >= len(done) - 1
+    store = FeatureStore(root, "toy")
+    assert all(store.state(r) == "valid" for r in rels)

@@ -1,0 +1,82 @@
+"""Cheap encoders for precompute tests (importable as `toy_encoders` with tests/ on the path)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+
+class MeanColor:
+    """4x4 average-pooled colors of a 32x32 resize: fast, deterministic, shape [48]."""
+
+    name = "toy"
+
+    def __init__(self, delay: float = 0.0, tag: str = "v1") -> None:
+        self.delay = delay
+        self.tag = tag
+        self.calls = 0
+
+    def fingerprint(self) -> str:
+        return f"toy-{self.tag}"
+
+    def preprocess(self, path: str) -> torch.Tensor:
+        with Image.open(path) as im:
+            rgb = im.convert("RGB").resize((32, 32))
+        return torch.from_numpy(np.asarray(rgb, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+    def encode(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        self.calls += 1
+        if self.delay:
+            time.sleep(self.delay)
+        return {"features": F.adaptive_avg_pool2d(batch, 4).flatten(1)}
+
+
+class OOMAboveTwo(MeanColor):
+    """Raises CUDA's out-of-memory error for batches larger than two images."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sizes: list[int] = []
+
+    def encode(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        self.sizes.append(batch.shape[0])
+        if batch.shape[0] > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return super().encode(batch)
+
+
+class Huge(MeanColor):
+    def estimate_entry_bytes(self) -> int:
+        return 10**18
+
+
+def make_toy() -> MeanColor:
+    return MeanColor()
+
+
+def make_slow() -> MeanColor:
+    return MeanColor(delay=float(os.environ.get("TOY_DELAY", "0.3")))
+
+
+class TinyConv(torch.nn.Module):
+    """A plain nn.Module encoder (stored as `features`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 8, 8, stride=8)
+
+    def preprocess(self, path: str) -> torch.Tensor:
+        return MeanColor().preprocess(path)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x).mean(dim=(2, 3))
+
+
+def make_module() -> TinyConv:
+    return TinyConv()
