@@ -13,7 +13,6 @@ import os
 
 import pytest
 import torch
-
 from conftest import record
 from featstore import FeatureStore
 from featstore.examples import make_image_tree
@@ -29,7 +28,7 @@ def lookup_tree(tmp_path_factory, full):
     os.makedirs(legacy_dir)
     feature = torch.randn(feat_elems)  # 1 MiB of float32 at full size
     paths = [os.path.join(root, r) for r in rels]
-    for rel, path in zip(rels, paths):
+    for rel, path in zip(rels, paths, strict=True):
         store.put(rel, {"features": feature})
         open(path + ".vggt_cache.pt", "wb").close()  # the old sidecar: only its existence is checked
         with open(path, "rb") as f:

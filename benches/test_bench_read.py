@@ -12,10 +12,9 @@ import os
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import record
 from featstore import FeatureStore
+from safetensors.torch import load_file
 
 SIZES = {"1MiB": 1 << 18, "11MiB": 11 << 18}  # float32 elements
 

@@ -4,14 +4,13 @@ import json
 import os
 import struct
 
+import featstore
 import pytest
 import torch
-from safetensors import safe_open
-
-import featstore
 from featstore import _core
 from featstore._torch import to_raw
 from featstore.errors import CorruptEntryError
+from safetensors import safe_open
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32,
           torch.int16, torch.int8, torch.uint8, torch.bool]
@@ -61,7 +60,7 @@ def test_data_is_aligned(tmp_path):
     meta, tensors, data_start = _core.read_header(str(path))
     assert data_start % 64 == 0
     sizes = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
-    for name, dtype, shape, start, end in tensors:
+    for name, dtype, _shape, start, _end in tensors:
         assert start % sizes[dtype] == 0, (name, dtype, start)
 
 

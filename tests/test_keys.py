@@ -5,14 +5,14 @@ import os
 import struct
 
 import blake3
-import pytest
-
 import featstore
+import pytest
 from featstore import _core
 
 
 def reference_key(rel: bytes, size: int, mtime_ns: int) -> str:
-    data = b"featstore-key-v1\0" + struct.pack("<I", len(rel)) + rel + struct.pack("<Q", size) + struct.pack("<q", mtime_ns)
+    data = (b"featstore-key-v1\0" + struct.pack("<I", len(rel)) + rel
+            + struct.pack("<Q", size) + struct.pack("<q", mtime_ns))
     return blake3.blake3(data).hexdigest()
 
 
@@ -55,7 +55,7 @@ def test_batch_digests_in_parallel_report_unreadable_as_none(tree):
     root, rels = tree
     paths = [os.path.join(root, r) for r in rels] + [os.path.join(root, "missing.jpg")]
     digests = _core.file_digests(paths, threads=2)
-    for p, d in zip(paths[:-1], digests[:-1]):
+    for p, d in zip(paths[:-1], digests[:-1], strict=True):
         with open(p, "rb") as f:
             assert d == blake3.blake3(f.read()).hexdigest()
     assert digests[-1] is None

@@ -3,13 +3,11 @@
 import json
 import os
 
+import featstore
 import numpy as np
 import pytest
-
-import featstore
-from featstore.errors import DataRootError
-
 from conftest import run_unprivileged
+from featstore.errors import DataRootError
 
 
 def touch(path, data=b"x"):
@@ -27,7 +25,7 @@ def test_finds_images_by_extension_in_any_case_sorted_with_stamps(tmp_path):
     # Hidden files and .gitignore rules do not hide dataset files.
     assert r.paths == ["a/.hidden.jpg", "a/1.png", "b/2.JPG", "c.TIFF", "d.webp", "e.bmp", "f.jpeg", "x.tif"]
     assert r.sizes.dtype == np.uint64 and r.mtimes_ns.dtype == np.int64
-    for p, size, mtime in zip(r.paths, r.sizes, r.mtimes_ns):
+    for p, size, mtime in zip(r.paths, r.sizes, r.mtimes_ns, strict=True):
         st = os.stat(root / p)
         assert (size, mtime) == (st.st_size, st.st_mtime_ns)
     assert len(r) == 8 and r.errors == []

@@ -1,4 +1,5 @@
 # Type stubs of the Rust extension featstore._core (hand-written; keep in sync with rust/py).
+from collections.abc import Sequence
 from os import PathLike
 from typing import Any
 
@@ -76,14 +77,14 @@ class Store:
     def check(self, rel: _Path) -> tuple[str, str, str]: ...
     def state(self, rel: _Path) -> str: ...
     def check_many(
-        self, rels: list[_Path], threads: int | None = None, progress: Progress | None = None
+        self, rels: Sequence[_Path], threads: int | None = None, progress: Progress | None = None
     ) -> list[str]: ...
     def put(
         self,
         rel: _Path,
         tensors: list[_RawTensor],
         metadata: dict[str, str],
-        inputs: list[tuple[str, _Path | bytes]],
+        inputs: Sequence[tuple[str, _Path | bytes]],
         durable: bool = False,
     ) -> dict[str, Any]: ...
     def read(self, rel: _Path) -> list[tuple[str, Any]] | None: ...

@@ -117,7 +117,8 @@ class EmbeddingCacheManager:
         tensors = {"data": data} if isinstance(data, torch.Tensor) else data
         raw, keep = to_raw(tensors)
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        meta = {"cache_type": cache_type, "file_hash": file_hash, "single": "1" if isinstance(data, torch.Tensor) else "0"}
+        single = "1" if isinstance(data, torch.Tensor) else "0"
+        meta = {"cache_type": cache_type, "file_hash": file_hash, "single": single}
         _core.write_entry(path, raw, meta)
         del keep
         return path

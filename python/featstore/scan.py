@@ -57,7 +57,7 @@ class ScanResult:
     def by_extension(self) -> dict[str, tuple[int, int]]:
         """``{".jpg": (count, bytes), ...}`` with extensions in lower case."""
         out: dict[str, list[int]] = {}
-        for p, s in zip(self.paths, self.sizes.tolist()):
+        for p, s in zip(self.paths, self.sizes.tolist(), strict=True):
             ext = os.path.splitext(p)[1].lower()
             c = out.setdefault(ext, [0, 0])
             c[0] += 1
