@@ -14,6 +14,7 @@ import os
 import pytest
 import torch
 from conftest import record
+
 from featstore import FeatureStore
 from featstore.examples import make_image_tree
 

@@ -13,8 +13,9 @@ import os
 import pytest
 import torch
 from conftest import record
-from featstore import FeatureStore
 from safetensors.torch import load_file
+
+from featstore import FeatureStore
 
 SIZES = {"1MiB": 1 << 18, "11MiB": 11 << 18}  # float32 elements
 

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import os
 
-import featstore
 import pytest
 from conftest import record
+
+import featstore
 
 EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 

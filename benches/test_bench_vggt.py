@@ -34,6 +34,7 @@ from typing import Any
 
 import pytest
 import torch
+
 from featstore.models.vggt import Aggregator, LayerSelectView
 
 RUN_FULL = os.environ.get("FEATSTORE_BENCH_FULL") == "1"

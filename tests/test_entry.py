@@ -4,13 +4,14 @@ import json
 import os
 import struct
 
-import featstore
 import pytest
 import torch
+from safetensors import safe_open
+
+import featstore
 from featstore import _core
 from featstore._torch import to_raw
 from featstore.errors import CorruptEntryError
-from safetensors import safe_open
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32,
           torch.int16, torch.int8, torch.uint8, torch.bool]

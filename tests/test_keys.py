@@ -5,8 +5,9 @@ import os
 import struct
 
 import blake3
-import featstore
 import pytest
+
+import featstore
 from featstore import _core
 
 

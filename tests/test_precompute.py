@@ -10,13 +10,13 @@ import time
 import pytest
 import torch
 from PIL import Image
+from toy_encoders import Huge, MeanColor, OOMAboveTwo, TinyConv
 
 import featstore
 from featstore import FeatureStore
 from featstore.errors import CheckpointError, FeatstoreError, LockHeldError, NoImagesFoundError
 from featstore.examples import make_image_tree
 from featstore.precompute import feature_lock, precompute, select
-from toy_encoders import Huge, MeanColor, OOMAboveTwo, TinyConv
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 

@@ -3,10 +3,11 @@
 import json
 import os
 
-import featstore
 import numpy as np
 import pytest
 from conftest import run_unprivileged
+
+import featstore
 from featstore.errors import DataRootError
 
 

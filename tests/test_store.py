@@ -7,12 +7,11 @@ import warnings
 
 import pytest
 import torch
+from conftest import run_unprivileged
 
 import featstore
 from featstore import FeatureStore
 from featstore.errors import PathOutsideRootError, ReadOnlyDataRootError
-
-from conftest import run_unprivileged
 
 
 def feats(seed=0, shape=(4, 8)):

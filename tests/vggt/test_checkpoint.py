@@ -10,9 +10,10 @@ from typing import Any
 
 import pytest
 import torch
+from safetensors.torch import save_file
+
 from featstore.errors import CheckpointError
 from featstore.models.vggt import VGGT, LayerSelectView, load_vggt
-from safetensors.torch import save_file
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+
 from featstore.models.vggt import aggregator_autocast, autocast_dtype, extract_layers, run_vggt
 
 

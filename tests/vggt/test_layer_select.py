@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+
 from featstore.models.vggt import Aggregator, CameraHead, DPTHead, LayerSelectView
 from featstore.models.vggt.aggregator import normalize_layer_selection
 

@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+
 from featstore.models.vggt import (
     plan_resize,
     preprocess_image_uint8,
@@ -15,7 +17,6 @@ from featstore.models.vggt import (
     stack_uint8_images,
     to_unit_float,
 )
-from PIL import Image, UnidentifiedImageError
 
 
 def _reference_loader(paths: list[Path], mode: str) -> torch.Tensor:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from featstore.models.vggt import VGGT, Aggregator
 
 

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 import torch
+
 from featstore.models.vggt import VGGT, Aggregator, CameraHead, DPTHead, LayerSelectView
 
 RTOL, ATOL = 1e-4, 1e-5
