@@ -205,3 +205,25 @@ def test_kill_midway_leaves_complete_entries_and_a_rerun_finishes(tmp_path):
     assert s["written"] + s["skipped"] == len(rels) and s["skipped"] >= len(done) - 1
     store = FeatureStore(root, "toy")
     assert all(store.state(r) == "valid" for r in rels)
+
+
+def test_torchrun_two_ranks_split_the_work_and_rank0_merges(tmp_path):
+    root = str(tmp_path / "data")
+    rels = make_image_tree(root, 10, size=32)
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import json, os, sys\n"
+        f"sys.path.insert(0, {TESTS!r})\n"
+        "from featstore.precompute import precompute\n"
+        f"s = precompute({root!r}, encoder='toy_encoders:make_toy', num_workers=0, progress=False)\n"
+        "print('RESULT', os.environ['RANK'], json.dumps({'written': s['written'], 'rank': s['rank']}))\n")
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_port", "29517", str(script)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    results = {line.split()[1]: json.loads(line.split(" ", 2)[2]) for line in out.stdout.splitlines()
+               if line.startswith("RESULT")}
+    assert {r["rank"] for r in results.values()} == {"0/2", "1/2"}
+    assert sum(r["written"] for r in results.values()) == len(rels)
+    manifest = json.load(open(os.path.join(root, "toy_cache_manifest.json")))
+    assert len(manifest["index"]) == len(rels)
+    assert not [f for f in os.listdir(root) if ".rank" in f]

@@ -66,6 +66,16 @@ def distributed_rank() -> tuple[int, int]:
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def _join_process_group(world: int) -> bool:
+    """Under torchrun, joins (or reuses) the process group so ranks can wait for each other
+    before rank 0 compacts their journals. gloo: the group only ever sends a barrier."""
+    if world <= 1 or not torch.distributed.is_available():
+        return False
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(backend="gloo")
+    return True
+
+
 def select(paths: Sequence[str], *, start_idx: int | None = None, end_idx: int | None = None,
            shard: tuple[int, int] | None = None, rank: tuple[int, int] = (0, 1)) -> list[str]:
     """The sources this process works on: ``[start:end]`` of the sorted list, then every N-th
@@ -277,7 +287,8 @@ def precompute(data_root: str | os.PathLike[str], *, encoder: Any = "vggt", feat
     batch_size : int, optional
         Images per batch (default ``$BATCH_SIZE`` or 16); halved on CUDA out-of-memory.
     num_workers : int, optional
-        Decoding processes (default: cores - 1, at most 8; 0 decodes in this process).
+        Decoding processes (default: one per core on the CPU, cores - 1 with a GPU, at most 8; 0
+        decodes in this process). On the CPU, torch computes with the cores left over.
     skip_existing : bool, optional
         Skip sources whose entry is valid (default ``$SKIP_EXISTING`` or True). ``overwrite``
         recomputes everything.
@@ -379,8 +390,8 @@ def precompute(data_root: str | os.PathLike[str], *, encoder: Any = "vggt", feat
                 _run_pipeline(store, enc, todo, device, batch_size, num_workers, durable, counts, journal, show)
             except KeyboardInterrupt:
                 interrupted = True
-    if rank[1] > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
+    if _join_process_group(rank[1]):
+        torch.distributed.barrier()  # every rank's journal is complete before rank 0 merges
     summary["manifest"] = _finish_manifest(store, enc, found.paths, lock_name, rank, shard_spec, summary)
     seconds = time.perf_counter() - t_start
     summary.update({
@@ -411,11 +422,18 @@ def _run_pipeline(store: FeatureStore, enc: Encoder, todo: list[str], device: st
                   num_workers: int | None, durable: bool, counts: _Counts, journal: str, show: bool) -> None:
     from tqdm import tqdm
 
+    dev = torch.device(device)
+    cores = len(os.sched_getaffinity(0))
     if num_workers is None:
-        num_workers = min(8, max((os.cpu_count() or 1) - 1, 0))
+        # On a GPU the main process needs a core to feed it; on the CPU it mostly waits for
+        # decoded images while torch computes, so every core decodes.
+        num_workers = min(8, cores if dev.type == "cpu" else max(cores - 1, 0))
     if hasattr(enc, "to"):
         enc.to(device)
-    dev = torch.device(device)
+    threads_before = torch.get_num_threads()
+    if dev.type == "cpu":
+        # torch's intra-op threads would compete with the decoding workers for the same cores.
+        torch.set_num_threads(max(1, cores - num_workers))
     loader = torch.utils.data.DataLoader(
         _Decode(enc, store.data_root, todo), batch_size=None, shuffle=False, num_workers=num_workers,
         collate_fn=_identity, pin_memory=dev.type == "cuda", prefetch_factor=4 if num_workers else None,
@@ -451,6 +469,7 @@ def _run_pipeline(store: FeatureStore, enc: Encoder, todo: list[str], device: st
     finally:
         bar.close()
         writer.close()
+        torch.set_num_threads(threads_before)
 
 
 def _encode_batch(enc: Encoder, dev: torch.device, rels: list[str], images: torch.Tensor, writer: _Writer,
