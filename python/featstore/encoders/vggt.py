@@ -50,6 +50,9 @@ class VGGTEncoder:
         the features mean nothing).
     device : torch.device or str, optional
         Where it will run; decides the default stored dtype (part of the fingerprint).
+    frames_per_set : int
+        Frames encoded together (:meth:`encode_sets`); part of the fingerprint, since a frame's
+        features depend on the frames it was encoded with.
 
     Notes
     -----
@@ -62,7 +65,7 @@ class VGGTEncoder:
     def __init__(self, model_path: str | os.PathLike[str] | None = None, *, layers: tuple[int, ...] = (-2,),
                  tokens: str = "patch", dtype: torch.dtype | None = None, mode: str = "crop",
                  config: dict[str, Any] | None = None, random_weights_seed: int | None = None,
-                 device: torch.device | str | None = None) -> None:
+                 device: torch.device | str | None = None, frames_per_set: int = 1) -> None:
         if random_weights_seed is None:
             model_path = model_path or os.environ.get("VGGT_MODEL_PATH")
             if not model_path:
@@ -78,6 +81,9 @@ class VGGTEncoder:
             raise ValueError(f"mode must be 'crop' or 'pad', got {mode!r}")
         if not layers:
             raise ValueError("select at least one layer")
+        if frames_per_set < 1:
+            raise ValueError(f"frames_per_set must be at least 1, got {frames_per_set}")
+        self._frames_per_set = int(frames_per_set)
         self.model_path = model_path
         self.layers = tuple(int(x) for x in layers)
         self.tokens = tokens
@@ -91,7 +97,8 @@ class VGGTEncoder:
 
     @property
     def frames_per_set(self) -> int:
-        return 1
+        """Frames encoded together (1: every image alone)."""
+        return self._frames_per_set
 
     def stored_dtype(self) -> torch.dtype:
         return self._dtype or default_stored_dtype(self._device or "cpu")
@@ -143,13 +150,20 @@ class VGGTEncoder:
         return len(self.layers) * tokens * dim * self.stored_dtype().itemsize + 4096
 
     def encode(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``features``: ``[B, P, 2C]`` for one layer, ``[B, L, P, 2C]`` for several."""
+        """``features``: ``[B, P, 2C]`` for one layer, ``[B, L, P, 2C]`` for several; each image
+        is encoded alone (a set of one)."""
+        out = self.encode_sets(batch.unsqueeze(1))
+        return {k: v[:, 0] for k, v in out.items()}
+
+    def encode_sets(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Frames attend to each other within a set: ``batch`` is ``[B, S, 3, H, W]``;
+        ``features`` is ``[B, S, P, 2C]`` (``[B, S, L, P, 2C]`` for several layers)."""
         if self.model is None:
             self.to(batch.device)
         from featstore.models.vggt import extract_layers
 
-        view = extract_layers(self.model, batch.unsqueeze(1), self.layers)  # each image is a set of one
+        view = extract_layers(self.model, batch, self.layers)
         start = self.model.aggregator.patch_start_idx if self.tokens == "patch" else 0
-        per_layer = [view[layer][:, 0, start:] for layer in self.layers]
-        out = per_layer[0] if len(per_layer) == 1 else torch.stack(per_layer, dim=1)
+        per_layer = [view[layer][:, :, start:] for layer in self.layers]
+        out = per_layer[0] if len(per_layer) == 1 else torch.stack(per_layer, dim=2)
         return {"features": out.to(self.stored_dtype())}

@@ -1,0 +1,115 @@
+"""Frame sets: features computed from several images together.
+
+VGGT attends across all frames given together, and the first frame gets different tokens, so a
+frame's features depend on the other frames and their order. Such features are stored once per
+*set* (an ordered list of sources), never per image, at
+``<root or cache_dir>/.featstore/<feature>/sets/<key[:2]>/<key[:32]>.safetensors`` where the key
+covers every member's path and stamp in order: any change of a member, or of the order, is a new
+key and so a miss. Per-image entries and set entries live apart: a lookup never mixes modes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from featstore import _core
+from featstore.errors import CorruptEntryError
+
+if TYPE_CHECKING:
+    import torch
+
+    from featstore.store import FeatureStore
+
+_SET_DOMAIN = b"featstore-set-v1\0"
+
+
+def set_key(store: FeatureStore, rels: Sequence[str]) -> str:
+    """The key of an ordered set of sources: a digest of every member's v1 key (path and stamp).
+
+    Raises
+    ------
+    FileNotFoundError
+        A member does not exist.
+    """
+    h = hashlib.sha256(_SET_DOMAIN)
+    for rel in rels:
+        st = os.stat(os.path.join(store.data_root, rel))
+        h.update(bytes.fromhex(_core.stamp_key(os.fsencode(rel), st.st_size, st.st_mtime_ns)))
+    return h.hexdigest()
+
+
+def set_entry_path(store: FeatureStore, rels: Sequence[str]) -> str:
+    """Where the entry of this set is (or would be written) for its members as they are now."""
+    key = set_key(store, rels)
+    return os.path.join(os.fspath(store._core.state_dir), "sets", key[:2], key[:32] + ".safetensors")
+
+
+def put_set(store: FeatureStore, paths: Sequence[str | os.PathLike[str]], tensors: Mapping[str, torch.Tensor], *,
+            metadata: Mapping[str, str] | None = None, durable: bool = False) -> str:
+    """Writes the entry of an ordered set of sources atomically; returns its path.
+
+    The metadata records every member (path, stamp, digest), the fingerprint and the set size.
+    """
+    from featstore._torch import to_raw
+
+    rels = [store.rel(p) for p in paths]
+    if not rels:
+        raise ValueError("a frame set needs at least one source")
+    before = [os.stat(os.path.join(store.data_root, r)) for r in rels]
+    digests = _core.file_digests([os.path.join(store.data_root, r) for r in rels])
+    members = [{"path": r, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "blake3": d}
+               for r, st, d in zip(rels, before, digests, strict=True)]
+    path = set_entry_path(store, rels)
+    meta = dict(metadata or {})
+    meta.update({"feature": store.feature, "fingerprint": store.fingerprint or "", "kind": "frame-set",
+                 "frames": str(len(rels)), "members": json.dumps(members)})
+    raw, keep = to_raw(tensors)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    _core.write_entry(path, raw, meta, durable)
+    del keep
+    return path
+
+
+def set_state(store: FeatureStore, paths: Sequence[str | os.PathLike[str]]) -> str:
+    """``valid``, ``missing`` (no entry for the members as they are now), ``foreign`` or
+    ``corrupt``; ``missing`` also when a member no longer exists."""
+    rels = [store.rel(p) for p in paths]
+    try:
+        path = set_entry_path(store, rels)
+    except FileNotFoundError:
+        return "missing"
+    try:
+        meta, _, _ = _core.read_header(path)
+    except FileNotFoundError:
+        return "missing"
+    except CorruptEntryError:
+        return "corrupt"
+    if store.fingerprint and meta.get("fingerprint") != store.fingerprint:
+        return "foreign"
+    return "valid"
+
+
+def get_set(store: FeatureStore, paths: Sequence[str | os.PathLike[str]], *, device: Any = None,
+            dtype: Any = None) -> dict[str, torch.Tensor] | None:
+    """The tensors of a set's entry (zero-copy), or None unless it is valid for the members as
+    they are now, in this order, with the store's fingerprint."""
+    rels = [store.rel(p) for p in paths]
+    try:
+        path = set_entry_path(store, rels)
+        capsules, meta, _ = _core.read_entry(path, pread=store.read_mode == "pread")
+    except FileNotFoundError:
+        return None
+    except CorruptEntryError as exc:
+        import warnings
+
+        warnings.warn(f"featstore: corrupt frame-set entry: {exc}; recompute it", stacklevel=3)
+        return None
+    if store.fingerprint and meta.get("fingerprint") != store.fingerprint:
+        return None
+    from featstore._torch import from_capsules
+
+    return from_capsules(capsules, device, dtype)
