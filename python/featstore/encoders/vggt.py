@@ -112,8 +112,9 @@ class VGGTEncoder:
         return self._fingerprint
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "model_path": self.model_path, "random_weights": self.random_weights_seed is not None,
-                "layers": list(self.layers), "tokens": self.tokens, "dtype": str(self.stored_dtype()).replace("torch.", ""),
+        return {"name": self.name, "model_path": self.model_path,
+                "random_weights": self.random_weights_seed is not None, "layers": list(self.layers),
+                "tokens": self.tokens, "dtype": str(self.stored_dtype()).replace("torch.", ""),
                 "mode": self.mode, "frames_per_set": self.frames_per_set, "config": self.config}
 
     def to(self, device: torch.device | str) -> VGGTEncoder:
@@ -121,7 +122,7 @@ class VGGTEncoder:
         device = torch.device(device)
         if self.model is not None and self._device == device:
             return self
-        if self._fingerprint is not None and self._dtype is None and default_stored_dtype(device) != self.stored_dtype():
+        if self._dtype is None and default_stored_dtype(device) != self.stored_dtype():
             self._fingerprint = None  # the default stored dtype depends on the device
         self._device = device
         from featstore.models.vggt import VGGT, load_vggt
