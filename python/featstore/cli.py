@@ -18,24 +18,17 @@ from typing import Any
 from featstore.errors import DataRootError, FeatstoreError, NoImagesFoundError
 
 
-def _human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} PB"
-
-
 def _add_data_root(p: argparse.ArgumentParser) -> None:
     p.add_argument("data_root", nargs="?", metavar="DATA_ROOT",
                    help="the dataset directory (default: $DATA_ROOT)")
     p.add_argument("--data-root", "--data_root", dest="data_root_flag", metavar="DIR", help=argparse.SUPPRESS)
 
 
-def _add_feature(p: argparse.ArgumentParser, required: bool) -> None:
+def _add_feature(p: argparse.ArgumentParser, required: bool, default: str | None = None) -> None:
     g = p.add_argument_group("feature")
-    g.add_argument("--feature", required=required, metavar="F",
-                   help="feature name, e.g. vggt, pixel_latent" + ("" if required else " (counts entry states)"))
+    note = "" if required else f" (default: {default})" if default else " (counts entry states)"
+    g.add_argument("--feature", required=required, metavar="F", default=default,
+                   help="feature name, e.g. vggt, pixel_latent" + note)
     g.add_argument("--layout", choices=("sidecar", "dir"), default=None,
                    help="sidecar: <image>.<feature>.safetensors beside each image (default); "
                         "dir: entries under --cache-dir")
@@ -85,8 +78,34 @@ def _emit(args: argparse.Namespace, doc: dict[str, Any], text: str) -> None:
         print(text)
 
 
+def _no_sources(args: argparse.Namespace, found: Any) -> NoImagesFoundError:
+    """The error for a scan that found nothing: the root, what was searched, what to try."""
+    from featstore.scan import DEFAULT_EXTENSIONS
+
+    searched = (f"the field {args.jsonl!r} of the .jsonl files" if args.jsonl
+                else f"the files listed in {args.files_from}" if args.files_from
+                else "files with extensions " + ", ".join(args.ext or DEFAULT_EXTENSIONS))
+    return NoImagesFoundError(f"no images found under {found.root}: searched {searched}. Check DATA_ROOT, "
+                              "or pass --ext / --jsonl FIELD for other sources"
+                              + (f" ({len(found.errors)} paths could not be read, e.g. {found.errors[0][0]}: "
+                                 f"{found.errors[0][1]})" if found.errors else ""))
+
+
+def _find_sources(args: argparse.Namespace, store: Any, *, allow_empty: bool = False) -> Any:
+    """Scans the store's data root for the sources the options select (a ``ScanResult``)."""
+    from featstore.scan import scan
+
+    found = scan(store.data_root, extensions=args.ext, jsonl=args.jsonl, follow_symlinks=args.follow_symlinks,
+                 files_from=args.files_from, skip_dirs=[store.cache_dir] if store.cache_dir else [],
+                 threads=args.threads, progress=None)
+    if len(found) == 0 and not allow_empty:
+        raise _no_sources(args, found)
+    return found
+
+
 def cmd_scan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from featstore.scan import DEFAULT_EXTENSIONS, scan
+    from featstore.ops import human_bytes
+    from featstore.scan import scan
 
     root = _data_root(args, parser)
     if args.write_manifest and not args.feature:
@@ -98,21 +117,15 @@ def cmd_scan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                  files_from=args.files_from, skip_dirs=skip, threads=args.threads, progress=None)
     seconds = time.perf_counter() - t0
     if len(found) == 0:
-        searched = (f"the field {args.jsonl!r} of the .jsonl files" if args.jsonl
-                    else f"the files listed in {args.files_from}" if args.files_from
-                    else "files with extensions " + ", ".join(args.ext or DEFAULT_EXTENSIONS))
-        raise NoImagesFoundError(f"no images found under {found.root}: searched {searched}. Check DATA_ROOT, "
-                                 "or pass --ext / --jsonl FIELD for other sources"
-                                 + (f" ({len(found.errors)} paths could not be read, e.g. {found.errors[0][0]}: "
-                                    f"{found.errors[0][1]})" if found.errors else ""))
+        raise _no_sources(args, found)
     doc: dict[str, Any] = {
         "data_root": found.root, "sources": len(found), "bytes": found.total_bytes, "seconds": round(seconds, 3),
         "by_extension": {k: {"count": c, "bytes": b} for k, (c, b) in found.by_extension().items()},
         "sets": len(found.sets), "errors": [list(e) for e in found.errors],
     }
-    lines = [f"{found.root}: {len(found):,} sources, {_human_bytes(found.total_bytes)} (scanned in {seconds:.2f} s)"]
+    lines = [f"{found.root}: {len(found):,} sources, {human_bytes(found.total_bytes)} (scanned in {seconds:.2f} s)"]
     for ext, (count, nbytes) in found.by_extension().items():
-        lines.append(f"  {ext or '(none)':8} {count:>10,}  {_human_bytes(nbytes):>10}")
+        lines.append(f"  {ext or '(none)':8} {count:>10,}  {human_bytes(nbytes):>10}")
     if found.sets:
         lines.append(f"  {len(found.sets):,} frame sets from .jsonl lists")
     if store is not None:
@@ -124,10 +137,264 @@ def cmd_scan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             doc["manifest"] = store.write_manifest(status, found.paths)
             lines.append(f"manifest written: {doc['manifest']}")
     if found.errors:
-        lines.append(f"{len(found.errors):,} paths could not be scanned" + (" (first 10):" if len(found.errors) > 10 else ":"))
+        more = " (first 10):" if len(found.errors) > 10 else ":"
+        lines.append(f"{len(found.errors):,} paths could not be scanned{more}")
         lines.extend(f"  {p}: {why}" for p, why in found.errors[:10])
     _emit(args, doc, "\n".join(lines))
     return 0
+
+
+def cmd_status(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from featstore import ops
+
+    store = _open_store(args, _data_root(args, parser))
+    found = _find_sources(args, store)
+    report = ops.status(store, found.paths, threads=args.threads, progress=None)
+    report.status.errors[:0] = found.errors
+    _emit(args, report.to_dict(), report.text())
+    return 0
+
+
+def _explain_root(args: argparse.Namespace, paths: list[str]) -> tuple[str, str]:
+    """The data root for ``explain`` and where it came from: --data-root or $DATA_ROOT, else the
+    data root recorded in the cache directory's manifest, else the nearest directory above the
+    first path holding the feature's manifest, else that path's directory."""
+    root = args.data_root_flag or os.environ.get("DATA_ROOT")
+    if root:
+        return root, ""
+    cache_dir = args.cache_dir
+    if cache_dir is None and args.feature == "vggt" and args.layout != "sidecar":
+        cache_dir = os.environ.get("VGGT_CACHE_DIR") or None
+    if cache_dir is not None:
+        manifest = os.path.join(cache_dir, args.feature, "manifest.json")
+        try:
+            with open(manifest, encoding="utf-8") as f:
+                recorded = json.load(f).get("data_root")
+        except (OSError, ValueError):
+            recorded = None
+        if not recorded:
+            raise DataRootError(f"explain with a cache directory needs --data-root DIR ({manifest} does not "
+                                "record one)")
+        return recorded, f"recorded in {manifest}"
+    here = os.path.dirname(os.path.abspath(paths[0]))
+    d = here
+    while True:
+        if os.path.exists(os.path.join(d, f"{args.feature}_cache_manifest.json")):
+            return d, f"it holds {args.feature}_cache_manifest.json"
+        parent = os.path.dirname(d)
+        if parent == d:
+            return here, "the path's directory; pass --data-root for the dataset's top directory"
+        d = parent
+
+
+def cmd_explain(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from featstore import ops
+
+    root, why = _explain_root(args, args.paths)
+    store = _open_store(args, root)
+    if why:
+        print(f"featstore explain: data root {store.data_root} ({why})", file=sys.stderr)
+    found = []
+    for p in args.paths:
+        # Relative to the data root, as in the API; else, when it exists there, to the working
+        # directory (a deleted source is still named relative to the root).
+        if not os.path.isabs(p) and not os.path.lexists(os.path.join(store.data_root, p)) and os.path.lexists(p):
+            p = os.path.abspath(p)
+        found.append(ops.explain(store, p))
+    _emit(args, {"data_root": store.data_root, "explanations": [e.to_dict() for e in found]},
+          "\n".join(e.text() for e in found))
+    return 0 if all(e.hit for e in found) else 1
+
+
+def cmd_verify(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from featstore import ops
+
+    store = _open_store(args, _data_root(args, parser))
+    found = _find_sources(args, store)
+    report = ops.verify(store, found.paths, quarantine_bad=args.quarantine, threads=args.threads, progress=None)
+    report.errors[:0] = found.errors
+    _emit(args, report.to_dict(), report.text())
+    return 0 if report.ok else 1
+
+
+def cmd_gc(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from featstore import ops
+
+    store = _open_store(args, _data_root(args, parser))
+    found = _find_sources(args, store, allow_empty=args.force)
+    report = ops.plan_gc(store, found.paths, keep_fingerprints=args.keep_fingerprint or (),
+                         min_tmp_age_s=args.min_tmp_age, force=args.force, threads=args.threads, progress=None)
+    if not args.dry_run:
+        ops.execute_gc(store, report, progress=None)
+    report.errors[:0] = found.errors
+    _emit(args, report.to_dict(), report.text())
+    return 1 if report.errors else 0
+
+
+def cmd_migrate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from featstore import ops
+
+    if args.delete_old and not args.yes:
+        parser.error("--delete-old needs --yes (without it migrate only shows its plan)")
+    store = _open_store(args, _data_root(args, parser))
+    legacy_dirs = args.legacy_dir
+    if legacy_dirs is None:
+        env = os.environ.get("VGGT_CACHE_DIR")
+        legacy_dirs = [env] if env and os.path.isdir(env) else []
+    found = _find_sources(args, store)
+    report = ops.plan_migrate(store, found.paths, legacy_dirs=legacy_dirs, old_roots=args.old_root or (),
+                              threads=args.threads, progress=None)
+    if args.yes:
+        ops.execute_migrate(store, report, delete_old=args.delete_old, progress=None)
+    _emit(args, report.to_dict(), report.text())
+    return 0 if report.ok else 1
+
+
+def cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from featstore import ops
+
+    if args.samples < 1 or args.repeat < 1:
+        parser.error("--samples and --repeat must be at least 1")
+    store = _open_store(args, _data_root(args, parser))
+    found = _find_sources(args, store)
+    report = ops.bench(store, found.paths, samples=args.samples, repeat=args.repeat, threads=args.threads,
+                       progress=None)
+    _emit(args, report.to_dict(), report.text())
+    return 0
+
+
+class _ParagraphFormatter(argparse.HelpFormatter):
+    """Wraps each line of a description or epilog as its own paragraph; keeps indented lines
+    (examples) as written."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        import textwrap
+
+        return "\n".join(indent + line if line.startswith("  ") or not line.strip()
+                         else textwrap.fill(line, width, initial_indent=indent, subsequent_indent=indent)
+                         for line in text.splitlines())
+
+
+def _add_json(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print one JSON document instead of text")
+
+
+def _add_ops_commands(sub: Any) -> None:
+    """status, explain, verify, gc, migrate, bench: operating a cache (logic in featstore.ops)."""
+    raw = _ParagraphFormatter
+
+    p = sub.add_parser(
+        "status", help="count entries per state (fast: no entry opened)", formatter_class=raw,
+        description="Count the entries of a feature per state: valid, missing, stale (an input changed), foreign "
+                    "(another encoder fingerprint), orphan (the source is gone), legacy (old .vggt_cache.pt).\n"
+                    "Costs two stats per source; sources in the feature's manifest index open no entry. Finding "
+                    "corrupt entries needs `featstore verify`, which reads them all. Writes nothing.",
+        epilog="example:\n  featstore status /data --feature vggt\n  featstore status /data --feature pixel_latent "
+               "--cache-dir /cache --json")
+    _add_data_root(p)
+    _add_sources(p)
+    _add_feature(p, required=True)
+    _add_json(p)
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser(
+        "explain", help="say why a source's lookup hits or misses", formatter_class=raw,
+        description="Say why a lookup of each PATH hits or misses: the entry state, the entry file, and for a stale "
+                    "entry the recorded and current stamp of the input that changed and whether its bytes differ; "
+                    "for a foreign entry both fingerprints; for a corrupt one the parse error.\n"
+                    "PATH is relative to the data root, or absolute, or relative to the working directory when it "
+                    "exists there. Without --data-root the root is found from the feature's manifest.\n"
+                    "Exit code 0 when every lookup hits, 1 when one misses.",
+        epilog="example:\n  featstore explain scene001/img_0001.jpg --data-root /data --feature vggt")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="a source image (or several)")
+    p.add_argument("--data-root", "--data_root", dest="data_root_flag", metavar="DIR",
+                   help="the dataset directory (default: $DATA_ROOT, else found from the manifest)")
+    _add_feature(p, required=True)
+    _add_json(p)
+    p.set_defaults(func=cmd_explain)
+
+    p = sub.add_parser(
+        "verify", help="read every entry in full and report the bad ones", formatter_class=raw,
+        description="Open every entry: validate its header and shapes, check its data against data.blake3, "
+                    "compare its fingerprint, source stamp (and digest) and inputs, whatever the manifest index "
+                    "says. Legacy sidecars are unpickled safely (weights_only). Reports each bad entry (corrupt, "
+                    "stale, foreign, orphan) with its reason; exit code 1 when there is one.\n"
+                    "--quarantine moves bad entries into <data root or cache dir>/.featstore/<feature>/quarantine/, "
+                    "keeping their relative names; nothing is deleted.",
+        epilog="example:\n  featstore verify /data --feature vggt --quarantine")
+    _add_data_root(p)
+    _add_sources(p)
+    _add_feature(p, required=True)
+    p.add_argument("--quarantine", action="store_true", help="move bad entries aside (never deletes)")
+    _add_json(p)
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser(
+        "gc", help="remove orphaned, stale and foreign entries and leftover temporary files", formatter_class=raw,
+        description="Remove this feature's orphaned entries (source gone), stale entries (an input changed), "
+                    "foreign entries (another fingerprint; keep some with --keep-fingerprint) and temporary files "
+                    "left by interrupted writes. Only files named like this feature's entries whose header says "
+                    "they are featstore entries, and featstore's own .<name>.<random>.tmp files, are ever removed: "
+                    "never a source, never a legacy file (see migrate), never a corrupt entry (see verify "
+                    "--quarantine).\n--dry-run lists what would go and sums the bytes.",
+        epilog="example:\n  featstore gc /data --feature vggt --dry-run\n  featstore gc /data --feature vggt "
+               "--keep-fingerprint 3f2a9c...")
+    _add_data_root(p)
+    _add_sources(p)
+    _add_feature(p, required=True)
+    p.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
+                   help="list what would be removed and the bytes; remove nothing")
+    p.add_argument("--keep-fingerprint", nargs="+", action="extend", metavar="FP",
+                   help="keep foreign entries with these fingerprints")
+    p.add_argument("--min-tmp-age", type=float, default=900.0, metavar="SECONDS",
+                   help="leave temporary files younger than this: a write may be in progress (default: 900)")
+    p.add_argument("--force", action="store_true",
+                   help="gc even a root the cache seems not made for: not the data root its manifest records, "
+                        "or one where every entry would be an orphan")
+    _add_json(p)
+    p.set_defaults(func=cmd_gc)
+
+    p = sub.add_parser(
+        "migrate", help="convert old .vggt_cache.pt sidecars and SHA256-named caches into entries",
+        formatter_class=raw,
+        description="Convert legacy caches into featstore entries: <image>.vggt_cache.pt sidecars, and SHA256-named "
+                    "cache directories (--legacy-dir DIR holding <sha256(path + image bytes)[:16]>.pt, with or "
+                    "without a manifest.json). The hash-to-path map is rebuilt by computing the old key of every "
+                    "source in parallel, for the path as the old loader passed it: <DATA_ROOT>/<relative path>, "
+                    "and <PREFIX>/<relative path> for each --old-root PREFIX when the data moved.\n"
+                    "Refuses legacy sidecars older than their image and any pickle that is not plain tensors (it "
+                    "is never unpickled with code execution); reports files that match no source.\n"
+                    "Shows its plan and writes only with --yes; never deletes the old cache unless --delete-old.",
+        epilog="example:\n  featstore migrate /data --legacy-dir /old/vggt_cache --old-root /mnt/nfs/data\n"
+               "  featstore migrate /data --legacy-dir /old/vggt_cache --old-root /mnt/nfs/data --yes")
+    _add_data_root(p)
+    _add_sources(p)
+    _add_feature(p, required=False, default="vggt")
+    p.add_argument("--legacy-dir", "--legacy_dir", dest="legacy_dir", action="append", metavar="DIR",
+                   help="a SHA256-named legacy cache directory (repeatable; default: $VGGT_CACHE_DIR when set)")
+    p.add_argument("--old-root", "--old_root", dest="old_root", action="append", metavar="PREFIX",
+                   help="the data root as the old loader saw it, when the data moved (repeatable)")
+    p.add_argument("--yes", action="store_true", help="convert (without it, only the plan is shown)")
+    p.add_argument("--delete-old", action="store_true", help="delete each legacy file once its entry is written")
+    _add_json(p)
+    p.set_defaults(func=cmd_migrate)
+
+    p = sub.add_parser(
+        "bench", help="measure lookup and read latency against the schemes featstore replaces",
+        formatter_class=raw,
+        description="Measure, on your own data, the per-item lookup and read latency of featstore against the "
+                    "legacy SHA256 cache (sha256(path + image bytes) then exists / torch.load) and the "
+                    "path-concatenation check (exists(image + '.vggt_cache.pt')), on up to --samples sources with "
+                    "valid entries. Prints a table with ratios. Legacy reads use torch.save copies of the sampled "
+                    "entries, written beside the cache for the run and removed after.",
+        epilog="example:\n  featstore bench /data --feature vggt --samples 500")
+    _add_data_root(p)
+    _add_sources(p)
+    _add_feature(p, required=False, default="vggt")
+    p.add_argument("--samples", type=int, default=200, help="sources to measure (default: 200)")
+    p.add_argument("--repeat", type=int, default=3, help="timed passes; the fastest is reported (default: 3)")
+    _add_json(p)
+    p.set_defaults(func=cmd_bench)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -149,6 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write the feature's manifest (counts and an index of valid entries)")
     p.add_argument("--json", action="store_true", help="print one JSON document instead of text")
     p.set_defaults(func=cmd_scan)
+    _add_ops_commands(sub)
     return parser
 
 

@@ -222,14 +222,12 @@ class FeatureStore:
         return self._core.state(self.rel(path))
 
     def explain(self, path: str | os.PathLike[str]) -> str:
-        """A few lines saying why a lookup of ``path`` hits or misses."""
-        rel = self.rel(path)
-        state, entry, reason = self._core.check(rel)
-        lines = [f"{rel}: {state}", f"  entry: {os.fspath(entry) or '(none)'}"]
-        if reason:
-            lines.append(f"  why: {reason}")
-        lines.append(f"  feature {self.feature}, layout {self.layout}, expected fingerprint {self.fingerprint or '(any)'}")
-        return "\n".join(lines)
+        """A few lines saying why a lookup of ``path`` hits or misses: the state, the entry, and
+        what differs (stamps and digests of a changed input, both fingerprints, the parse error).
+        :func:`featstore.ops.explain` returns the same as data."""
+        from featstore.ops import explain
+
+        return explain(self, path).text()
 
     def _miss(self, rel: str, state: str | None = None) -> None:
         self.stats["misses"] += 1

@@ -1,0 +1,71 @@
+"""`featstore bench`: the latency table on the user's own data (no timing thresholds here)."""
+
+import contextlib
+import io
+import json
+import os
+
+import pytest
+import torch
+
+from featstore import FeatureStore
+from featstore.cli import main
+
+
+def cli(*args):
+    """Runs the CLI in this process; returns (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main(list(args))
+    return rc, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture
+def cached(tree):
+    root, rels = tree
+    store = FeatureStore(root, "vggt")
+    for r in rels[:6]:
+        store.put(r, {"features": torch.randn(8, 16)})
+    return root, rels
+
+
+def test_bench_table_rows_and_ratios(cached):
+    root, _ = cached
+    before = sorted(os.listdir(root))
+    rc, out, _ = cli("bench", root, "--samples", "4", "--repeat", "1", "--json")
+    assert rc == 0
+    doc = json.loads(out)
+    assert doc["samples"] == 4 and doc["feature"] == "vggt"
+    rows = {r["name"]: r for r in doc["rows"]}
+    assert set(rows) == {"featstore contains", "sha256(path + bytes) + exists", "exists(path + '.vggt_cache.pt')",
+                         "featstore get (zero-copy)", "featstore get + copy", "sha256 key + torch.load",
+                         "torch.load (path-concat)"}
+    assert rows["featstore contains"]["ratio"] == 1 and rows["featstore get (zero-copy)"]["ratio"] == 1
+    assert {r["group"] for r in doc["rows"]} == {"lookup", "read"}
+    assert all(r["seconds"] > 0 and r["ratio"] > 0 for r in doc["rows"])
+    assert sorted(os.listdir(root)) == before  # the legacy copies are gone
+
+
+def test_bench_text_table(cached):
+    root, _ = cached
+    rc, out, _ = cli("bench", root, "--samples", "3", "--repeat", "1")
+    assert rc == 0
+    assert "vs featstore" in out and "lookup:" in out and "read:" in out and "1.00x" in out
+    assert "sha256(path + bytes) + exists" in out
+
+
+def test_bench_samples_only_valid_entries(cached):
+    root, rels = cached
+    with open(os.path.join(root, rels[0]), "ab") as f:  # stale: not measured
+        f.write(b"edit")
+    rc, out, _ = cli("bench", root, "--samples", "50", "--repeat", "1", "--json")
+    assert rc == 0 and json.loads(out)["samples"] == 5
+
+
+def test_bench_needs_valid_entries_and_sane_options(tree):
+    root, _ = tree
+    rc, _, err = cli("bench", root, "--samples", "5")
+    assert rc == 1 and "no source" in err and "precompute" in err
+    with pytest.raises(SystemExit) as exc:
+        cli("bench", root, "--samples", "0")
+    assert exc.value.code == 2
