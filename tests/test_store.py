@@ -342,3 +342,21 @@ def test_timestamps_in_the_future_are_racy(tree):
     s = FeatureStore(root, "vggt")
     s.put(rels[0], feats())
     assert featstore._core.read_header(s.entry_path(rels[0]))[0]["racy"] == "1"
+
+
+def test_manifest_index_never_vouches_for_an_entry_whose_caption_changed(tree):
+    root, rels = tree
+    caption = os.path.join(root, rels[0] + ".txt")
+    with open(caption, "w") as f:
+        f.write("a red chair")
+    for p in (os.path.join(root, rels[0]), caption):
+        age(p)  # out of the racy window: only the extra input can make the index unsafe
+    store = FeatureStore(root, "prompt_embed")
+    store.put(rels[0], feats(), inputs={"caption": caption})
+    store.write_manifest(store.status(rels), rels)
+    with open(caption, "w") as f:
+        f.write("a blue chair!")
+    fresh = FeatureStore(root, "prompt_embed")  # seeded from the manifest's index
+    assert fresh.state(rels[0]) == "stale"
+    with pytest.warns(UserWarning, match="stale"):
+        assert fresh.get(rels[0]) is None

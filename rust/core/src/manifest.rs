@@ -21,11 +21,14 @@ use crate::key::Stamp;
 pub const MANIFEST_FORMAT: &str = "featstore-manifest-v1";
 
 /// What the manifest remembers of one valid entry: the source and entry stamps when it was
-/// written (so `status` and the hot path open no entry) and whether it was racy.
+/// written (so `status` and the hot path open no entry) and whether a lookup must check it in
+/// full before trusting the stamps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct IndexRecord {
     pub source: Stamp,
     pub entry: Stamp,
+    /// Check in full on first use: the entry is racy, or it has inputs besides its source
+    /// (a caption, a control image) whose stamps the index does not hold.
     pub racy: bool,
 }
 

@@ -112,6 +112,8 @@ pub struct Written {
     pub source: Stamp,
     pub entry: Stamp,
     pub racy: bool,
+    /// The manifest index must not trust this entry's stamps alone (racy, or extra inputs).
+    pub check_first: bool,
     pub bytes: u64,
 }
 
@@ -567,7 +569,9 @@ impl Store {
         (k.trusted && k.state == State::Valid).then(|| crate::manifest::IndexRecord {
             source: k.source,
             entry: k.entry,
-            racy: now_ns() - k.source.mtime_ns <= RACY_WINDOW_NS,
+            // The index holds the source's stamps only: entries with more inputs are checked
+            // in full (inputs included) on first use.
+            racy: now_ns() - k.source.mtime_ns <= RACY_WINDOW_NS || !k.inputs.is_empty(),
         })
     }
 
@@ -673,6 +677,7 @@ impl Store {
             source: before,
             entry: entry_stamp,
             racy,
+            check_first: racy || !inputs.is_empty(),
             bytes,
         })
     }

@@ -647,6 +647,7 @@ impl PyStore {
         d.set_item("source", (w.source.size, w.source.mtime_ns))?;
         d.set_item("entry", (w.entry.size, w.entry.mtime_ns))?;
         d.set_item("racy", w.racy)?;
+        d.set_item("check_first", w.check_first)?;
         d.set_item("bytes", w.bytes)?;
         Ok(d)
     }
