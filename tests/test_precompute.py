@@ -184,9 +184,8 @@ def test_tiny_vggt_encoder_end_to_end(tmp_path):
 def test_kill_midway_leaves_complete_entries_and_a_rerun_finishes(tmp_path):
     root = str(tmp_path / "data")
     rels = make_image_tree(root, 24, size=32)
-    code = ("import sys; sys.path.insert(0, %r); from featstore.precompute import precompute; "
-            "precompute(%r, encoder='toy_encoders:make_slow', batch_size=2, num_workers=0, progress=False)"
-            % (TESTS, root))
+    code = (f"import sys; sys.path.insert(0, {TESTS!r}); from featstore.precompute import precompute; "
+            f"precompute({root!r}, encoder='toy_encoders:make_slow', batch_size=2, num_workers=0, progress=False)")
     proc = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "TOY_DELAY": "0.15"})
     deadline = time.time() + 60
     while time.time() < deadline:

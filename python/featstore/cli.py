@@ -397,6 +397,164 @@ def _add_ops_commands(sub: Any) -> None:
     p.set_defaults(func=cmd_bench)
 
 
+_DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16",
+           "fp32": "float32", "float32": "float32"}
+
+
+def _env_flag(name: str) -> bool | None:
+    value = os.environ.get(name)
+    return None if value is None else value.strip().lower() in ("1", "true", "yes", "on")
+
+
+def cmd_precompute(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from featstore.ops import human_bytes
+    from featstore.precompute import precompute
+
+    root = _data_root(args, parser)
+    cache_dir = args.cache_dir
+    if cache_dir is None and args.layout != "sidecar" and (args.feature or args.encoder) == "vggt":
+        cache_dir = os.environ.get("VGGT_CACHE_DIR") or None
+    if args.layout == "dir" and cache_dir is None:
+        raise DataRootError("--layout dir needs --cache-dir DIR (where the entries go)")
+    options: dict[str, Any] = {}
+    if args.encoder == "vggt":
+        import torch
+
+        options = {"model_path": args.vggt_model_path, "layers": tuple(args.layers), "tokens": args.tokens,
+                   "mode": args.mode, "frames_per_set": args.frames_per_set}
+        if args.dtype:
+            options["dtype"] = getattr(torch, _DTYPES[args.dtype])
+        if args.random_weights:
+            options["random_weights_seed"] = 0
+    elif args.frames_per_set != 1:
+        parser.error("--frames-per-set applies to the vggt encoder")
+    skip_existing = args.skip_existing if args.skip_existing is not None else _env_flag("SKIP_EXISTING")
+    try:
+        s = precompute(root, encoder=args.encoder, feature=args.feature, layout=args.layout or "sidecar",
+                       cache_dir=cache_dir, device=args.device, batch_size=args.batch_size,
+                       num_workers=args.num_workers, skip_existing=skip_existing, overwrite=args.overwrite,
+                       start_idx=args.start_idx, end_idx=args.end_idx, shard=args.shard, files_from=args.files_from,
+                       extensions=args.ext, jsonl=args.jsonl, dry_run=args.dry_run, force=args.force,
+                       durable=not args.no_durable, progress=None if not args.json else False,
+                       encoder_options=options, model_path=args.model_path)
+    except KeyboardInterrupt as exc:
+        done = exc.args[0] if exc.args and isinstance(exc.args[0], dict) else {}
+        print(f"featstore precompute: interrupted after {done.get('written', 0)} entries; every entry on disk is "
+              "complete, and a rerun continues where this one stopped", file=sys.stderr)
+        return 130
+    enc = s["encoder"]
+    what = (f"{enc.get('name')} ({'TINY VGGT WITH RANDOM WEIGHTS: meaningless features, for trying featstore'})"
+            if enc.get("random_weights") else
+            f"{enc.get('name')} ({enc.get('model_path')}, layers {enc.get('layers')}, {enc.get('tokens')} tokens, "
+            f"{enc.get('dtype')}, {enc.get('mode')})" if enc.get("name") == "vggt" else enc.get("name"))
+    lines = [f"featstore precompute: feature {s['feature']} with {what} on {s['device']}"]
+    est = s["estimated_bytes"]
+    lines.append(f"plan: {s['selected']:,} of {s['sources']:,} sources selected, {s['skipped']:,} already valid, "
+                 f"{s['planned']:,} to compute" + (f", about {human_bytes(est)}" if est is not None else "")
+                 + f" ({human_bytes(s['free_bytes'])} free); planned in {1000 * s['plan_seconds']:.0f} ms")
+    if enc.get("name") == "vggt" and enc.get("frames_per_set", 1) == 1:
+        lines.append(f"note: {s['note']}")
+    if args.dry_run:
+        lines.append("dry run: nothing loaded, nothing written")
+    elif s["planned"] == 0:
+        lines.append("nothing to do: every selected entry is valid")
+    else:
+        stages = s.get("stage_seconds", {})
+        total = sum(stages.values()) or 1.0
+        lines.append(f"done: {s['written']:,} written ({human_bytes(s['bytes_written'])}), {s['failed']:,} failed in "
+                     f"{s['seconds']:.1f} s ({s['images_per_second']} images/s); main-process time: "
+                     + ", ".join(f"{k} {100 * v / total:.0f}%" for k, v in stages.items()))
+        for rel, why in s["failures"][:10]:
+            lines.append(f"  failed {rel}: {why}")
+    if s.get("manifest"):
+        lines.append(f"manifest: {s['manifest']}")
+    _emit(args, s, "\n".join(lines))
+    return 1 if s.get("failed") else 0
+
+
+def cmd_demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from featstore.demo import run_demo
+
+    quiet = args.json
+    summary = run_demo(args.directory, images=args.images, say=(lambda *_: None) if quiet else print,
+                       progress=None if not quiet else False)
+    if quiet:
+        print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def _add_precompute_commands(sub: Any) -> None:
+    p = sub.add_parser(
+        "precompute", help="compute and store an encoder's features for every image",
+        description="Compute the features of every image under DATA_ROOT that has no valid entry (missing, stale, "
+                    "foreign, corrupt) and store them: decoding in worker processes, batches of equal shape on the "
+                    "device, a background writer, a journal a rerun continues from. Run it again at any time: "
+                    "it computes only what changed.",
+        epilog="examples:\n"
+               "  featstore precompute /data/train --vggt-model-path /models/VGGT-1B\n"
+               "  featstore precompute /data/train --dry-run\n"
+               "  torchrun --nproc_per_node 8 -m featstore.cli precompute /data/train   # one rank per GPU\n"
+               "  featstore precompute /data/train --shard 0/4   # ... and 1/4, 2/4, 3/4 anywhere\n"
+               "  featstore precompute /data/train --encoder mypkg.enc:make --feature dino\n"
+               "environment: DATA_ROOT, VGGT_MODEL_PATH, BATCH_SIZE, DEVICE, SKIP_EXISTING, VGGT_CACHE_DIR",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_data_root(p)
+    g = p.add_argument_group("encoder")
+    g.add_argument("--encoder", default="vggt", help="vggt (default) or module.path:callable returning an encoder "
+                   "or an nn.Module")
+    g.add_argument("--vggt-model-path", "--vggt_model_path", dest="vggt_model_path", default=None, metavar="PATH",
+                   help="VGGT-1B weights: model.pt/.safetensors or its directory (default: $VGGT_MODEL_PATH)")
+    g.add_argument("--model-path", "--model_path", dest="model_path", default=None, metavar="PATH",
+                   help="the model the features are for (recorded in the manifest, as the old scripts did)")
+    g.add_argument("--layers", type=int, nargs="+", default=[-2], metavar="L",
+                   help="VGGT aggregator layers to store (default -2: layer 22, read by JanusVLN-style models)")
+    g.add_argument("--tokens", choices=("patch", "all"), default="patch", help="patch tokens only (default) or all")
+    g.add_argument("--dtype", choices=sorted(_DTYPES), default=None,
+                   help="stored dtype (default: bf16 where the GPU supports it, fp16 on other GPUs, fp32 on CPU)")
+    g.add_argument("--mode", choices=("crop", "pad"), default="crop", help="VGGT preprocessing (default crop)")
+    g.add_argument("--frames-per-set", "--frames_per_set", dest="frames_per_set", type=int, default=1, metavar="N",
+                   help="frames encoded together (default 1: every image alone, valid for single-frame use only)")
+    g.add_argument("--random-weights", action="store_true",
+                   help="a tiny VGGT with random weights instead of a checkpoint (trying featstore; features "
+                        "mean nothing)")
+    f = p.add_argument_group("where")
+    f.add_argument("--feature", default=None, metavar="F", help="feature name (default: the encoder's, e.g. vggt)")
+    f.add_argument("--layout", choices=("sidecar", "dir"), default=None,
+                   help="sidecar: beside each image (default); dir: under --cache-dir")
+    f.add_argument("--cache-dir", "--cache_dir", dest="cache_dir", default=None, metavar="DIR",
+                   help="cache directory, for read-only datasets (default for vggt: $VGGT_CACHE_DIR)")
+    _add_sources(p)
+    r = p.add_argument_group("run")
+    r.add_argument("--device", default=None, help="default $DEVICE, else cuda:0 when available, else cpu")
+    r.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=None, metavar="N",
+                   help="images per batch (default $BATCH_SIZE or 16; halved on CUDA out-of-memory)")
+    r.add_argument("--num-workers", dest="num_workers", type=int, default=None, metavar="N",
+                   help="decoding processes (default: per core on CPU, cores - 1 with a GPU)")
+    r.add_argument("--skip-existing", "--skip_existing", dest="skip_existing", action=argparse.BooleanOptionalAction,
+                   default=None, help="skip images whose entry is valid (default: on, or $SKIP_EXISTING)")
+    r.add_argument("--overwrite", action="store_true", help="recompute every selected image")
+    r.add_argument("--start-idx", "--start_idx", dest="start_idx", type=int, default=None, metavar="I",
+                   help="first index of the sorted source list")
+    r.add_argument("--end-idx", "--end_idx", dest="end_idx", type=int, default=None, metavar="J",
+                   help="end index (exclusive) of the sorted source list")
+    r.add_argument("--shard", default=None, metavar="I/N", help="every N-th source starting at I")
+    r.add_argument("--dry-run", action="store_true", help="print the plan (counts, bytes, free space) and stop")
+    r.add_argument("--force", action="store_true", help="start even if the estimate exceeds the free space")
+    r.add_argument("--no-durable", action="store_true", help="do not fsync entries (faster, less safe on power loss)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=cmd_precompute)
+
+    p = sub.add_parser(
+        "demo", help="run the whole job on a generated example",
+        description="Write a small image tree, precompute VGGT features with a tiny VGGT with random weights (the "
+                    "pipeline is real, the features mean nothing), rerun, edit an image, show the entry states and "
+                    "time lookups against the SHA256 cache scheme featstore replaces.")
+    p.add_argument("directory", nargs="?", default=None, help="where to work (default: a new temporary directory)")
+    p.add_argument("--images", type=int, default=24, help="how many images (default 24)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=cmd_demo)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="featstore",
@@ -416,6 +574,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write the feature's manifest (counts and an index of valid entries)")
     p.add_argument("--json", action="store_true", help="print one JSON document instead of text")
     p.set_defaults(func=cmd_scan)
+    _add_precompute_commands(sub)
     _add_ops_commands(sub)
     return parser
 

@@ -30,7 +30,7 @@ import sys
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -128,7 +128,9 @@ def lock_is_held(path: str) -> bool:
 
 # ----------------------------------------------------------------------------------- decoding
 class _Decode(torch.utils.data.Dataset):
-    """Decodes one source in a worker: ``(index, uint8 tensor or None, error or None)``."""
+    """Decodes one source in a worker: ``(index, uint8 tensor or None, error or None)``; for an
+    encoder with ``encode_items``, whatever its ``preprocess`` returns (a caption) instead of the
+    tensor."""
 
     def __init__(self, encoder: Encoder, root: str, rels: Sequence[str]) -> None:
         self.encoder, self.root, self.rels = encoder, root, list(rels)
@@ -141,6 +143,8 @@ class _Decode(torch.utils.data.Dataset):
             image = self.encoder.preprocess(os.path.join(self.root, self.rels[i]))
         except Exception as exc:  # a bad image is recorded, never fatal
             return i, None, f"{type(exc).__name__}: {exc}"
+        if hasattr(self.encoder, "encode_items"):
+            return i, image, None
         if not isinstance(image, torch.Tensor) or image.dim() != 3:
             return i, None, f"preprocess returned {type(image).__name__}, not a [3, H, W] tensor"
         return i, image, None
@@ -167,8 +171,10 @@ class _Counts:
 class _Writer:
     """Writes entries on a background thread: atomic entries, fsync in batches, then journal."""
 
-    def __init__(self, store: FeatureStore, journal: str, durable: bool, counts: _Counts) -> None:
+    def __init__(self, store: FeatureStore, journal: str, durable: bool, counts: _Counts,
+                 inputs: Callable[[str, str], Mapping[str, str | bytes]] | None = None) -> None:
         self.store, self.journal, self.durable, self.counts = store, journal, durable, counts
+        self.inputs = inputs  # the encoder's optional inputs(rel, path): caption files, control images
         self.queue: queue.Queue[Any] = queue.Queue(maxsize=4)
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, name="featstore-writer", daemon=True)
@@ -202,7 +208,7 @@ class _Writer:
 
     def _write(self, rels: list[str], outputs: dict[str, torch.Tensor] | str) -> None:
         t0 = time.perf_counter()
-        records = []
+        records: list[dict[str, Any]] = []
         if isinstance(outputs, str):
             self.counts.failed += 1
             self.counts.failures.append((rels[0], outputs))
@@ -211,7 +217,8 @@ class _Writer:
             written = []
             for i, rel in enumerate(rels):
                 try:
-                    w = self.store._put(rel, {k: v[i] for k, v in outputs.items()})
+                    inputs = self.inputs(rel, os.path.join(self.store.data_root, rel)) if self.inputs else None
+                    w = self.store._put(rel, {k: v[i] for k, v in outputs.items()}, inputs=inputs)
                 except FileNotFoundError as exc:  # deleted between scan and write
                     self.counts.failed += 1
                     reason = f"source disappeared: {exc}"
@@ -223,7 +230,7 @@ class _Writer:
                 _fsync_all([os.fspath(w["path"]) for _, w in written])
             for rel, w in written:
                 records.append({"op": "ok", "path": rel, "source": list(w["source"]), "entry": list(w["entry"]),
-                                "racy": bool(w["racy"])})
+                                "racy": bool(w["check_first"])})
                 self.counts.written += 1
                 self.counts.bytes += int(w["bytes"])
         _core.append_journal(self.journal, [json.dumps(r) for r in records], durable=self.durable)
@@ -268,7 +275,8 @@ def precompute(data_root: str | os.PathLike[str], *, encoder: Any = "vggt", feat
                end_idx: int | None = None, shard: str | tuple[int, int] | None = None,
                files_from: str | os.PathLike[str] | None = None, extensions: Sequence[str] | None = None,
                jsonl: str | None = None, dry_run: bool = False, force: bool = False, durable: bool = True,
-               progress: bool | None = None, encoder_options: dict[str, Any] | None = None) -> dict[str, Any]:
+               progress: bool | None = None, encoder_options: dict[str, Any] | None = None,
+               model_path: str | None = None) -> dict[str, Any]:
     """Computes and stores an encoder's features for every source under ``data_root``.
 
     Parameters
@@ -308,6 +316,9 @@ def precompute(data_root: str | os.PathLike[str], *, encoder: Any = "vggt", feat
         fsync entries (in batches) before recording them in the journal.
     progress : bool, optional
         Progress bar on stderr (default: when stderr is a terminal).
+    model_path : str, optional
+        The model the features are for (recorded in the manifest as ``model_path``, as the old
+        scripts did); the encoder's own weights are part of the encoder.
     encoder_options : dict, optional
         Options of the ``vggt`` encoder (``model_path``, ``layers``, ``tokens``, ``dtype``,
         ``mode``, ``random_weights_seed``).
@@ -355,7 +366,10 @@ def precompute(data_root: str | os.PathLike[str], *, encoder: Any = "vggt", feat
         counts_by_state[s if not s.startswith("error") else "error"] += 1
 
     target_dir = store.cache_dir or store.data_root
-    free = shutil.disk_usage(target_dir).free
+    probe = target_dir
+    while not os.path.exists(probe):  # a cache directory is created on the first write
+        probe = os.path.dirname(probe)
+    free = shutil.disk_usage(probe).free
     per_entry = _estimate_entry_bytes(store, enc, mine, states)
     estimate = per_entry * len(todo) if per_entry is not None else None
     summary: dict[str, Any] = {
@@ -365,7 +379,7 @@ def precompute(data_root: str | os.PathLike[str], *, encoder: Any = "vggt", feat
         "states": dict(counts_by_state), "estimated_bytes": estimate, "free_bytes": free,
         "plan_seconds": round(plan_seconds, 3), "dry_run": dry_run, "scan_errors": len(found.errors),
         "shard": f"{shard_spec[0]}/{shard_spec[1]}" if shard_spec else None,
-        "rank": f"{rank[0]}/{rank[1]}" if rank[1] > 1 else None, "frames_per_set": 1,
+        "rank": f"{rank[0]}/{rank[1]}" if rank[1] > 1 else None, "frames_per_set": 1, "model_path": model_path,
         "note": "frames-per-set 1: each image is encoded alone (S=1); its features differ from those computed "
                 "with other frames and are valid only for single-frame use",
     }
@@ -438,16 +452,17 @@ def _run_pipeline(store: FeatureStore, enc: Encoder, todo: list[str], device: st
         _Decode(enc, store.data_root, todo), batch_size=None, shuffle=False, num_workers=num_workers,
         collate_fn=_identity, pin_memory=dev.type == "cuda", prefetch_factor=4 if num_workers else None,
         persistent_workers=False)
-    writer = _Writer(store, journal, durable, counts)  # started after the workers fork
-    buckets: dict[tuple[int, ...], list[tuple[int, torch.Tensor]]] = defaultdict(list)
+    writer = _Writer(store, journal, durable, counts, getattr(enc, "inputs", None))  # started after the workers fork
+    items_mode = hasattr(enc, "encode_items")  # preprocess gives items (captions), not images
+    buckets: dict[tuple[int, ...], list[tuple[int, Any]]] = defaultdict(list)
     bar = tqdm(total=len(todo), desc=f"precompute {store.feature}", unit="img", file=sys.stderr,
                disable=not show, dynamic_ncols=True)
     state = {"batch": batch_size}
 
     def flush(key: tuple[int, ...]) -> None:
         items = buckets.pop(key)
-        _encode_batch(enc, dev, [todo[i] for i, _ in items], torch.stack([img for _, img in items]), writer,
-                      counts, state)
+        batch = [x for _, x in items] if items_mode else torch.stack([img for _, img in items])
+        _encode_batch(enc, dev, [todo[i] for i, _ in items], batch, writer, counts, state)
         bar.update(len(items))
         bar.set_postfix(written=counts.written, failed=counts.failed, refresh=False)
 
@@ -459,7 +474,7 @@ def _run_pipeline(store: FeatureStore, enc: Encoder, todo: list[str], device: st
                 writer.fail(todo[index], error or "cannot decode")
                 bar.update(1)
             else:
-                key = tuple(image.shape)
+                key = () if items_mode else tuple(image.shape)
                 buckets[key].append((index, image))
                 if len(buckets[key]) >= state["batch"]:
                     flush(key)
@@ -472,14 +487,18 @@ def _run_pipeline(store: FeatureStore, enc: Encoder, todo: list[str], device: st
         torch.set_num_threads(threads_before)
 
 
-def _encode_batch(enc: Encoder, dev: torch.device, rels: list[str], images: torch.Tensor, writer: _Writer,
-                  counts: _Counts, state: dict[str, int]) -> None:
-    """Encodes one batch; on out-of-memory halves it (and later batches) and retries."""
+def _encode_batch(enc: Encoder, dev: torch.device, rels: list[str], images: torch.Tensor | list[Any],
+                  writer: _Writer, counts: _Counts, state: dict[str, int]) -> None:
+    """Encodes one batch (uint8 images, or a list of items for ``encode_items``); on
+    out-of-memory halves it (and later batches) and retries."""
     t0 = time.perf_counter()
     try:
         with torch.inference_mode():
-            batch = images.to(dev, non_blocking=True).float().div_(255)
-            outputs = check_outputs(enc.encode(batch), len(rels), enc.name)
+            if isinstance(images, list):
+                raw = enc.encode_items(images)  # type: ignore[attr-defined]
+            else:
+                raw = enc.encode(images.to(dev, non_blocking=True).float().div_(255))
+            outputs = check_outputs(raw, len(rels), enc.name)
             outputs = {k: v.detach().to("cpu") for k, v in outputs.items()}
     except Exception as exc:
         if not _is_oom(exc):
@@ -519,9 +538,11 @@ def _finish_manifest(store: FeatureStore, enc: Encoder, all_paths: list[str], lo
         "cache_format": (f"<image_path>.{store.feature}.safetensors" if store.layout == "sidecar"
                          else f"<cache_dir>/{store.feature}/<key[:2]>/<key[:32]>.safetensors"),
     }
-    model_path = summary["encoder"].get("model_path")
-    if model_path:
-        fields["vggt_model_path" if store.feature == "vggt" else "model_path"] = model_path
+    weights = summary["encoder"].get("model_path")
+    if weights:
+        fields["vggt_model_path" if summary["encoder"].get("name") == "vggt" else "weights_path"] = weights
+    if summary.get("model_path"):
+        fields["model_path"] = summary["model_path"]
     _core.merge_journals(store.manifest_path, json.dumps(fields))
     doc = json.loads(_core.read_manifest(store.manifest_path) or "{}")
     doc["processed_images"] = len(doc.get("index", {}))

@@ -246,7 +246,8 @@ class FeatureStore:
                           f"FeatureStore.stats without warning.", stacklevel=3)
 
     # ----------------------------------------------------------------------------- reads
-    def get(self, path: str | os.PathLike[str], *, device: Any = None, dtype: Any = None) -> dict[str, torch.Tensor] | None:
+    def get(self, path: str | os.PathLike[str], *, device: Any = None,
+            dtype: Any = None) -> dict[str, torch.Tensor] | None:
         """The cached tensors of ``path``, or None when there is no valid entry.
 
         Tensors view the entry's private copy-on-write mapping: no copy is made, and in-place
@@ -404,7 +405,7 @@ class FeatureStore:
         states = run_with_progress(lambda p: self._core.check_many(rels, threads, p), desc="checking entries",
                                    total=len(rels), show=progress, unit="sources")
         counts = {s: 0 for s in STATES}
-        for rel, s in zip(rels, states):
+        for rel, s in zip(rels, states, strict=True):
             if s.startswith("error: "):
                 errors.append((rel, s[len("error: "):]))
             else:
@@ -447,7 +448,8 @@ class FeatureStore:
         })
         doc.update(fields or {})
         doc["failures"] = old.get("failures", {})
-        doc["index"] = {os.fspath(rel): list(rec) for rel, rec in self._core.index_records([self.rel(s) for s in sources])}
+        records = self._core.index_records([self.rel(s) for s in sources])
+        doc["index"] = {os.fspath(rel): list(rec) for rel, rec in records}
         os.makedirs(os.path.dirname(path), exist_ok=True)
         _core.write_manifest(path, json.dumps(doc))
         return path

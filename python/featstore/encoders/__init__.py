@@ -2,8 +2,14 @@
 
 - ``vggt``: :class:`VGGTEncoder` (patch tokens of selected VGGT layers);
 - ``module:callable``: a user factory returning an encoder or an ``nn.Module`` (see
-  :func:`resolve_encoder`).
+  :func:`resolve_encoder`);
+- diffusion (:mod:`featstore.encoders.diffusion`, loaded on first use so that importing this
+  package imports neither diffusers nor transformers): :class:`VAEEncoder` (``pixel_latent``,
+  ``control_latent``), :class:`TextEncoder` (``prompt_embed``), :class:`JsonlField`,
+  :class:`ControlDir`.
 """
+
+from typing import Any
 
 from featstore.encoders.base import Encoder, describe, digest_of, state_dict_digest, weights_digest
 from featstore.encoders.module import ModuleEncoder, as_encoder, load_callable
@@ -24,5 +30,16 @@ def resolve_encoder(spec: object, **vggt_options: object) -> Encoder:
     return as_encoder(spec)
 
 
+_DIFFUSION = ("VAEEncoder", "TextEncoder", "JsonlField", "ControlDir")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _DIFFUSION:
+        from featstore.encoders import diffusion
+
+        return getattr(diffusion, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = ["Encoder", "ModuleEncoder", "VGGTEncoder", "TINY_CONFIG", "resolve_encoder", "as_encoder", "load_callable",
-           "describe", "digest_of", "state_dict_digest", "weights_digest"]
+           "describe", "digest_of", "state_dict_digest", "weights_digest", *_DIFFUSION]

@@ -115,7 +115,8 @@ def check_outputs(outputs: Any, batch_size: int, encoder_name: str) -> Mapping[s
     if isinstance(outputs, torch.Tensor):
         outputs = {"features": outputs}
     if not isinstance(outputs, Mapping) or not outputs:
-        raise TypeError(f"encoder {encoder_name!r}: encode() must return a dict of tensors, got {type(outputs).__name__}")
+        raise TypeError(f"encoder {encoder_name!r}: encode() must return a dict of tensors, "
+                        f"got {type(outputs).__name__}")
     for k, v in outputs.items():
         if not isinstance(v, torch.Tensor) or v.dim() == 0 or v.shape[0] != batch_size:
             shape = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__

@@ -127,15 +127,16 @@ class VGGTEncoder:
         self._device = device
         from featstore.models.vggt import VGGT, load_vggt
 
-        heads = {"enable_camera": False, "enable_point": False, "enable_depth": False, "enable_track": False}
+        heads: dict[str, Any] = {"enable_camera": False, "enable_point": False, "enable_depth": False,
+                                 "enable_track": False}
         if self.random_weights_seed is not None:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(self.random_weights_seed)
                 self.model = VGGT(**self.config, **heads)
             self.model.to(device)
         else:
-            self.model = load_vggt(self.model_path, device=device, config=self.config or None,  # type: ignore[arg-type]
-                                   **heads)
+            assert self.model_path is not None
+            self.model = load_vggt(self.model_path, device=device, config=self.config or None, **heads)
         self.model.eval()
         return self
 
