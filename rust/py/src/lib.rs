@@ -502,6 +502,9 @@ fn merge_journals(
     Ok((s.journals, s.records, s.skipped_lines))
 }
 
+/// A manifest index record: source size, source mtime_ns, entry size, entry mtime_ns, check-first.
+type IndexTuple = (u64, i64, u64, i64, u8);
+
 /// A feature's entries under a data root: layouts, the validity check, writes and reads.
 #[pyclass(module = "featstore._core", name = "Store", frozen)]
 struct PyStore {
@@ -667,7 +670,7 @@ impl PyStore {
 
     /// Manifest index records `(rel, [source size, mtime_ns, entry size, mtime_ns, racy])` of the
     /// given sources whose entries this process found valid.
-    fn index_records(&self, rels: Vec<PathBuf>) -> Vec<(OsString, (u64, i64, u64, i64, u8))> {
+    fn index_records(&self, rels: Vec<PathBuf>) -> Vec<(OsString, IndexTuple)> {
         rels.into_iter()
             .filter_map(|r| {
                 let rec = self.inner.index_record(&r)?;
