@@ -1,11 +1,29 @@
-//! Times the hot-path check on an existing store: `cargo run --release --example hot_check DIR`.
-use featstore_core::entry::ReadMode;
-use featstore_core::store::{Layout, Store, StoreConfig};
+//! Times the read path's parts on a store made by the benchmarks or a test: the hot check, one
+//! `stat`, opening and mapping an entry, and parsing its header.
+//!
+//! `cargo run --release --example hot_check DIR` where DIR holds `img_0.jpg` .. `img_63.jpg` with
+//! `vggt` sidecar entries.
+
 use std::path::PathBuf;
 use std::time::Instant;
 
+use featstore_core::entry::{self, ReadMode};
+use featstore_core::key::Stamp;
+use featstore_core::store::{Layout, Store, StoreConfig};
+
+fn per_item(label: &str, items: usize, rounds: usize, mut f: impl FnMut()) {
+    let t = Instant::now();
+    for _ in 0..rounds {
+        f();
+    }
+    println!(
+        "{label:28} {:8.2} us",
+        t.elapsed().as_secs_f64() * 1e6 / (rounds * items) as f64
+    );
+}
+
 fn main() {
-    let root = PathBuf::from(std::env::args().nth(1).expect("DIR"));
+    let root = PathBuf::from(std::env::args().nth(1).expect("usage: hot_check DIR"));
     let cfg = StoreConfig {
         root: root.clone(),
         feature: "vggt".into(),
@@ -14,99 +32,49 @@ fn main() {
         legacy_suffix: None,
         read_mode: ReadMode::Map,
     };
-    let store = Store::open(cfg).unwrap();
+    let store = Store::open(cfg).expect("open store");
     let rels: Vec<PathBuf> = (0..64)
         .map(|i| PathBuf::from(format!("img_{i}.jpg")))
         .collect();
-    for r in &rels {
-        store.check(r).unwrap();
-    }
-    let n = 200;
-    let t = Instant::now();
-    for _ in 0..n {
-        for r in &rels {
-            std::hint::black_box(store.check(r).unwrap());
-        }
-    }
-    println!(
-        "check: {:.2} us",
-        t.elapsed().as_secs_f64() * 1e6 / (n * rels.len()) as f64
-    );
-    let t = Instant::now();
-    for _ in 0..n {
-        for r in &rels {
-            std::hint::black_box(std::fs::metadata(root.join(r)).unwrap());
-        }
-    }
-    println!(
-        "one metadata: {:.2} us",
-        t.elapsed().as_secs_f64() * 1e6 / (n * rels.len()) as f64
-    );
-    let t = Instant::now();
-    for _ in 0..n {
-        for r in &rels {
-            std::hint::black_box(
-                featstore_core::entry::open_entry(
-                    &store.entry_path(
-                        r,
-                        featstore_core::key::Stamp {
-                            size: 0,
-                            mtime_ns: 0,
-                        },
-                    ),
-                    ReadMode::Map,
-                )
-                .unwrap(),
-            );
-        }
-    }
-    let paths: Vec<PathBuf> = rels
+    let entries: Vec<PathBuf> = rels
         .iter()
         .map(|r| {
             store.entry_path(
                 r,
-                featstore_core::key::Stamp {
+                Stamp {
                     size: 0,
                     mtime_ns: 0,
                 },
             )
         })
         .collect();
-    let t = Instant::now();
-    for _ in 0..n {
-        for p in &paths {
-            let f = std::fs::File::open(p).unwrap();
-            let _len = f.metadata().unwrap().len();
-            let m = unsafe { memmap2::MmapOptions::new().map_copy(&f) }.unwrap();
-            std::hint::black_box(&m);
-        }
+    for r in &rels {
+        store.check(r).expect("check");
     }
-    println!(
-        "open+fstat+mmap+munmap: {:.2} us",
-        t.elapsed().as_secs_f64() * 1e6 / (n * rels.len()) as f64
-    );
-    let bytes: Vec<Vec<u8>> = paths
-        .iter()
-        .map(|p| std::fs::read(p).unwrap()[..4096].to_vec())
-        .collect();
-    let t = Instant::now();
-    for _ in 0..n {
-        for (p, b) in paths.iter().zip(&bytes) {
-            let n = u64::from_le_bytes(b[..8].try_into().unwrap()) as usize;
-            std::hint::black_box(
-                featstore_core::entry::parse_header(p, &b[8..8 + n], 0, 1 << 20).unwrap(),
-            );
+    let n = rels.len();
+    per_item("check (hot)", n, 200, || {
+        for r in &rels {
+            std::hint::black_box(store.check(r).unwrap());
         }
-    }
-    println!(
-        "parse_header: {:.2} us",
-        t.elapsed().as_secs_f64() * 1e6 / (n * rels.len()) as f64
-    );
-    println!(
-        "open_entry: {:.2} us",
-        t.elapsed().as_secs_f64() * 1e6 / (n * rels.len()) as f64
-    );
+    });
+    per_item("one metadata()", n, 200, || {
+        for r in &rels {
+            std::hint::black_box(std::fs::metadata(root.join(r)).unwrap());
+        }
+    });
+    per_item("open_valid (repeat read)", n, 200, || {
+        for r in &rels {
+            std::hint::black_box(store.open_valid(r).unwrap());
+        }
+    });
+    per_item("open_entry (parse header)", n, 200, || {
+        for e in &entries {
+            std::hint::black_box(entry::open_entry(e, ReadMode::Map).unwrap());
+        }
+    });
+    per_item("read_header (pread only)", n, 200, || {
+        for e in &entries {
+            std::hint::black_box(entry::read_header(e).unwrap());
+        }
+    });
 }
-
-#[allow(dead_code)]
-fn unused() {}
