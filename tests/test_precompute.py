@@ -226,3 +226,34 @@ def test_torchrun_two_ranks_split_the_work_and_rank0_merges(tmp_path):
     manifest = json.load(open(os.path.join(root, "toy_cache_manifest.json")))
     assert len(manifest["index"]) == len(rels)
     assert not [f for f in os.listdir(root) if ".rank" in f]
+
+
+def test_frames_per_set_from_directories_and_jsonl_lists(tmp_path):
+    root = str(tmp_path / "data")
+    rels = make_image_tree(root, 10, scenes=2, size=40)  # 5 images per scene directory
+    s = precompute(root, encoder_options={"random_weights_seed": 0, "frames_per_set": 2}, batch_size=4,
+                   num_workers=0, progress=False)
+    assert s["frames_per_set"] == 2 and s["written"] == 6  # per scene: 2 + 2 + 1 frames
+    assert "get_set" in s["note"]
+    store = FeatureStore(root, "vggt")
+    scene0 = [r for r in rels if r.startswith("scene000/")]
+    feats = store.get_set(scene0[:2])
+    assert feats is not None and feats["features"].shape == (2, 37 * 37, 128)
+    assert store.get_set(scene0[1:3]) is None and store.get(scene0[0]) is None  # never mixed
+    again = precompute(root, encoder_options={"random_weights_seed": 0, "frames_per_set": 2}, num_workers=0,
+                       progress=False)
+    assert again["planned"] == 0
+    with open(os.path.join(root, scene0[2]), "ab") as f:
+        f.write(b"edit")
+    third = precompute(root, encoder_options={"random_weights_seed": 0, "frames_per_set": 2}, num_workers=0,
+                       progress=False)
+    assert third["planned"] == 1 and third["written"] == 1  # only the set holding the edited frame
+
+    with open(os.path.join(root, "episodes.jsonl"), "w") as f:
+        f.write(json.dumps({"images": [scene0[4], scene0[0], scene0[3]]}) + "\n")
+    s = precompute(root, encoder_options={"random_weights_seed": 0, "frames_per_set": 3}, jsonl="images",
+                   num_workers=0, progress=False)
+    assert s["written"] == 1
+    fresh = FeatureStore(root, "vggt")  # the 3-frame run's fingerprint, from the manifest
+    assert fresh.get_set([scene0[4], scene0[0], scene0[3]])["features"].shape[0] == 3
+    assert store.get_set([scene0[4], scene0[0], scene0[3]]) is None  # other fingerprint: never served

@@ -452,7 +452,7 @@ def cmd_precompute(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
     lines.append(f"plan: {s['selected']:,} of {s['sources']:,} sources selected, {s['skipped']:,} already valid, "
                  f"{s['planned']:,} to compute" + (f", about {human_bytes(est)}" if est is not None else "")
                  + f" ({human_bytes(s['free_bytes'])} free); planned in {1000 * s['plan_seconds']:.0f} ms")
-    if enc.get("name") == "vggt" and enc.get("frames_per_set", 1) == 1:
+    if enc.get("name") == "vggt":
         lines.append(f"note: {s['note']}")
     if args.dry_run:
         lines.append("dry run: nothing loaded, nothing written")

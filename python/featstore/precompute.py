@@ -76,8 +76,8 @@ def _join_process_group(world: int) -> bool:
     return True
 
 
-def select(paths: Sequence[str], *, start_idx: int | None = None, end_idx: int | None = None,
-           shard: tuple[int, int] | None = None, rank: tuple[int, int] = (0, 1)) -> list[str]:
+def select(paths: Sequence[Any], *, start_idx: int | None = None, end_idx: int | None = None,
+           shard: tuple[int, int] | None = None, rank: tuple[int, int] = (0, 1)) -> list[Any]:
     """The sources this process works on: ``[start:end]`` of the sorted list, then every N-th
     for a shard, then every world-th for a torchrun rank (disjoint, together complete)."""
     chosen = list(paths[start_idx:end_idx])
@@ -139,8 +139,17 @@ class _Decode(torch.utils.data.Dataset):
         return len(self.rels)
 
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None]:
+        item = self.rels[i]
+        if isinstance(item, tuple):  # a frame set: [S, 3, H, W], smaller frames padded with white
+            from featstore.models.vggt import stack_uint8_images
+
+            try:
+                frames = [self.encoder.preprocess(os.path.join(self.root, r)) for r in item]
+                return i, stack_uint8_images(frames), None
+            except Exception as exc:  # one bad frame fails its set, never the run
+                return i, None, f"{type(exc).__name__}: {exc}"
         try:
-            image = self.encoder.preprocess(os.path.join(self.root, self.rels[i]))
+            image = self.encoder.preprocess(os.path.join(self.root, item))
         except Exception as exc:  # a bad image is recorded, never fatal
             return i, None, f"{type(exc).__name__}: {exc}"
         if hasattr(self.encoder, "encode_items"):
@@ -180,7 +189,7 @@ class _Writer:
         self.thread = threading.Thread(target=self._run, name="featstore-writer", daemon=True)
         self.thread.start()
 
-    def submit(self, rels: list[str], outputs: dict[str, torch.Tensor]) -> None:
+    def submit(self, rels: list[Any], outputs: dict[str, torch.Tensor]) -> None:
         if self.error is not None:
             raise self.error
         self.queue.put((rels, outputs))
@@ -206,13 +215,16 @@ class _Writer:
             except BaseException as exc:  # surfaced to the main thread on the next submit/close
                 self.error = exc
 
-    def _write(self, rels: list[str], outputs: dict[str, torch.Tensor] | str) -> None:
+    def _write(self, rels: list[Any], outputs: dict[str, torch.Tensor] | str) -> None:
         t0 = time.perf_counter()
         records: list[dict[str, Any]] = []
         if isinstance(outputs, str):
+            name = _item_name(rels[0])
             self.counts.failed += 1
-            self.counts.failures.append((rels[0], outputs))
-            records.append({"op": "failed", "path": rels[0], "reason": outputs})
+            self.counts.failures.append((name, outputs))
+            records.append({"op": "failed", "path": name, "reason": outputs})
+        elif rels and isinstance(rels[0], tuple):
+            self._write_sets(rels, outputs, records)
         else:
             written = []
             for i, rel in enumerate(rels):
@@ -235,6 +247,32 @@ class _Writer:
                 self.counts.bytes += int(w["bytes"])
         _core.append_journal(self.journal, [json.dumps(r) for r in records], durable=self.durable)
         self.counts.stage_seconds["write"] += time.perf_counter() - t0
+
+
+    def _write_sets(self, sets: list[tuple[str, ...]], outputs: dict[str, torch.Tensor],
+                    records: list[dict[str, Any]]) -> None:
+        from featstore.sets import put_set
+
+        paths = []
+        for i, members in enumerate(sets):
+            try:
+                path = put_set(self.store, list(members), {k: v[i] for k, v in outputs.items()})
+            except FileNotFoundError as exc:
+                self.counts.failed += 1
+                self.counts.failures.append((_item_name(members), f"a frame disappeared: {exc}"))
+                continue
+            paths.append(path)
+            # Sets are not in the per-image index; the journal line documents the write.
+            records.append({"op": "set", "members": list(members), "entry": path})
+            self.counts.written += 1
+            self.counts.bytes += os.path.getsize(path)
+        if self.durable:
+            _fsync_all(paths)
+
+
+def _item_name(item: Any) -> str:
+    """A work item's name in messages: a source path, or a frame set's members joined by '+'."""
+    return "+".join(item) if isinstance(item, tuple) else str(item)
 
 
 def _fsync_all(paths: Sequence[str]) -> None:
@@ -355,9 +393,16 @@ def precompute(data_root: str | os.PathLike[str], *, encoder: Any = "vggt", feat
                     "extensions " + ", ".join(extensions or DEFAULT_EXTENSIONS))
         raise NoImagesFoundError(f"no images found under {store.data_root} (searched {searched}); check "
                                  "DATA_ROOT, or pass --ext / --jsonl FIELD")
-    mine = select(found.paths, start_idx=start_idx, end_idx=end_idx, shard=shard_spec, rank=rank)
+    frames = int(getattr(enc, "frames_per_set", 1))
+    items: list[Any] = found.paths if frames == 1 else frame_sets(found.sets, found.paths, frames)
+    mine = select(items, start_idx=start_idx, end_idx=end_idx, shard=shard_spec, rank=rank)
     t_plan = time.perf_counter()
-    states = store._core.check_many(mine)
+    if frames == 1:
+        states = store._core.check_many(mine)
+    else:
+        from featstore.sets import set_state
+
+        states = [set_state(store, list(members)) for members in mine]
     todo = [rel for rel, s in zip(mine, states, strict=True)
             if overwrite or not skip_existing or s in TODO_STATES or s.startswith("error")]
     plan_seconds = time.perf_counter() - t_plan
@@ -370,7 +415,9 @@ def precompute(data_root: str | os.PathLike[str], *, encoder: Any = "vggt", feat
     while not os.path.exists(probe):  # a cache directory is created on the first write
         probe = os.path.dirname(probe)
     free = shutil.disk_usage(probe).free
-    per_entry = _estimate_entry_bytes(store, enc, mine, states)
+    per_entry = _estimate_entry_bytes(store, enc, mine, states) if frames == 1 else None
+    if frames > 1 and hasattr(enc, "estimate_entry_bytes"):
+        per_entry = int(enc.estimate_entry_bytes()) * frames  # type: ignore[attr-defined]
     estimate = per_entry * len(todo) if per_entry is not None else None
     summary: dict[str, Any] = {
         "data_root": store.data_root, "feature": feature, "layout": store.layout, "cache_dir": store.cache_dir,
@@ -379,9 +426,11 @@ def precompute(data_root: str | os.PathLike[str], *, encoder: Any = "vggt", feat
         "states": dict(counts_by_state), "estimated_bytes": estimate, "free_bytes": free,
         "plan_seconds": round(plan_seconds, 3), "dry_run": dry_run, "scan_errors": len(found.errors),
         "shard": f"{shard_spec[0]}/{shard_spec[1]}" if shard_spec else None,
-        "rank": f"{rank[0]}/{rank[1]}" if rank[1] > 1 else None, "frames_per_set": 1, "model_path": model_path,
-        "note": "frames-per-set 1: each image is encoded alone (S=1); its features differ from those computed "
-                "with other frames and are valid only for single-frame use",
+        "rank": f"{rank[0]}/{rank[1]}" if rank[1] > 1 else None, "frames_per_set": frames, "model_path": model_path,
+        "note": ("frames-per-set 1: each image is encoded alone (S=1); its features differ from those computed "
+                 "with other frames and are valid only for single-frame use") if frames == 1 else
+                (f"frames-per-set {frames}: frames are encoded together in sets of up to {frames} (from .jsonl "
+                 "lists, else each directory's sorted images); read them with FeatureStore.get_set(members)"),
     }
     if dry_run:
         return summary
@@ -420,6 +469,18 @@ def precompute(data_root: str | os.PathLike[str], *, encoder: Any = "vggt", feat
     return summary
 
 
+def frame_sets(jsonl_sets: Sequence[Sequence[str]], paths: Sequence[str], frames: int) -> list[tuple[str, ...]]:
+    """Work items of ``--frames-per-set N``: each ``.jsonl`` list, else each directory's sorted
+    images, cut into consecutive chunks of up to N frames (a shorter last chunk is its own set)."""
+    groups: list[Sequence[str]] = list(jsonl_sets)
+    if not groups:
+        by_dir: dict[str, list[str]] = defaultdict(list)
+        for p in paths:  # already sorted
+            by_dir[os.path.dirname(p)].append(p)
+        groups = [by_dir[d] for d in sorted(by_dir)]
+    return [tuple(g[i:i + frames]) for g in groups for i in range(0, len(g), frames)]
+
+
 def _estimate_entry_bytes(store: FeatureStore, enc: Encoder, rels: Sequence[str], states: Sequence[str]) -> int | None:
     valid = [r for r, s in zip(rels, states, strict=True) if s == "valid"][:16]
     sizes = []
@@ -432,7 +493,7 @@ def _estimate_entry_bytes(store: FeatureStore, enc: Encoder, rels: Sequence[str]
     return int(estimate()) if callable(estimate) else None
 
 
-def _run_pipeline(store: FeatureStore, enc: Encoder, todo: list[str], device: str, batch_size: int,
+def _run_pipeline(store: FeatureStore, enc: Encoder, todo: list[Any], device: str, batch_size: int,
                   num_workers: int | None, durable: bool, counts: _Counts, journal: str, show: bool) -> None:
     from tqdm import tqdm
 
@@ -455,7 +516,8 @@ def _run_pipeline(store: FeatureStore, enc: Encoder, todo: list[str], device: st
     writer = _Writer(store, journal, durable, counts, getattr(enc, "inputs", None))  # started after the workers fork
     items_mode = hasattr(enc, "encode_items")  # preprocess gives items (captions), not images
     buckets: dict[tuple[int, ...], list[tuple[int, Any]]] = defaultdict(list)
-    bar = tqdm(total=len(todo), desc=f"precompute {store.feature}", unit="img", file=sys.stderr,
+    unit = "set" if todo and isinstance(todo[0], tuple) else "img"
+    bar = tqdm(total=len(todo), desc=f"precompute {store.feature}", unit=unit, file=sys.stderr,
                disable=not show, dynamic_ncols=True)
     state = {"batch": batch_size}
 
@@ -487,7 +549,7 @@ def _run_pipeline(store: FeatureStore, enc: Encoder, todo: list[str], device: st
         torch.set_num_threads(threads_before)
 
 
-def _encode_batch(enc: Encoder, dev: torch.device, rels: list[str], images: torch.Tensor | list[Any],
+def _encode_batch(enc: Encoder, dev: torch.device, rels: list[Any], images: torch.Tensor | list[Any],
                   writer: _Writer, counts: _Counts, state: dict[str, int]) -> None:
     """Encodes one batch (uint8 images, or a list of items for ``encode_items``); on
     out-of-memory halves it (and later batches) and retries."""
@@ -496,6 +558,8 @@ def _encode_batch(enc: Encoder, dev: torch.device, rels: list[str], images: torc
         with torch.inference_mode():
             if isinstance(images, list):
                 raw = enc.encode_items(images)  # type: ignore[attr-defined]
+            elif images.dim() == 5:  # frame sets [B, S, 3, H, W]
+                raw = enc.encode_sets(images.to(dev, non_blocking=True).float().div_(255))  # type: ignore[attr-defined]
             else:
                 raw = enc.encode(images.to(dev, non_blocking=True).float().div_(255))
             outputs = check_outputs(raw, len(rels), enc.name)
@@ -533,7 +597,7 @@ def _finish_manifest(store: FeatureStore, enc: Encoder, all_paths: list[str], lo
     fields = {
         "total_images": len(all_paths), "data_root": store.data_root, "feature": store.feature,
         "layout": store.layout, "cache_dir": store.cache_dir, "fingerprint": store.fingerprint,
-        "encoder": describe(enc), "frames_per_set": 1, "featstore_version": _core.__version__,
+        "encoder": describe(enc), "frames_per_set": summary["frames_per_set"], "featstore_version": _core.__version__,
         "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "cache_format": (f"<image_path>.{store.feature}.safetensors" if store.layout == "sidecar"
                          else f"<cache_dir>/{store.feature}/<key[:2]>/<key[:32]>.safetensors"),

@@ -12,7 +12,7 @@ import os
 import re
 import shutil
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -345,6 +345,23 @@ class FeatureStore:
         finally:
             del keep
         return written
+
+    # ----------------------------------------------------------------------------- frame sets
+    def put_set(self, paths: Sequence[str | os.PathLike[str]], tensors: Mapping[str, torch.Tensor], *,
+                metadata: Mapping[str, str] | None = None, durable: bool = False) -> str:
+        """Writes the entry of an ordered set of frames encoded together (see
+        :mod:`featstore.sets`); returns its path."""
+        from featstore.sets import put_set
+
+        return put_set(self, paths, tensors, metadata=metadata, durable=durable)
+
+    def get_set(self, paths: Sequence[str | os.PathLike[str]], *, device: Any = None,
+                dtype: Any = None) -> dict[str, torch.Tensor] | None:
+        """The tensors of a frame set's entry, zero-copy, or None unless it is valid for these
+        members as they are now, in this order."""
+        from featstore.sets import get_set
+
+        return get_set(self, paths, device=device, dtype=dtype)
 
     def remove(self, path: str | os.PathLike[str]) -> bool:
         """Removes the entry of ``path`` (never the source); True if a file was removed."""
