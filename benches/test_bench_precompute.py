@@ -18,7 +18,7 @@ from conftest import RESULTS, record
 
 from featstore.encoders import ModuleEncoder
 from featstore.examples import make_image_tree
-from featstore.precompute import precompute
+from featstore.pipeline import precompute
 
 
 class CheapEncoder(torch.nn.Module):

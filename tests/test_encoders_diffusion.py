@@ -1,4 +1,4 @@
-"""Diffusion encoders through featstore.precompute: VAE latents (pixel and control), caption
+"""Diffusion encoders through featstore.pipeline: VAE latents (pixel and control), caption
 embeddings from .txt files and .jsonl fields, and the inputs that make entries stale.
 
 Every model is tiny, random and built here: nothing is downloaded.
@@ -22,7 +22,7 @@ from featstore.encoders import ControlDir, JsonlField, TextEncoder, VAEEncoder  
 from featstore.encoders.diffusion import caption_path, load_image_uint8  # noqa: E402
 from featstore.errors import CheckpointError  # noqa: E402
 from featstore.examples import make_image_tree  # noqa: E402
-from featstore.precompute import precompute  # noqa: E402
+from featstore.pipeline import precompute  # noqa: E402
 
 WORDS = "a an the red blue green cat dog bird sits on under mat table photo of".split()
 SIZE = (32, 24)  # (width, height) the VAE sees

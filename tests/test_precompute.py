@@ -1,4 +1,4 @@
-"""featstore.precompute: planning, resume, sharding, locks, bad images, OOM, kill safety."""
+"""featstore.pipeline: planning, resume, sharding, locks, bad images, OOM, kill safety."""
 
 import json
 import os
@@ -16,7 +16,7 @@ import featstore
 from featstore import FeatureStore
 from featstore.errors import CheckpointError, FeatstoreError, LockHeldError, NoImagesFoundError
 from featstore.examples import make_image_tree
-from featstore.precompute import feature_lock, precompute, select
+from featstore.pipeline import feature_lock, precompute, select
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 
@@ -184,7 +184,7 @@ def test_tiny_vggt_encoder_end_to_end(tmp_path):
 def test_kill_midway_leaves_complete_entries_and_a_rerun_finishes(tmp_path):
     root = str(tmp_path / "data")
     rels = make_image_tree(root, 24, size=32)
-    code = (f"import sys; sys.path.insert(0, {TESTS!r}); from featstore.precompute import precompute; "
+    code = (f"import sys; sys.path.insert(0, {TESTS!r}); from featstore.pipeline import precompute; "
             f"precompute({root!r}, encoder='toy_encoders:make_slow', batch_size=2, num_workers=0, progress=False)")
     proc = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "TOY_DELAY": "0.15"})
     deadline = time.time() + 60
@@ -213,7 +213,7 @@ def test_torchrun_two_ranks_split_the_work_and_rank0_merges(tmp_path):
     script.write_text(
         "import json, os, sys\n"
         f"sys.path.insert(0, {TESTS!r})\n"
-        "from featstore.precompute import precompute\n"
+        "from featstore.pipeline import precompute\n"
         f"s = precompute({root!r}, encoder='toy_encoders:make_toy', num_workers=0, progress=False)\n"
         "print('RESULT', os.environ['RANK'], json.dumps({'written': s['written'], 'rank': s['rank']}))\n")
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",

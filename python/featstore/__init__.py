@@ -4,6 +4,7 @@ The public surface::
 
     featstore.scan(root, ...) -> ScanResult
     featstore.FeatureStore(data_root, feature, ...)       # get / put / contains / status ...
+    featstore.precompute(data_root, encoder=..., ...)     # the engine of `featstore precompute`
     featstore.stamp_key(path, data_root), featstore.legacy_sha256_key(path)
     featstore.EmbeddingCacheManager(cache_dir), featstore.file_hash(path)
     featstore.errors: FeatstoreError and its subclasses
@@ -31,6 +32,7 @@ from featstore.store import LAYOUTS, STATES, FeatureStore, Status
 
 __all__ = [
     "__version__",
+    "precompute",
     "scan",
     "ScanResult",
     "DEFAULT_EXTENSIONS",
@@ -54,3 +56,12 @@ __all__ = [
     "ReadOnlyDataRootError",
     "LockHeldError",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # featstore.precompute imports torch: load it on first use, not with the package.
+    if name == "precompute":
+        from featstore.pipeline import precompute
+
+        return precompute
+    raise AttributeError(f"module 'featstore' has no attribute {name!r}")

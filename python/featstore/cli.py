@@ -408,7 +408,7 @@ def _env_flag(name: str) -> bool | None:
 
 def cmd_precompute(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from featstore.ops import human_bytes
-    from featstore.precompute import precompute
+    from featstore.pipeline import precompute
 
     root = _data_root(args, parser)
     cache_dir = args.cache_dir

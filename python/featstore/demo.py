@@ -30,7 +30,7 @@ def _time_per_item(fn: Any, items: list[str], repeats: int = 5) -> float:
 def run_demo(directory: str | None = None, *, images: int = 24, say: Any = print, progress: bool | None = None
              ) -> dict[str, Any]:
     """Runs the demo in ``directory`` (default: a new temporary directory); returns a summary."""
-    from featstore.precompute import precompute
+    from featstore.pipeline import precompute
     from featstore.store import FeatureStore
 
     root = os.path.abspath(directory or tempfile.mkdtemp(prefix="featstore-demo-"))

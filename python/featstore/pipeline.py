@@ -1,4 +1,4 @@
-"""The precompute engine behind ``featstore precompute`` and :func:`featstore.precompute`.
+"""The precompute engine behind ``featstore precompute`` and :func:`featstore.pipeline`.
 
 The pipeline keeps the device busy:
 
