@@ -90,3 +90,25 @@ def test_demo_runs_the_whole_job(tmp_path):
     assert s["states"]["valid"] == 6
     r = cli("demo", str(tmp_path / "demo"))
     assert r.returncode == 1 and "not empty" in r.stderr
+
+
+def test_ctrl_c_stops_cleanly_and_a_rerun_continues(tmp_path):
+    import signal
+
+    root = str(tmp_path / "data")
+    rels = make_image_tree(root, 16, size=32)
+    env = {**os.environ, "PYTHONPATH": TESTS + os.pathsep + os.environ.get("PYTHONPATH", ""), "TOY_DELAY": "0.2"}
+    proc = subprocess.Popen([sys.executable, "-m", "featstore.cli", "precompute", root, "--encoder",
+                             "toy_encoders:make_slow", "--batch-size", "2", "--num-workers", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 60
+    while time.time() < deadline and not any(
+            os.path.exists(os.path.join(root, r + ".toy.safetensors")) for r in rels):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "rerun continues" in err and "Traceback" not in err
+    r = cli("precompute", root, "--encoder", "toy_encoders:make_toy", "--json")
+    s = json.loads(r.stdout)
+    assert s["skipped"] >= 1 and s["written"] + s["skipped"] == len(rels)
