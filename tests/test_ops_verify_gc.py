@@ -197,7 +197,7 @@ def test_gc_dry_run_lists_and_sums_then_gc_removes_only_featstore_files(damaged)
 
     rc, out, _ = cli("gc", root, "--feature", "vggt", "--json")
     assert rc == 0 and len(json.loads(out)["removed"]) == 4
-    after = snapshot(root)
+    after = {rel: v for rel, v in snapshot(root).items() if not rel.startswith(".featstore/")}  # gc's lock
     assert set(before) - set(after) == {rel for _, rel in planned}
     for rel in after:
         assert after[rel] == before[rel]
@@ -280,10 +280,11 @@ def test_read_only_cache_directory_gives_a_clear_error_and_loses_nothing(public_
     before = snapshot(cache)
     rc, out, err = run_unprivileged(_as_user, "gc", root, "--feature", "pixel_latent", "--cache-dir", cache)
     assert rc == 1 and "Traceback" not in err
-    assert "cannot remove" in err and entries[0] in err and "not writable" in err and "owner" in err
+    # gc takes the feature's lock first: creating it in the read-only cache fails with the reason.
+    assert "cannot create the lock" in err and cache in err and "not writable" in err
     rc, out, err = run_unprivileged(_as_user, "verify", root, "--feature", "pixel_latent", "--cache-dir", cache,
                                     "--quarantine")
-    assert rc == 1 and "Traceback" not in err and "quarantine" in err and "not writable" in err
+    assert rc == 1 and "Traceback" not in err and "lock" in err and "not writable" in err
     assert snapshot(cache) == before
 
 
@@ -303,3 +304,15 @@ def test_the_installed_command_reports_bad_entries_without_a_traceback(tree):
     r = subprocess.run([sys.executable, "-m", "featstore.cli", "verify", root, "--feature", "vggt"],
                        capture_output=True, text=True)
     assert r.returncode == 1 and "corrupt" in r.stdout and "Traceback" not in r.stderr
+
+
+def test_gc_is_refused_while_a_precompute_of_the_feature_runs(damaged):
+    from featstore.lock import feature_lock
+
+    root, _, _ = damaged
+    store = FeatureStore(root, "vggt")
+    with feature_lock(store, "precompute.shard1-of-2"):
+        rc, _, err = cli("gc", root, "--feature", "vggt")
+    assert rc == 1 and "while a precompute of feature 'vggt' runs" in err and "shard1-of-2" in err
+    rc, _, _ = cli("gc", root, "--feature", "vggt")
+    assert rc == 0

@@ -16,7 +16,8 @@ import featstore
 from featstore import FeatureStore
 from featstore.errors import CheckpointError, FeatstoreError, LockHeldError, NoImagesFoundError
 from featstore.examples import make_image_tree
-from featstore.pipeline import feature_lock, precompute, select
+from featstore.lock import feature_lock
+from featstore.pipeline import precompute, select
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 

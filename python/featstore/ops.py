@@ -678,6 +678,14 @@ def quarantine_dir(store: FeatureStore) -> str:
 
 
 def quarantine(store: FeatureStore, bad: Sequence[EntryReport]) -> list[tuple[str, str]]:
+    """:func:`_quarantine` under the feature's lock: refused while a precompute runs."""
+    from featstore.lock import maintenance_lock
+
+    with maintenance_lock(store, "quarantine entries"):
+        return _quarantine(store, bad)
+
+
+def _quarantine(store: FeatureStore, bad: Sequence[EntryReport]) -> list[tuple[str, str]]:
     """Moves bad entry files into :func:`quarantine_dir`, keeping their names relative to the
     data root (sidecar) or cache directory (dir). Never deletes; logs each move to
     ``quarantine.jsonl`` there. Returns ``(from, to)`` pairs.
@@ -961,6 +969,14 @@ def plan_gc(store: FeatureStore, sources: Sequence[str], *, keep_fingerprints: I
 
 
 def execute_gc(store: FeatureStore, plan: GcReport, *, progress: bool | None = None) -> GcReport:
+    """:func:`_execute_gc` under the feature's lock: refused while a precompute runs."""
+    from featstore.lock import maintenance_lock
+
+    with maintenance_lock(store, "collect garbage"):
+        return _execute_gc(store, plan, progress=progress)
+
+
+def _execute_gc(store: FeatureStore, plan: GcReport, *, progress: bool | None = None) -> GcReport:
     """Removes the files of ``plan`` (from :func:`plan_gc`) and returns it completed.
 
     A planned file that changed since planning (another size, mtime or inode: a writer replaced
@@ -1360,6 +1376,15 @@ def plan_migrate(store: FeatureStore, sources: Sequence[str], *, legacy_dirs: Se
 
 def execute_migrate(store: FeatureStore, plan: MigrateReport, *, delete_old: bool = False,
                     progress: bool | None = None) -> MigrateReport:
+    """:func:`_execute_migrate` under the feature's lock: refused while a precompute runs."""
+    from featstore.lock import maintenance_lock
+
+    with maintenance_lock(store, "migrate"):
+        return _execute_migrate(store, plan, delete_old=delete_old, progress=progress)
+
+
+def _execute_migrate(store: FeatureStore, plan: MigrateReport, *, delete_old: bool = False,
+                     progress: bool | None = None) -> MigrateReport:
     """Converts the planned legacy files into entries (``FeatureStore.put``: stamps, digests,
     fingerprint and inputs recorded as for a fresh entry), writes the manifest, and with
     ``delete_old`` removes each legacy file once its entry is written. Returns ``plan`` completed.

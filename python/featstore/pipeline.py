@@ -20,17 +20,15 @@ failed and the run goes on.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import queue
 import shutil
-import socket
 import sys
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,7 +37,8 @@ import torch
 from featstore import _core
 from featstore.encoders import Encoder, describe, resolve_encoder
 from featstore.encoders.base import check_outputs
-from featstore.errors import FeatstoreError, LockHeldError, NoImagesFoundError
+from featstore.errors import FeatstoreError, NoImagesFoundError
+from featstore.lock import feature_lock, lock_is_held
 from featstore.scan import DEFAULT_EXTENSIONS, scan
 from featstore.store import FeatureStore
 
@@ -85,45 +84,6 @@ def select(paths: Sequence[Any], *, start_idx: int | None = None, end_idx: int |
         chosen = chosen[shard[0]::shard[1]]
     r, world = rank
     return chosen[r::world] if world > 1 else chosen
-
-
-# ----------------------------------------------------------------------------------- locking
-@contextlib.contextmanager
-def feature_lock(store: FeatureStore, name: str) -> Iterator[str]:
-    """Keeps two runs of one feature (and shard) apart. An ``flock``: it goes away with its
-    process, so the lock of a killed run is taken over without any cleanup."""
-    lock_dir = os.path.join(os.fspath(store._core.state_dir), "locks")
-    os.makedirs(lock_dir, exist_ok=True)
-    path = os.path.join(lock_dir, f"{name}.lock")
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
-            raise LockHeldError(f"another precompute of feature {store.feature!r} is running ({holder}; lock "
-                                f"{path}). Wait for it, or run a different --shard.") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%H:%M:%S')}".encode(), 0)
-        yield path
-    finally:
-        os.close(fd)
-
-
-def lock_is_held(path: str) -> bool:
-    """True when a live process holds the lock file at ``path``."""
-    try:
-        fd = os.open(path, os.O_RDWR)
-    except FileNotFoundError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return False
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
 
 
 # ----------------------------------------------------------------------------------- decoding

@@ -1,0 +1,89 @@
+"""Locks that keep writers of one feature apart.
+
+``featstore precompute`` holds ``<state dir>/locks/precompute.lock`` (or one per ``--shard``) for
+its whole run; ``gc``, ``migrate --yes`` and ``verify --quarantine`` take the same lock and refuse
+while any precompute of the feature runs. Locks are ``flock`` s: they go away with their process,
+so a killed run's lock is taken over without cleanup. (On network file systems without working
+``flock``, runs are not kept apart: use one node per feature or ``--shard``.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import glob
+import os
+import socket
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from featstore.errors import LockHeldError, ReadOnlyDataRootError
+
+if TYPE_CHECKING:
+    from featstore.store import FeatureStore
+
+
+def lock_dir(store: FeatureStore) -> str:
+    """Where the feature's lock files live."""
+    return os.path.join(os.fspath(store._core.state_dir), "locks")
+
+
+@contextlib.contextmanager
+def feature_lock(store: FeatureStore, name: str) -> Iterator[str]:
+    """Keeps two runs of one feature (and shard) apart. An ``flock``: it goes away with its
+    process, so the lock of a killed run is taken over without any cleanup."""
+    directory = lock_dir(store)
+    path = os.path.join(directory, f"{name}.lock")
+    try:
+        os.makedirs(directory, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        where = store.cache_dir or store.data_root
+        raise ReadOnlyDataRootError(
+            exc.errno, f"cannot create the lock {path}: {exc.strerror}. {where} is not writable here; keep "
+            "entries in a writable cache directory instead (--cache-dir DIR)", path) from exc
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            raise LockHeldError(f"another precompute of feature {store.feature!r} is running ({holder}; lock "
+                                f"{path}). Wait for it, or run a different --shard.") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%H:%M:%S')}".encode(), 0)
+        yield path
+    finally:
+        os.close(fd)
+
+
+def lock_is_held(path: str) -> bool:
+    """True when a live process holds the lock file at ``path``."""
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def maintenance_lock(store: FeatureStore, doing: str) -> Iterator[None]:
+    """For commands that change a feature's entries (gc, migrate, quarantine): holds the
+    precompute lock, and refuses while a precompute shard of the feature runs."""
+    with feature_lock(store, "precompute"):
+        running = [os.path.basename(p) for p in glob.glob(os.path.join(lock_dir(store), "precompute.shard*.lock"))
+                   if lock_is_held(p)]
+        if running:
+            raise LockHeldError(f"cannot {doing} while a precompute of feature {store.feature!r} runs "
+                                f"({', '.join(sorted(running))}); wait for it to finish")
+        yield
