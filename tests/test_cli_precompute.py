@@ -112,3 +112,16 @@ def test_ctrl_c_stops_cleanly_and_a_rerun_continues(tmp_path):
     r = cli("precompute", root, "--encoder", "toy_encoders:make_toy", "--json")
     s = json.loads(r.stdout)
     assert s["skipped"] >= 1 and s["written"] + s["skipped"] == len(rels)
+
+
+def test_bad_values_are_usage_errors_before_anything_loads(tmp_path):
+    root = str(tmp_path / "data")
+    make_image_tree(root, 2, size=16)
+    for args in (["--shard", "x"], ["--shard", "3/2"], ["--batch-size", "0"], ["--frames-per-set", "0"],
+                 ["--encoder", "nonsense"]):
+        r = cli("precompute", root, "--random-weights", *args)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, (args, r.stderr)
+    r = cli("precompute", root, "--random-weights", env={"BATCH_SIZE": "abc"})
+    assert r.returncode == 2 and "BATCH_SIZE" in r.stderr
+    r = cli("status", root, "--feature", "a/b")
+    assert r.returncode == 2 and "Traceback" not in r.stderr

@@ -258,3 +258,34 @@ def test_frames_per_set_from_directories_and_jsonl_lists(tmp_path):
     fresh = FeatureStore(root, "vggt")  # the 3-frame run's fingerprint, from the manifest
     assert fresh.get_set([scene0[4], scene0[0], scene0[3]])["features"].shape[0] == 3
     assert store.get_set([scene0[4], scene0[0], scene0[3]]) is None  # other fingerprint: never served
+
+
+def test_a_new_encoder_never_serves_the_old_encoders_entries(data):
+    root, rels = data
+    run(root, MeanColor(tag="A"))
+    run(root, MeanColor(tag="B"), end_idx=1)  # the new encoder recomputed only one image
+    store = FeatureStore(root, "toy")
+    assert store.fingerprint == "toy-B"
+    assert store.state(rels[0]) == "valid"
+    assert {store.state(r) for r in rels[1:]} == {"foreign"}
+    with pytest.warns(UserWarning, match="foreign"):
+        assert store.get(rels[1]) is None
+
+
+def test_an_image_edited_during_the_run_gets_no_entry_and_the_run_goes_on(data):
+    from toy_encoders import EditsDuringEncode
+
+    root, rels = data
+    s = run(root, EditsDuringEncode(), batch_size=4)
+    assert s["written"] == 0 and s["failed"] == len(rels)
+    assert "changed after it was read" in s["failures"][0][1]
+    store = FeatureStore(root, "toy")
+    assert {store.state(r) for r in rels} == {"missing"}
+    assert run(root)["written"] == len(rels)  # the next run encodes the new versions
+
+
+def test_module_with_batchnorm_has_a_fingerprint():
+    from featstore.encoders import ModuleEncoder
+
+    fp = ModuleEncoder(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))).fingerprint()
+    assert len(fp) == 32

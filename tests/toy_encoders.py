@@ -80,3 +80,22 @@ class TinyConv(torch.nn.Module):
 
 def make_module() -> TinyConv:
     return TinyConv()
+
+
+class EditsDuringEncode(MeanColor):
+    """Appends a byte to every image of the batch while encoding it (a user editing the data
+    during a run): the features no longer describe the files."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+
+    def preprocess(self, path: str) -> torch.Tensor:
+        self.seen.append(path)
+        return super().preprocess(path)
+
+    def encode(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        for path in self.seen[-batch.shape[0]:]:
+            with open(path, "ab") as f:
+                f.write(b"\0")
+        return super().encode(batch)

@@ -408,9 +408,18 @@ def _env_flag(name: str) -> bool | None:
 
 def cmd_precompute(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from featstore.ops import human_bytes
-    from featstore.pipeline import precompute
+    from featstore.pipeline import parse_shard, precompute
 
     root = _data_root(args, parser)
+    # Checked before anything loads: a typo should not cost a model load.
+    if args.batch_size is not None and args.batch_size < 1:
+        parser.error(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.frames_per_set < 1:
+        parser.error(f"--frames-per-set must be at least 1, got {args.frames_per_set}")
+    try:
+        parse_shard(args.shard)
+    except ValueError as exc:
+        parser.error(str(exc))
     cache_dir = args.cache_dir
     if cache_dir is None and args.layout != "sidecar" and (args.feature or args.encoder) == "vggt":
         cache_dir = os.environ.get("VGGT_CACHE_DIR") or None
@@ -599,6 +608,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FeatstoreError, OSError) as exc:
         print(f"featstore {args.command}: error: {exc}", file=sys.stderr)
         return 1
+    except (ValueError, TypeError) as exc:  # a bad argument value found past argparse
+        print(f"featstore {args.command}: error: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"featstore {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -98,25 +98,34 @@ class _Decode(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.rels)
 
-    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None]:
+    def __getitem__(self, i: int) -> tuple[int, Any, str | None, Any]:
+        """``(index, decoded or None, error or None, stamp(s) before reading)``: the writer
+        refuses to store features of a source that changed after it was read."""
         item = self.rels[i]
         if isinstance(item, tuple):  # a frame set: [S, 3, H, W], smaller frames padded with white
             from featstore.models.vggt import stack_uint8_images
 
             try:
+                stamps = tuple(_stamp(os.path.join(self.root, r)) for r in item)
                 frames = [self.encoder.preprocess(os.path.join(self.root, r)) for r in item]
-                return i, stack_uint8_images(frames), None
+                return i, stack_uint8_images(frames), None, stamps
             except Exception as exc:  # one bad frame fails its set, never the run
-                return i, None, f"{type(exc).__name__}: {exc}"
+                return i, None, f"{type(exc).__name__}: {exc}", None
         try:
+            stamp = _stamp(os.path.join(self.root, item))
             image = self.encoder.preprocess(os.path.join(self.root, item))
         except Exception as exc:  # a bad image is recorded, never fatal
-            return i, None, f"{type(exc).__name__}: {exc}"
+            return i, None, f"{type(exc).__name__}: {exc}", None
         if hasattr(self.encoder, "encode_items"):
-            return i, image, None
+            return i, image, None, stamp
         if not isinstance(image, torch.Tensor) or image.dim() != 3:
-            return i, None, f"preprocess returned {type(image).__name__}, not a [3, H, W] tensor"
-        return i, image, None
+            return i, None, f"preprocess returned {type(image).__name__}, not a [3, H, W] tensor", None
+        return i, image, None, stamp
+
+
+def _stamp(path: str) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns
 
 
 def _identity(item: Any) -> Any:
@@ -145,6 +154,8 @@ class _Writer:
         self.store, self.journal, self.durable, self.counts = store, journal, durable, counts
         self.inputs = inputs  # the encoder's optional inputs(rel, path): caption files, control images
         self.queue: queue.Queue[Any] = queue.Queue(maxsize=4)
+        # Each item's source stamp(s) when it was read, set by the main loop before submitting.
+        self.expected: dict[Any, Any] = {}
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, name="featstore-writer", daemon=True)
         self.thread.start()
@@ -190,10 +201,14 @@ class _Writer:
             for i, rel in enumerate(rels):
                 try:
                     inputs = self.inputs(rel, os.path.join(self.store.data_root, rel)) if self.inputs else None
-                    w = self.store._put(rel, {k: v[i] for k, v in outputs.items()}, inputs=inputs)
-                except FileNotFoundError as exc:  # deleted between scan and write
+                    w = self.store._put(rel, {k: v[i] for k, v in outputs.items()}, inputs=inputs,
+                                        expected=self.expected.pop(rel, None))
+                except Exception as exc:  # one bad item is recorded; the run goes on
+                    if _fatal(exc):
+                        raise
+                    reason = (f"source disappeared: {exc}" if isinstance(exc, FileNotFoundError)
+                              else f"{type(exc).__name__}: {exc}")
                     self.counts.failed += 1
-                    reason = f"source disappeared: {exc}"
                     self.counts.failures.append((rel, reason))
                     records.append({"op": "failed", "path": rel, "reason": reason})
                     continue
@@ -216,10 +231,13 @@ class _Writer:
         paths = []
         for i, members in enumerate(sets):
             try:
-                path = put_set(self.store, list(members), {k: v[i] for k, v in outputs.items()})
-            except FileNotFoundError as exc:
+                path = put_set(self.store, list(members), {k: v[i] for k, v in outputs.items()},
+                               expected=self.expected.pop(members, None))
+            except Exception as exc:  # one bad set is recorded; the run goes on
+                if _fatal(exc):
+                    raise
                 self.counts.failed += 1
-                self.counts.failures.append((_item_name(members), f"a frame disappeared: {exc}"))
+                self.counts.failures.append((_item_name(members), f"{type(exc).__name__}: {exc}"))
                 continue
             paths.append(path)
             # Sets are not in the per-image index; the journal line documents the write.
@@ -228,6 +246,13 @@ class _Writer:
             self.counts.bytes += os.path.getsize(path)
         if self.durable:
             _fsync_all(paths)
+
+
+def _fatal(exc: BaseException) -> bool:
+    """Errors that will hit every item (a full or read-only disk) stop the run; others skip one."""
+    import errno
+
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EROFS, errno.EDQUOT)
 
 
 def _item_name(item: Any) -> str:
@@ -327,8 +352,13 @@ def precompute(data_root: str | os.PathLike[str], *, encoder: Any = "vggt", feat
         The summary ``featstore precompute --json`` prints.
     """
     t_start = time.perf_counter()
+    shard_spec = parse_shard(shard)  # a bad spec fails before anything loads
     device = device or _default_device()
-    batch_size = batch_size or int(os.environ.get("BATCH_SIZE", "16"))
+    if batch_size is None:
+        try:
+            batch_size = int(os.environ.get("BATCH_SIZE", "16"))
+        except ValueError:
+            raise ValueError(f"BATCH_SIZE={os.environ['BATCH_SIZE']!r} is not a whole number") from None
     if batch_size < 1:
         raise ValueError(f"batch size must be at least 1, got {batch_size}")
     if skip_existing is None:
@@ -341,7 +371,7 @@ def precompute(data_root: str | os.PathLike[str], *, encoder: Any = "vggt", feat
     feature = feature or enc.name
     fingerprint = enc.fingerprint()
     store = FeatureStore(data_root, feature, layout=layout, cache_dir=cache_dir, fingerprint=fingerprint)
-    shard_spec = parse_shard(shard)
+
     rank = distributed_rank()
     show = sys.stderr.isatty() if progress is None else progress
 
@@ -473,7 +503,7 @@ def _run_pipeline(store: FeatureStore, enc: Encoder, todo: list[Any], device: st
         _Decode(enc, store.data_root, todo), batch_size=None, shuffle=False, num_workers=num_workers,
         collate_fn=_identity, pin_memory=dev.type == "cuda", prefetch_factor=4 if num_workers else None,
         persistent_workers=False)
-    writer = _Writer(store, journal, durable, counts, getattr(enc, "inputs", None))  # started after the workers fork
+    writer = _Writer(store, journal, durable, counts, getattr(enc, "inputs", None))
     items_mode = hasattr(enc, "encode_items")  # preprocess gives items (captions), not images
     buckets: dict[tuple[int, ...], list[tuple[int, Any]]] = defaultdict(list)
     unit = "set" if todo and isinstance(todo[0], tuple) else "img"
@@ -490,7 +520,7 @@ def _run_pipeline(store: FeatureStore, enc: Encoder, todo: list[Any], device: st
 
     try:
         t_wait = time.perf_counter()
-        for index, image, error in loader:
+        for index, image, error, stamp in loader:
             counts.stage_seconds["decode_wait"] += time.perf_counter() - t_wait
             if image is None:
                 writer.fail(todo[index], error or "cannot decode")
@@ -498,6 +528,7 @@ def _run_pipeline(store: FeatureStore, enc: Encoder, todo: list[Any], device: st
             else:
                 key = () if items_mode else tuple(image.shape)
                 buckets[key].append((index, image))
+                writer.expected[todo[index]] = stamp
                 if len(buckets[key]) >= state["batch"]:
                     flush(key)
             t_wait = time.perf_counter()

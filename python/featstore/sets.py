@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from featstore import _core
-from featstore.errors import CorruptEntryError
+from featstore.errors import CorruptEntryError, FeatstoreError
 
 if TYPE_CHECKING:
     import torch
@@ -49,10 +49,13 @@ def set_entry_path(store: FeatureStore, rels: Sequence[str]) -> str:
 
 
 def put_set(store: FeatureStore, paths: Sequence[str | os.PathLike[str]], tensors: Mapping[str, torch.Tensor], *,
-            metadata: Mapping[str, str] | None = None, durable: bool = False) -> str:
+            metadata: Mapping[str, str] | None = None, durable: bool = False,
+            expected: Sequence[tuple[int, int]] | None = None) -> str:
     """Writes the entry of an ordered set of sources atomically; returns its path.
 
     The metadata records every member (path, stamp, digest), the fingerprint and the set size.
+    ``expected`` holds the members' ``(size, mtime_ns)`` when they were read for encoding: if one
+    changed since, :class:`FeatstoreError` is raised and nothing is written.
     """
     from featstore._torch import to_raw
 
@@ -60,6 +63,11 @@ def put_set(store: FeatureStore, paths: Sequence[str | os.PathLike[str]], tensor
     if not rels:
         raise ValueError("a frame set needs at least one source")
     before = [os.stat(os.path.join(store.data_root, r)) for r in rels]
+    if expected is not None:
+        for r, st, seen in zip(rels, before, expected, strict=True):
+            if (st.st_size, st.st_mtime_ns) != tuple(seen):
+                raise FeatstoreError(f"{r} changed after it was read for encoding; its set was not stored, "
+                                     "run again to encode the new version")
     digests = _core.file_digests([os.path.join(store.data_root, r) for r in rels])
     members = [{"path": r, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "blake3": d}
                for r, st, d in zip(rels, before, digests, strict=True)]

@@ -321,9 +321,12 @@ class FeatureStore:
 
     def _put(self, path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor], *,
              inputs: Mapping[str, str | os.PathLike[str] | bytes] | None = None,
-             metadata: Mapping[str, str] | None = None, durable: bool = False) -> dict[str, Any]:
+             metadata: Mapping[str, str] | None = None, durable: bool = False,
+             expected: tuple[int, int] | None = None) -> dict[str, Any]:
         """:meth:`put`, returning what was written: ``path``, the ``source`` and ``entry`` stamps
-        as ``(size, mtime_ns)``, ``racy`` and ``bytes`` (precompute journals these)."""
+        as ``(size, mtime_ns)``, ``racy``, ``check_first`` and ``bytes`` (precompute journals
+        these). With ``expected`` (the source's stamp when it was read for encoding), a source
+        changed since raises :class:`FeatstoreError` and nothing is written."""
         rel = self.rel(path)
         raw, keep = _torch_helpers().to_raw(tensors)
         meta = {}
@@ -333,7 +336,7 @@ class FeatureStore:
             meta[k] = v
         extra = [(name, v if isinstance(v, bytes) else os.fspath(v)) for name, v in (inputs or {}).items()]
         try:
-            written = self._core.put(rel, raw, meta, extra, durable)
+            written = self._core.put(rel, raw, meta, extra, durable, expected)
         except OSError as exc:
             if self.layout == "sidecar" and exc.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
                 raise ReadOnlyDataRootError(

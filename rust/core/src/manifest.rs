@@ -145,6 +145,18 @@ impl Manifest {
         write_atomic(path, &[&self.to_json_bytes()], durable)
     }
 
+    /// Sets free-form fields. A new `fingerprint` empties the index and the failures: they were
+    /// judged for entries of another encoder, and trusting them would serve its features.
+    pub fn update_fields(&mut self, fields: Map<String, Value>) {
+        if let Some(new) = fields.get("fingerprint") {
+            if self.fields.get("fingerprint").is_some_and(|old| old != new) {
+                self.index.clear();
+                self.failures.clear();
+            }
+        }
+        self.fields.extend(fields);
+    }
+
     /// Applies one journal record. Unknown operations are ignored (newer writers).
     pub fn apply(&mut self, record: &Value) {
         let Some(rel) = record.get("path").and_then(Value::as_str) else {

@@ -371,8 +371,19 @@ impl Store {
         // Dir layout: the key follows the stamp, so a touched source looks for its entry under a
         // new name. The old one (known from the manifest or an earlier look) may still be valid.
         if let (Layout::Dir { .. }, Some(k)) = (&self.cfg.layout, self.recall(rel)) {
-            if k.path != entry && stat_opt(&k.path)?.is_some() {
-                return self.evaluate(rel, src_stamp, &k.path, &entry);
+            if k.path != entry {
+                match stat_opt(&k.path)? {
+                    // Judged before with these very stamps (a stale entry): no second digest.
+                    Some(es) if k.trusted && k.source == src_stamp && k.entry == es => {
+                        return Ok(Check {
+                            state: k.state,
+                            entry: k.path,
+                            reason: k.reason,
+                        });
+                    }
+                    Some(_) => return self.evaluate(rel, src_stamp, &k.path, &entry),
+                    None => {}
+                }
             }
         }
         if let Some(legacy) = self.legacy_path(rel) {
@@ -585,6 +596,11 @@ impl Store {
     /// Records the source's stamp and digest, every extra input's stamp and digest (or a text's
     /// digest), the fingerprint, and whether the entry is racy. Fails if the source changes while
     /// its digest is computed.
+    ///
+    /// `expected` is the source's stamp when its pixels were read (precompute stats it before
+    /// decoding): if the source changed since, the features belong to other bytes and nothing
+    /// is written.
+    #[allow(clippy::too_many_arguments)]
     pub fn put(
         &self,
         rel: &Path,
@@ -592,9 +608,19 @@ impl Store {
         user_meta: &BTreeMap<String, String>,
         inputs: &[Input],
         durable: bool,
+        expected: Option<Stamp>,
     ) -> Result<Written> {
         let src = self.cfg.root.join(rel);
         let before = Stamp::of(&src)?;
+        if let Some(seen) = expected {
+            if seen != before {
+                return Err(Error::Invalid(format!(
+                    "{} changed after it was read for encoding (size {} -> {}, mtime_ns {} -> {}); \
+                     its features were not stored, run again to encode the new version",
+                    src.display(), seen.size, before.size, seen.mtime_ns, before.mtime_ns
+                )));
+            }
+        }
         let digest = file_digest(&src)?;
         if Stamp::of(&src)? != before {
             return Err(Error::Invalid(format!(
@@ -750,8 +776,36 @@ impl Store {
             .recall(rel)
             .filter(|k| k.path == c.entry)
             .and_then(|k| k.header);
+        let reused = known_header.as_ref().map(|(id, _)| *id);
         match entry::open_entry_with(&c.entry, self.cfg.read_mode, known_header) {
             Ok((e, id)) => {
+                // A header parsed now (not one validated before) gets its fingerprint checked
+                // here too: the stamps may have come from a manifest index.
+                if reused != Some(id) {
+                    if let Some(expected) = &self.cfg.fingerprint {
+                        let actual = e
+                            .header
+                            .metadata
+                            .get("fingerprint")
+                            .map(String::as_str)
+                            .unwrap_or("");
+                        if actual != expected {
+                            let reason = format!("written by encoder fingerprint {actual:?}, this store expects {expected:?}");
+                            self.settle(
+                                rel,
+                                stat_opt(&self.cfg.root.join(rel))?.unwrap_or(Stamp {
+                                    size: 0,
+                                    mtime_ns: 0,
+                                }),
+                                &c.entry,
+                                Vec::new(),
+                                State::Foreign,
+                                reason,
+                            )?;
+                            return Ok(None);
+                        }
+                    }
+                }
                 // Cache the header only for the very file the check judged (not one renamed over
                 // it in between), so the fast path never serves an unchecked file.
                 let judged = |k: &&mut Known| {

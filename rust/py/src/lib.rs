@@ -494,7 +494,7 @@ fn merge_journals(
         .detach(|| {
             let mut base = Manifest::read(&manifest_path)?.unwrap_or_default();
             if let Some(u) = updates {
-                base.fields.extend(u);
+                base.update_fields(u);
             }
             manifest::merge_journals(&manifest_path, Some(base), durable)
         })
@@ -629,7 +629,8 @@ impl PyStore {
     /// Writes the entry of `rel`; returns `{"path", "source": [size, mtime_ns], "entry": [...],
     /// "racy", "bytes"}`. Tensors as for `write_entry`; inputs are `(name, path)` for files and
     /// `(name, bytes)` for texts.
-    #[pyo3(signature = (rel, tensors, metadata, inputs, durable=false))]
+    #[pyo3(signature = (rel, tensors, metadata, inputs, durable=false, expected=None))]
+    #[allow(clippy::too_many_arguments)]
     fn put<'py>(
         &self,
         py: Python<'py>,
@@ -638,12 +639,17 @@ impl PyStore {
         metadata: BTreeMap<String, String>,
         inputs: Vec<(String, Bound<'py, PyAny>)>,
         durable: bool,
+        expected: Option<(u64, i64)>,
     ) -> PyResult<Bound<'py, PyDict>> {
+        let expected = expected.map(|(size, mtime_ns)| Stamp { size, mtime_ns });
         let inputs = parse_inputs(inputs)?;
         // SAFETY: see tensor_views; `featstore.store` holds the tensors during this call.
         let views = unsafe { tensor_views(&tensors)? };
         let w = py
-            .detach(|| self.inner.put(&rel, &views, &metadata, &inputs, durable))
+            .detach(|| {
+                self.inner
+                    .put(&rel, &views, &metadata, &inputs, durable, expected)
+            })
             .py_err()?;
         let d = PyDict::new(py);
         d.set_item("path", w.path.into_os_string())?;
