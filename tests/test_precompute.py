@@ -289,3 +289,17 @@ def test_module_with_batchnorm_has_a_fingerprint():
 
     fp = ModuleEncoder(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))).fingerprint()
     assert len(fp) == 32
+
+
+def test_plain_and_shard_runs_exclude_each_other(data):
+    from featstore.lock import feature_lock
+
+    root, _ = data
+    store = FeatureStore(root, "toy", fingerprint="toy-v1")
+    with feature_lock(store, "precompute.shard0-of-2"):
+        with pytest.raises(LockHeldError, match="shard0-of-2"):
+            run(root)
+        assert run(root, shard="1/2")["written"] > 0  # shards of one split run side by side
+    with feature_lock(store, "precompute"):
+        with pytest.raises(LockHeldError, match="over all sources"):
+            run(root, shard="0/2")

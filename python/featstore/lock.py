@@ -87,3 +87,19 @@ def maintenance_lock(store: FeatureStore, doing: str) -> Iterator[None]:
             raise LockHeldError(f"cannot {doing} while a precompute of feature {store.feature!r} runs "
                                 f"({', '.join(sorted(running))}); wait for it to finish")
         yield
+
+
+@contextlib.contextmanager
+def run_lock(store: FeatureStore, shard: tuple[int, int] | None) -> Iterator[None]:
+    """The lock of one precompute run. A plain run holds ``precompute.lock`` and refuses while a
+    shard runs; a ``--shard I/N`` run holds its own lock and refuses while a plain run holds
+    ``precompute.lock``. Shards of one split run side by side."""
+    if shard is None:
+        with maintenance_lock(store, "start a precompute"):
+            yield
+        return
+    with feature_lock(store, f"precompute.shard{shard[0]}-of-{shard[1]}"):
+        if lock_is_held(os.path.join(lock_dir(store), "precompute.lock")):
+            raise LockHeldError(f"a precompute of feature {store.feature!r} over all sources is running; "
+                                f"wait for it before running --shard {shard[0]}/{shard[1]}")
+        yield

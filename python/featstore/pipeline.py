@@ -38,7 +38,7 @@ from featstore import _core
 from featstore.encoders import Encoder, describe, resolve_encoder
 from featstore.encoders.base import check_outputs
 from featstore.errors import FeatstoreError, NoImagesFoundError
-from featstore.lock import feature_lock, lock_is_held
+from featstore.lock import lock_dir, lock_is_held, run_lock
 from featstore.scan import DEFAULT_EXTENSIONS, scan
 from featstore.store import FeatureStore
 
@@ -428,24 +428,24 @@ def precompute(data_root: str | os.PathLike[str], *, encoder: Any = "vggt", feat
         raise FeatstoreError(f"not enough space in {target_dir}: the plan needs about {estimate / 1e9:.2f} GB, "
                              f"{free / 1e9:.2f} GB are free. Free space, use --cache-dir elsewhere, or --force")
 
-    lock_name = "precompute" + (f".shard{shard_spec[0]}-of-{shard_spec[1]}" if shard_spec else "")
     counts = _Counts()
     world = max(rank[1], 1) * (shard_spec[1] if shard_spec else 1)
     me = rank[0] + (shard_spec[0] * rank[1] if shard_spec else 0)
     journal = os.fspath(_core.journal_path(store.manifest_path, me, world))
     interrupted = False
     with contextlib.ExitStack() as stack:
-        if rank[0] == 0:
-            stack.enter_context(feature_lock(store, lock_name))
+        if rank[0] == 0:  # torchrun's ranks are one run: rank 0 holds its lock
+            stack.enter_context(run_lock(store, shard_spec))
         os.makedirs(os.path.dirname(store.manifest_path), exist_ok=True)
         if todo:
             try:
                 _run_pipeline(store, enc, todo, device, batch_size, num_workers, durable, counts, journal, show)
             except KeyboardInterrupt:
                 interrupted = True
-    if _join_process_group(rank[1]):
-        torch.distributed.barrier()  # every rank's journal is complete before rank 0 merges
-    summary["manifest"] = _finish_manifest(store, enc, found.paths, lock_name, rank, shard_spec, summary)
+        if _join_process_group(rank[1]):
+            torch.distributed.barrier()  # every rank's journal is complete before rank 0 merges
+        # Still under the lock: no other run of the feature appends to a journal being merged.
+        summary["manifest"] = _finish_manifest(store, enc, found.paths, rank, shard_spec, summary)
     seconds = time.perf_counter() - t_start
     summary.update({
         "written": counts.written, "failed": counts.failed, "bytes_written": counts.bytes,
@@ -573,15 +573,14 @@ def _encode_batch(enc: Encoder, dev: torch.device, rels: list[Any], images: torc
     writer.submit(rels, outputs)
 
 
-def _finish_manifest(store: FeatureStore, enc: Encoder, all_paths: list[str], lock_name: str,
-                     rank: tuple[int, int], shard: tuple[int, int] | None, summary: dict[str, Any]) -> str | None:
+def _finish_manifest(store: FeatureStore, enc: Encoder, all_paths: list[str], rank: tuple[int, int],
+                     shard: tuple[int, int] | None, summary: dict[str, Any]) -> str | None:
     """Compacts the journals into the manifest: rank 0 under torchrun; with shards, the last shard
     to finish (a later run or `featstore status` merges what an earlier one left)."""
     if rank[0] != 0:
         return None
     if shard is not None:
-        lock_dir = os.path.join(os.fspath(store._core.state_dir), "locks")
-        others = [os.path.join(lock_dir, f"precompute.shard{i}-of-{shard[1]}.lock") for i in range(shard[1])
+        others = [os.path.join(lock_dir(store), f"precompute.shard{i}-of-{shard[1]}.lock") for i in range(shard[1])
                   if i != shard[0]]
         if any(lock_is_held(p) for p in others):
             return None  # a shard still running merges when it finishes
