@@ -88,11 +88,17 @@ def test_status_without_manifest_and_with_journals(tree, capsys):
     assert "no manifest" in capsys.readouterr().out
     with open(os.path.join(root, "vggt_cache_manifest.json.rank0-of-2.jsonl"), "w") as f:
         f.write("{}\n")
-    assert main(["status", root, "--feature", "vggt", "--json"]) == 0
-    doc = json.loads(capsys.readouterr().out)
-    assert len(doc["journals"]) == 1 and doc["counts"]["valid"] == 1
-    assert main(["status", root, "--feature", "vggt"]) == 0
-    assert "journals" in capsys.readouterr().out
+    from featstore.lock import feature_lock
+
+    with feature_lock(FeatureStore(root, "vggt"), "precompute.shard0-of-2"):  # a run is active: listed only
+        assert main(["status", root, "--feature", "vggt", "--json"]) == 0
+        doc = json.loads(capsys.readouterr().out)
+        assert len(doc["journals"]) == 1 and doc["counts"]["valid"] == 1
+        assert main(["status", root, "--feature", "vggt"]) == 0
+        assert "journals" in capsys.readouterr().out
+    assert main(["status", root, "--feature", "vggt", "--json"]) == 0  # no run: merged
+    out = capsys.readouterr()
+    assert "merged 1 journal" in out.err and json.loads(out.out)["journals"] == []
 
 
 def test_status_bad_input_exit_codes(tmp_path, capsys):
@@ -224,3 +230,24 @@ def test_explain_path_outside_the_root(tree, tmp_path, capsys):
     root, _ = tree
     assert main(["explain", str(tmp_path / "elsewhere.jpg"), "--data-root", root, "--feature", "vggt"]) == 1
     assert "outside the data root" in capsys.readouterr().err
+
+
+def test_status_merges_journals_an_interrupted_run_left(tmp_path, capsys):
+    import json as _json
+
+    from featstore import _core
+    from featstore.examples import make_image_tree
+
+    root = str(tmp_path / "data")
+    rels = make_image_tree(root, 3, size=16)
+    store = FeatureStore(root, "vggt")
+    store.put(rels[0], {"features": torch.ones(2)})
+    st = os.stat(os.path.join(root, rels[0]))
+    est = os.stat(store.entry_path(rels[0]))
+    journal = _core.journal_path(store.manifest_path, 0, 1)
+    _core.append_journal(journal, [_json.dumps({"op": "ok", "path": rels[0], "source": [st.st_size, st.st_mtime_ns],
+                                                "entry": [est.st_size, est.st_mtime_ns], "racy": True})])
+    assert main(["status", root, "--feature", "vggt", "--json"]) == 0
+    assert "merged 1 journal" in capsys.readouterr().err
+    assert not os.path.exists(journal)
+    assert rels[0] in _json.load(open(store.manifest_path))["index"]

@@ -148,6 +148,11 @@ def cmd_status(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     from featstore import ops
 
     store = _open_store(args, _data_root(args, parser))
+    merged = ops.merge_leftover_journals(store)
+    if merged:
+        print(f"featstore status: merged {merged} journal(s) left by an earlier run into {store.manifest_path}",
+              file=sys.stderr)
+        store = _open_store(args, store.data_root)  # seeded from the merged index
     found = _find_sources(args, store)
     report = ops.status(store, found.paths, threads=args.threads, progress=None)
     report.status.errors[:0] = found.errors

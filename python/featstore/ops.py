@@ -361,6 +361,25 @@ def _journals(store: FeatureStore) -> list[str]:
     return sorted(glob.glob(glob.escape(store.manifest_path) + ".rank*-of-*.jsonl"))
 
 
+def merge_leftover_journals(store: FeatureStore) -> int:
+    """Merges journals an interrupted or unfinished precompute left beside the manifest, when no
+    run of the feature holds its lock (a running one merges its own at the end). Returns the
+    number of journals merged; 0 when there were none, a run is active, or the manifest's
+    directory is not writable (status never fails for that)."""
+    from featstore import _core
+    from featstore.errors import LockHeldError, ReadOnlyDataRootError
+    from featstore.lock import maintenance_lock
+
+    if not _journals(store):
+        return 0
+    try:
+        with maintenance_lock(store, "merge journals"):
+            journals, _, _ = _core.merge_journals(store.manifest_path)
+    except (LockHeldError, ReadOnlyDataRootError, PermissionError):
+        return 0
+    return journals
+
+
 # ----------------------------------------------------------------------------------- explain
 @dataclass
 class Explanation:
