@@ -15,6 +15,7 @@ The public surface::
 from featstore._core import __version__
 from featstore.compat import EmbeddingCacheManager, file_hash, legacy_sha256_key, stamp_key
 from featstore.errors import (
+    BatchReadError,
     CheckpointError,
     CorruptEntryError,
     DataRootError,
@@ -45,6 +46,7 @@ __all__ = [
     "file_hash",
     "EmbeddingCacheManager",
     "FeatstoreError",
+    "BatchReadError",
     "CorruptEntryError",
     "StaleEntryError",
     "ForeignEntryError",

@@ -24,6 +24,17 @@ class StaleEntryError(FeatstoreError):
     """An entry exists but one of its inputs changed since it was written."""
 
 
+class BatchReadError(StaleEntryError):
+    """Some entries of a batch could not be read (missing, stale, foreign, corrupt, another
+    shape). ``failed`` lists ``(index, path, reason)``; ``out`` is the batch tensor, filled
+    everywhere else."""
+
+    def __init__(self, message: str, failed: list[tuple[int, str, str]], out: object) -> None:
+        super().__init__(message)
+        self.failed = failed
+        self.out = out
+
+
 class ForeignEntryError(FeatstoreError):
     """An entry was written with another encoder fingerprint than the store expects."""
 
@@ -60,6 +71,7 @@ __all__ = [
     "FeatstoreError",
     "CorruptEntryError",
     "StaleEntryError",
+    "BatchReadError",
     "ForeignEntryError",
     "CheckpointError",
     "DataRootError",

@@ -303,6 +303,11 @@ pub fn parse_entry_bytes(path: &Path, bytes: &[u8]) -> Result<Header> {
 pub fn read_header(path: &Path) -> Result<Header> {
     let file = File::open(path).at(path)?;
     let file_len = file.metadata().at(path)?.len();
+    read_header_of(&file, path, file_len)
+}
+
+/// Reads and validates the header of an already open entry file of `file_len` bytes.
+pub fn read_header_of(file: &File, path: &Path, file_len: u64) -> Result<Header> {
     let mut prefix = [0u8; 8];
     if file_len < 8 {
         return Err(Error::corrupt(path, format!("file is {file_len} bytes, shorter than a header length: truncated; delete it and recompute")));
@@ -657,30 +662,6 @@ pub fn open_entry_with(
         },
         id,
     ))
-}
-
-/// Reads one tensor of the entry at `path` straight into `out` with `pread` (no mapping).
-/// `out` must be exactly the tensor's size; returns the tensor's description.
-pub fn read_tensor_into(path: &Path, name: &str, out: &mut [u8]) -> Result<TensorInfo> {
-    let header = read_header(path)?;
-    let t = header
-        .tensor(name)
-        .ok_or_else(|| Error::corrupt(path, format!("no tensor {name:?} in the entry")))?
-        .clone();
-    if (t.end - t.start) as usize != out.len() {
-        return Err(Error::Invalid(format!(
-            "{}: tensor {name:?} is {} bytes ({} {:?}), the destination holds {}",
-            path.display(),
-            t.end - t.start,
-            t.dtype.name(),
-            t.shape,
-            out.len()
-        )));
-    }
-    let file = File::open(path).at(path)?;
-    file.read_exact_at(out, header.data_start + t.start)
-        .at(path)?;
-    Ok(t)
 }
 
 /// True when `path` lies on a network file system (NFS, SMB/CIFS, Lustre, GPFS, Ceph, BeeGFS, 9p,

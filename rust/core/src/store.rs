@@ -738,6 +738,88 @@ impl Store {
         Ok(removed)
     }
 
+    /// Reads tensor `name` of each source's valid entry straight into consecutive slots of
+    /// `out` with `pread`, in parallel (featstore's pool): one copy, no mapping, no page-fault
+    /// storm. Every slot is `out.len() / rels.len()` bytes and must match the tensor's `dtype`
+    /// and `shape`. Returns, per source, `Ok` or why its slot was not filled (its state and
+    /// reason, a missing tensor, another dtype or shape); the caller decides what a miss means.
+    pub fn read_batch(
+        &self,
+        rels: &[PathBuf],
+        name: &str,
+        dtype: entry::Dtype,
+        shape: &[u64],
+        out: &mut [u8],
+        threads: Option<usize>,
+    ) -> Vec<std::result::Result<(), String>> {
+        if rels.is_empty() {
+            return Vec::new();
+        }
+        let slot = out.len() / rels.len();
+        pool::pool(threads).install(|| {
+            out.par_chunks_mut(slot.max(1))
+                .zip(rels.par_iter())
+                .map(|(dst, rel)| self.read_into(rel, name, dtype, shape, &mut dst[..slot]))
+                .collect()
+        })
+    }
+
+    fn read_into(
+        &self,
+        rel: &Path,
+        name: &str,
+        dtype: entry::Dtype,
+        shape: &[u64],
+        dst: &mut [u8],
+    ) -> std::result::Result<(), String> {
+        use std::os::unix::fs::FileExt;
+
+        let c = self.check(rel).map_err(|e| e.to_string())?;
+        if c.state != State::Valid {
+            return Err(format!("{}: {}", c.state.name(), c.reason));
+        }
+        let file = fs::File::open(&c.entry).map_err(|e| format!("{}: {e}", c.entry.display()))?;
+        let meta = file
+            .metadata()
+            .map_err(|e| format!("{}: {e}", c.entry.display()))?;
+        let id = entry::FileId::of(&meta);
+        let known = self
+            .recall(rel)
+            .filter(|k| k.path == c.entry)
+            .and_then(|k| k.header);
+        let header = match known {
+            Some((known_id, h)) if known_id == id => h,
+            _ => {
+                let h = entry::read_header_of(&file, &c.entry, meta.len())
+                    .map_err(|e| e.to_string())?;
+                if let Some(expected) = &self.cfg.fingerprint {
+                    if h.metadata.get("fingerprint") != Some(expected) {
+                        return Err(format!(
+                            "foreign: {} was written by another encoder fingerprint",
+                            c.entry.display()
+                        ));
+                    }
+                }
+                Arc::new(h)
+            }
+        };
+        let t = header
+            .tensor(name)
+            .ok_or_else(|| format!("no tensor {name:?} in {}", c.entry.display()))?;
+        if t.dtype != dtype || t.shape != shape || (t.end - t.start) as usize != dst.len() {
+            return Err(format!(
+                "tensor {name:?} of {} is {} {:?}, the batch holds {} {:?}",
+                c.entry.display(),
+                t.dtype.name(),
+                t.shape,
+                dtype.name(),
+                shape
+            ));
+        }
+        file.read_exact_at(dst, header.data_start + t.start)
+            .map_err(|e| format!("{}: {e}", c.entry.display()))
+    }
+
     /// Opens the valid entry of `rel` for reading, or None when it is not valid.
     ///
     /// Fast path for an entry this process already validated: stat the source, open the entry and

@@ -379,24 +379,6 @@ fn verify_entry(py: Python<'_>, path: PathBuf) -> PyResult<BTreeMap<String, Stri
     .py_err()
 }
 
-/// Reads one tensor of an entry into caller memory (`data_ptr`, `nbytes`) with `pread`.
-#[pyfunction]
-fn read_tensor_into(
-    py: Python<'_>,
-    path: PathBuf,
-    name: String,
-    data_ptr: usize,
-    nbytes: usize,
-) -> PyResult<()> {
-    py.detach(|| {
-        // SAFETY: the caller passes the data pointer of a contiguous tensor of nbytes bytes it
-        // holds for the duration of the call, and nothing else writes it meanwhile.
-        let out = unsafe { std::slice::from_raw_parts_mut(data_ptr as *mut u8, nbytes) };
-        entry::read_tensor_into(&path, &name, out).map(|_| ())
-    })
-    .py_err()
-}
-
 /// True when `path` is on a network file system (featstore then reads with pread).
 #[pyfunction]
 fn is_network_fs(path: PathBuf) -> bool {
@@ -669,6 +651,43 @@ impl PyStore {
         }
     }
 
+    /// Reads tensor `name` of many entries into one buffer (`data_ptr`, `nbytes`: a contiguous
+    /// CPU tensor the caller holds), in parallel without the GIL. Returns None per filled slot,
+    /// else why it was not filled.
+    #[pyo3(signature = (rels, name, dtype, shape, data_ptr, nbytes, threads=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn read_batch(
+        &self,
+        py: Python<'_>,
+        rels: Vec<PathBuf>,
+        name: String,
+        dtype: String,
+        shape: Vec<u64>,
+        data_ptr: usize,
+        nbytes: usize,
+        threads: Option<usize>,
+    ) -> PyResult<Vec<Option<String>>> {
+        let dtype = parse_dtype(&dtype)?;
+        let per_item = shape.iter().product::<u64>() * dtype.size() as u64;
+        if per_item * rels.len() as u64 != nbytes as u64 {
+            return Err(PyValueError::new_err(format!(
+                "the batch buffer holds {nbytes} bytes, {} entries of {} {:?} need {}",
+                rels.len(),
+                dtype.name(),
+                shape,
+                per_item * rels.len() as u64
+            )));
+        }
+        let results = py.detach(|| {
+            // SAFETY: the caller passes the data pointer of a contiguous tensor of nbytes bytes
+            // that it holds, and nothing else writes, for the duration of this call.
+            let out = unsafe { std::slice::from_raw_parts_mut(data_ptr as *mut u8, nbytes) };
+            self.inner
+                .read_batch(&rels, &name, dtype, &shape, out, threads)
+        });
+        Ok(results.into_iter().map(|r| r.err()).collect())
+    }
+
     /// Removes `rel`'s entry; True if a file was removed.
     fn remove(&self, py: Python<'_>, rel: PathBuf) -> PyResult<bool> {
         py.detach(|| self.inner.remove(&rel)).py_err()
@@ -724,7 +743,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
         wrap_pyfunction!(read_header, m)?,
         wrap_pyfunction!(read_entry, m)?,
         wrap_pyfunction!(verify_entry, m)?,
-        wrap_pyfunction!(read_tensor_into, m)?,
         wrap_pyfunction!(is_network_fs, m)?,
         wrap_pyfunction!(read_manifest, m)?,
         wrap_pyfunction!(write_manifest, m)?,
