@@ -15,8 +15,8 @@ import time
 
 import pytest
 import torch
-
 from conftest import RESULTS, record
+
 from featstore import FeatureStore
 
 
