@@ -501,7 +501,9 @@ def _run_pipeline(store: FeatureStore, enc: Encoder, todo: list[Any], device: st
         torch.set_num_threads(max(1, cores - num_workers))
     loader = torch.utils.data.DataLoader(
         _Decode(enc, store.data_root, todo), batch_size=None, shuffle=False, num_workers=num_workers,
-        collate_fn=_identity, pin_memory=dev.type == "cuda", prefetch_factor=4 if num_workers else None,
+        collate_fn=_identity, pin_memory=dev.type == "cuda",
+        # Two batches in flight across the workers: decoding never waits for a batch to encode.
+        prefetch_factor=max(2, -(-2 * batch_size // num_workers)) if num_workers else None,
         persistent_workers=False)
     writer = _Writer(store, journal, durable, counts, getattr(enc, "inputs", None))
     items_mode = hasattr(enc, "encode_items")  # preprocess gives items (captions), not images
