@@ -59,14 +59,21 @@ def _data_root(args: argparse.Namespace, parser: argparse.ArgumentParser) -> str
     return str(root)
 
 
-def _open_store(args: argparse.Namespace, root: str) -> Any:
-    from featstore.store import FeatureStore
-
+def _cache_dir(args: argparse.Namespace, feature: str | None) -> str | None:
+    """--cache-dir, else $VGGT_CACHE_DIR for vggt (the old scripts' variable) unless --layout
+    sidecar; an error when --layout dir has neither."""
     cache_dir = args.cache_dir
-    if cache_dir is None and args.feature == "vggt" and args.layout != "sidecar":
+    if cache_dir is None and feature == "vggt" and args.layout != "sidecar":
         cache_dir = os.environ.get("VGGT_CACHE_DIR") or None
     if args.layout == "dir" and cache_dir is None:
         raise DataRootError("--layout dir needs --cache-dir DIR (where the entries go)")
+    return cache_dir
+
+
+def _open_store(args: argparse.Namespace, root: str) -> Any:
+    from featstore.store import FeatureStore
+
+    cache_dir = _cache_dir(args, args.feature)
     return FeatureStore(root, args.feature, layout=args.layout or "sidecar", cache_dir=cache_dir,
                         fingerprint=args.fingerprint)
 
@@ -167,9 +174,7 @@ def _explain_root(args: argparse.Namespace, paths: list[str]) -> tuple[str, str]
     root = args.data_root_flag or os.environ.get("DATA_ROOT")
     if root:
         return root, ""
-    cache_dir = args.cache_dir
-    if cache_dir is None and args.feature == "vggt" and args.layout != "sidecar":
-        cache_dir = os.environ.get("VGGT_CACHE_DIR") or None
+    cache_dir = _cache_dir(args, args.feature)
     if cache_dir is not None:
         manifest = os.path.join(cache_dir, args.feature, "manifest.json")
         try:
@@ -425,11 +430,7 @@ def cmd_precompute(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
         parse_shard(args.shard)
     except ValueError as exc:
         parser.error(str(exc))
-    cache_dir = args.cache_dir
-    if cache_dir is None and args.layout != "sidecar" and (args.feature or args.encoder) == "vggt":
-        cache_dir = os.environ.get("VGGT_CACHE_DIR") or None
-    if args.layout == "dir" and cache_dir is None:
-        raise DataRootError("--layout dir needs --cache-dir DIR (where the entries go)")
+    cache_dir = _cache_dir(args, args.feature or args.encoder)
     options: dict[str, Any] = {}
     if args.encoder == "vggt":
         import torch

@@ -358,7 +358,7 @@ def _verify_contents(store: FeatureStore, survey: _Survey, threads: int | None, 
 
 
 def _journals(store: FeatureStore) -> list[str]:
-    return sorted(glob.glob(glob.escape(store.manifest_path) + ".rank*-of-*.jsonl"))
+    return store.journal_paths()
 
 
 def merge_leftover_journals(store: FeatureStore) -> int:

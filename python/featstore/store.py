@@ -450,9 +450,7 @@ class FeatureStore:
                     removed += 1
                 except FileNotFoundError:
                     pass
-            manifest = self.manifest_path
-            for p in [manifest] + [os.path.join(self.data_root, f) for f in os.listdir(self.data_root)
-                                   if f.startswith(os.path.basename(manifest) + ".rank")]:
+            for p in [self.manifest_path, *self.journal_paths()]:
                 try:
                     os.remove(p)
                 except FileNotFoundError:
@@ -536,6 +534,12 @@ class FeatureStore:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         _core.write_manifest(path, json.dumps(doc))
         return path
+
+    def journal_paths(self) -> list[str]:
+        """The per-rank journals beside the manifest (``<manifest>.rank<R>-of-<N>.jsonl``), sorted."""
+        import glob
+
+        return sorted(glob.glob(glob.escape(self.manifest_path) + ".rank*-of-*.jsonl"))
 
     def _orphan_candidates(self) -> list[str]:
         suffix = f".{self.feature}.safetensors"
