@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import multiprocessing
 import os
 import shutil
@@ -53,3 +55,30 @@ def run_unprivileged(fn: Callable[..., Any], *args: Any) -> Any:
     if status == "err":
         raise AssertionError(f"unprivileged child failed: {value}")
     return value
+
+
+def age(path: str, seconds: int = 100) -> None:
+    """Moves a file's mtime into the past (out of the racy window, when seconds > 2)."""
+    st = os.stat(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns - seconds * 10**9))
+
+
+def snapshot(root: str) -> dict[str, bytes]:
+    """{relative path: bytes} of every file under root."""
+    out = {}
+    for d, _, files in os.walk(root):
+        for f in files:
+            p = os.path.join(d, f)
+            with open(p, "rb") as fh:
+                out[os.path.relpath(p, root)] = fh.read()
+    return out
+
+
+def cli(*args: str) -> tuple[int, str, str]:
+    """Runs the featstore CLI in this process; returns (exit code, stdout, stderr)."""
+    from featstore.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main(list(args))
+    return rc, out.getvalue(), err.getvalue()

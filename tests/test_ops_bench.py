@@ -1,23 +1,13 @@
 """`featstore bench`: the latency table on the user's own data (no timing thresholds here)."""
 
-import contextlib
-import io
 import json
 import os
 
 import pytest
 import torch
+from conftest import cli
 
 from featstore import FeatureStore
-from featstore.cli import main
-
-
-def cli(*args):
-    """Runs the CLI in this process; returns (exit code, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = main(list(args))
-    return rc, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture

@@ -1,8 +1,6 @@
 """`featstore migrate`: old sidecars and SHA256-named cache directories become featstore entries."""
 
-import contextlib
 import hashlib
-import io
 import json
 import os
 import pickle
@@ -10,28 +8,10 @@ import shutil
 
 import pytest
 import torch
-from conftest import run_unprivileged
+from conftest import cli, run_unprivileged, snapshot
 
 from featstore import FeatureStore, _core
-from featstore.cli import main
 from featstore.examples import make_image_tree
-
-
-def cli(*args):
-    """Runs the CLI in this process; returns (exit code, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = main(list(args))
-    return rc, out.getvalue(), err.getvalue()
-
-
-def snapshot(root):
-    out = {}
-    for d, _, files in os.walk(root):
-        for f in files:
-            p = os.path.join(d, f)
-            out[os.path.relpath(p, root)] = open(p, "rb").read()
-    return out
 
 
 def legacy_key(path_as_given, image):

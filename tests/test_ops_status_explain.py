@@ -5,15 +5,10 @@ import os
 
 import pytest
 import torch
+from conftest import age
 
 from featstore import FeatureStore, ops
 from featstore.cli import main
-
-
-def age(path, seconds=100):
-    """Moves a file's mtime into the past (out of the racy window)."""
-    st = os.stat(path)
-    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns - seconds * 10**9))
 
 
 @pytest.fixture

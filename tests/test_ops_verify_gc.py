@@ -1,7 +1,5 @@
 """`featstore verify` and `featstore gc`: every bad entry found, only featstore's own files removed."""
 
-import contextlib
-import io
 import json
 import os
 import pickle
@@ -10,35 +8,10 @@ import sys
 
 import pytest
 import torch
-from conftest import run_unprivileged
+from conftest import age, cli, run_unprivileged, snapshot
 
 from featstore import FeatureStore
-from featstore.cli import main
 from featstore.examples import make_image_tree
-
-
-def age(path, seconds=100):
-    """Moves a file's mtime into the past (out of the racy window)."""
-    st = os.stat(path)
-    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns - seconds * 10**9))
-
-
-def snapshot(root):
-    """{relative path: bytes} of every file under root."""
-    out = {}
-    for d, _, files in os.walk(root):
-        for f in files:
-            p = os.path.join(d, f)
-            out[os.path.relpath(p, root)] = open(p, "rb").read()
-    return out
-
-
-def cli(*args):
-    """Runs the CLI in this process; returns (exit code, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = main(list(args))
-    return rc, out.getvalue(), err.getvalue()
 
 
 def rewrite_header(entry, change):

@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import run_unprivileged
+from conftest import age, run_unprivileged
 
 import featstore
 from featstore import FeatureStore
@@ -26,10 +26,6 @@ def store(request, tree, tmp_path):
     return FeatureStore(root, "vggt")
 
 
-def age(path, seconds=10):
-    """Moves a file's mtime into the past (out of the racy window)."""
-    st = os.stat(path)
-    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns - seconds * 10**9))
 
 
 def test_put_get_roundtrip_and_states(store, tree):

@@ -86,16 +86,9 @@ def _emit(args: argparse.Namespace, doc: dict[str, Any], text: str) -> None:
 
 
 def _no_sources(args: argparse.Namespace, found: Any) -> NoImagesFoundError:
-    """The error for a scan that found nothing: the root, what was searched, what to try."""
-    from featstore.scan import DEFAULT_EXTENSIONS
+    from featstore.scan import nothing_found
 
-    searched = (f"the field {args.jsonl!r} of the .jsonl files" if args.jsonl
-                else f"the files listed in {args.files_from}" if args.files_from
-                else "files with extensions " + ", ".join(args.ext or DEFAULT_EXTENSIONS))
-    return NoImagesFoundError(f"no images found under {found.root}: searched {searched}. Check DATA_ROOT, "
-                              "or pass --ext / --jsonl FIELD for other sources"
-                              + (f" ({len(found.errors)} paths could not be read, e.g. {found.errors[0][0]}: "
-                                 f"{found.errors[0][1]})" if found.errors else ""))
+    return nothing_found(found, extensions=args.ext, jsonl=args.jsonl, files_from=args.files_from)
 
 
 def _find_sources(args: argparse.Namespace, store: Any, *, allow_empty: bool = False) -> Any:

@@ -37,9 +37,9 @@ import torch
 from featstore import _core
 from featstore.encoders import Encoder, describe, resolve_encoder
 from featstore.encoders.base import check_outputs
-from featstore.errors import FeatstoreError, NoImagesFoundError
+from featstore.errors import FeatstoreError
 from featstore.lock import lock_dir, lock_is_held, run_lock
-from featstore.scan import DEFAULT_EXTENSIONS, scan
+from featstore.scan import nothing_found, scan
 from featstore.store import FeatureStore
 
 #: States precompute (re)computes; `valid` ones only with overwrite.
@@ -378,11 +378,7 @@ def precompute(data_root: str | os.PathLike[str], *, encoder: Any = "vggt", feat
     found = scan(store.data_root, extensions=extensions, jsonl=jsonl, files_from=files_from,
                  skip_dirs=[store.cache_dir] if store.cache_dir else (), progress=show)
     if len(found) == 0:
-        searched = (f"the field {jsonl!r} of the .jsonl files" if jsonl else
-                    f"the files listed in {files_from}" if files_from else
-                    "extensions " + ", ".join(extensions or DEFAULT_EXTENSIONS))
-        raise NoImagesFoundError(f"no images found under {store.data_root} (searched {searched}); check "
-                                 "DATA_ROOT, or pass --ext / --jsonl FIELD")
+        raise nothing_found(found, extensions=extensions, jsonl=jsonl, files_from=files_from)
     frames = int(getattr(enc, "frames_per_set", 1))
     items: list[Any] = found.paths if frames == 1 else frame_sets(found.sets, found.paths, frames)
     mine = select(items, start_idx=start_idx, end_idx=end_idx, shard=shard_spec, rank=rank)
@@ -586,21 +582,12 @@ def _finish_manifest(store: FeatureStore, enc: Encoder, all_paths: list[str], ra
                   if i != shard[0]]
         if any(lock_is_held(p) for p in others):
             return None  # a shard still running merges when it finishes
-    fields = {
-        "total_images": len(all_paths), "data_root": store.data_root, "feature": store.feature,
-        "layout": store.layout, "cache_dir": store.cache_dir, "fingerprint": store.fingerprint,
-        "encoder": describe(enc), "frames_per_set": summary["frames_per_set"], "featstore_version": _core.__version__,
-        "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "cache_format": (f"<image_path>.{store.feature}.safetensors" if store.layout == "sidecar"
-                         else f"<cache_dir>/{store.feature}/<key[:2]>/<key[:32]>.safetensors"),
-    }
+    fields = store.manifest_fields(total_images=len(all_paths))
+    fields.update({"encoder": describe(enc), "frames_per_set": summary["frames_per_set"]})
     weights = summary["encoder"].get("model_path")
     if weights:
         fields["vggt_model_path" if summary["encoder"].get("name") == "vggt" else "weights_path"] = weights
     if summary.get("model_path"):
         fields["model_path"] = summary["model_path"]
     _core.merge_journals(store.manifest_path, json.dumps(fields))
-    doc = json.loads(_core.read_manifest(store.manifest_path) or "{}")
-    doc["processed_images"] = len(doc.get("index", {}))
-    _core.write_manifest(store.manifest_path, json.dumps(doc))
     return store.manifest_path

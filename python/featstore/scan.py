@@ -12,6 +12,7 @@ from typing import TypeVar
 import numpy as np
 
 from featstore import _core
+from featstore.errors import NoImagesFoundError
 
 DEFAULT_EXTENSIONS: tuple[str, ...] = tuple(_core.DEFAULT_EXTENSIONS)
 
@@ -63,6 +64,18 @@ class ScanResult:
             c[0] += 1
             c[1] += s
         return {k: (v[0], v[1]) for k, v in sorted(out.items())}
+
+
+def nothing_found(found: ScanResult, *, extensions: Sequence[str] | None = None, jsonl: str | None = None,
+                  files_from: str | os.PathLike[str] | None = None) -> NoImagesFoundError:
+    """The error for a scan that found nothing: the root, what was searched, what to try."""
+    searched = (f"the field {jsonl!r} of the .jsonl files" if jsonl
+                else f"the files listed in {files_from}" if files_from
+                else "files with extensions " + ", ".join(extensions or DEFAULT_EXTENSIONS))
+    unreadable = (f" ({len(found.errors)} paths could not be read, e.g. {found.errors[0][0]}: {found.errors[0][1]})"
+                  if found.errors else "")
+    return NoImagesFoundError(f"no images found under {found.root}: searched {searched}. Check DATA_ROOT, or pass "
+                              f"--ext / --jsonl FIELD for other sources{unreadable}")
 
 
 def run_with_progress(work: Callable[[_core.Progress], T], desc: str, total: int | None = None,

@@ -229,18 +229,13 @@ class FeatureStore:
 
         return explain(self, path).text()
 
-    def _miss(self, rel: str, state: str | None = None) -> None:
+    def _miss(self, rel: str, state: str, entry: str, reason: str) -> None:
+        """Counts a miss, and warns once per kind of miss a user can act on."""
         self.stats["misses"] += 1
-        if state is None:
-            state, entry, reason = self._core.check(rel)
-        else:
-            entry, reason = "", ""
         if state in self.stats:
             self.stats[state] += 1
         if state in _MISS_ADVICE and state not in self._warned:
             self._warned.add(state)
-            if not reason:
-                _, entry, reason = self._core.check(rel)
             warnings.warn(f"featstore: {state} entry for {rel} ({os.fspath(entry)}): {reason}; "
                           f"{_MISS_ADVICE[state]}. Further {state} entries are counted in "
                           f"FeatureStore.stats without warning.", stacklevel=3)
@@ -259,15 +254,17 @@ class FeatureStore:
         try:
             capsules = self._core.read(rel)
         except (CorruptEntryError, PermissionError) as exc:
-            self._miss(rel, "corrupt" if isinstance(exc, CorruptEntryError) else "missing")
+            self._miss(rel, "corrupt" if isinstance(exc, CorruptEntryError) else "missing", "", str(exc))
             return None
         if capsules is None:
-            if self.allow_legacy and self.feature == "vggt":
-                legacy = self._read_legacy(rel)
-                if legacy is not None:
-                    self.stats["hits"] += 1
-                    return legacy
-            self._miss(rel)
+            # Off the hot path: one full check says why, and finds a legacy sidecar.
+            state, entry, reason = self._core.check(rel)
+            if state == "legacy" and self.allow_legacy:
+                from featstore.compat import load_legacy_sidecar
+
+                self.stats["hits"] += 1
+                return load_legacy_sidecar(os.fspath(entry))
+            self._miss(rel, state, os.fspath(entry), reason)
             return None
         self.stats["hits"] += 1
         if device is None and dtype is None:
@@ -275,14 +272,6 @@ class FeatureStore:
             from_dlpack = _FROM_DLPACK or _load_from_dlpack()
             return {name: from_dlpack(cap) for name, cap in capsules}
         return _torch_helpers().from_capsules(capsules, device, dtype)
-
-    def _read_legacy(self, rel: str) -> dict[str, torch.Tensor] | None:
-        state, entry, _ = self._core.check(rel)
-        if state != "legacy":
-            return None
-        from featstore.compat import load_legacy_sidecar
-
-        return load_legacy_sidecar(os.fspath(entry))
 
     def get_many(self, paths: Iterable[str | os.PathLike[str]], *, device: Any = None,
                  dtype: Any = None) -> list[dict[str, torch.Tensor] | None]:
@@ -507,26 +496,12 @@ class FeatureStore:
         entries among ``sources`` so later lookups and ``status`` open no entry.
         """
         import json
-        import time
 
         path = self.manifest_path
         old = json.loads(_core.read_manifest(path) or "{}")
         doc: dict[str, Any] = {k: v for k, v in old.items() if k not in ("index", "failures", "format")}
-        cache_format = (f"<image_path>.{self.feature}.safetensors" if self.layout == "sidecar"
-                        else f"<cache_dir>/{self.feature}/<key[:2]>/<key[:32]>.safetensors")
-        doc.update({
-            "total_images": status.sources,
-            "processed_images": status.counts["valid"],
-            "data_root": self.data_root,
-            "cache_format": cache_format,
-            "feature": self.feature,
-            "layout": self.layout,
-            "cache_dir": self.cache_dir,
-            "fingerprint": self.fingerprint,
-            "counts": dict(status.counts),
-            "featstore_version": _core.__version__,
-            "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        })
+        doc.update(self.manifest_fields(total_images=status.sources))
+        doc["counts"] = dict(status.counts)
         doc.update(fields or {})
         doc["failures"] = old.get("failures", {})
         records = self._core.index_records([self.rel(s) for s in sources])
@@ -534,6 +509,18 @@ class FeatureStore:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         _core.write_manifest(path, json.dumps(doc))
         return path
+
+    def manifest_fields(self, *, total_images: int) -> dict[str, Any]:
+        """The manifest fields that describe this store (``processed_images`` is derived from the
+        index by the writer)."""
+        import time
+
+        cache_format = (f"<image_path>.{self.feature}.safetensors" if self.layout == "sidecar"
+                        else f"<cache_dir>/{self.feature}/<key[:2]>/<key[:32]>.safetensors")
+        return {"total_images": total_images, "data_root": self.data_root, "cache_format": cache_format,
+                "feature": self.feature, "layout": self.layout, "cache_dir": self.cache_dir,
+                "fingerprint": self.fingerprint, "featstore_version": _core.__version__,
+                "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
     def journal_paths(self) -> list[str]:
         """The per-rank journals beside the manifest (``<manifest>.rank<R>-of-<N>.jsonl``), sorted."""

@@ -75,16 +75,20 @@ pub struct Manifest {
 impl Manifest {
     /// Reads a manifest; `Ok(None)` when there is none.
     pub fn read(path: &Path) -> Result<Option<Manifest>> {
-        let text = match std::fs::read(path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(Error::io(path, e)),
-        };
+        match std::fs::read(path) {
+            Ok(text) => Manifest::parse(path, &text).map(Some),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::io(path, e)),
+        }
+    }
+
+    /// Parses manifest JSON text (`path` names it in errors).
+    pub fn parse(path: &Path, text: &[u8]) -> Result<Manifest> {
         let bad = |reason: String| Error::Manifest {
             path: path.to_path_buf(),
             reason,
         };
-        let mut fields: Map<String, Value> = serde_json::from_slice(&text).map_err(|e| {
+        let mut fields: Map<String, Value> = serde_json::from_slice(text).map_err(|e| {
             bad(format!(
                 "not valid JSON ({e}); delete it, `featstore status` rebuilds it"
             ))
@@ -106,17 +110,19 @@ impl Manifest {
                 failures.insert(rel, reason.as_str().unwrap_or_default().to_string());
             }
         }
-        Ok(Some(Manifest {
+        Ok(Manifest {
             fields,
             index,
             failures,
-        }))
+        })
     }
 
     /// Serializes the manifest (fields first, then failures, then the index).
     pub fn to_json_bytes(&self) -> Vec<u8> {
         let mut root = self.fields.clone();
         root.insert("format".into(), Value::from(MANIFEST_FORMAT));
+        // The old scripts' field, derived here so every writer agrees: entries the index holds.
+        root.insert("processed_images".into(), Value::from(self.index.len()));
         root.insert(
             "failures".into(),
             Value::Object(

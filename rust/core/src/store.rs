@@ -587,8 +587,21 @@ impl Store {
     }
 
     /// Checks many sources in parallel (in featstore's pool); results in input order.
-    pub fn check_many(&self, rels: &[PathBuf], threads: Option<usize>) -> Vec<Result<Check>> {
-        pool::pool(threads).install(|| rels.par_iter().map(|r| self.check(r)).collect())
+    /// `progress` counts checked sources, for a display on another thread.
+    pub fn check_many(
+        &self,
+        rels: &[PathBuf],
+        threads: Option<usize>,
+        progress: &std::sync::atomic::AtomicU64,
+    ) -> Vec<Result<Check>> {
+        pool::pool(threads).install(|| {
+            rels.par_iter()
+                .map(|r| {
+                    progress.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    self.check(r)
+                })
+                .collect()
+        })
     }
 
     /// Writes the entry of `rel` atomically and remembers it as valid.

@@ -5,7 +5,7 @@ mod dlpack;
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -392,41 +392,11 @@ fn read_manifest(py: Python<'_>, path: PathBuf) -> PyResult<Option<String>> {
     Ok(m.map(|m| String::from_utf8(m.to_json_bytes()).expect("JSON is UTF-8")))
 }
 
-/// Parses a manifest from JSON text (the form `read_manifest` returns).
-fn parse_manifest(path: &Path, json: &str) -> PyResult<Manifest> {
-    let value: serde_json::Value = serde_json::from_str(json)
-        .map_err(|e| PyValueError::new_err(format!("manifest for {}: {e}", path.display())))?;
-    let mut fields = match value {
-        serde_json::Value::Object(m) => m,
-        _ => return Err(PyValueError::new_err("a manifest is a JSON object")),
-    };
-    let mut m = Manifest::default();
-    if let Some(serde_json::Value::Object(index)) = fields.remove("index") {
-        for (rel, rec) in index {
-            let a = rec.as_array().cloned().unwrap_or_default();
-            let n = |i: usize| a.get(i).and_then(|v| v.as_i64());
-            if let (Some(s), Some(mt), Some(es), Some(emt), Some(r)) =
-                (n(0), n(1), n(2), n(3), n(4))
-            {
-                m.apply(&serde_json::json!({"op": "ok", "path": rel, "source": [s, mt], "entry": [es, emt], "racy": r != 0}));
-            }
-        }
-    }
-    if let Some(serde_json::Value::Object(failures)) = fields.remove("failures") {
-        for (rel, reason) in failures {
-            m.failures
-                .insert(rel, reason.as_str().unwrap_or_default().to_string());
-        }
-    }
-    m.fields = fields;
-    Ok(m)
-}
-
 /// Writes a manifest (JSON text of the whole manifest) atomically.
 #[pyfunction]
 #[pyo3(signature = (path, json, durable=true))]
 fn write_manifest(py: Python<'_>, path: PathBuf, json: &str, durable: bool) -> PyResult<()> {
-    let m = parse_manifest(&path, json)?;
+    let m = Manifest::parse(&path, json.as_bytes()).py_err()?;
     py.detach(|| m.write(&path, durable)).py_err()
 }
 
@@ -593,19 +563,14 @@ impl PyStore {
         progress: Option<&Bound<'_, Progress>>,
     ) -> Vec<String> {
         let counter = progress_counter(progress);
-        py.detach(|| {
-            pool::pool(threads).install(|| {
-                rels.par_iter()
-                    .map(|r| {
-                        counter.fetch_add(1, Ordering::Relaxed);
-                        match self.inner.check(r) {
-                            Ok(c) => c.state.name().to_string(),
-                            Err(e) => format!("error: {e}"),
-                        }
-                    })
-                    .collect()
+        let checks = py.detach(|| self.inner.check_many(&rels, threads, &counter));
+        checks
+            .into_iter()
+            .map(|c| match c {
+                Ok(c) => c.state.name().to_string(),
+                Err(e) => format!("error: {e}"),
             })
-        })
+            .collect()
     }
 
     /// Writes the entry of `rel`; returns `{"path", "source": [size, mtime_ns], "entry": [...],
