@@ -5,6 +5,7 @@ The public surface::
     featstore.scan(root, ...) -> ScanResult
     featstore.FeatureStore(data_root, feature, ...)       # get / put / contains / status ...
     featstore.precompute(data_root, encoder=..., ...)     # the engine of `featstore precompute`
+    featstore.CachedDataset(base, store, path_fn=..., ...)  # training: cached features per sample
     featstore.stamp_key(path, data_root), featstore.legacy_sha256_key(path)
     featstore.EmbeddingCacheManager(cache_dir), featstore.file_hash(path)
     featstore.errors: FeatstoreError and its subclasses
@@ -34,6 +35,9 @@ from featstore.store import LAYOUTS, STATES, FeatureStore, Status
 __all__ = [
     "__version__",
     "precompute",
+    "CachedDataset",
+    "CacheArguments",
+    "collate",
     "scan",
     "ScanResult",
     "DEFAULT_EXTENSIONS",
@@ -60,10 +64,14 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> object:
-    # featstore.precompute imports torch: load it on first use, not with the package.
-    if name == "precompute":
-        from featstore.pipeline import precompute
+#: Names that import torch, loaded on first use rather than with the package.
+_TORCH_SIDE = {"precompute": "featstore.pipeline", "CachedDataset": "featstore.dataset",
+               "CacheArguments": "featstore.dataset", "collate": "featstore.dataset"}
 
-        return precompute
+
+def __getattr__(name: str) -> object:
+    if name in _TORCH_SIDE:
+        import importlib
+
+        return getattr(importlib.import_module(_TORCH_SIDE[name]), name)
     raise AttributeError(f"module 'featstore' has no attribute {name!r}")

@@ -111,16 +111,23 @@ class _Decode(torch.utils.data.Dataset):
                 return i, stack_uint8_images(frames), None, stamps
             except Exception as exc:  # one bad frame fails its set, never the run
                 return i, None, f"{type(exc).__name__}: {exc}", None
-        try:
-            stamp = _stamp(os.path.join(self.root, item))
-            image = self.encoder.preprocess(os.path.join(self.root, item))
-        except Exception as exc:  # a bad image is recorded, never fatal
-            return i, None, f"{type(exc).__name__}: {exc}", None
-        if hasattr(self.encoder, "encode_items"):
-            return i, image, None, stamp
-        if not isinstance(image, torch.Tensor) or image.dim() != 3:
-            return i, None, f"preprocess returned {type(image).__name__}, not a [3, H, W] tensor", None
-        return i, image, None, stamp
+        return (i, *decode_source(self.encoder, os.path.join(self.root, item)))
+
+
+def decode_source(encoder: Encoder, path: str) -> tuple[Any, str | None, tuple[int, int] | None]:
+    """``(decoded or None, error or None, the source's stamp before reading)`` for one source:
+    a uint8 ``[3, H, W]`` image, or whatever ``preprocess`` gives an encoder with
+    ``encode_items`` (a caption). A bad source is an error string, never an exception."""
+    try:
+        stamp = _stamp(path)
+        decoded = encoder.preprocess(path)
+    except Exception as exc:  # a bad image is recorded, never fatal
+        return None, f"{type(exc).__name__}: {exc}", None
+    if hasattr(encoder, "encode_items"):
+        return decoded, None, stamp
+    if not isinstance(decoded, torch.Tensor) or decoded.dim() != 3:
+        return None, f"preprocess returned {type(decoded).__name__}, not a [3, H, W] tensor", None
+    return decoded, None, stamp
 
 
 def _stamp(path: str) -> tuple[int, int]:
@@ -284,11 +291,17 @@ def _default_device() -> str:
     return "cuda:0" if torch.cuda.is_available() else "cpu"
 
 
-def _env_bool(name: str, default: bool) -> bool:
-    value = os.environ.get(name)
-    if value is None:
+def env_bool(name: str, default: bool) -> bool:
+    """A yes/no environment variable (``SKIP_EXISTING``, ``USE_VGGT_CACHE``); unset or empty
+    means ``default``, and a value that is neither says so instead of meaning no."""
+    value = os.environ.get(name, "").strip().lower()
+    if not value:
         return default
-    return value.strip().lower() in ("1", "true", "yes", "on")
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{name}={os.environ[name]!r} is neither true nor false (use 1/0, true/false, yes/no)")
 
 
 def precompute(data_root: str | os.PathLike[str], *, encoder: Any = "vggt", feature: str | None = None,
@@ -362,7 +375,7 @@ def precompute(data_root: str | os.PathLike[str], *, encoder: Any = "vggt", feat
     if batch_size < 1:
         raise ValueError(f"batch size must be at least 1, got {batch_size}")
     if skip_existing is None:
-        skip_existing = _env_bool("SKIP_EXISTING", True)
+        skip_existing = env_bool("SKIP_EXISTING", True)
     if encoder == "vggt":
         # The default stored dtype depends on the device (bf16 on GPUs that support it).
         enc = resolve_encoder(encoder, **{"device": device, **(encoder_options or {})})
@@ -544,15 +557,7 @@ def _encode_batch(enc: Encoder, dev: torch.device, rels: list[Any], images: torc
     out-of-memory halves it (and later batches) and retries."""
     t0 = time.perf_counter()
     try:
-        with torch.inference_mode():
-            if isinstance(images, list):
-                raw = enc.encode_items(images)  # type: ignore[attr-defined]
-            elif images.dim() == 5:  # frame sets [B, S, 3, H, W]
-                raw = enc.encode_sets(images.to(dev, non_blocking=True).float().div_(255))  # type: ignore[attr-defined]
-            else:
-                raw = enc.encode(images.to(dev, non_blocking=True).float().div_(255))
-            outputs = check_outputs(raw, len(rels), enc.name)
-            outputs = {k: v.detach().to("cpu") for k, v in outputs.items()}
+        outputs = encode_batch(enc, dev, images)
     except Exception as exc:
         if not _is_oom(exc):
             raise
@@ -569,6 +574,22 @@ def _encode_batch(enc: Encoder, dev: torch.device, rels: list[Any], images: torc
         return
     counts.stage_seconds["encode"] += time.perf_counter() - t0
     writer.submit(rels, outputs)
+
+
+def encode_batch(enc: Encoder, dev: torch.device, batch: torch.Tensor | list[Any]) -> dict[str, torch.Tensor]:
+    """The encoder's outputs for one batch, checked and on the CPU: ``batch`` is uint8 images
+    ``[B, 3, H, W]``, frame sets ``[B, S, 3, H, W]``, or a list of items for ``encode_items``.
+    Runs under ``inference_mode``: the outputs are inference tensors (clone them before autograd
+    sees them)."""
+    with torch.inference_mode():
+        if isinstance(batch, list):
+            raw = enc.encode_items(batch)  # type: ignore[attr-defined]
+        elif batch.dim() == 5:  # frame sets [B, S, 3, H, W]
+            raw = enc.encode_sets(batch.to(dev, non_blocking=True).float().div_(255))  # type: ignore[attr-defined]
+        else:
+            raw = enc.encode(batch.to(dev, non_blocking=True).float().div_(255))
+        outputs = check_outputs(raw, len(batch), enc.name)
+        return {k: v.detach().to("cpu") for k, v in outputs.items()}
 
 
 def _finish_manifest(store: FeatureStore, enc: Encoder, all_paths: list[str], rank: tuple[int, int],

@@ -221,6 +221,10 @@ class FeatureStore:
         """The entry state of ``path``: one of :data:`STATES`."""
         return self._core.state(self.rel(path))
 
+    def states(self, paths: Iterable[str | os.PathLike[str]], *, threads: int | None = None) -> list[str]:
+        """:meth:`state` of many sources, checked in parallel in Rust."""
+        return self._core.check_many([self.rel(p) for p in paths], threads, None)
+
     def explain(self, path: str | os.PathLike[str]) -> str:
         """A few lines saying why a lookup of ``path`` hits or misses: the state, the entry, and
         what differs (stamps and digests of a changed input, both fingerprints, the parse error).
@@ -370,23 +374,16 @@ class FeatureStore:
         """
         import torch
 
-        from featstore._torch import SAFETENSORS_TO_TORCH, TORCH_TO_SAFETENSORS
+        from featstore._torch import TORCH_TO_SAFETENSORS
         from featstore.errors import BatchReadError, StaleEntryError
 
         rels = [self.rel(p) for p in paths]
         if out is None:
-            layout = None
-            for rel in rels:
-                state, entry, _ = self._core.check(rel)
-                if state == "valid":
-                    _, tensors, _ = _core.read_header(entry)
-                    layout = next(((dt, shape) for n, dt, shape, _, _ in tensors if n == name), None)
-                    if layout is not None:
-                        break
+            layout = next((lay[name] for lay in map(self.entry_layout, rels) if lay and name in lay), None)
             if layout is None:
                 raise StaleEntryError(f"none of the {len(rels)} sources has a valid entry with a tensor {name!r} "
                                       f"(feature {self.feature}); run `featstore precompute` first")
-            out = torch.empty((len(rels), *layout[1]), dtype=SAFETENSORS_TO_TORCH[layout[0]], pin_memory=pin_memory)
+            out = torch.empty((len(rels), *layout[1]), dtype=layout[0], pin_memory=pin_memory)
         elif out.device.type != "cpu" or not out.is_contiguous() or out.shape[0] != len(rels):
             raise ValueError(f"out must be a contiguous CPU tensor with {len(rels)} rows, got {tuple(out.shape)} "
                              f"on {out.device}")
@@ -400,6 +397,22 @@ class FeatureStore:
                                  f"{rel} (slot {i}): {why}", failed, out)
         self.stats["hits"] += len(rels)
         return out
+
+    def entry_layout(self, path: str | os.PathLike[str]) -> dict[str, tuple[torch.dtype, tuple[int, ...]]] | None:
+        """The dtype and shape of each tensor in the valid entry of ``path`` (from its header;
+        nothing is mapped), or None when there is no valid entry."""
+        from featstore._torch import SAFETENSORS_TO_TORCH
+
+        state, entry, _ = self._core.check(self.rel(path))
+        if state != "valid":
+            return None
+        _, tensors, _ = _core.read_header(entry)
+        return {name: (SAFETENSORS_TO_TORCH[dt], tuple(shape)) for name, dt, shape, _, _ in tensors}
+
+    def with_fingerprint(self, fingerprint: str) -> FeatureStore:
+        """The same store checking (and writing) entries against ``fingerprint``."""
+        args: dict[str, Any] = {**self._args, "fingerprint": fingerprint}
+        return FeatureStore(**args)
 
     # ----------------------------------------------------------------------------- frame sets
     def put_set(self, paths: Sequence[str | os.PathLike[str]], tensors: Mapping[str, torch.Tensor], *,

@@ -25,7 +25,8 @@ def resolve_encoder(spec: object, **vggt_options: object) -> Encoder:
         if ":" in spec:
             return as_encoder(load_callable(spec)())
         raise ValueError(f"unknown encoder {spec!r}: use 'vggt' or 'module.path:callable'")
-    if callable(spec) and not hasattr(spec, "encode") and not hasattr(spec, "forward"):
+    # A class is a factory too (it has `encode` as a function, not as a bound method).
+    if isinstance(spec, type) or (callable(spec) and not hasattr(spec, "encode") and not hasattr(spec, "forward")):
         return as_encoder(spec())
     return as_encoder(spec)
 

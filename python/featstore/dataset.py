@@ -1,0 +1,573 @@
+"""The training side: :class:`CachedDataset` adds cached features to a dataset's samples.
+
+Modes
+-----
+``read``
+    Serve valid entries. A miss (missing, stale, corrupt, another encoder's) is computed live
+    with the encoder and not written (``on_miss="compute"``), or the sample comes without
+    features (``"skip"``), or it is an error (``"error"``).
+``lazy``
+    A miss is computed once and written atomically: the first epoch computes, later epochs read.
+``off``
+    The store is never touched (``use_cache=False``, ``USE_VGGT_CACHE=false`` or
+    ``FEATSTORE_USE_CACHE=0``): features are computed live, or left out without an encoder.
+
+Where misses are computed: a CPU encoder runs where the sample is loaded (a DataLoader worker).
+An encoder on a GPU runs in the main process only, because CUDA cannot be used in a forked
+worker: workers hand the miss on, and :meth:`CachedDataset.fill` (which
+:meth:`CachedDataset.loader` calls on every batch) encodes a batch's misses together.
+
+Fast batches: with a batch size, the DataLoader hands a batch's indices to ``__getitems__``,
+which reads each fixed-shape tensor of all the batch's entries into one tensor with
+:meth:`FeatureStore.read_batch` (parallel ``pread`` without the GIL, into shared memory in a
+worker, so the batch crosses to the main process without another copy), and :func:`collate`
+passes that tensor on instead of stacking per-sample copies.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+import warnings
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from featstore.errors import FeatstoreError, StaleEntryError
+from featstore.store import FeatureStore
+
+MODES = ("read", "lazy", "off")
+ON_MISS = ("compute", "skip", "error")
+#: Environment switches of the cache, first set wins (``USE_VGGT_CACHE`` is the old scripts' name).
+USE_CACHE_VARIABLES = ("FEATSTORE_USE_CACHE", "USE_VGGT_CACHE")
+#: The key under which a worker hands a miss on to the main process (a source path, or None).
+PENDING = "_featstore_pending"
+
+log = logging.getLogger("featstore")
+
+
+def use_cache_default(default: bool = True) -> bool:
+    """Whether the cache is on, from ``FEATSTORE_USE_CACHE`` or ``USE_VGGT_CACHE`` (unset: ``default``)."""
+    from featstore.pipeline import env_bool
+
+    for name in USE_CACHE_VARIABLES:
+        if os.environ.get(name, "").strip():
+            return env_bool(name, default)
+    return default
+
+
+@dataclass
+class CacheArguments:
+    """Training arguments of the feature cache, for ``HfArgumentParser``-style dataclasses (inherit
+    from it, or use it beside your own)."""
+
+    use_cache: bool = field(default_factory=use_cache_default, metadata={
+        "help": "Read precomputed features (default: $FEATSTORE_USE_CACHE or $USE_VGGT_CACHE, else true). "
+                "false bypasses the cache: features are computed live."})
+    cache_mode: str = field(default="read", metadata={
+        "help": "read: serve cached features, compute misses live; lazy: compute a miss once and store it; "
+                "off: never touch the cache."})
+    cache_dir: str | None = field(default_factory=lambda: os.environ.get("VGGT_CACHE_DIR") or None, metadata={
+        "help": "Keep entries in this directory (dir layout) instead of beside the images (default: "
+                "$VGGT_CACHE_DIR)."})
+
+
+class CachedDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
+    """A dataset whose samples carry their cached features.
+
+    Parameters
+    ----------
+    base : dataset
+        ``base[i]`` is a dict (anything else is wrapped as ``{"sample": x}``).
+    store : FeatureStore
+        Where the features are (None only with the cache off).
+    path_fn : callable, optional
+        ``path_fn(sample) -> str``: the sample's source (absolute, or relative to the data root).
+    paths : sequence of str, optional
+        The sources in dataset order, instead of ``path_fn``; also lets the start log line count
+        exactly what is cached.
+    encoder : encoder, nn.Module or zero-argument factory, optional
+        Computes misses. A factory is called on the first miss only (in each process that meets
+        one), so a fully cached run never loads the encoder.
+    mode : {"read", "lazy", "off"}
+        See the module documentation.
+    use_cache : bool, optional
+        False forces mode ``off``. Default: ``$FEATSTORE_USE_CACHE`` / ``$USE_VGGT_CACHE``, else true.
+    on_miss : {"compute", "skip", "error"}, optional
+        What a miss does in ``read`` and ``off`` mode (default: compute when there is an encoder,
+        else skip).
+    device : str
+        Where the encoder runs.
+    encode_in_workers : bool, optional
+        Whether DataLoader workers compute misses themselves; otherwise they hand them on to the
+        main process, which encodes each batch's misses in one call (:meth:`fill`). Default: on
+        the CPU they do; a GPU encoder runs in the main process only.
+    pad : iterable of str
+        Variable-length tensors (e.g. ``prompt_embed``) that :meth:`collate` pads to the longest
+        in the batch along their first axis, adding ``<name>_mask``.
+    pin_memory : bool
+        Read batches into pinned memory when loading in the main process.
+    log_start : bool
+        Log one line saying what is on (``feature cache enabled: feature vggt, ...``).
+
+    Each returned sample is the base sample plus the entry's tensors under their names and
+    ``cached``: True when the features came from the cache (False when computed live, or absent
+    with ``on_miss="skip"``).
+    """
+
+    def __init__(self, base: Any, store: FeatureStore | None, *, path_fn: Callable[[Any], str] | None = None,
+                 paths: Sequence[str] | None = None, encoder: Any = None, mode: str = "read",
+                 use_cache: bool | None = None, on_miss: str | None = None, device: str = "cpu",
+                 encode_in_workers: bool | None = None, pad: Iterable[str] = (), pin_memory: bool = False,
+                 log_start: bool = True) -> None:
+        if use_cache is None:
+            use_cache = use_cache_default()
+        self.switched_off = not use_cache
+        if self.switched_off:
+            mode = "off"
+        if mode not in MODES:
+            raise ValueError(f"mode {mode!r} is not one of {MODES}")
+        if on_miss is None:
+            on_miss = "compute" if encoder is not None else "skip"
+        if on_miss not in ON_MISS:
+            raise ValueError(f"on_miss {on_miss!r} is not one of {ON_MISS}")
+        if encoder is None and (mode == "lazy" or on_miss == "compute"):
+            raise ValueError(f"mode {mode!r} with on_miss {on_miss!r} computes misses: pass encoder= (an encoder, "
+                             "an nn.Module, or a zero-argument factory of one)")
+        if path_fn is None and paths is None:
+            raise ValueError("name each sample's source: pass path_fn=(sample -> path) or paths=[...]")
+        if paths is not None and len(paths) != len(base):
+            raise ValueError(f"paths has {len(paths)} sources but the dataset has {len(base)} samples")
+        if store is None and mode != "off":
+            raise ValueError(f"mode {mode!r} needs a FeatureStore (store=None only with the cache off)")
+        self.base = base
+        self.mode = mode
+        self.on_miss = on_miss if mode != "lazy" else "compute"
+        self.data_root = store.data_root if store is not None else None
+        # Off means off: not even a reference that could be used by accident.
+        self.store = store if mode != "off" else None
+        self.path_fn = path_fn
+        self.paths = list(paths) if paths is not None else None
+        self.encoder_spec = encoder
+        self.device = device
+        self.encode_in_workers = (torch.device(device).type == "cpu") if encode_in_workers is None \
+            else encode_in_workers
+        self.pad = tuple(pad)
+        self.pin_memory = pin_memory
+        self._encoder: Any = None  # built on the first miss, in each process
+        # name -> (dtype, shape) of the fixed-shape tensors, learned from the first hit.
+        self._layout: dict[str, tuple[torch.dtype, tuple[int, ...]]] | None = None
+        self._warned: set[str] = set()
+        self._main_fills = False  # set by loader(): it calls fill() on every batch
+        if log_start:
+            self._log_start()
+
+    # Workers under spawn get the dataset pickled: never ship a loaded encoder, only its factory.
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_encoder"] = None
+        return state
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self._load([index])[0]
+
+    def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
+        """A whole batch at once (the DataLoader calls this with a batch size): fixed-shape
+        tensors are read into one batch tensor each, and samples hold its rows."""
+        return self._load(list(indices))
+
+    def collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        """:func:`collate` with this dataset's padded tensors."""
+        return collate(samples, pad=self.pad)
+
+    def loader(self, **dataloader_args: Any) -> CachedLoader:
+        """A ``DataLoader`` over this dataset that collates with :meth:`collate` and fills the
+        misses workers handed on (:meth:`fill`) in the main process."""
+        dataloader_args.setdefault("collate_fn", self.collate)
+        self._main_fills = True  # workers (forked or unpickled after this) know misses are filled
+        return CachedLoader(torch.utils.data.DataLoader(self, **dataloader_args), self)
+
+    # ----------------------------------------------------------------------------- loading
+    def _load(self, indices: list[int]) -> list[dict[str, Any]]:
+        samples = []
+        for i in indices:
+            x = self.base[i]
+            samples.append(dict(x) if isinstance(x, Mapping) else {"sample": x})
+        sources = [self._source(i, s) for i, s in zip(indices, samples, strict=True)]
+        misses = list(range(len(samples))) if self.store is None else self._read(samples, sources)
+        missed = set(misses)
+        for j, sample in enumerate(samples):
+            sample["cached"] = j not in missed
+        if misses:
+            self._miss(samples, sources, misses)
+        return samples
+
+    def _source(self, index: int, sample: dict[str, Any]) -> str:
+        path = self.paths[index] if self.paths is not None else self.path_fn(sample)  # type: ignore[misc]
+        path = os.fspath(path)
+        if self.store is not None:
+            return self.store.rel(path)
+        return path if self.data_root is None or os.path.isabs(path) else os.path.join(self.data_root, path)
+
+    def _abs(self, source: str) -> str:
+        return source if os.path.isabs(source) or self.data_root is None else os.path.join(self.data_root, source)
+
+    def _read(self, samples: list[dict[str, Any]], sources: list[str]) -> list[int]:
+        """Adds the cached tensors to the samples; returns the rows that missed."""
+        assert self.store is not None
+        fixed = {} if self.pad else self._layout
+        if len(samples) == 1 or not fixed:
+            return self._read_each(samples, sources, range(len(samples)))
+        failed: set[int] = set()
+        for name, (dtype, shape) in fixed.items():
+            out = self._batch_tensor(len(samples), dtype, shape)
+            try:
+                self.store.read_batch(sources, name, out)
+            except Exception as exc:
+                slots = getattr(exc, "failed", None)
+                if slots is None:
+                    raise
+                failed.update(i for i, _, _ in slots)
+            for j, sample in enumerate(samples):
+                sample[name] = out[j]
+        for j in failed:  # rows of the batch tensors that hold nothing: this row is read alone
+            for name in fixed:
+                del samples[j][name]
+        return self._read_each(samples, sources, sorted(failed))
+
+    def _read_each(self, samples: list[dict[str, Any]], sources: list[str], rows: Iterable[int]) -> list[int]:
+        assert self.store is not None
+        misses = []
+        for j in rows:
+            tensors = self.store.get(sources[j])
+            if tensors is None:
+                misses.append(j)
+                continue
+            samples[j].update(tensors)
+            if self._layout is None:
+                self._layout = {n: (t.dtype, tuple(t.shape)) for n, t in tensors.items() if n not in self.pad}
+        return misses
+
+    def _batch_tensor(self, rows: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+        """An uninitialized ``[rows, *shape]`` tensor to read a batch into: in shared memory in a
+        DataLoader worker (the batch then reaches the main process without a copy), pinned on
+        request in the main process."""
+        if torch.utils.data.get_worker_info() is not None:
+            nbytes = rows * math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            return _tensor_on(torch.UntypedStorage._new_shared(nbytes), dtype, (rows, *shape))
+        return torch.empty((rows, *shape), dtype=dtype, pin_memory=self.pin_memory and torch.cuda.is_available())
+
+    # ----------------------------------------------------------------------------- misses
+    def _miss(self, samples: list[dict[str, Any]], sources: list[str], rows: list[int]) -> None:
+        if self.on_miss == "skip":
+            return
+        if self.on_miss == "error":
+            assert self.store is not None
+            j = rows[0]
+            raise StaleEntryError(f"{len(rows)} sample(s) have no valid {self.store.feature} entry, e.g. "
+                                  f"{self._abs(sources[j])} ({self.store.state(sources[j])}); run `featstore "
+                                  "precompute`, or use mode='lazy' or on_miss='compute'")
+        if not self.encode_in_workers and torch.utils.data.get_worker_info() is not None:
+            # CUDA cannot run in a forked worker: the main process encodes these (fill).
+            for j in rows:
+                samples[j][PENDING] = sources[j]
+            if not self._main_fills:
+                self._warn_once("pending", "featstore: misses are encoded in the main process (a GPU encoder); "
+                                "iterate over dataset.loader(...), or call dataset.fill(batch) on each batch")
+            return
+        for j, (tensors, cached) in zip(rows, self.compute([sources[j] for j in rows]), strict=True):
+            samples[j].update(tensors)
+            samples[j]["cached"] = cached
+
+    def fill(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """Computes, in this process and in one encoder call, the misses that DataLoader workers
+        handed on (a GPU encoder), and puts their features into ``batch`` (a collated batch, or
+        one sample). Lazy mode writes them. A batch with nothing pending is returned as is."""
+        pending = batch.pop(PENDING, None)
+        if pending is None:
+            return batch
+        if isinstance(pending, str):  # one sample (a DataLoader without a batch size)
+            tensors, cached = self.compute([pending])[0]
+            batch.update(tensors)
+            batch["cached"] = cached
+            return batch
+        rows = [j for j, source in enumerate(pending) if source is not None]
+        if not rows:
+            return batch
+        for j, (tensors, cached) in zip(rows, self.compute([pending[j] for j in rows]), strict=True):
+            for name, t in tensors.items():
+                _put_row(batch, name, j, t, len(pending), padded=name in self.pad)
+            batch["cached"][j] = cached
+        return batch
+
+    def compute(self, sources: Sequence[str]) -> list[tuple[dict[str, torch.Tensor], bool]]:
+        """The features of ``sources`` (store-relative or absolute paths) and whether each came
+        from the cache after all. Lazy mode claims the entries first: a worker or rank that meets
+        an entry another one is computing waits, then reads it; the rest are encoded in one
+        batch and written atomically."""
+        from featstore.lock import entry_claims
+
+        if self.mode != "lazy":
+            return [(t, False) for t in self._encode(sources)]
+        assert self.store is not None
+        self._encoder_instance()  # adopts the encoder's fingerprint before any lookup below
+        with entry_claims(self.store, list(sources)):
+            found = [self.store.get(s) for s in sources]
+            todo = [s for s, t in zip(sources, found, strict=True) if t is None]
+            computed = iter(self._encode(todo, write=True))
+            return [(t, True) if t is not None else (next(computed), False) for t in found]
+
+    def _encode(self, sources: Sequence[str], write: bool = False) -> list[dict[str, torch.Tensor]]:
+        """Encodes sources in batches of equal input shape; with ``write``, stores each entry."""
+        from featstore.pipeline import decode_source, encode_batch
+
+        if not sources:
+            return []
+        enc = self._encoder_instance()
+        decoded = []
+        for source in sources:
+            item, error, stamp = decode_source(enc, self._abs(source))
+            if error is not None:
+                raise FeatstoreError(f"cannot compute {getattr(enc, 'name', 'the')} features of "
+                                     f"{self._abs(source)}: {error}")
+            decoded.append((item, stamp))
+        items_mode = hasattr(enc, "encode_items")
+        groups: dict[Any, list[int]] = defaultdict(list)
+        for k, (item, _) in enumerate(decoded):
+            groups[() if items_mode else tuple(item.shape)].append(k)
+        results: list[dict[str, torch.Tensor]] = [{} for _ in sources]
+        for ks in groups.values():
+            batch = [decoded[k][0] for k in ks] if items_mode else torch.stack([decoded[k][0] for k in ks])
+            outputs = encode_batch(enc, torch.device(self.device), batch)
+            for row, k in enumerate(ks):
+                # A clone outside inference mode: autograd may save these for backward.
+                results[k] = {name: t[row].clone() for name, t in outputs.items()}
+        if write:
+            for source, (_, stamp), tensors in zip(sources, decoded, results, strict=True):
+                self._write(enc, source, tensors, stamp)
+        return results
+
+    def _write(self, enc: Any, source: str, tensors: dict[str, torch.Tensor], stamp: Any) -> None:
+        """Stores a lazily computed entry; a failed write is warned about once (training goes on
+        with the computed features, the next epoch computes them again)."""
+        assert self.store is not None
+        try:
+            inputs = enc.inputs(source, self._abs(source)) if hasattr(enc, "inputs") else None
+            self.store._put(source, tensors, inputs=inputs, expected=stamp)
+        except (OSError, FeatstoreError) as exc:
+            self._warn_once(f"write:{type(exc).__name__}",
+                            f"featstore: could not store the lazily computed entry of {self._abs(source)}: {exc}. "
+                            "Training goes on with the computed features; further such failures are not reported")
+
+    def _encoder_instance(self) -> Any:
+        """The encoder, built on first use in this process; checks that it writes what the store
+        expects."""
+        if self._encoder is not None:
+            return self._encoder
+        from featstore.encoders import resolve_encoder
+
+        enc = resolve_encoder(self.encoder_spec)
+        if hasattr(enc, "to"):
+            enc.to(self.device)
+        if self.store is not None:
+            fingerprint = enc.fingerprint()
+            if self.store.fingerprint is None:
+                # Entries written now must carry the encoder's fingerprint, and the lookups
+                # check it from here on.
+                self.store = self.store.with_fingerprint(fingerprint)
+            elif self.store.fingerprint != fingerprint:
+                raise FeatstoreError(
+                    f"the encoder's fingerprint {fingerprint} differs from the one entries of feature "
+                    f"{self.store.feature} are checked against ({self.store.fingerprint}, from "
+                    f"{self.store.manifest_path} or as given): its features would not match the cached ones. "
+                    "Use the encoder the cache was computed with, or open the store with "
+                    "fingerprint=encoder.fingerprint() (then the old entries are recomputed)")
+        self._encoder = enc
+        return enc
+
+    def _warn_once(self, kind: str, message: str) -> None:
+        if kind not in self._warned:
+            self._warned.add(kind)
+            warnings.warn(message, stacklevel=3)
+
+    # ----------------------------------------------------------------------------- the start line
+    def describe(self) -> str:
+        """The start log line: what is on, and how much is cached."""
+        if self.store is None:
+            why = "use_cache=False" if self.switched_off else "mode off"
+            then = "features are computed live" if self.on_miss == "compute" else "samples come without features"
+            return f"feature cache disabled ({why}): {then}"
+        s = self.store
+        if self.paths is not None:
+            valid = s.states(self.paths).count("valid")
+            cached = f"{valid:,} of {len(self.paths):,} cached"
+        else:
+            cached = _cached_from_manifest(s)
+        where = f", cache_dir {s.cache_dir}" if s.cache_dir else ""
+        return f"feature cache enabled: feature {s.feature}, layout {s.layout}{where}, {cached}, mode {self.mode}"
+
+    def _log_start(self) -> None:
+        if os.environ.get("RANK", "0") != "0":
+            return  # one line per job, not per rank
+        line = self.describe()
+        if log.hasHandlers():
+            log.info(line)
+        else:  # logging is not configured: the line should still be seen
+            print(f"[featstore] {line}", file=sys.stderr)
+
+
+def _cached_from_manifest(store: FeatureStore) -> str:
+    import json
+
+    from featstore import _core
+
+    text = _core.read_manifest(store.manifest_path)
+    if text is None:
+        return "cached count unknown (no manifest yet; pass paths= to count)"
+    fields = json.loads(text)
+    return f"{fields.get('processed_images', 0):,} of {fields.get('total_images', 0):,} cached (manifest)"
+
+
+class CachedLoader:
+    """A DataLoader whose batches have their handed-on misses filled (:meth:`CachedDataset.fill`).
+    Anything else (``sampler``, ``batch_size``, ``len``) is the DataLoader's."""
+
+    def __init__(self, loader: torch.utils.data.DataLoader, dataset: CachedDataset) -> None:  # type: ignore[type-arg]
+        self.loader = loader
+        self.dataset = dataset
+
+    def __iter__(self) -> Iterator[Any]:
+        for batch in self.loader:
+            yield self.dataset.fill(batch) if isinstance(batch, dict) else batch
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.loader, name)
+
+
+# ----------------------------------------------------------------------------------- collate
+_ABSENT = object()
+
+
+def collate(samples: list[dict[str, Any]], *, pad: Iterable[str] = ()) -> dict[str, Any]:
+    """Collates :class:`CachedDataset` samples; batches may mix cached and uncached samples.
+
+    - Rows of one batch tensor (``__getitems__`` read the batch into it) are passed on as that
+      tensor: no copy.
+    - Other tensors are stacked; rows of samples without them (``on_miss="skip"``) are zeros,
+      and ``cached`` (a bool tensor) says which rows hold features.
+    - Tensors named in ``pad`` are padded with zeros to the longest in the batch along their first
+      axis, with ``<name>_mask`` (bool ``[B, L]``, True where real).
+    - Anything else goes through torch's ``default_collate``.
+    """
+    pad = set(pad)
+    keys: dict[str, None] = {}
+    for s in samples:
+        keys.update(dict.fromkeys(s))
+    batch: dict[str, Any] = {}
+    for key in keys:
+        values = [s.get(key, _ABSENT) for s in samples]
+        if key == PENDING:
+            batch[key] = [None if v is _ABSENT else v for v in values]
+        elif key in pad:
+            batch[key], batch[f"{key}_mask"] = _pad_stack(key, values)
+        elif all(v is not _ABSENT for v in values):
+            joined = _rows_of_one_tensor(values)
+            batch[key] = joined if joined is not None else torch.utils.data.default_collate(values)
+        elif all(v is _ABSENT or isinstance(v, torch.Tensor) for v in values):
+            batch[key] = _stack_with_zeros(key, values)
+        else:
+            batch[key] = [None if v is _ABSENT else v for v in values]
+    return batch
+
+
+def _rows_of_one_tensor(values: list[Any]) -> torch.Tensor | None:
+    """The batch tensor when ``values`` are its rows 0..B-1 in order (and fill all of it)."""
+    first = values[0]
+    if not isinstance(first, torch.Tensor) or not first.is_contiguous():
+        return None
+    storage = first.untyped_storage()
+    n = first.numel()
+    if storage.nbytes() != len(values) * n * first.element_size():
+        return None
+    for j, v in enumerate(values):
+        if (not isinstance(v, torch.Tensor) or v.dtype != first.dtype or v.shape != first.shape
+                or v.untyped_storage().data_ptr() != storage.data_ptr() or v.storage_offset() != j * n
+                or not v.is_contiguous()):
+            return None
+    return _tensor_on(storage, first.dtype, (len(values), *first.shape))
+
+
+def _tensor_on(storage: torch.UntypedStorage, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    """A contiguous tensor of ``shape`` over all of ``storage`` (no copy)."""
+    strides = [1] * len(shape)
+    for d in range(len(shape) - 2, -1, -1):
+        strides[d] = strides[d + 1] * shape[d + 1]
+    return torch.empty((0,), dtype=dtype, device=storage.device).set_(storage, 0, shape, strides)
+
+
+def _stack_with_zeros(key: str, values: list[Any]) -> torch.Tensor:
+    present = [v for v in values if v is not _ABSENT]
+    shapes = {tuple(v.shape) for v in present}
+    if len(shapes) != 1:
+        raise ValueError(f"collate: tensor {key!r} has shapes {sorted(shapes)} in one batch; name it in pad=")
+    out = present[0].new_zeros((len(values), *present[0].shape))
+    for j, v in enumerate(values):
+        if v is not _ABSENT:
+            out[j] = v
+    return out
+
+
+def _pad_stack(key: str, values: list[Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    present = [v for v in values if v is not _ABSENT]
+    if not present:
+        raise ValueError(f"collate: no sample in the batch has {key!r}")
+    tails = {tuple(v.shape[1:]) for v in present}
+    if len(tails) != 1 or present[0].dim() == 0:
+        raise ValueError(f"collate: {key!r} can be padded only along its first axis; shapes "
+                         f"{sorted(tuple(v.shape) for v in present)}")
+    length = max(v.shape[0] for v in present)
+    out = present[0].new_zeros((len(values), length, *present[0].shape[1:]))
+    mask = torch.zeros((len(values), length), dtype=torch.bool)
+    for j, v in enumerate(values):
+        if v is not _ABSENT:
+            out[j, :v.shape[0]] = v
+            mask[j, :v.shape[0]] = True
+    return out, mask
+
+
+def _put_row(batch: dict[str, Any], name: str, row: int, t: torch.Tensor, rows: int, *, padded: bool) -> None:
+    """Puts one computed sample's tensor into row ``row`` of a collated batch (creating, or for
+    padded tensors lengthening, the batch tensor)."""
+    current = batch.get(name)
+    if not padded:
+        if current is None:
+            batch[name] = current = t.new_zeros((rows, *t.shape))
+        current[row] = t
+        return
+    if current is None:
+        current = t.new_zeros((rows, t.shape[0], *t.shape[1:]))
+        mask = torch.zeros((rows, t.shape[0]), dtype=torch.bool)
+    else:
+        mask = batch[f"{name}_mask"]
+    if t.shape[0] > current.shape[1]:  # longer than the batch so far: lengthen
+        longer = current.new_zeros((rows, t.shape[0], *current.shape[2:]))
+        longer[:, :current.shape[1]] = current
+        wider = torch.zeros((rows, t.shape[0]), dtype=torch.bool)
+        wider[:, :mask.shape[1]] = mask
+        current, mask = longer, wider
+    current[row].zero_()
+    current[row, :t.shape[0]] = t
+    mask[row].zero_()
+    mask[row, :t.shape[0]] = True
+    batch[name], batch[f"{name}_mask"] = current, mask
