@@ -330,3 +330,29 @@ def test_bad_arguments_are_clear(data):
         CachedDataset(Images(root, rels), store, path_fn=source_of, mode="sometimes")
     with pytest.raises(ValueError, match="needs a FeatureStore"):
         CachedDataset(Images(root, rels), None, path_fn=source_of)
+
+
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_batch_buffers_are_reused_only_when_nothing_holds_them(data, prefetch):
+    root, rels, _ = data
+    precompute_some(root, rels)
+    ds = CachedDataset(Images(root, rels), FeatureStore(root, "toy"), path_fn=source_of, log_start=False)
+    held = list(ds.loader(batch_size=4, prefetch=prefetch))  # every batch kept: no buffer may be refilled
+    assert len({b["features"].data_ptr() for b in held}) == 4
+    for b in held:
+        for i, feats in zip(b["index"].tolist(), b["features"], strict=True):
+            torch.testing.assert_close(feats, expected_features(root, rels[i]))
+    del held
+    seen = {b["features"].data_ptr() for b in ds.loader(batch_size=4, prefetch=prefetch)}
+    assert len(seen) <= 1 + prefetch + 1  # dropped batches give their buffers back
+
+
+def test_a_loader_stopped_early_stops_its_prefetch_thread(data):
+    import threading
+
+    root, rels, _ = data
+    precompute_some(root, rels)
+    ds = CachedDataset(Images(root, rels), FeatureStore(root, "toy"), path_fn=source_of, log_start=False)
+    for _ in ds.loader(batch_size=2, prefetch=2):
+        break
+    assert not any(t.name == "featstore-fill" for t in threading.enumerate())

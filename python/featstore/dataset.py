@@ -26,10 +26,13 @@ passes that tensor on instead of stacking per-sample copies.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
+import queue
 import sys
+import threading
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -38,15 +41,19 @@ from typing import Any
 
 import torch
 
-from featstore.errors import FeatstoreError, StaleEntryError
+from featstore.errors import BatchReadError, FeatstoreError, StaleEntryError
 from featstore.store import FeatureStore
 
 MODES = ("read", "lazy", "off")
 ON_MISS = ("compute", "skip", "error")
 #: Environment switches of the cache, first set wins (``USE_VGGT_CACHE`` is the old scripts' name).
 USE_CACHE_VARIABLES = ("FEATSTORE_USE_CACHE", "USE_VGGT_CACHE")
-#: The key under which a worker hands a miss on to the main process (a source path, or None).
-PENDING = "_featstore_pending"
+#: The key under which a sample hands work on to :meth:`CachedDataset.fill` in the main process:
+#: ``("read", source)`` (read there, into one reused batch buffer) or ``("encode", source)``.
+HANDOFF = "_featstore_handoff"
+#: Batch buffers kept per shape for reuse in the main process (a fresh buffer costs a page fault
+#: and a zeroed page per 4 KiB, as much as the copy itself).
+POOLED_BUFFERS = 8
 
 log = logging.getLogger("featstore")
 
@@ -163,7 +170,10 @@ class CachedDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
         # name -> (dtype, shape) of the fixed-shape tensors, learned from the first hit.
         self._layout: dict[str, tuple[torch.dtype, tuple[int, ...]]] | None = None
         self._warned: set[str] = set()
-        self._main_fills = False  # set by loader(): it calls fill() on every batch
+        # Set by loader(), which calls fill() on every batch in the main process: samples then
+        # hand their reads and GPU misses on to it (workers forked or unpickled later see this).
+        self._main_fills = False
+        self._pool: dict[tuple[Any, ...], list[torch.Tensor]] = {}
         if log_start:
             self._log_start()
 
@@ -171,6 +181,7 @@ class CachedDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["_encoder"] = None
+        state["_pool"] = {}
         return state
 
     def __len__(self) -> int:
@@ -188,12 +199,16 @@ class CachedDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
         """:func:`collate` with this dataset's padded tensors."""
         return collate(samples, pad=self.pad)
 
-    def loader(self, **dataloader_args: Any) -> CachedLoader:
-        """A ``DataLoader`` over this dataset that collates with :meth:`collate` and fills the
-        misses workers handed on (:meth:`fill`) in the main process."""
+    def loader(self, *, prefetch: int = 2, **dataloader_args: Any) -> CachedLoader:
+        """A ``DataLoader`` over this dataset (``dataloader_args`` are its own) whose batches get
+        their features in the main process (:meth:`fill`): workers load the base samples and
+        check the entries (two ``stat`` s each), then each batch's features are read with one
+        parallel ``read_batch`` per tensor into a reused (or pinned) buffer, and GPU misses are
+        encoded together. ``prefetch`` batches are filled ahead on a background thread (0: on
+        the consumer's thread)."""
         dataloader_args.setdefault("collate_fn", self.collate)
-        self._main_fills = True  # workers (forked or unpickled after this) know misses are filled
-        return CachedLoader(torch.utils.data.DataLoader(self, **dataloader_args), self)
+        self._main_fills = True
+        return CachedLoader(torch.utils.data.DataLoader(self, **dataloader_args), self, prefetch)
 
     # ----------------------------------------------------------------------------- loading
     def _load(self, indices: list[int]) -> list[dict[str, Any]]:
@@ -202,7 +217,17 @@ class CachedDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
             x = self.base[i]
             samples.append(dict(x) if isinstance(x, Mapping) else {"sample": x})
         sources = [self._source(i, s) for i, s in zip(indices, samples, strict=True)]
-        misses = list(range(len(samples))) if self.store is None else self._read(samples, sources)
+        if self.store is None:
+            misses = list(range(len(samples)))
+        elif self._main_fills:  # fill() reads the hits, all of a batch at once
+            misses = []
+            for j, state in enumerate(self.store.states(sources, threads=1)):
+                if state in ("valid", "legacy"):
+                    samples[j][HANDOFF] = ("read", sources[j])
+                else:
+                    misses.append(j)
+        else:
+            misses = self._read(samples, sources)
         missed = set(misses)
         for j, sample in enumerate(samples):
             sample["cached"] = j not in missed
@@ -257,28 +282,35 @@ class CachedDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
         return misses
 
     def _batch_tensor(self, rows: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-        """An uninitialized ``[rows, *shape]`` tensor to read a batch into: in shared memory in a
-        DataLoader worker (the batch then reaches the main process without a copy), pinned on
-        request in the main process."""
+        """An uninitialized ``[rows, *shape]`` tensor to read a batch into. In a DataLoader worker
+        it is in shared memory (the batch then reaches the main process without another copy).
+        In the main process it is pinned on request (torch's caching host allocator reuses
+        pinned blocks once their copies to the GPU are done), else a pooled buffer that nothing
+        else references any more."""
         if torch.utils.data.get_worker_info() is not None:
             nbytes = rows * math.prod(shape) * torch.empty((), dtype=dtype).element_size()
             return _tensor_on(torch.UntypedStorage._new_shared(nbytes), dtype, (rows, *shape))
-        return torch.empty((rows, *shape), dtype=dtype, pin_memory=self.pin_memory and torch.cuda.is_available())
+        if self.pin_memory and torch.cuda.is_available():
+            return torch.empty((rows, *shape), dtype=dtype, pin_memory=True)
+        pool = self._pool.setdefault((dtype, rows, shape), [])
+        for buf in pool:
+            if _unreferenced(buf):
+                return buf.view(buf.shape)  # a new view: while it lives, the buffer counts as used
+        buf = torch.empty((rows, *shape), dtype=dtype)
+        if len(pool) < POOLED_BUFFERS and _unreferenced(buf):
+            pool.append(buf)
+            return buf.view(buf.shape)
+        return buf
 
     # ----------------------------------------------------------------------------- misses
     def _miss(self, samples: list[dict[str, Any]], sources: list[str], rows: list[int]) -> None:
-        if self.on_miss == "skip":
+        if self.on_miss != "compute":
+            self._unresolved([sources[j] for j in rows])
             return
-        if self.on_miss == "error":
-            assert self.store is not None
-            j = rows[0]
-            raise StaleEntryError(f"{len(rows)} sample(s) have no valid {self.store.feature} entry, e.g. "
-                                  f"{self._abs(sources[j])} ({self.store.state(sources[j])}); run `featstore "
-                                  "precompute`, or use mode='lazy' or on_miss='compute'")
         if not self.encode_in_workers and torch.utils.data.get_worker_info() is not None:
             # CUDA cannot run in a forked worker: the main process encodes these (fill).
             for j in rows:
-                samples[j][PENDING] = sources[j]
+                samples[j][HANDOFF] = ("encode", sources[j])
             if not self._main_fills:
                 self._warn_once("pending", "featstore: misses are encoded in the main process (a GPU encoder); "
                                 "iterate over dataset.loader(...), or call dataset.fill(batch) on each batch")
@@ -287,26 +319,85 @@ class CachedDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
             samples[j].update(tensors)
             samples[j]["cached"] = cached
 
+    def _unresolved(self, sources: Sequence[str]) -> None:
+        """Misses with ``on_miss`` skip (the samples stay without features) or error."""
+        if self.on_miss == "error":
+            assert self.store is not None
+            raise StaleEntryError(f"{len(sources)} sample(s) have no valid {self.store.feature} entry, e.g. "
+                                  f"{self._abs(sources[0])} ({self.store.state(sources[0])}); run `featstore "
+                                  "precompute`, or use mode='lazy' or on_miss='compute'")
+
     def fill(self, batch: dict[str, Any]) -> dict[str, Any]:
-        """Computes, in this process and in one encoder call, the misses that DataLoader workers
-        handed on (a GPU encoder), and puts their features into ``batch`` (a collated batch, or
-        one sample). Lazy mode writes them. A batch with nothing pending is returned as is."""
-        pending = batch.pop(PENDING, None)
-        if pending is None:
+        """Does, in this process, what samples handed on (:meth:`loader` calls it on every
+        batch): reads the batch's entries, one ``read_batch`` per fixed-shape tensor into one
+        buffer, and encodes its misses in one encoder call (a GPU encoder), writing them in lazy
+        mode. ``batch`` is a collated batch, or one sample; one with nothing handed on is
+        returned as is."""
+        handoff = batch.pop(HANDOFF, None)
+        if handoff is None:
             return batch
-        if isinstance(pending, str):  # one sample (a DataLoader without a batch size)
-            tensors, cached = self.compute([pending])[0]
+        if isinstance(handoff, tuple):  # one sample (a DataLoader without a batch size)
+            what, source = handoff
+            tensors = self.store.get(source) if what == "read" and self.store is not None else None
+            if tensors is None:
+                batch["cached"] = False
+                if self.on_miss != "compute":
+                    self._unresolved([source])
+                    return batch
+                tensors, batch["cached"] = self.compute([source])[0]
             batch.update(tensors)
-            batch["cached"] = cached
             return batch
-        rows = [j for j, source in enumerate(pending) if source is not None]
-        if not rows:
+        rows = len(handoff)
+        reads = [(j, h[1]) for j, h in enumerate(handoff) if h is not None and h[0] == "read"]
+        misses = [(j, h[1]) for j, h in enumerate(handoff) if h is not None and h[0] == "encode"]
+        if reads:
+            misses += self._read_rows(batch, reads, rows)
+        if not misses:
             return batch
-        for j, (tensors, cached) in zip(rows, self.compute([pending[j] for j in rows]), strict=True):
+        for j, _ in misses:
+            batch["cached"][j] = False
+        if self.on_miss != "compute":
+            self._unresolved([source for _, source in misses])
+            for j, _ in misses:  # rows a failed batch read left undefined
+                for name in self._layout or {}:
+                    if isinstance(batch.get(name), torch.Tensor):
+                        batch[name][j].zero_()
+            return batch
+        for (j, _), (tensors, cached) in zip(misses, self.compute([s for _, s in misses]), strict=True):
             for name, t in tensors.items():
-                _put_row(batch, name, j, t, len(pending), padded=name in self.pad)
+                _put_row(batch, name, j, t, rows, padded=name in self.pad)
             batch["cached"][j] = cached
         return batch
+
+    def _read_rows(self, batch: dict[str, Any], reads: list[tuple[int, str]], rows: int) -> list[tuple[int, str]]:
+        """Reads the entries of ``reads`` (row, source) into ``batch``; returns those that missed."""
+        assert self.store is not None
+        if self._layout is None:
+            layout = next((lay for lay in map(self.store.entry_layout, (s for _, s in reads)) if lay), None)
+            if layout is not None:
+                self._layout = {n: spec for n, spec in layout.items() if n not in self.pad}
+        fixed = self._layout or {}
+        each = reads
+        if fixed and len(reads) == rows and not self.pad and not any(name in batch for name in fixed):
+            sources = [s for _, s in reads]
+            failed: set[int] = set()
+            for name, (dtype, shape) in fixed.items():
+                out = self._batch_tensor(rows, dtype, shape)
+                try:
+                    self.store.read_batch(sources, name, out)
+                except BatchReadError as exc:
+                    failed.update(i for i, _, _ in exc.failed)
+                batch[name] = out
+            each = [reads[i] for i in sorted(failed)]  # read alone: another shape, a legacy entry, a miss
+        missed = []
+        for j, source in each:
+            tensors = self.store.get(source)
+            if tensors is None:
+                missed.append((j, source))
+                continue
+            for name, t in tensors.items():
+                _put_row(batch, name, j, t, rows, padded=name in self.pad)
+        return missed
 
     def compute(self, sources: Sequence[str]) -> list[tuple[dict[str, torch.Tensor], bool]]:
         """The features of ``sources`` (store-relative or absolute paths) and whether each came
@@ -437,16 +528,60 @@ def _cached_from_manifest(store: FeatureStore) -> str:
 
 
 class CachedLoader:
-    """A DataLoader whose batches have their handed-on misses filled (:meth:`CachedDataset.fill`).
-    Anything else (``sampler``, ``batch_size``, ``len``) is the DataLoader's."""
+    """Iterates a DataLoader over a :class:`CachedDataset`, filling each batch
+    (:meth:`CachedDataset.fill`) ``prefetch`` batches ahead on a background thread: the reads
+    release the GIL, so they overlap the training step. Anything else (``sampler``,
+    ``batch_size``, ``len``) is the DataLoader's."""
 
-    def __init__(self, loader: torch.utils.data.DataLoader, dataset: CachedDataset) -> None:  # type: ignore[type-arg]
+    def __init__(self, loader: torch.utils.data.DataLoader, dataset: CachedDataset,  # type: ignore[type-arg]
+                 prefetch: int = 2) -> None:
         self.loader = loader
         self.dataset = dataset
+        self.prefetch = prefetch
 
     def __iter__(self) -> Iterator[Any]:
-        for batch in self.loader:
-            yield self.dataset.fill(batch) if isinstance(batch, dict) else batch
+        batches = iter(self.loader)
+        if self.prefetch <= 0:
+            for batch in batches:
+                yield self._fill(batch)
+            return
+        filled: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=self.prefetch)
+        stop = threading.Event()
+
+        def work() -> None:
+            try:
+                for batch in batches:
+                    item = ("batch", self._fill(batch))
+                    while not stop.is_set():
+                        try:
+                            filled.put(item, timeout=0.1)
+                            break
+                        except queue.Full:
+                            continue
+                    if stop.is_set():
+                        return
+                filled.put(("end", None))
+            except BaseException as exc:  # handed to the consumer, raised there
+                filled.put(("error", exc))
+
+        thread = threading.Thread(target=work, name="featstore-fill", daemon=True)
+        thread.start()
+        try:
+            while True:
+                kind, item = filled.get()
+                if kind == "end":
+                    return
+                if kind == "error":
+                    raise item
+                yield item
+        finally:  # the consumer stopped early (break, an exception): let the thread end
+            stop.set()
+            while thread.is_alive():
+                with contextlib.suppress(queue.Empty):
+                    filled.get(timeout=0.1)
+
+    def _fill(self, batch: Any) -> Any:
+        return self.dataset.fill(batch) if isinstance(batch, dict) else batch
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -477,7 +612,7 @@ def collate(samples: list[dict[str, Any]], *, pad: Iterable[str] = ()) -> dict[s
     batch: dict[str, Any] = {}
     for key in keys:
         values = [s.get(key, _ABSENT) for s in samples]
-        if key == PENDING:
+        if key == HANDOFF:
             batch[key] = [None if v is _ABSENT else v for v in values]
         elif key in pad:
             batch[key], batch[f"{key}_mask"] = _pad_stack(key, values)
@@ -571,3 +706,12 @@ def _put_row(batch: dict[str, Any], name: str, row: int, t: torch.Tensor, rows: 
     mask[row].zero_()
     mask[row, :t.shape[0]] = True
     batch[name], batch[f"{name}_mask"] = current, mask
+
+
+def _unreferenced(buf: torch.Tensor) -> bool:
+    """True when no tensor but ``buf`` itself uses its memory (the pool may refill it). Without
+    torch's storage use count, nothing is ever reused."""
+    use_count = getattr(torch._C, "_storage_Use_Count", None)
+    if use_count is None:
+        return False
+    return bool(use_count(buf.untyped_storage()._cdata) <= 2)  # buf, and the wrapper made to ask
