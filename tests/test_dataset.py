@@ -30,7 +30,7 @@ def log_lines(log: str) -> list[list[str]]:
 
 def decoded(log: str) -> Counter:
     """How many times each path was decoded for encoding."""
-    return Counter(rest for _, rest in log_lines(log) if not rest.startswith(("batch", "built")))
+    return Counter(rest for _, rest in log_lines(log) if not rest.startswith(("batch", "built", "epoch")))
 
 
 def built(log: str) -> int:
@@ -126,6 +126,44 @@ def test_ranks_never_recompute_what_another_rank_wrote(data):
     lines = len(log_lines(log))
     _lazy_pass(root, rels, log, 0)
     assert len(log_lines(log)) == lines
+
+
+def _ddp_rank(rank: int, port: int, root: str, rels: list[str], log: str) -> None:
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    ds = CachedDataset(Images(root, rels), FeatureStore(root, "toy"), path_fn=source_of,
+                       encoder=LoggedFactory(log), mode="lazy", log_start=False)
+    sampler = torch.utils.data.DistributedSampler(ds, num_replicas=2, rank=rank, shuffle=True, seed=1)
+    loader = ds.loader(batch_size=2, sampler=sampler, num_workers=1)
+    for epoch in range(2):
+        sampler.set_epoch(epoch)  # epoch 2 gives each rank samples the other rank cached
+        with open(log, "a") as f:
+            f.write(f"{os.getpid()} epoch {epoch}\n")
+        for _ in loader:
+            pass
+        torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+def test_ddp_ranks_never_re_encode_what_another_rank_wrote(data):
+    import socket
+
+    root, rels, log = data
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = multiprocessing.get_context("fork")
+    ranks = [ctx.Process(target=_ddp_rank, args=(r, port, root, rels, log)) for r in (0, 1)]
+    for p in ranks:
+        p.start()
+    for p in ranks:
+        p.join(120)
+        assert p.exitcode == 0
+    assert decoded(log) == Counter(os.path.join(root, r) for r in rels)
+    epoch_two = [i for i, (_, rest) in enumerate(log_lines(log)) if rest == "epoch 1"]
+    assert len(epoch_two) == 2
+    after = log_lines(log)[min(epoch_two):]
+    assert not [rest for _, rest in after if not rest.startswith("epoch")]  # epoch 2 encoded nothing
 
 
 def test_corrupt_and_stale_entries_are_recomputed_never_served(data):
