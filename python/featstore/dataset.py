@@ -246,40 +246,50 @@ class CachedDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
         return source if os.path.isabs(source) or self.data_root is None else os.path.join(self.data_root, source)
 
     def _read(self, samples: list[dict[str, Any]], sources: list[str]) -> list[int]:
-        """Adds the cached tensors to the samples; returns the rows that missed."""
+        """Adds the cached tensors to the samples (rows of one batch tensor per name, which
+        :func:`collate` passes on); returns the rows that missed."""
         assert self.store is not None
-        fixed = {} if self.pad else self._layout
-        if len(samples) == 1 or not fixed:
-            return self._read_each(samples, sources, range(len(samples)))
+        each: Iterable[int] = range(len(samples))
+        fixed = self._fixed_layout(sources) if len(samples) > 1 and not self.pad else None
+        if fixed:
+            tensors, failed = self._read_fixed(sources, fixed)
+            for j, sample in enumerate(samples):
+                if j not in failed:
+                    sample.update({name: t[j] for name, t in tensors.items()})
+            each = sorted(failed)
+        misses = []
+        for j in each:
+            found = self.store.get(sources[j])
+            if found is None:
+                misses.append(j)
+            else:
+                samples[j].update(found)
+        return misses
+
+    def _fixed_layout(self, sources: Sequence[str]) -> dict[str, tuple[torch.dtype, tuple[int, ...]]] | None:
+        """The dtype and shape of each fixed-shape tensor of the entries, from the first valid
+        entry's header (then remembered)."""
+        if self._layout is None:
+            assert self.store is not None
+            layout = next((lay for lay in map(self.store.entry_layout, sources) if lay), None)
+            if layout is not None:
+                self._layout = {n: spec for n, spec in layout.items() if n not in self.pad}
+        return self._layout
+
+    def _read_fixed(self, sources: Sequence[str], fixed: Mapping[str, tuple[torch.dtype, tuple[int, ...]]]
+                    ) -> tuple[dict[str, torch.Tensor], set[int]]:
+        """One ``read_batch`` per tensor into a batch tensor; returns them and the rows that
+        could not be read (another shape, a legacy entry, a miss): those rows hold nothing."""
+        assert self.store is not None
+        tensors: dict[str, torch.Tensor] = {}
         failed: set[int] = set()
         for name, (dtype, shape) in fixed.items():
-            out = self._batch_tensor(len(samples), dtype, shape)
+            tensors[name] = out = self._batch_tensor(len(sources), dtype, shape)
             try:
                 self.store.read_batch(sources, name, out)
-            except Exception as exc:
-                slots = getattr(exc, "failed", None)
-                if slots is None:
-                    raise
-                failed.update(i for i, _, _ in slots)
-            for j, sample in enumerate(samples):
-                sample[name] = out[j]
-        for j in failed:  # rows of the batch tensors that hold nothing: this row is read alone
-            for name in fixed:
-                del samples[j][name]
-        return self._read_each(samples, sources, sorted(failed))
-
-    def _read_each(self, samples: list[dict[str, Any]], sources: list[str], rows: Iterable[int]) -> list[int]:
-        assert self.store is not None
-        misses = []
-        for j in rows:
-            tensors = self.store.get(sources[j])
-            if tensors is None:
-                misses.append(j)
-                continue
-            samples[j].update(tensors)
-            if self._layout is None:
-                self._layout = {n: (t.dtype, tuple(t.shape)) for n, t in tensors.items() if n not in self.pad}
-        return misses
+            except BatchReadError as exc:
+                failed.update(i for i, _, _ in exc.failed)
+        return tensors, failed
 
     def _batch_tensor(self, rows: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
         """An uninitialized ``[rows, *shape]`` tensor to read a batch into. In a DataLoader worker
@@ -372,30 +382,19 @@ class CachedDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
     def _read_rows(self, batch: dict[str, Any], reads: list[tuple[int, str]], rows: int) -> list[tuple[int, str]]:
         """Reads the entries of ``reads`` (row, source) into ``batch``; returns those that missed."""
         assert self.store is not None
-        if self._layout is None:
-            layout = next((lay for lay in map(self.store.entry_layout, (s for _, s in reads)) if lay), None)
-            if layout is not None:
-                self._layout = {n: spec for n, spec in layout.items() if n not in self.pad}
-        fixed = self._layout or {}
         each = reads
+        fixed = self._fixed_layout([s for _, s in reads])
         if fixed and len(reads) == rows and not self.pad and not any(name in batch for name in fixed):
-            sources = [s for _, s in reads]
-            failed: set[int] = set()
-            for name, (dtype, shape) in fixed.items():
-                out = self._batch_tensor(rows, dtype, shape)
-                try:
-                    self.store.read_batch(sources, name, out)
-                except BatchReadError as exc:
-                    failed.update(i for i, _, _ in exc.failed)
-                batch[name] = out
-            each = [reads[i] for i in sorted(failed)]  # read alone: another shape, a legacy entry, a miss
+            tensors, failed = self._read_fixed([s for _, s in reads], fixed)
+            batch.update(tensors)
+            each = [reads[i] for i in sorted(failed)]
         missed = []
         for j, source in each:
-            tensors = self.store.get(source)
-            if tensors is None:
+            found = self.store.get(source)
+            if found is None:
                 missed.append((j, source))
                 continue
-            for name, t in tensors.items():
+            for name, t in found.items():
                 _put_row(batch, name, j, t, rows, padded=name in self.pad)
         return missed
 
