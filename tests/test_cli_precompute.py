@@ -88,6 +88,7 @@ def test_demo_runs_the_whole_job(tmp_path):
     s = json.loads(r.stdout)
     assert s["first_run"]["written"] == 6 and s["rerun_planned"] == 0 and s["after_edit_written"] == 1
     assert s["states"]["valid"] == 6
+    assert s["training"]["samples"] == 6 and s["training"]["cached"] == 6
     r = cli("demo", str(tmp_path / "demo"))
     assert r.returncode == 1 and "not empty" in r.stderr
 

@@ -3,7 +3,8 @@
 It writes a small image tree, precomputes VGGT features with a *tiny VGGT with random weights*
 (4 layers, width 64: the pipeline is real, the features mean nothing), reruns to show that nothing
 is recomputed, edits one image to show exactly one recompute, prints the entry states, and times
-lookups against the SHA256 cache-directory scheme featstore replaces.
+lookups against the SHA256 cache-directory scheme featstore replaces, and reads one training epoch
+through ``CachedDataset``.
 """
 
 from __future__ import annotations
@@ -83,6 +84,28 @@ def run_demo(directory: str | None = None, *, images: int = 24, say: Any = print
     say(f"   os.path.exists(path + suffix), no validity    {bare * 1e6:8.1f} us")
     say(f"   (these images are ~{os.path.getsize(paths[1]) // 1000} KB; the SHA256 scheme's cost grows with "
         "the image size, featstore's does not)")
+    training = _train_epoch(store, paths, say)
     return {"directory": root, "data_root": data, "first_run": first, "rerun_planned": again["planned"],
             "after_edit_written": third["written"], "states": status.counts,
-            "lookup_us": {"featstore": ours * 1e6, "legacy_sha256": theirs * 1e6, "exists": bare * 1e6}}
+            "lookup_us": {"featstore": ours * 1e6, "legacy_sha256": theirs * 1e6, "exists": bare * 1e6},
+            "training": training}
+
+
+def _train_epoch(store: Any, paths: list[str], say: Any) -> dict[str, Any]:
+    """Step 7: what a training loop sees: CachedDataset batches of cached features."""
+    from featstore.dataset import CachedDataset
+
+    ds = CachedDataset([{"image": p} for p in paths], store, path_fn=lambda s: s["image"],
+                       log_start=False)
+    say(f"7. training: {ds.describe()}")
+    t0 = time.perf_counter()
+    cached = seen = 0
+    shape: tuple[int, ...] = ()
+    for batch in ds.loader(batch_size=8, num_workers=0):
+        cached += int(batch["cached"].sum())
+        seen += len(batch["cached"])
+        shape = tuple(batch["features"].shape)
+    seconds = time.perf_counter() - t0
+    say(f"   one epoch of ds.loader(batch_size=8): {seen} samples, {cached} from the cache, batches "
+        f"{shape}, {seen / seconds:.0f} samples/s")
+    return {"samples": seen, "cached": cached, "samples_per_second": seen / seconds}
