@@ -152,9 +152,12 @@ def entry_claims(store: FeatureStore, rels: Sequence[str]) -> Iterator[None]:
             except OSError:
                 break  # no writable state directory: claim nothing (see above)
             fds.append(fd)
+            _held.add(fd)
             with contextlib.suppress(OSError):  # no flock here (see above)
                 fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
         for fd in fds:
-            os.close(fd)
+            if fd in _held:  # else a forked child already closed it (see _held)
+                _held.discard(fd)
+                os.close(fd)

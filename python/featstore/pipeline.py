@@ -262,6 +262,16 @@ def _fatal(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EROFS, errno.EDQUOT)
 
 
+def _journal_unindexed(store: FeatureStore, rels: list[str], journal: str) -> None:
+    """Journals an ``ok`` record for each valid entry among ``rels`` that this process judged
+    itself rather than taking it from the manifest's index (``Store.unindexed_records``)."""
+    records = [json.dumps({"op": "ok", "path": os.fspath(rel), "source": [size, mtime], "entry": [esize, emtime],
+                           "racy": bool(racy)})
+               for rel, (size, mtime, esize, emtime, racy) in store._core.unindexed_records(rels)]
+    if records:
+        _core.append_journal(journal, records)
+
+
 def _item_name(item: Any) -> str:
     """A work item's name in messages: a source path, or a frame set's members joined by '+'."""
     return "+".join(item) if isinstance(item, tuple) else str(item)
@@ -446,6 +456,13 @@ def precompute(data_root: str | os.PathLike[str], *, encoder: Any = "vggt", feat
         if rank[0] == 0:  # torchrun's ranks are one run: rank 0 holds its lock
             stack.enter_context(run_lock(store, shard_spec))
         os.makedirs(os.path.dirname(store.manifest_path), exist_ok=True)
+        if frames == 1:
+            # Valid entries the manifest may not index (a killed run wrote them but not their
+            # journal lines; a touched source's refreshed stamp): journal them too, so the merged
+            # index holds every valid entry, not only this run's.
+            planned = set(todo)
+            skipped = [r for r, s in zip(mine, states, strict=True) if s == "valid" and r not in planned]
+            _journal_unindexed(store, skipped, journal)
         if todo:
             try:
                 _run_pipeline(store, enc, todo, device, batch_size, num_workers, durable, counts, journal, show)

@@ -6,13 +6,20 @@ frame's features depend on the other frames and their order. Such features are s
 ``<root or cache_dir>/.featstore/<feature>/sets/<key[:2]>/<key[:32]>.safetensors`` where the key
 covers every member's path and stamp in order: any change of a member, or of the order, is a new
 key and so a miss. Per-image entries and set entries live apart: a lookup never mixes modes.
+
+A same-size edit within the file system's timestamp granularity keeps a member's stamp, hence the
+key. So a set written while a member's mtime was that recent is marked ``racy``: every lookup
+compares the members' digests with those recorded, until one made outside the window clears the
+mark (as for per-image entries).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import time
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -74,7 +81,8 @@ def put_set(store: FeatureStore, paths: Sequence[str | os.PathLike[str]], tensor
     path = set_entry_path(store, rels)
     meta = dict(metadata or {})
     meta.update({"feature": store.feature, "fingerprint": store.fingerprint or "", "kind": "frame-set",
-                 "frames": str(len(rels)), "members": json.dumps(members)})
+                 "frames": str(len(rels)), "members": json.dumps(members),
+                 "racy": "1" if _racy([st.st_mtime_ns for st in before]) else "0"})
     raw, keep = to_raw(tensors)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     _core.write_entry(path, raw, meta, durable)
@@ -82,8 +90,29 @@ def put_set(store: FeatureStore, paths: Sequence[str | os.PathLike[str]], tensor
     return path
 
 
+def _racy(mtimes_ns: Sequence[int]) -> bool:
+    """True while a same-size edit of a file with one of these mtimes could keep its stamp."""
+    return time.time_ns() - max(mtimes_ns, default=0) <= _core.RACY_WINDOW_NS
+
+
+def _members_changed(store: FeatureStore, meta: Mapping[str, str]) -> bool | None:
+    """Whether a member's bytes differ from those the set was computed from: True (or when they
+    cannot be compared), False when all match, None for an entry not marked racy (its key, made
+    of the members' stamps, says enough)."""
+    if meta.get("racy") != "1":
+        return None
+    try:
+        members = json.loads(meta["members"])
+        paths: list[str | os.PathLike[str]] = [os.path.join(store.data_root, m["path"]) for m in members]
+        recorded = [m["blake3"] for m in members]
+    except (KeyError, TypeError, ValueError):
+        return True  # a racy entry whose members cannot be checked is not served
+    return _core.file_digests(paths) != recorded
+
+
 def set_state(store: FeatureStore, paths: Sequence[str | os.PathLike[str]]) -> str:
-    """``valid``, ``missing`` (no entry for the members as they are now), ``foreign`` or
+    """``valid``, ``missing`` (no entry for the members as they are now), ``stale`` (a member
+    was edited within the timestamp granularity: same stamp, other bytes), ``foreign`` or
     ``corrupt``; ``missing`` also when a member no longer exists."""
     rels = [store.rel(p) for p in paths]
     try:
@@ -98,7 +127,7 @@ def set_state(store: FeatureStore, paths: Sequence[str | os.PathLike[str]]) -> s
         return "corrupt"
     if store.fingerprint and meta.get("fingerprint") != store.fingerprint:
         return "foreign"
-    return "valid"
+    return "stale" if _members_changed(store, meta) else "valid"
 
 
 def get_set(store: FeatureStore, paths: Sequence[str | os.PathLike[str]], *, device: Any = None,
@@ -120,4 +149,26 @@ def get_set(store: FeatureStore, paths: Sequence[str | os.PathLike[str]], *, dev
         return None
     from featstore._torch import from_capsules
 
+    changed = _members_changed(store, meta)
+    if changed:
+        return None
+    if changed is False and not _racy([m["mtime_ns"] for m in json.loads(meta["members"])]):
+        _clear_racy_mark(path)
     return from_capsules(capsules, device, dtype)
+
+
+def _clear_racy_mark(path: str) -> None:
+    """Rewrites a racy set entry whose members were just verified outside the window with the
+    mark cleared: no later edit can keep their stamps, so lookups stop digesting them. Best
+    effort (a read-only cache still serves the entry)."""
+    import torch
+
+    from featstore._torch import to_raw
+
+    with contextlib.suppress(OSError, FeatstoreError):
+        capsules, meta, _ = _core.read_entry(path, pread=True)  # the file as it is now
+        if meta.get("racy") != "1":
+            return
+        raw, keep = to_raw({name: torch.from_dlpack(c) for name, c in capsules})
+        _core.write_entry(path, raw, {**meta, "racy": "0"})
+        del keep

@@ -406,8 +406,13 @@ class FeatureStore:
         state, entry, _ = self._core.check(self.rel(path))
         if state != "valid":
             return None
-        _, tensors, _ = _core.read_header(entry)
-        return {name: (SAFETENSORS_TO_TORCH[dt], tuple(shape)) for name, dt, shape, _, _ in tensors}
+        try:
+            _, tensors, _ = _core.read_header(entry)
+        except (CorruptEntryError, FileNotFoundError):
+            return None  # replaced or removed since the check
+        # A dtype torch cannot hold (float8) gives no layout: read_batch then finds no entry to use.
+        return {name: (SAFETENSORS_TO_TORCH[dt], tuple(shape)) for name, dt, shape, _, _ in tensors
+                if dt in SAFETENSORS_TO_TORCH}
 
     def with_fingerprint(self, fingerprint: str) -> FeatureStore:
         """The same store checking (and writing) entries against ``fingerprint``."""

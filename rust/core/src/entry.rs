@@ -161,6 +161,19 @@ fn element_count(shape: &[u64]) -> Option<u64> {
     shape.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d))
 }
 
+/// True when every dimension, and every stride of a contiguous layout (the product of the
+/// dimensions after it, zeros counted as ones), fits an `i64`.
+fn fits_i64_strides(shape: &[u64]) -> bool {
+    shape
+        .iter()
+        .try_fold(1i64, |acc, &d| {
+            i64::try_from(d.max(1))
+                .ok()
+                .and_then(|d| acc.checked_mul(d))
+        })
+        .is_some()
+}
+
 /// Validates the 8-byte length prefix against the file length; returns the header length.
 fn header_len(path: &Path, prefix: [u8; 8], file_len: u64) -> Result<u64> {
     let n = u64::from_le_bytes(prefix);
@@ -229,9 +242,26 @@ pub fn parse_header(path: &Path, json: &[u8], data_start: u64, data_len: u64) ->
                     "tensor {name:?}: data_offsets is not a pair of integers"
                 ))
             })?;
+        // Readers hand shapes and strides to torch as i64: refuse dimensions that do not fit,
+        // even on a tensor that holds no elements.
+        if !fits_i64_strides(&shape) {
+            return Err(bad(format!(
+                "tensor {name:?}: shape {shape:?} is too large to describe in memory"
+            )));
+        }
         let (start, end) = (offsets[0], offsets[1]);
         if start > end || end > data_len {
             return Err(bad(format!("tensor {name:?}: offsets [{start}, {end}] out of range (data section is {data_len} bytes; truncated?)")));
+        }
+        // Tensors are handed to torch in place (zero-copy), so each must start at a multiple of
+        // its element size. featstore's writer always aligns them; a file that does not was
+        // written by something else.
+        if (data_start + start) % dtype.size() as u64 != 0 {
+            return Err(bad(format!(
+                "tensor {name:?}: {dtype_name} data starts at byte {}, not a multiple of {} (featstore aligns every tensor): not a featstore entry; delete it and recompute",
+                data_start + start,
+                dtype.size()
+            )));
         }
         let expected = element_count(&shape).and_then(|n| n.checked_mul(dtype.size() as u64));
         if expected != Some(end - start) {
@@ -378,20 +408,31 @@ pub fn write_atomic(path: &Path, chunks: &[&[u8]], durable: bool) -> Result<()> 
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
+    // A full disk is the one failure every later write shares: say so, name the target (the
+    // temporary file is gone with the error) and say what to do. The kind stays StorageFull, so
+    // callers (and Python's errno) still see ENOSPC.
+    let full = |e: std::io::Error, at: &Path| {
+        if e.kind() != std::io::ErrorKind::StorageFull {
+            return Error::io(at, e);
+        }
+        let bytes: usize = chunks.iter().map(|c| c.len()).sum();
+        let why = format!("no space left on the device to write {bytes} bytes ({e}); nothing was written and the files already there are intact: free space, or write to another disk (--cache-dir)");
+        Error::io(path, std::io::Error::new(e.kind(), why))
+    };
     let mut tmp = tempfile::Builder::new()
         .prefix(&format!(".{name}."))
         .suffix(".tmp")
         // Entries are shared data: readable by the group and others, as a plain `open` would make.
         .permissions(std::fs::Permissions::from_mode(0o644))
         .tempfile_in(dir)
-        .at(dir)?;
+        .map_err(|e| full(e, dir))?;
     for chunk in chunks {
-        tmp.write_all(chunk).at(tmp.path())?;
+        tmp.write_all(chunk).map_err(|e| full(e, tmp.path()))?;
     }
     if durable {
-        tmp.as_file().sync_all().at(tmp.path())?;
+        tmp.as_file().sync_all().map_err(|e| full(e, tmp.path()))?;
     }
-    tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
+    tmp.persist(path).map_err(|e| full(e.error, path))?;
     if durable {
         sync_dir(dir)?;
     }
@@ -422,7 +463,7 @@ pub fn write_entry(
             )));
         }
         let expected = element_count(&t.shape).and_then(|n| n.checked_mul(t.dtype.size() as u64));
-        if expected != Some(t.data.len() as u64) {
+        if expected != Some(t.data.len() as u64) || !fits_i64_strides(&t.shape) {
             return Err(Error::Invalid(format!(
                 "tensor {:?}: {} shape {:?} does not fit {} bytes",
                 t.name,

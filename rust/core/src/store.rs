@@ -131,8 +131,27 @@ struct Known {
     reason: String,
     /// False for racy manifest records: they locate the entry but still need a full check.
     trusted: bool,
+    /// Reached (or written) while the source's mtime was within [`RACY_WINDOW_NS`] of the clock:
+    /// a same-size edit since then may have kept the stamp, so every use checks again (digest
+    /// included) until a check made outside the window settles it.
+    racy: bool,
+    /// Taken from the manifest's index and not judged since: the index already holds it.
+    indexed: bool,
     /// The entry's validated header and the file it was validated for, once read.
     header: Option<(entry::FileId, Arc<entry::Header>)>,
+}
+
+impl Known {
+    /// True when unchanged stamps alone vouch for this verdict (the hot path).
+    fn hot(&self) -> bool {
+        self.trusted && !self.racy
+    }
+}
+
+/// True while a same-size edit of a source with this stamp could keep its mtime: the mtime is
+/// within the file system's timestamp granularity of now (or in the future).
+fn racy_now(source: Stamp) -> bool {
+    now_ns() - source.mtime_ns <= RACY_WINDOW_NS
 }
 
 /// A feature's entries under one data root.
@@ -210,6 +229,8 @@ impl Store {
                         state: State::Valid,
                         reason: String::new(),
                         trusted: !r.racy,
+                        racy: false,
+                        indexed: true,
                         header: None,
                     },
                 );
@@ -306,7 +327,7 @@ impl Store {
             return self.check_without_entry(rel, src_stamp, entry);
         };
         if let Some(k) = self.recall(rel) {
-            if k.trusted
+            if k.hot()
                 && k.source == src_stamp
                 && k.path == entry
                 && k.entry == entry_stamp
@@ -374,7 +395,7 @@ impl Store {
             if k.path != entry {
                 match stat_opt(&k.path)? {
                     // Judged before with these very stamps (a stale entry): no second digest.
-                    Some(es) if k.trusted && k.source == src_stamp && k.entry == es => {
+                    Some(es) if k.hot() && k.source == src_stamp && k.entry == es => {
                         return Ok(Check {
                             state: k.state,
                             entry: k.path,
@@ -460,7 +481,7 @@ impl Store {
                 };
                 return self.settle(rel, src_stamp, found, Vec::new(), State::Stale, reason);
             }
-            refreshed = recorded != src_stamp || now_ns() - src_stamp.mtime_ns > RACY_WINDOW_NS;
+            refreshed = recorded != src_stamp || !racy_now(src_stamp);
             reason = if recorded != src_stamp {
                 "source touched but unchanged: stamp refreshed".into()
             } else {
@@ -475,7 +496,7 @@ impl Store {
         if refreshed || found != wanted {
             // Record the new stamp (and clear the racy mark once past the window) so other
             // processes skip the digest. Best effort: a read-only cache still serves the entry.
-            let still_racy = now_ns() - src_stamp.mtime_ns <= RACY_WINDOW_NS;
+            let still_racy = racy_now(src_stamp);
             let update = |m: &mut BTreeMap<String, String>| {
                 m.insert("source.size".into(), src_stamp.size.to_string());
                 m.insert("source.mtime_ns".into(), src_stamp.mtime_ns.to_string());
@@ -563,6 +584,8 @@ impl Store {
                     state,
                     reason: reason.clone(),
                     trusted: true,
+                    racy: racy_now(src_stamp),
+                    indexed: false,
                     header: None,
                 },
             );
@@ -582,8 +605,18 @@ impl Store {
             entry: k.entry,
             // The index holds the source's stamps only: entries with more inputs are checked
             // in full (inputs included) on first use.
-            racy: now_ns() - k.source.mtime_ns <= RACY_WINDOW_NS || !k.inputs.is_empty(),
+            racy: racy_now(k.source) || !k.inputs.is_empty(),
         })
+    }
+
+    /// The index record of `rel` when this process found its entry valid by a check of its own
+    /// (or wrote it), rather than taking it from the manifest's index: the records the manifest
+    /// may lack, such as those of entries a killed run wrote before their journal lines, or a
+    /// touched source's refreshed stamp.
+    pub fn unindexed_record(&self, rel: &Path) -> Option<crate::manifest::IndexRecord> {
+        self.recall(rel)
+            .filter(|k| !k.indexed)
+            .and_then(|_| self.index_record(rel))
     }
 
     /// Checks many sources in parallel (in featstore's pool); results in input order.
@@ -641,7 +674,7 @@ impl Store {
                 src.display()
             )));
         }
-        let racy = now_ns() - before.mtime_ns <= RACY_WINDOW_NS;
+        let racy = racy_now(before);
         let rel_str = rel.to_string_lossy().into_owned();
         let mut input_records = vec![
             json!({"name": "source", "path": rel_str, "size": before.size, "mtime_ns": before.mtime_ns, "blake3": digest}),
@@ -696,8 +729,8 @@ impl Store {
                 let _ = fs::remove_file(&old.path);
             }
         }
-        // A racy entry is trusted in this process (we just digested the source); other
-        // processes verify it on first use.
+        // A racy entry is checked again (digest included) on every use, here as in other
+        // processes, until a check outside the window: an edit that keeps the stamp may follow.
         self.remember(
             rel,
             Known {
@@ -708,6 +741,8 @@ impl Store {
                 state: State::Valid,
                 reason: String::new(),
                 trusted: true,
+                racy,
+                indexed: false,
                 header: None,
             },
         );
@@ -842,7 +877,7 @@ impl Store {
     pub fn open_valid(&self, rel: &Path) -> Result<Option<entry::Entry>> {
         if let Some(k) = self
             .recall(rel)
-            .filter(|k| k.trusted && k.state == State::Valid)
+            .filter(|k| k.hot() && k.state == State::Valid)
         {
             if let (Some(src_stamp), Some((id, header))) =
                 (stat_opt(&self.cfg.root.join(rel))?, &k.header)

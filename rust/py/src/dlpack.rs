@@ -8,7 +8,6 @@ use std::ffi::{c_void, CStr};
 use std::sync::Arc;
 
 use featstore_core::entry::{Dtype, EntryBytes, TensorInfo};
-use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
 use pyo3::{ffi, PyErr};
 
@@ -114,12 +113,18 @@ pub fn capsule<'py>(
     data_start: u64,
     t: &TensorInfo,
 ) -> PyResult<Bound<'py, PyAny>> {
+    // featstore never writes such a tensor, so the file came from elsewhere: a bad entry (a
+    // miss for `FeatureStore.get`), not a programming error.
     let dtype = dl_dtype(t.dtype).ok_or_else(|| {
-        PyTypeError::new_err(format!(
-            "tensor {:?} has dtype {}, which torch cannot import through DLPack",
-            t.name,
-            t.dtype.name()
-        ))
+        crate::featstore_error(
+            "CorruptEntryError",
+            format!(
+                "tensor {:?} has dtype {}, which featstore never writes and torch cannot import \
+                 through DLPack: not a featstore entry; delete it and recompute",
+                t.name,
+                t.dtype.name()
+            ),
+        )
     })?;
     let shape: Vec<i64> = t.shape.iter().map(|&d| d as i64).collect();
     let mut strides = vec![1i64; shape.len()];

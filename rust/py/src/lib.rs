@@ -21,7 +21,7 @@ use pyo3::types::{PyBytes, PyDict, PyType};
 use rayon::prelude::*;
 
 /// Raises the `featstore.errors` class `name` with `msg`.
-fn featstore_error(name: &str, msg: String) -> PyErr {
+pub(crate) fn featstore_error(name: &str, msg: String) -> PyErr {
     Python::attach(|py| {
         let cls = py.import("featstore.errors").and_then(|m| m.getattr(name));
         match cls {
@@ -457,6 +457,16 @@ fn merge_journals(
 /// A manifest index record: source size, source mtime_ns, entry size, entry mtime_ns, check-first.
 type IndexTuple = (u64, i64, u64, i64, u8);
 
+fn index_tuple(rec: manifest::IndexRecord) -> IndexTuple {
+    (
+        rec.source.size,
+        rec.source.mtime_ns,
+        rec.entry.size,
+        rec.entry.mtime_ns,
+        rec.racy as u8,
+    )
+}
+
 /// A feature's entries under a data root: layouts, the validity check, writes and reads.
 #[pyclass(module = "featstore._core", name = "Store", frozen)]
 struct PyStore {
@@ -664,16 +674,19 @@ impl PyStore {
         rels.into_iter()
             .filter_map(|r| {
                 let rec = self.inner.index_record(&r)?;
-                Some((
-                    r.into_os_string(),
-                    (
-                        rec.source.size,
-                        rec.source.mtime_ns,
-                        rec.entry.size,
-                        rec.entry.mtime_ns,
-                        rec.racy as u8,
-                    ),
-                ))
+                Some((r.into_os_string(), index_tuple(rec)))
+            })
+            .collect()
+    }
+
+    /// Like `index_records`, for the sources whose entries this process judged valid itself (or
+    /// wrote) rather than taking them from the manifest's index: the records the manifest may
+    /// lack (entries a killed run wrote before journaling them, refreshed stamps).
+    fn unindexed_records(&self, rels: Vec<PathBuf>) -> Vec<(OsString, IndexTuple)> {
+        rels.into_iter()
+            .filter_map(|r| {
+                let rec = self.inner.unindexed_record(&r)?;
+                Some((r.into_os_string(), index_tuple(rec)))
             })
             .collect()
     }
