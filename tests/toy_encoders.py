@@ -99,3 +99,24 @@ class EditsDuringEncode(MeanColor):
             with open(path, "ab") as f:
                 f.write(b"\0")
         return super().encode(batch)
+
+
+class Wide(MeanColor):
+    """MeanColor plus ``wide``: its 48 values repeated to ``width`` floats (256 KiB by default).
+    Entries this size make a kill land inside a write often, and every value says which image
+    it came from."""
+
+    name = "wide"
+
+    def __init__(self, delay: float = 0.0, width: int = 1 << 16) -> None:
+        super().__init__(delay)
+        self.width = width
+
+    def fingerprint(self) -> str:
+        return f"wide-{self.width}"
+
+    def encode(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = super().encode(batch)
+        f = out["features"]
+        out["wide"] = f.repeat(1, -(-self.width // f.shape[1]))[:, : self.width].contiguous()
+        return out
