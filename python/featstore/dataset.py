@@ -143,6 +143,8 @@ class CachedDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
             on_miss = "compute" if encoder is not None else "skip"
         if on_miss not in ON_MISS:
             raise ValueError(f"on_miss {on_miss!r} is not one of {ON_MISS}")
+        if mode == "off" and on_miss == "error":
+            on_miss = "compute" if encoder is not None else "skip"  # off never looks, so nothing misses
         if encoder is None and (mode == "lazy" or on_miss == "compute"):
             raise ValueError(f"mode {mode!r} with on_miss {on_miss!r} computes misses: pass encoder= (an encoder, "
                              "an nn.Module, or a zero-argument factory of one)")
@@ -170,9 +172,10 @@ class CachedDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
         # name -> (dtype, shape) of the fixed-shape tensors, learned from the first hit.
         self._layout: dict[str, tuple[torch.dtype, tuple[int, ...]]] | None = None
         self._warned: set[str] = set()
-        # Set by loader(), which calls fill() on every batch in the main process: samples then
-        # hand their reads and GPU misses on to it (workers forked or unpickled later see this).
+        # True in the workers of loader(), which calls fill() on every batch in the main
+        # process: samples then hand their reads and GPU misses on to it.
         self._main_fills = False
+        self._manifest_checked = False
         self._pool: dict[tuple[Any, ...], list[torch.Tensor]] = {}
         if log_start:
             self._log_start()
@@ -182,6 +185,8 @@ class CachedDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
         state = dict(self.__dict__)
         state["_encoder"] = None
         state["_pool"] = {}
+        if not self.encode_in_workers:
+            state["encoder_spec"] = None  # workers hand misses on: they never need it
         return state
 
     def __len__(self) -> int:
@@ -207,7 +212,9 @@ class CachedDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
         encoded together. ``prefetch`` batches are filled ahead on a background thread (0: on
         the consumer's thread)."""
         dataloader_args.setdefault("collate_fn", self.collate)
-        self._main_fills = True
+        dataloader_args["worker_init_fn"] = _HandOnToFill(dataloader_args.get("worker_init_fn"))
+        if dataloader_args.get("pin_memory"):
+            self.pin_memory = True  # the features are read after the DataLoader pins the batch
         return CachedLoader(torch.utils.data.DataLoader(self, **dataloader_args), self, prefetch)
 
     # ----------------------------------------------------------------------------- loading
@@ -357,6 +364,10 @@ class CachedDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
                 tensors, batch["cached"] = self.compute([source])[0]
             batch.update(tensors)
             return batch
+        if not isinstance(handoff, list) or not all(h is None or isinstance(h, tuple) for h in handoff):
+            raise TypeError(f"the batch's {HANDOFF!r} is {type(handoff).__name__}, not the per-sample list "
+                            "featstore.collate makes: a custom collate_fn must pass that key through (wrap "
+                            "featstore.collate, or call it for the batch)")
         rows = len(handoff)
         reads = [(j, h[1]) for j, h in enumerate(handoff) if h is not None and h[0] == "read"]
         misses = [(j, h[1]) for j, h in enumerate(handoff) if h is not None and h[0] == "encode"]
@@ -409,11 +420,19 @@ class CachedDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
             return [(t, False) for t in self._encode(sources)]
         assert self.store is not None
         self._encoder_instance()  # adopts the encoder's fingerprint before any lookup below
-        with entry_claims(self.store, list(sources)):
-            found = [self.store.get(s) for s in sources]
-            todo = [s for s, t in zip(sources, found, strict=True) if t is None]
-            computed = iter(self._encode(todo, write=True))
-            return [(t, True) if t is not None else (next(computed), False) for t in found]
+        results: dict[str, tuple[dict[str, torch.Tensor], bool]] = {}
+        # First the entries nobody else is computing, then (waiting) those somebody is.
+        for wait in (False, True):
+            rest = [s for s in dict.fromkeys(sources) if s not in results]
+            if not rest:
+                break
+            with entry_claims(self.store, rest, wait=wait) as claimed:
+                mine = [s for s in rest if s in claimed]
+                found = {s: self.store.get(s) for s in mine}
+                todo = [s for s in mine if found[s] is None]
+                results.update(zip(todo, ((t, False) for t in self._encode(todo, write=True)), strict=True))
+                results.update((s, (t, True)) for s, t in found.items() if t is not None)
+        return [results[s] for s in sources]
 
     def _encode(self, sources: Sequence[str], write: bool = False) -> list[dict[str, torch.Tensor]]:
         """Encodes sources in batches of equal input shape; with ``write``, stores each entry."""
@@ -452,10 +471,27 @@ class CachedDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
         try:
             inputs = enc.inputs(source, self._abs(source)) if hasattr(enc, "inputs") else None
             self.store._put(source, tensors, inputs=inputs, expected=stamp)
+            if not self._manifest_checked:
+                self._manifest_checked = True
+                self._ensure_manifest()
         except (OSError, FeatstoreError) as exc:
             self._warn_once(f"write:{type(exc).__name__}",
                             f"featstore: could not store the lazily computed entry of {self._abs(source)}: {exc}. "
                             "Training goes on with the computed features; further such failures are not reported")
+
+    def _ensure_manifest(self) -> None:
+        """Gives a feature cached only lazily a manifest recording the encoder's fingerprint, so
+        that a later run with another encoder configuration is told, instead of being served
+        these entries by a store that checks no fingerprint."""
+        import json
+
+        from featstore import _core
+
+        assert self.store is not None
+        if _core.read_manifest(self.store.manifest_path) is None:
+            os.makedirs(os.path.dirname(self.store.manifest_path), exist_ok=True)
+            fields = self.store.manifest_fields(total_images=len(self))
+            _core.write_manifest(self.store.manifest_path, json.dumps(fields))
 
     def _encoder_instance(self) -> Any:
         """The encoder, built on first use in this process; checks that it writes what the store
@@ -508,7 +544,7 @@ class CachedDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
         if os.environ.get("RANK", "0") != "0":
             return  # one line per job, not per rank
         line = self.describe()
-        if log.hasHandlers():
+        if log.hasHandlers() and log.isEnabledFor(logging.INFO):
             log.info(line)
         else:  # logging is not configured: the line should still be seen
             print(f"[featstore] {line}", file=sys.stderr)
@@ -546,8 +582,12 @@ class CachedLoader:
             return
         filled: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=self.prefetch)
         stop = threading.Event()
+        # The current CUDA device is per thread: a DDP rank's set_device must hold here too.
+        device = torch.cuda.current_device() if torch.cuda.is_initialized() else None
 
         def work() -> None:
+            if device is not None:
+                torch.cuda.set_device(device)
             try:
                 for batch in batches:
                     item = ("batch", self._fill(batch))
@@ -580,13 +620,34 @@ class CachedLoader:
                     filled.get(timeout=0.1)
 
     def _fill(self, batch: Any) -> Any:
-        return self.dataset.fill(batch) if isinstance(batch, dict) else batch
+        if isinstance(batch, dict):
+            return self.dataset.fill(batch)
+        if self.loader.num_workers > 0:  # its workers handed reads on, which such a batch drops
+            raise TypeError(f"the DataLoader's collate_fn made a {type(batch).__name__}: CachedDataset.loader() "
+                            "needs featstore.collate's dict (wrap it, or use a plain DataLoader)")
+        return batch
 
     def __len__(self) -> int:
         return len(self.loader)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.loader, name)
+
+
+class _HandOnToFill:
+    """``worker_init_fn`` of :meth:`CachedDataset.loader`: that worker's samples hand reads and
+    GPU misses on to :meth:`CachedDataset.fill` (the dataset elsewhere, ``ds[i]`` or another
+    DataLoader, is unchanged). Calls the user's own ``worker_init_fn`` too."""
+
+    def __init__(self, user_init: Callable[[int], None] | None) -> None:
+        self.user_init = user_init
+
+    def __call__(self, worker_id: int) -> None:
+        info = torch.utils.data.get_worker_info()
+        if info is not None and isinstance(info.dataset, CachedDataset):
+            info.dataset._main_fills = True
+        if self.user_init is not None:
+            self.user_init(worker_id)
 
 
 # ----------------------------------------------------------------------------------- collate
@@ -617,6 +678,8 @@ def collate(samples: list[dict[str, Any]], *, pad: Iterable[str] = ()) -> dict[s
             batch[key], batch[f"{key}_mask"] = _pad_stack(key, values)
         elif all(v is not _ABSENT for v in values):
             joined = _rows_of_one_tensor(values)
+            if joined is None and all(isinstance(v, torch.Tensor) for v in values):
+                _one_shape(key, values)
             batch[key] = joined if joined is not None else torch.utils.data.default_collate(values)
         elif all(v is _ABSENT or isinstance(v, torch.Tensor) for v in values):
             batch[key] = _stack_with_zeros(key, values)
@@ -650,11 +713,16 @@ def _tensor_on(storage: torch.UntypedStorage, dtype: torch.dtype, shape: tuple[i
     return torch.empty((0,), dtype=dtype, device=storage.device).set_(storage, 0, shape, strides)
 
 
+def _one_shape(key: str, tensors: list[Any]) -> None:
+    shapes = {tuple(v.shape) for v in tensors}
+    if len(shapes) != 1:
+        raise ValueError(f"collate: tensor {key!r} has shapes {sorted(shapes)} in one batch; name it in pad= "
+                         "(CachedDataset(..., pad=[...])) to pad it with a mask")
+
+
 def _stack_with_zeros(key: str, values: list[Any]) -> torch.Tensor:
     present = [v for v in values if v is not _ABSENT]
-    shapes = {tuple(v.shape) for v in present}
-    if len(shapes) != 1:
-        raise ValueError(f"collate: tensor {key!r} has shapes {sorted(shapes)} in one batch; name it in pad=")
+    _one_shape(key, present)
     out = present[0].new_zeros((len(values), *present[0].shape))
     for j, v in enumerate(values):
         if v is not _ABSENT:
@@ -687,6 +755,7 @@ def _put_row(batch: dict[str, Any], name: str, row: int, t: torch.Tensor, rows: 
     if not padded:
         if current is None:
             batch[name] = current = t.new_zeros((rows, *t.shape))
+        _one_shape(name, [current[row], t])  # no broadcasting a [1, D] entry into a [T, D] row
         current[row] = t
         return
     if current is None:

@@ -126,38 +126,48 @@ def run_lock(store: FeatureStore, shard: tuple[int, int] | None) -> Iterator[Non
 
 
 #: Lazy caching serializes computing one entry over this many lock files (a stripe per entry hash):
-#: a lock file per entry would leave a million files behind, and with this many stripes two workers
-#: claiming batches of 8 share one (and wait) about 6% of the time.
+#: a lock file per entry would leave a million files behind. Entries whose stripe another process
+#: holds are computed last (see entry_claims), so a shared stripe delays, never serializes.
 CLAIM_STRIPES = 1024
 
 
 @contextlib.contextmanager
-def entry_claims(store: FeatureStore, rels: Sequence[str]) -> Iterator[None]:
+def entry_claims(store: FeatureStore, rels: Sequence[str], *, wait: bool = True) -> Iterator[set[str]]:
     """Held while one process computes and writes the entries of ``rels`` on lazy misses, so that
     DataLoader workers (and ranks on one host) meeting the same missing entry compute it once:
-    the others wait here, then find it written. Stripes are taken in sorted order, so two
-    processes claiming overlapping batches cannot deadlock. Where locks cannot be taken (a
-    read-only state directory, a file system without ``flock``), it holds nothing: entry writes
-    are atomic, so the worst case is computing an entry twice."""
+    the others wait here, then find it written. Yields the claimed ``rels``: all of them when
+    ``wait``; else those whose stripes were free (the caller computes those first, then waits
+    for the rest, so two workers whose batches share a stripe do not take turns). Stripes are
+    taken in sorted order, so overlapping claims cannot deadlock. Where locks cannot be taken (a
+    read-only state directory, a file system without ``flock``), it claims without holding
+    anything: entry writes are atomic, so the worst case is computing an entry twice."""
     import zlib
 
-    stripes = sorted({zlib.crc32(rel.encode()) % CLAIM_STRIPES for rel in rels})
+    stripe_of = {rel: zlib.crc32(rel.encode()) % CLAIM_STRIPES for rel in rels}
     fds: list[int] = []
+    busy: set[int] = set()
     try:
-        for stripe in stripes:
+        for stripe in sorted(set(stripe_of.values())):
             path = os.path.join(lock_dir(store), f"lazy-{stripe:04d}.lock")
             try:
                 os.makedirs(os.path.dirname(path), exist_ok=True)
                 fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
             except OSError:
-                break  # no writable state directory: claim nothing (see above)
+                break  # no writable state directory: claim without holding (see above)
             fds.append(fd)
             _held.add(fd)
-            with contextlib.suppress(OSError):  # no flock here (see above)
-                fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                busy.add(stripe)
+            except OSError:
+                pass  # no flock here (see above)
+        yield {rel for rel, stripe in stripe_of.items() if stripe not in busy}
     finally:
         for fd in fds:
             if fd in _held:  # else a forked child already closed it (see _held)
                 _held.discard(fd)
+                # Unlock first: a child forked while this was held may still have a copy.
+                with contextlib.suppress(OSError):
+                    fcntl.flock(fd, fcntl.LOCK_UN)
                 os.close(fd)
