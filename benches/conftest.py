@@ -26,6 +26,27 @@ def record(benchmark, group: str, name: str, items: int) -> None:
     RESULTS[group].append((name, stats.stats.median / items))
 
 
+def one_core_memcpy(nbytes: int, repeats: int = 5) -> float:
+    """Seconds one core takes to copy ``nbytes`` between two touched buffers (the floor of any
+    approach that hands a batch over in one tensor)."""
+    import time
+
+    import torch
+
+    src = torch.ones(nbytes, dtype=torch.uint8)  # touched: no first-fault cost in the timing
+    dst = torch.zeros_like(src)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        dst.copy_(src)
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            dst.copy_(src)
+        return (time.perf_counter() - t0) / repeats
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _fmt(seconds: float) -> str:
     if seconds < 1e-3:
         return f"{seconds * 1e6:9.2f} us"

@@ -11,11 +11,10 @@ of any approach that hands the batch over in one tensor.
 from __future__ import annotations
 
 import os
-import time
 
 import pytest
 import torch
-from conftest import RESULTS, record
+from conftest import RESULTS, one_core_memcpy, record
 
 from featstore import FeatureStore
 
@@ -48,16 +47,7 @@ def test_batch_featstore_read_batch(benchmark, batch_tree):
     benchmark.pedantic(lambda: store.read_batch(rels, "features", out=out), rounds=10, warmup_rounds=1)
     record(benchmark, "batch read (per sample)", "featstore read_batch (pread into one tensor)", len(rels))
     if RESULTS.get("batch read (per sample)"):
-        src = torch.ones(nbytes, dtype=torch.uint8)  # touched: no first-fault cost in the timing
-        dst = torch.zeros_like(src)
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        dst.copy_(src)
-        t0 = time.perf_counter()
-        for _ in range(5):
-            dst.copy_(src)
-        memcpy = (time.perf_counter() - t0) / 5
-        torch.set_num_threads(threads)
+        memcpy = one_core_memcpy(nbytes)
         ours = RESULTS["batch read (per sample)"][0][1] * len(rels)
         print(f"\nread_batch {_gbps(nbytes, ours)}; one-core memcpy {_gbps(nbytes, memcpy)} "
               f"({100 * memcpy / ours:.0f}% of memcpy speed)")

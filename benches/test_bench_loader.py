@@ -21,11 +21,10 @@ Throughput is printed as samples/s and GB/s, beside one core's memcpy of the sam
 from __future__ import annotations
 
 import os
-import time
 
 import pytest
 import torch
-from conftest import RESULTS, record
+from conftest import RESULTS, one_core_memcpy, record
 
 from featstore import CachedDataset, FeatureStore
 from featstore.examples import make_image_tree
@@ -161,16 +160,7 @@ def _report(loader_tree) -> None:
     rows = RESULTS.get(GROUP)
     if not rows:
         return
-    src = torch.ones(nbytes * BATCH, dtype=torch.uint8)
-    dst = torch.zeros_like(src)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    dst.copy_(src)
-    t0 = time.perf_counter()
-    for _ in range(5):
-        dst.copy_(src)
-    memcpy = nbytes * BATCH * 5 / (time.perf_counter() - t0)
-    torch.set_num_threads(threads)
+    memcpy = nbytes * BATCH / one_core_memcpy(nbytes * BATCH)  # bytes per second
     print(f"\none-core memcpy: {memcpy / 1e9:.2f} GB/s ({memcpy / nbytes:.0f} samples/s of {nbytes / 1e6:.1f} MB)")
     by_name = dict(rows)
     for name, per_sample in rows:

@@ -113,18 +113,23 @@ def _lazy_pass(root: str, rels: list[str], log: str, rank: int, start=None) -> N
         ds[i]
 
 
+def run_ranks(target, args_of_each: list[tuple]) -> None:
+    """Runs one forked process per argument tuple, as ranks of a job; each must exit cleanly."""
+    ctx = multiprocessing.get_context("fork")
+    ranks = [ctx.Process(target=target, args=args) for args in args_of_each]
+    for p in ranks:
+        p.start()
+    for p in ranks:
+        p.join(120)
+        assert p.exitcode == 0
+
+
 def test_ranks_never_recompute_what_another_rank_wrote(data):
     """Two processes (as two DDP ranks) lazily caching the same dataset at the same time compute
     each entry once between them; a later rank computes nothing."""
     root, rels, log = data
-    ctx = multiprocessing.get_context("fork")
-    start = ctx.Barrier(2)
-    ranks = [ctx.Process(target=_lazy_pass, args=(root, rels, log, r, start)) for r in (0, 1)]
-    for p in ranks:
-        p.start()
-    for p in ranks:
-        p.join(60)
-        assert p.exitcode == 0
+    start = multiprocessing.get_context("fork").Barrier(2)
+    run_ranks(_lazy_pass, [(root, rels, log, r, start) for r in (0, 1)])
     assert decoded(log) == Counter(os.path.join(root, r) for r in rels)
     assert len({pid for pid, rest in log_lines(log) if rest.startswith("/")}) == 2  # both computed some
     lines = len(log_lines(log))
@@ -156,13 +161,7 @@ def test_ddp_ranks_never_re_encode_what_another_rank_wrote(data):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    ctx = multiprocessing.get_context("fork")
-    ranks = [ctx.Process(target=_ddp_rank, args=(r, port, root, rels, log)) for r in (0, 1)]
-    for p in ranks:
-        p.start()
-    for p in ranks:
-        p.join(120)
-        assert p.exitcode == 0
+    run_ranks(_ddp_rank, [(r, port, root, rels, log) for r in (0, 1)])
     assert decoded(log) == Counter(os.path.join(root, r) for r in rels)
     epoch_two = [i for i, (_, rest) in enumerate(log_lines(log)) if rest == "epoch 1"]
     assert len(epoch_two) == 2
