@@ -126,3 +126,9 @@ def test_bad_values_are_usage_errors_before_anything_loads(tmp_path):
     assert r.returncode == 2 and "BATCH_SIZE" in r.stderr
     r = cli("status", root, "--feature", "a/b")
     assert r.returncode == 2 and "Traceback" not in r.stderr
+    r = cli("precompute", root, "--random-weights", env={"SKIP_EXISTING": "ture"})  # not read as "no"
+    assert r.returncode == 2 and "SKIP_EXISTING" in r.stderr
+    for command in (["scan", root, "--threads", "-1"], ["demo", str(tmp_path / "demo"), "--images", "1"],
+                    ["precompute", root, "--num-workers", "-1"]):
+        r = cli(*command)
+        assert r.returncode == 2 and "must be at least" in r.stderr and "Traceback" not in r.stderr, command

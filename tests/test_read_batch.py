@@ -48,3 +48,30 @@ def test_no_valid_entry_and_bad_out(tree):
         store.read_batch(rels[:1], "features", out=torch.empty(2, 2))
     with pytest.raises(BatchReadError, match="the batch holds F32 \\[3\\]"):
         store.read_batch(rels[:1], "features", out=torch.empty(1, 3))
+
+
+def test_empty_tensors_still_report_missing_entries(tree):
+    """A batch of zero-size tensors copies nothing, but each entry is still checked."""
+    root, rels = tree
+    store = FeatureStore(root, "vggt")
+    store.put(rels[0], {"features": torch.empty(0, 4)})
+    out = torch.empty(2, 0, 4)
+    with pytest.raises(BatchReadError) as info:
+        store.read_batch(rels[:2], "features", out=out)
+    assert [i for i, _, _ in info.value.failed] == [1]
+
+
+def test_an_out_dtype_entries_cannot_hold_is_a_clear_error(tree):
+    root, rels = tree
+    FeatureStore(root, "vggt").put(rels[0], {"features": torch.ones(2)})
+    with pytest.raises(ValueError, match="complex64.*use one of"):
+        FeatureStore(root, "vggt").read_batch(rels[:1], "features", out=torch.empty(1, 2, dtype=torch.complex64))
+
+
+def test_an_entry_of_another_encoder_is_foreign_to_read_batch_and_state_alike(tree):
+    root, rels = tree
+    FeatureStore(root, "vggt", fingerprint="fpA").put(rels[0], {"features": torch.ones(2)})
+    store = FeatureStore(root, "vggt", fingerprint="fpB")
+    with pytest.raises(BatchReadError, match="foreign"):
+        store.read_batch(rels[:1], "features", out=torch.empty(1, 2))
+    assert store.state(rels[0]) == "foreign"

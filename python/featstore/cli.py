@@ -18,6 +18,21 @@ from typing import Any
 from featstore.errors import DataRootError, FeatstoreError, NoImagesFoundError
 
 
+def _at_least(low: int) -> Any:
+    """An argparse type: a whole number of at least ``low`` (argparse names the flag on error)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    parse.__name__ = f"whole number >= {low}"
+    return parse
+
+
 def _add_data_root(p: argparse.ArgumentParser) -> None:
     p.add_argument("data_root", nargs="?", metavar="DATA_ROOT",
                    help="the dataset directory (default: $DATA_ROOT)")
@@ -49,7 +64,7 @@ def _add_sources(p: argparse.ArgumentParser) -> None:
                    help="only the sources listed in FILE, one per line")
     g.add_argument("--no-follow-symlinks", dest="follow_symlinks", action="store_false",
                    help="do not follow symbolic links")
-    g.add_argument("--threads", type=int, default=None, help="worker threads (default: one per core)")
+    g.add_argument("--threads", type=_at_least(1), default=None, help="worker threads (default: one per core)")
 
 
 def _data_root(args: argparse.Namespace, parser: argparse.ArgumentParser) -> str:
@@ -256,8 +271,6 @@ def cmd_migrate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
 def cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from featstore import ops
 
-    if args.samples < 1 or args.repeat < 1:
-        parser.error("--samples and --repeat must be at least 1")
     store = _open_store(args, _data_root(args, parser))
     found = _find_sources(args, store)
     report = ops.bench(store, found.paths, samples=args.samples, repeat=args.repeat, threads=args.threads,
@@ -284,6 +297,8 @@ def _add_json(p: argparse.ArgumentParser) -> None:
 
 def _add_ops_commands(sub: Any) -> None:
     """status, explain, verify, gc, migrate, bench: operating a cache (logic in featstore.ops)."""
+    from featstore.ops import DEFAULT_MIN_TMP_AGE_S  # ops does not import torch
+
     raw = _ParagraphFormatter
 
     p = sub.add_parser(
@@ -349,8 +364,9 @@ def _add_ops_commands(sub: Any) -> None:
                    help="list what would be removed and the bytes; remove nothing")
     p.add_argument("--keep-fingerprint", nargs="+", action="extend", metavar="FP",
                    help="keep foreign entries with these fingerprints")
-    p.add_argument("--min-tmp-age", type=float, default=900.0, metavar="SECONDS",
-                   help="leave temporary files younger than this: a write may be in progress (default: 900)")
+    p.add_argument("--min-tmp-age", type=float, default=DEFAULT_MIN_TMP_AGE_S, metavar="SECONDS",
+                   help="leave temporary files younger than this: a write may be in progress "
+                        f"(default: {DEFAULT_MIN_TMP_AGE_S:.0f})")
     p.add_argument("--force", action="store_true",
                    help="gc even a root the cache seems not made for: not the data root its manifest records, "
                         "or one where every entry would be an orphan")
@@ -394,8 +410,8 @@ def _add_ops_commands(sub: Any) -> None:
     _add_data_root(p)
     _add_sources(p)
     _add_feature(p, required=False, default="vggt")
-    p.add_argument("--samples", type=int, default=200, help="sources to measure (default: 200)")
-    p.add_argument("--repeat", type=int, default=3, help="timed passes; the fastest is reported (default: 3)")
+    p.add_argument("--samples", type=_at_least(1), default=200, help="sources to measure (default: 200)")
+    p.add_argument("--repeat", type=_at_least(1), default=3, help="timed passes; the fastest is reported (default: 3)")
     _add_json(p)
     p.set_defaults(func=cmd_bench)
 
@@ -404,22 +420,12 @@ _DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float
            "fp32": "float32", "float32": "float32"}
 
 
-def _env_flag(name: str) -> bool | None:
-    value = os.environ.get(name)
-    return None if value is None else value.strip().lower() in ("1", "true", "yes", "on")
-
-
 def cmd_precompute(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from featstore.ops import human_bytes
     from featstore.pipeline import parse_shard, precompute
 
     root = _data_root(args, parser)
-    # Checked before anything loads: a typo should not cost a model load.
-    if args.batch_size is not None and args.batch_size < 1:
-        parser.error(f"--batch-size must be at least 1, got {args.batch_size}")
-    if args.frames_per_set < 1:
-        parser.error(f"--frames-per-set must be at least 1, got {args.frames_per_set}")
-    try:
+    try:  # checked before anything loads: a typo should not cost a model load
         parse_shard(args.shard)
     except ValueError as exc:
         parser.error(str(exc))
@@ -436,11 +442,10 @@ def cmd_precompute(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
             options["random_weights_seed"] = 0
     elif args.frames_per_set != 1:
         parser.error("--frames-per-set applies to the vggt encoder")
-    skip_existing = args.skip_existing if args.skip_existing is not None else _env_flag("SKIP_EXISTING")
     try:
         s = precompute(root, encoder=args.encoder, feature=args.feature, layout=args.layout or "sidecar",
                        cache_dir=cache_dir, device=args.device, batch_size=args.batch_size,
-                       num_workers=args.num_workers, skip_existing=skip_existing, overwrite=args.overwrite,
+                       num_workers=args.num_workers, skip_existing=args.skip_existing, overwrite=args.overwrite,
                        start_idx=args.start_idx, end_idx=args.end_idx, shard=args.shard, files_from=args.files_from,
                        extensions=args.ext, jsonl=args.jsonl, dry_run=args.dry_run, force=args.force,
                        durable=not args.no_durable, progress=None if not args.json else False,
@@ -520,7 +525,8 @@ def _add_precompute_commands(sub: Any) -> None:
     g.add_argument("--dtype", choices=sorted(_DTYPES), default=None,
                    help="stored dtype (default: bf16 where the GPU supports it, fp16 on other GPUs, fp32 on CPU)")
     g.add_argument("--mode", choices=("crop", "pad"), default="crop", help="VGGT preprocessing (default crop)")
-    g.add_argument("--frames-per-set", "--frames_per_set", dest="frames_per_set", type=int, default=1, metavar="N",
+    g.add_argument("--frames-per-set", "--frames_per_set", dest="frames_per_set", type=_at_least(1), default=1,
+                   metavar="N",
                    help="frames encoded together (default 1: every image alone, valid for single-frame use only)")
     g.add_argument("--random-weights", action="store_true",
                    help="a tiny VGGT with random weights instead of a checkpoint (trying featstore; features "
@@ -534,9 +540,9 @@ def _add_precompute_commands(sub: Any) -> None:
     _add_sources(p)
     r = p.add_argument_group("run")
     r.add_argument("--device", default=None, help="default $DEVICE, else cuda:0 when available, else cpu")
-    r.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=None, metavar="N",
+    r.add_argument("--batch-size", "--batch_size", dest="batch_size", type=_at_least(1), default=None, metavar="N",
                    help="images per batch (default $BATCH_SIZE or 16; halved on CUDA out-of-memory)")
-    r.add_argument("--num-workers", dest="num_workers", type=int, default=None, metavar="N",
+    r.add_argument("--num-workers", dest="num_workers", type=_at_least(0), default=None, metavar="N",
                    help="decoding processes (default: per core on CPU, cores - 1 with a GPU)")
     r.add_argument("--skip-existing", "--skip_existing", dest="skip_existing", action=argparse.BooleanOptionalAction,
                    default=None, help="skip images whose entry is valid (default: on, or $SKIP_EXISTING)")
@@ -558,7 +564,7 @@ def _add_precompute_commands(sub: Any) -> None:
                     "pipeline is real, the features mean nothing), rerun, edit an image, show the entry states and "
                     "time lookups against the SHA256 cache scheme featstore replaces.")
     p.add_argument("directory", nargs="?", default=None, help="where to work (default: a new temporary directory)")
-    p.add_argument("--images", type=int, default=24, help="how many images (default 24)")
+    p.add_argument("--images", type=_at_least(2), default=24, help="how many images (default 24)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=cmd_demo)
 

@@ -245,9 +245,7 @@ class CachedDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
     def _source(self, index: int, sample: dict[str, Any]) -> str:
         path = self.paths[index] if self.paths is not None else self.path_fn(sample)  # type: ignore[misc]
         path = os.fspath(path)
-        if self.store is not None:
-            return self.store.rel(path)
-        return path if self.data_root is None or os.path.isabs(path) else os.path.join(self.data_root, path)
+        return self.store.rel(path) if self.store is not None else self._abs(path)
 
     def _abs(self, source: str) -> str:
         return source if os.path.isabs(source) or self.data_root is None else os.path.join(self.data_root, source)

@@ -228,36 +228,29 @@ def _survey(store: FeatureStore, rels: Sequence[str], *, deep: bool, threads: in
     """
     core = store._core
     rels = list(rels)
-    states = run_with_progress(lambda p: core.check_many(rels, threads, p), desc="checking entries",
+    checks = run_with_progress(lambda p: core.check_many_full(rels, threads, p), desc="checking entries",
                                total=len(rels), show=progress, unit="sources")
     if deep:
         # Only a `valid` verdict can rest on the manifest index alone (every other one came from
         # reading the header): forget those and check them again in full. In the dir layout the
         # first pass has moved entries of touched sources to their current key, where the second
         # finds them.
-        again = [i for i, s in enumerate(states) if s == "valid"]
+        again = [i for i, (s, _, _) in enumerate(checks) if s == "valid"]
         for i in again:
             core.forget(rels[i])
         subset = [rels[i] for i in again]
-        rechecked = run_with_progress(lambda p: core.check_many(subset, threads, p), desc="reading headers",
+        rechecked = run_with_progress(lambda p: core.check_many_full(subset, threads, p), desc="reading headers",
                                       total=len(subset), show=progress, unit="sources")
-        for i, s in zip(again, rechecked, strict=True):
-            states[i] = s
+        for i, c in zip(again, rechecked, strict=True):
+            checks[i] = c
     by_path: dict[str, EntryReport] = {}
     claimed: dict[str, str] = {}
     errors: list[tuple[str, str]] = []
     missing = 0
-    for rel, state in zip(rels, states, strict=True):
+    for rel, (state, entry, reason) in zip(rels, checks, strict=True):
         if state.startswith("error: "):
             errors.append((rel, state[len("error: "):]))
             continue
-        if state != "missing":
-            try:
-                # Remembered from check_many: no file is opened again.
-                state, entry, reason = core.check(rel)
-            except OSError as exc:
-                errors.append((rel, str(exc)))
-                continue
         if state == "missing":
             missing += 1
             continue
@@ -357,20 +350,15 @@ def _verify_contents(store: FeatureStore, survey: _Survey, threads: int | None, 
                 store._core.forget(r.source)
 
 
-def _journals(store: FeatureStore) -> list[str]:
-    return store.journal_paths()
-
-
 def merge_leftover_journals(store: FeatureStore) -> int:
     """Merges journals an interrupted or unfinished precompute left beside the manifest, when no
     run of the feature holds its lock (a running one merges its own at the end). Returns the
     number of journals merged; 0 when there were none, a run is active, or the manifest's
     directory is not writable (status never fails for that)."""
-    from featstore import _core
     from featstore.errors import LockHeldError, ReadOnlyDataRootError
     from featstore.lock import maintenance_lock
 
-    if not _journals(store):
+    if not store.journal_paths():
         return 0
     try:
         with maintenance_lock(store, "merge journals"):
@@ -623,7 +611,7 @@ def status(store: FeatureStore, sources: Sequence[str] | None = None, *, threads
     st = store.status(sources, threads=threads, progress=progress)
     seconds = time.perf_counter() - t0
     manifest = store.manifest_path if os.path.exists(store.manifest_path) else None
-    return StatusReport(st, seconds, manifest, _journals(store))
+    return StatusReport(st, seconds, manifest, store.journal_paths())
 
 
 # ----------------------------------------------------------------------------------- verify
@@ -1591,8 +1579,7 @@ def bench(store: FeatureStore, sources: Sequence[str], *, samples: int = 200, re
     import torch
 
     rels = list(sources)
-    states = run_with_progress(lambda p: store._core.check_many(rels, threads, p), desc="checking entries",
-                               total=len(rels), show=progress, unit="sources")
+    states = store.states(rels, threads=threads, progress=progress)
     valid = [r for r, s in zip(rels, states, strict=True) if s == "valid"]
     if not valid:
         raise NoImagesFoundError(f"no source under {store.data_root} has a valid {store.feature} entry to measure "

@@ -105,11 +105,13 @@ class _Decode(torch.utils.data.Dataset):
         if isinstance(item, tuple):  # a frame set: [S, 3, H, W], smaller frames padded with white
             from featstore.models.vggt import stack_uint8_images
 
+            frames = [decode_source(self.encoder, os.path.join(self.root, r)) for r in item]
+            error = next((err for _, err, _ in frames if err is not None), None)
+            if error is not None:  # one bad frame fails its set, never the run
+                return i, None, error, None
             try:
-                stamps = tuple(_stamp(os.path.join(self.root, r)) for r in item)
-                frames = [self.encoder.preprocess(os.path.join(self.root, r)) for r in item]
-                return i, stack_uint8_images(frames), None, stamps
-            except Exception as exc:  # one bad frame fails its set, never the run
+                return i, stack_uint8_images([f for f, _, _ in frames]), None, tuple(st for _, _, st in frames)
+            except Exception as exc:
                 return i, None, f"{type(exc).__name__}: {exc}", None
         return (i, *decode_source(self.encoder, os.path.join(self.root, item)))
 
@@ -197,10 +199,7 @@ class _Writer:
         t0 = time.perf_counter()
         records: list[dict[str, Any]] = []
         if isinstance(outputs, str):
-            name = _item_name(rels[0])
-            self.counts.failed += 1
-            self.counts.failures.append((name, outputs))
-            records.append({"op": "failed", "path": name, "reason": outputs})
+            self._failed(rels[0], outputs, records)
         elif rels and isinstance(rels[0], tuple):
             self._write_sets(rels, outputs, records)
         else:
@@ -213,11 +212,7 @@ class _Writer:
                 except Exception as exc:  # one bad item is recorded; the run goes on
                     if _fatal(exc):
                         raise
-                    reason = (f"source disappeared: {exc}" if isinstance(exc, FileNotFoundError)
-                              else f"{type(exc).__name__}: {exc}")
-                    self.counts.failed += 1
-                    self.counts.failures.append((rel, reason))
-                    records.append({"op": "failed", "path": rel, "reason": reason})
+                    self._failed(rel, exc, records)
                     continue
                 written.append((rel, w))
             if self.durable:
@@ -230,6 +225,15 @@ class _Writer:
         _core.append_journal(self.journal, [json.dumps(r) for r in records], durable=self.durable)
         self.counts.stage_seconds["write"] += time.perf_counter() - t0
 
+    def _failed(self, item: Any, why: str | BaseException, records: list[dict[str, Any]]) -> None:
+        """Counts a failed item (a source or a frame set) and journals it: the manifest lists it."""
+        if isinstance(why, BaseException):
+            why = (f"source disappeared: {why}" if isinstance(why, FileNotFoundError)
+                   else f"{type(why).__name__}: {why}")
+        name = _item_name(item)
+        self.counts.failed += 1
+        self.counts.failures.append((name, why))
+        records.append({"op": "failed", "path": name, "reason": why})
 
     def _write_sets(self, sets: list[tuple[str, ...]], outputs: dict[str, torch.Tensor],
                     records: list[dict[str, Any]]) -> None:
@@ -243,8 +247,7 @@ class _Writer:
             except Exception as exc:  # one bad set is recorded; the run goes on
                 if _fatal(exc):
                     raise
-                self.counts.failed += 1
-                self.counts.failures.append((_item_name(members), f"{type(exc).__name__}: {exc}"))
+                self._failed(members, exc, records)
                 continue
             paths.append(path)
             # Sets are not in the per-image index; the journal line documents the write.

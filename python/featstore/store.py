@@ -38,6 +38,7 @@ _MISS_ADVICE = {
     "foreign": "written by another encoder configuration; recompute, or open the store with that fingerprint",
     "corrupt": "the file is damaged; `featstore verify --quarantine` moves it aside, then recompute",
     "orphan": "the source is gone; `featstore gc` removes such entries",
+    "unreadable": "featstore may not read the entry file; fix its permissions, or use a readable cache_dir",
 }
 
 
@@ -164,7 +165,8 @@ class FeatureStore:
                                  legacy_suffix=LEGACY_SIDECAR_SUFFIX if feature == "vggt" else None,
                                  pread=read_mode == "pread")
         self._prefix = root.rstrip(os.sep) + os.sep
-        self.stats: dict[str, int] = {"hits": 0, "misses": 0, **{s: 0 for s in STATES if s != "valid"}}
+        self.stats: dict[str, int] = {"hits": 0, "misses": 0, "unreadable": 0,
+                                      **{s: 0 for s in STATES if s != "valid"}}
         self._warned: set[str] = set()
 
     # Pickling reopens the store from its arguments (DataLoader workers under spawn).
@@ -199,7 +201,8 @@ class FeatureStore:
         elif os.path.isabs(p):
             raise PathOutsideRootError(f"{p} is outside the data root {self.data_root}; "
                                        "open a store on a root that contains it")
-        if "\\" in p or p.startswith("./") or "/." in p or p.startswith(".."):
+        # Only spellings that normalize to another path pay for normpath (keys hash the bytes).
+        if p.startswith(("./", "..")) or "/." in p or "//" in p or p.endswith("/"):
             norm = os.path.normpath(p)
             if norm == ".." or norm.startswith("../"):
                 raise PathOutsideRootError(f"{path} is outside the data root {self.data_root}")
@@ -221,9 +224,15 @@ class FeatureStore:
         """The entry state of ``path``: one of :data:`STATES`."""
         return self._core.state(self.rel(path))
 
-    def states(self, paths: Iterable[str | os.PathLike[str]], *, threads: int | None = None) -> list[str]:
-        """:meth:`state` of many sources, checked in parallel in Rust."""
-        return self._core.check_many([self.rel(p) for p in paths], threads, None)
+    def states(self, paths: Iterable[str | os.PathLike[str]], *, threads: int | None = None,
+               progress: bool | None = False) -> list[str]:
+        """:meth:`state` of many sources, checked in parallel in Rust (``"error: ..."`` where a
+        check failed); ``progress`` shows a bar on stderr when it takes a while."""
+        from featstore.scan import run_with_progress
+
+        rels = [self.rel(p) for p in paths]
+        return run_with_progress(lambda p: self._core.check_many(rels, threads, p), desc="checking entries",
+                                 total=len(rels), show=progress, unit="sources")
 
     def explain(self, path: str | os.PathLike[str]) -> str:
         """A few lines saying why a lookup of ``path`` hits or misses: the state, the entry, and
@@ -258,7 +267,7 @@ class FeatureStore:
         try:
             capsules = self._core.read(rel)
         except (CorruptEntryError, PermissionError) as exc:
-            self._miss(rel, "corrupt" if isinstance(exc, CorruptEntryError) else "missing", "", str(exc))
+            self._miss(rel, "corrupt" if isinstance(exc, CorruptEntryError) else "unreadable", "", str(exc))
             return None
         if capsules is None:
             # Off the hot path: one full check says why, and finds a legacy sidecar.
@@ -387,7 +396,10 @@ class FeatureStore:
         elif out.device.type != "cpu" or not out.is_contiguous() or out.shape[0] != len(rels):
             raise ValueError(f"out must be a contiguous CPU tensor with {len(rels)} rows, got {tuple(out.shape)} "
                              f"on {out.device}")
-        dtype = TORCH_TO_SAFETENSORS[out.dtype]
+        dtype = TORCH_TO_SAFETENSORS.get(out.dtype)
+        if dtype is None:
+            raise ValueError(f"out has dtype {out.dtype}, which entries cannot hold; use one of "
+                             f"{', '.join(str(d).replace('torch.', '') for d in TORCH_TO_SAFETENSORS)}")
         errors = self._core.read_batch(rels, name, dtype, list(out.shape[1:]), out.data_ptr(),
                                        out.numel() * out.element_size(), threads)
         failed = [(i, rels[i], why) for i, why in enumerate(errors) if why is not None]
@@ -480,7 +492,7 @@ class FeatureStore:
         Opens no entry that was seen before (in this process or in the manifest's index).
         Orphans are entries whose source is gone.
         """
-        from featstore.scan import run_with_progress, scan
+        from featstore.scan import scan
 
         if sources is None:
             found = scan(self.data_root, skip_dirs=[self.cache_dir] if self.cache_dir else (), threads=threads,
@@ -490,8 +502,7 @@ class FeatureStore:
         else:
             rels = [self.rel(s) for s in sources]
             errors = []
-        states = run_with_progress(lambda p: self._core.check_many(rels, threads, p), desc="checking entries",
-                                   total=len(rels), show=progress, unit="sources")
+        states = self.states(rels, threads=threads, progress=progress)
         counts = {s: 0 for s in STATES}
         for rel, s in zip(rels, states, strict=True):
             if s.startswith("error: "):

@@ -18,11 +18,12 @@ TINY_CONFIG: dict[str, Any] = {
 
 
 def default_stored_dtype(device: torch.device | str) -> torch.dtype:
-    """bf16 on GPUs that support it, else fp16 on CUDA, fp32 on CPU."""
-    device = torch.device(device)
-    if device.type == "cuda" and torch.cuda.is_available():
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
+    """The dtype the aggregator computes in on ``device`` (its autocast dtype: bf16 on Ampere or
+    newer, fp16 on older GPUs), fp32 on the CPU: storing more precision than was computed only
+    costs space."""
+    from featstore.models.vggt.inference import autocast_dtype
+
+    return autocast_dtype(device) or torch.float32
 
 
 class VGGTEncoder:

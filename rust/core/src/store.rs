@@ -49,16 +49,6 @@ pub enum State {
 }
 
 impl State {
-    pub const ALL: [State; 7] = [
-        State::Valid,
-        State::Missing,
-        State::Stale,
-        State::Foreign,
-        State::Corrupt,
-        State::Orphan,
-        State::Legacy,
-    ];
-
     /// The name used everywhere (CLI output, JSON, Python).
     pub fn name(self) -> &'static str {
         match self {
@@ -804,12 +794,64 @@ impl Store {
             return Vec::new();
         }
         let slot = out.len() / rels.len();
+        if slot == 0 {
+            // Empty tensors: nothing to copy, but each entry is still checked.
+            return rels
+                .iter()
+                .map(|r| self.read_into(r, name, dtype, shape, &mut []))
+                .collect();
+        }
         pool::pool(threads).install(|| {
             out.par_chunks_mut(slot.max(1))
                 .zip(rels.par_iter())
                 .map(|(dst, rel)| self.read_into(rel, name, dtype, shape, &mut dst[..slot]))
                 .collect()
         })
+    }
+
+    /// Takes a header parsed now (not one validated before) for the entry `c` judged valid: checks
+    /// its fingerprint (the stamps may have come from a manifest index) and remembers it, so later
+    /// reads skip the parse. Only for the very file the check judged (not one renamed over it in
+    /// between), so the fast path never serves an unchecked file. False: another encoder's
+    /// entry, now settled as foreign.
+    fn adopt_header(
+        &self,
+        rel: &Path,
+        c: &Check,
+        id: entry::FileId,
+        header: &Arc<entry::Header>,
+    ) -> Result<bool> {
+        if let Some(expected) = &self.cfg.fingerprint {
+            let actual = header
+                .metadata
+                .get("fingerprint")
+                .map(String::as_str)
+                .unwrap_or("");
+            if actual != expected {
+                let reason = format!(
+                    "written by encoder fingerprint {actual:?}, this store expects {expected:?}"
+                );
+                let source = stat_opt(&self.cfg.root.join(rel))?.unwrap_or(Stamp {
+                    size: 0,
+                    mtime_ns: 0,
+                });
+                self.settle(rel, source, &c.entry, Vec::new(), State::Foreign, reason)?;
+                return Ok(false);
+            }
+        }
+        let judged = |k: &&mut Known| {
+            k.path == c.entry
+                && k.entry
+                    == Stamp {
+                        size: id.size,
+                        mtime_ns: id.mtime_ns,
+                    }
+        };
+        let mut known = self.known.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(k) = known.get_mut(rel).filter(judged) {
+            k.header = Some((id, Arc::clone(header)));
+        }
+        Ok(true)
     }
 
     fn read_into(
@@ -838,17 +880,20 @@ impl Store {
         let header = match known {
             Some((known_id, h)) if known_id == id => h,
             _ => {
-                let h = entry::read_header_of(&file, &c.entry, meta.len())
-                    .map_err(|e| e.to_string())?;
-                if let Some(expected) = &self.cfg.fingerprint {
-                    if h.metadata.get("fingerprint") != Some(expected) {
-                        return Err(format!(
-                            "foreign: {} was written by another encoder fingerprint",
-                            c.entry.display()
-                        ));
-                    }
+                let h = Arc::new(
+                    entry::read_header_of(&file, &c.entry, meta.len())
+                        .map_err(|e| e.to_string())?,
+                );
+                if !self
+                    .adopt_header(rel, &c, id, &h)
+                    .map_err(|e| e.to_string())?
+                {
+                    return Err(format!(
+                        "foreign: {} was written by another encoder fingerprint",
+                        c.entry.display()
+                    ));
                 }
-                Arc::new(h)
+                h
             }
         };
         let t = header
@@ -868,13 +913,20 @@ impl Store {
             .map_err(|e| format!("{}: {e}", c.entry.display()))
     }
 
-    /// Opens the valid entry of `rel` for reading, or None when it is not valid.
-    ///
-    /// Fast path for an entry this process already validated: stat the source, open the entry and
-    /// take its stamp from the open descriptor (no separate stat), map it, and reuse the header
-    /// validated on the first read while the file is the same. Anything else goes through
-    /// [`Store::check`].
+    /// Opens the valid entry of `rel` for reading, or None when it is not valid: the fast path
+    /// ([`Store::open_known`]), else a full [`Store::check`] first ([`Store::open_checked`]).
     pub fn open_valid(&self, rel: &Path) -> Result<Option<entry::Entry>> {
+        match self.open_known(rel)? {
+            Some(e) => Ok(Some(e)),
+            None => self.open_checked(rel),
+        }
+    }
+
+    /// The fast path of [`Store::open_valid`], for an entry this process already validated: stat
+    /// the source, open the entry and take its stamp from the open descriptor (no separate stat),
+    /// map it, and reuse the header validated on the first read while the file is the same. None
+    /// when anything differs: then [`Store::open_checked`] decides.
+    pub fn open_known(&self, rel: &Path) -> Result<Option<entry::Entry>> {
         if let Some(k) = self
             .recall(rel)
             .filter(|k| k.hot() && k.state == State::Valid)
@@ -898,6 +950,12 @@ impl Store {
                 }
             }
         }
+        Ok(None)
+    }
+
+    /// The slow path of [`Store::open_valid`]: a full check (header parse, digests when racy),
+    /// then the open.
+    pub fn open_checked(&self, rel: &Path) -> Result<Option<entry::Entry>> {
         let c = self.check(rel)?;
         if c.state != State::Valid {
             return Ok(None);
@@ -909,46 +967,8 @@ impl Store {
         let reused = known_header.as_ref().map(|(id, _)| *id);
         match entry::open_entry_with(&c.entry, self.cfg.read_mode, known_header) {
             Ok((e, id)) => {
-                // A header parsed now (not one validated before) gets its fingerprint checked
-                // here too: the stamps may have come from a manifest index.
-                if reused != Some(id) {
-                    if let Some(expected) = &self.cfg.fingerprint {
-                        let actual = e
-                            .header
-                            .metadata
-                            .get("fingerprint")
-                            .map(String::as_str)
-                            .unwrap_or("");
-                        if actual != expected {
-                            let reason = format!("written by encoder fingerprint {actual:?}, this store expects {expected:?}");
-                            self.settle(
-                                rel,
-                                stat_opt(&self.cfg.root.join(rel))?.unwrap_or(Stamp {
-                                    size: 0,
-                                    mtime_ns: 0,
-                                }),
-                                &c.entry,
-                                Vec::new(),
-                                State::Foreign,
-                                reason,
-                            )?;
-                            return Ok(None);
-                        }
-                    }
-                }
-                // Cache the header only for the very file the check judged (not one renamed over
-                // it in between), so the fast path never serves an unchecked file.
-                let judged = |k: &&mut Known| {
-                    k.path == c.entry
-                        && k.entry
-                            == Stamp {
-                                size: id.size,
-                                mtime_ns: id.mtime_ns,
-                            }
-                };
-                let mut known = self.known.write().unwrap_or_else(|p| p.into_inner());
-                if let Some(k) = known.get_mut(rel).filter(judged) {
-                    k.header = Some((id, Arc::clone(&e.header)));
+                if reused != Some(id) && !self.adopt_header(rel, &c, id, &e.header)? {
+                    return Ok(None);
                 }
                 Ok(Some(e))
             }

@@ -547,10 +547,6 @@ impl PyStore {
             .into_os_string()
     }
 
-    fn legacy_path(&self, rel: PathBuf) -> Option<OsString> {
-        self.inner.legacy_path(&rel).map(PathBuf::into_os_string)
-    }
-
     /// `(state, entry_path, reason)` of one source.
     fn check(&self, py: Python<'_>, rel: PathBuf) -> PyResult<(&'static str, OsString, String)> {
         let c = py.detach(|| self.inner.check(&rel)).py_err()?;
@@ -561,6 +557,31 @@ impl PyStore {
     /// releasing it).
     fn state(&self, rel: PathBuf) -> PyResult<&'static str> {
         Ok(self.inner.check(&rel).py_err()?.state.name())
+    }
+
+    /// `(state, entry_path, reason)` of many sources, checked in parallel; the state is
+    /// `"error: ..."` where a check failed.
+    #[pyo3(signature = (rels, threads=None, progress=None))]
+    fn check_many_full(
+        &self,
+        py: Python<'_>,
+        rels: Vec<PathBuf>,
+        threads: Option<usize>,
+        progress: Option<&Bound<'_, Progress>>,
+    ) -> Vec<(String, OsString, String)> {
+        let counter = progress_counter(progress);
+        let checks = py.detach(|| self.inner.check_many(&rels, threads, &counter));
+        checks
+            .into_iter()
+            .map(|c| match c {
+                Ok(c) => (
+                    c.state.name().to_string(),
+                    c.entry.into_os_string(),
+                    c.reason,
+                ),
+                Err(e) => (format!("error: {e}"), OsString::new(), String::new()),
+            })
+            .collect()
     }
 
     /// State names of many sources, checked in parallel; `"error: ..."` where a check failed.
@@ -620,7 +641,13 @@ impl PyStore {
 
     /// The tensors of `rel`'s entry as `[(name, dltensor capsule)]`, or None unless it is valid.
     fn read<'py>(&self, py: Python<'py>, rel: PathBuf) -> PyResult<Option<Capsules<'py>>> {
-        match self.inner.open_valid(&rel).py_err()? {
+        // The hot path keeps the GIL (shorter than releasing it); the slow one, which parses the
+        // header and may digest the source, releases it.
+        let entry = match self.inner.open_known(&rel).py_err()? {
+            Some(e) => Some(e),
+            None => py.detach(|| self.inner.open_checked(&rel)).py_err()?,
+        };
+        match entry {
             Some(e) => Ok(Some(tensors_of(py, &e)?)),
             None => Ok(None),
         }
@@ -656,7 +683,12 @@ impl PyStore {
         let results = py.detach(|| {
             // SAFETY: the caller passes the data pointer of a contiguous tensor of nbytes bytes
             // that it holds, and nothing else writes, for the duration of this call.
-            let out = unsafe { std::slice::from_raw_parts_mut(data_ptr as *mut u8, nbytes) };
+            // An empty tensor's data pointer may be null, which no slice may hold.
+            let out: &mut [u8] = if nbytes == 0 {
+                &mut []
+            } else {
+                unsafe { std::slice::from_raw_parts_mut(data_ptr as *mut u8, nbytes) }
+            };
             self.inner
                 .read_batch(&rels, &name, dtype, &shape, out, threads)
         });

@@ -210,24 +210,14 @@ class VGGT(nn.Module):
                 pose_enc_list = self.camera_head(aggregated_tokens)
                 predictions["pose_enc"] = pose_enc_list[-1]
                 predictions["pose_enc_list"] = pose_enc_list
-            if self.depth_head is not None:
-                depth, depth_conf = self.depth_head(
-                    aggregated_tokens,
-                    images=images,
-                    patch_start_idx=patch_start_idx,
-                    frames_chunk_size=frames_chunk_size,
-                )
-                predictions["depth"] = depth
-                predictions["depth_conf"] = depth_conf
-            if self.point_head is not None:
-                points, points_conf = self.point_head(
-                    aggregated_tokens,
-                    images=images,
-                    patch_start_idx=patch_start_idx,
-                    frames_chunk_size=frames_chunk_size,
-                )
-                predictions["world_points"] = points
-                predictions["world_points_conf"] = points_conf
+            for head, key in ((self.depth_head, "depth"), (self.point_head, "world_points")):
+                if head is not None:
+                    predictions[key], predictions[f"{key}_conf"] = head(
+                        aggregated_tokens,
+                        images=images,
+                        patch_start_idx=patch_start_idx,
+                        frames_chunk_size=frames_chunk_size,
+                    )
 
         if self._selected_layer_idx is not None:
             predictions["aggregated_tokens"] = LayerSelectView(
