@@ -317,3 +317,26 @@ def test_importing_featstore_encoders_imports_neither_library():
             "print('diffusers' in sys.modules or 'transformers' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_jsonl_lines_that_cannot_be_read_are_named_when_a_caption_is_missing(tmp_path):
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / "good.jsonl").write_text('{"image": "a.jpg", "prompt": "a cat"}\n{not json\n')
+    (root / "latin1.jsonl").write_bytes('{"image": "b.jpg", "prompt": "caf\xe9"}\n'.encode("latin-1"))
+    prompts = JsonlField(root, "prompt")
+    assert prompts[root / "a.jpg"] == "a cat"
+    assert {where.rsplit("/", 1)[-1] for where, _ in prompts.errors} == {"good.jsonl:2", "latin1.jsonl"}
+    with pytest.raises(KeyError, match="2 .jsonl lines or files were skipped"):
+        prompts[root / "b.jpg"]
+
+
+def test_a_tokenizer_keeps_its_digest_once_it_has_been_used():
+    """Fast tokenizers record the last call's truncation and padding on their backend: a used
+    tokenizer must not make the next run's entries foreign."""
+    from featstore.encoders.diffusion import tokenizer_digest
+
+    tokenizer = tiny_tokenizer()
+    before = tokenizer_digest(tokenizer)
+    tokenizer(["a cat"], padding="max_length", truncation=True, max_length=8)
+    assert tokenizer_digest(tokenizer) == before

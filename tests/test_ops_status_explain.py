@@ -206,8 +206,9 @@ def test_explain_finds_the_data_root(cache, capsys, monkeypatch):
     assert main(["explain", os.path.join(root, which["valid"]), "--feature", "vggt"]) == 0
     captured = capsys.readouterr()
     assert "valid (hit)" in captured.out and "vggt_cache_manifest.json" in captured.err
-    monkeypatch.chdir(root)
-    assert main(["explain", which["valid"], "--feature", "vggt"]) == 0  # relative to the working directory
+    scene, name = os.path.split(which["valid"])
+    monkeypatch.chdir(os.path.join(root, scene))  # a path relative to here, not to the data root
+    assert main(["explain", name, "--feature", "vggt"]) == 0
 
 
 def test_explain_dir_layout_shows_the_key(tree, tmp_path, capsys):

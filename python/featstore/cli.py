@@ -106,33 +106,31 @@ def _no_sources(args: argparse.Namespace, found: Any) -> NoImagesFoundError:
     return nothing_found(found, extensions=args.ext, jsonl=args.jsonl, files_from=args.files_from)
 
 
-def _find_sources(args: argparse.Namespace, store: Any, *, allow_empty: bool = False) -> Any:
-    """Scans the store's data root for the sources the options select (a ``ScanResult``)."""
+def _find_sources(args: argparse.Namespace, store: Any, *, allow_empty: bool = False, root: str = "") -> Any:
+    """Scans the store's data root (or ``root`` without a store) for the sources the options
+    select (a ``ScanResult``)."""
     from featstore.scan import scan
 
-    found = scan(store.data_root, extensions=args.ext, jsonl=args.jsonl, follow_symlinks=args.follow_symlinks,
-                 files_from=args.files_from, skip_dirs=[store.cache_dir] if store.cache_dir else [],
-                 threads=args.threads, progress=None)
+    cache_dir = store.cache_dir if store is not None else None
+    where: str = store.data_root if store is not None else root
+    found = scan(where, extensions=args.ext, jsonl=args.jsonl,
+                 follow_symlinks=args.follow_symlinks, files_from=args.files_from,
+                 skip_dirs=[cache_dir] if cache_dir else [], threads=args.threads, progress=None)
     if len(found) == 0 and not allow_empty:
         raise _no_sources(args, found)
     return found
 
 
 def cmd_scan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from featstore.ops import human_bytes
-    from featstore.scan import scan
+    from featstore.ops import error_lines, human_bytes
 
     root = _data_root(args, parser)
     if args.write_manifest and not args.feature:
         parser.error("--write-manifest needs --feature")
     store = _open_store(args, root) if args.feature else None
-    skip = [store.cache_dir] if store is not None and store.cache_dir else []
     t0 = time.perf_counter()
-    found = scan(root, extensions=args.ext, jsonl=args.jsonl, follow_symlinks=args.follow_symlinks,
-                 files_from=args.files_from, skip_dirs=skip, threads=args.threads, progress=None)
+    found = _find_sources(args, store, root=root)
     seconds = time.perf_counter() - t0
-    if len(found) == 0:
-        raise _no_sources(args, found)
     doc: dict[str, Any] = {
         "data_root": found.root, "sources": len(found), "bytes": found.total_bytes, "seconds": round(seconds, 3),
         "by_extension": {k: {"count": c, "bytes": b} for k, (c, b) in found.by_extension().items()},
@@ -152,9 +150,7 @@ def cmd_scan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             doc["manifest"] = store.write_manifest(status, found.paths)
             lines.append(f"manifest written: {doc['manifest']}")
     if found.errors:
-        more = " (first 10):" if len(found.errors) > 10 else ":"
-        lines.append(f"{len(found.errors):,} paths could not be scanned{more}")
-        lines.extend(f"  {p}: {why}" for p, why in found.errors[:10])
+        lines.extend(error_lines(found.errors, "paths could not be scanned"))
     _emit(args, doc, "\n".join(lines))
     return 0
 

@@ -10,17 +10,16 @@
 from __future__ import annotations
 
 import os
-import re
 import shutil
 from typing import TYPE_CHECKING
 
 from featstore import _core
 from featstore.errors import CorruptEntryError
+from featstore.store import _FEATURE_NAME
 
 if TYPE_CHECKING:
     import torch
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 def stamp_key(path: str | os.PathLike[str], data_root: str | os.PathLike[str]) -> str:
@@ -103,7 +102,7 @@ class EmbeddingCacheManager:
 
     def _path(self, cache_type: str, file_hash: str, ext: str = ".safetensors") -> str:
         for what, v in (("cache_type", cache_type), ("file_hash", file_hash)):
-            if not isinstance(v, str) or not _NAME.match(v):
+            if not isinstance(v, str) or not _FEATURE_NAME.match(v):
                 raise ValueError(f"{what} {v!r} must be letters, digits, '_', '.' or '-' (it names a file)")
         return os.path.join(self.cache_dir, cache_type, file_hash + ext)
 

@@ -59,6 +59,12 @@ def _bar(total: int, desc: str, show: bool | None, unit: str) -> tqdm:
                 disable=show is False, delay=0.5)
 
 
+def error_lines(errors: Sequence[tuple[str, str]], what: str, limit: int = 10) -> list[str]:
+    """The report lines of paths that could not be handled: a count, then the first ``limit``."""
+    more = f" (first {limit}):" if len(errors) > limit else ":"
+    return [f"{len(errors):,} {what}{more}", *(f"  {p}: {why}" for p, why in errors[:limit])]
+
+
 def human_bytes(n: float) -> str:
     """``n`` bytes in decimal units: ``"512 B"``, ``"1.2 MB"``."""
     for unit in ("B", "KB", "MB", "GB", "TB"):
@@ -497,7 +503,7 @@ def explain(store: FeatureStore, path: str | os.PathLike[str]) -> Explanation:
             details.append(("tensors", ", ".join(f"{n} {dt}{list(shape)}" for n, dt, shape, _, _ in tensors)))
         except (CorruptEntryError, OSError, ValueError):
             pass
-    if state == "stale" and legacy and src_st is not None:
+    if legacy and state in ("stale", "legacy") and src_st is not None:
         details.append(("image modified", _when(src_st.st_mtime_ns)))
         details.append(("cache written", _when(os.stat(entry).st_mtime_ns)))
     elif state == "stale" and meta and src_st is not None:
@@ -515,9 +521,6 @@ def explain(store: FeatureStore, path: str | os.PathLike[str]) -> Explanation:
                         + ("given" if given else f"from the manifest {store.manifest_path}") + ")"))
     elif state == "corrupt":
         details.append(("file", f"{_size(entry):,} bytes"))
-    elif state == "legacy" and src_st is not None:
-        details.append(("image modified", _when(src_st.st_mtime_ns)))
-        details.append(("cache written", _when(os.stat(entry).st_mtime_ns)))
     elif state == "missing":
         if src_st is None:
             details.append(("source", f"{src} does not exist"))
@@ -585,9 +588,7 @@ class StatusReport:
         if counts.get("stale") or counts.get("orphan") or counts.get("foreign"):
             lines.append("`featstore gc --dry-run` lists what can be removed")
         if st.errors:
-            more = " (first 10):" if len(st.errors) > 10 else ":"
-            lines.append(f"{len(st.errors):,} sources could not be checked{more}")
-            lines.extend(f"  {p}: {why}" for p, why in st.errors[:10])
+            lines.extend(error_lines(st.errors, "sources could not be checked"))
         return "\n".join(lines)
 
 
@@ -674,8 +675,7 @@ class VerifyReport:
             lines.append("`featstore verify --quarantine` moves them aside; `featstore gc` removes stale, "
                          "foreign and orphaned ones")
         if self.errors:
-            lines.append(f"{len(self.errors):,} could not be checked:")
-            lines.extend(f"  {p}: {why}" for p, why in self.errors[:10])
+            lines.extend(error_lines(self.errors, "could not be checked"))
         return "\n".join(lines)
 
 
@@ -866,8 +866,7 @@ class GcReport:
         for p, why in self.skipped[:limit]:
             lines.append(f"  left alone {shown(p)}: {why}")
         if self.errors:
-            lines.append(f"{len(self.errors):,} paths could not be checked:")
-            lines.extend(f"  {p}: {why}" for p, why in self.errors[:10])
+            lines.extend(error_lines(self.errors, "paths could not be checked"))
         return "\n".join(lines)
 
 

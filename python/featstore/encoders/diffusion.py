@@ -179,24 +179,29 @@ class JsonlField(Mapping[str, str]):
 
     def _read(self, jsonl: str) -> None:
         base = os.path.dirname(jsonl)
-        with open(jsonl, encoding="utf-8") as f:
-            for number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                where = f"{jsonl}:{number}"
-                try:
-                    record = json.loads(line)
-                except ValueError as exc:
-                    self.errors.append((where, f"not valid JSON: {exc}"))
-                    continue
-                images = record.get(self.image_field) if isinstance(record, dict) else None
-                value = record.get(self.field) if isinstance(record, dict) else None
-                if images is None or not isinstance(value, str):
-                    self.errors.append((where, f"no string field {self.field!r} or no {self.image_field!r}"))
-                    continue
-                for image in images if isinstance(images, list) else [images]:
-                    if isinstance(image, str):
-                        self._values[self._resolve(base, image)] = (value, jsonl)
+        try:
+            with open(jsonl, encoding="utf-8") as f:
+                lines = f.readlines()
+        except (UnicodeDecodeError, OSError) as exc:
+            self.errors.append((jsonl, f"cannot read it as UTF-8 text: {exc}"))
+            return
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            where = f"{jsonl}:{number}"
+            try:
+                record = json.loads(line)
+            except ValueError as exc:
+                self.errors.append((where, f"not valid JSON: {exc}"))
+                continue
+            images = record.get(self.image_field) if isinstance(record, dict) else None
+            value = record.get(self.field) if isinstance(record, dict) else None
+            if images is None or not isinstance(value, str):
+                self.errors.append((where, f"no string field {self.field!r} or no {self.image_field!r}"))
+                continue
+            for image in images if isinstance(images, list) else [images]:
+                if isinstance(image, str):
+                    self._values[self._resolve(base, image)] = (value, jsonl)
 
     def _resolve(self, base: str, listed: str) -> str:
         # As the scan does: relative to the jsonl's folder first, then to the root.
@@ -215,8 +220,10 @@ class JsonlField(Mapping[str, str]):
         try:
             return self._values[self._key(path)][0]
         except KeyError:
+            skipped = (f"; {len(self.errors)} .jsonl lines or files were skipped, e.g. {self.errors[0][0]}: "
+                       f"{self.errors[0][1]}") if self.errors else ""
             raise KeyError(f"no .jsonl line under {self.root} lists {os.fspath(path)} in {self.image_field!r} "
-                           f"with a {self.field!r}") from None
+                           f"with a {self.field!r}{skipped}") from None
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._values)
@@ -502,7 +509,13 @@ def tokenizer_digest(tokenizer: Any) -> str:
     ``tokenizer.json``), so a changed tokenizer changes the fingerprint."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
-        body = backend.to_str()
+        # Without the truncation and padding settings: a fast tokenizer's call sets them on its
+        # backend, so they would change the digest once the tokenizer has been used (and the
+        # encoder's own max_length and padding are in its fingerprint).
+        spec = json.loads(backend.to_str())
+        spec.pop("truncation", None)
+        spec.pop("padding", None)
+        body = json.dumps(spec, sort_keys=True)
     else:
         body = json.dumps(sorted(tokenizer.get_vocab().items()))
     return digest_of(type(tokenizer).__qualname__, body, getattr(tokenizer, "padding_side", None),
