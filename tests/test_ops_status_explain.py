@@ -7,8 +7,9 @@ import pytest
 import torch
 from conftest import age
 
-from featstore import FeatureStore, ops
+from featstore import FeatureStore
 from featstore.cli import main
+from featstore.explain import explain
 
 
 @pytest.fixture
@@ -194,7 +195,7 @@ def test_explain_changed_caption_names_the_input(tree):
     store.put(rels[0], {"embeds": torch.ones(3)}, inputs={"caption": caption})
     with open(caption, "w") as f:
         f.write("a blue chair!")
-    e = ops.explain(store, rels[0])
+    e = explain(store, rels[0])
     assert e.state == "stale" and "caption" in e.reason
     assert any(k == "input caption" and "differs" in v for k, v in e.details)
     assert "source content" in dict(e.details) and "identical" in dict(e.details)["source content"]

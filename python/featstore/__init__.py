@@ -30,7 +30,8 @@ from featstore.errors import (
     StaleEntryError,
 )
 from featstore.scan import DEFAULT_EXTENSIONS, ScanResult, scan
-from featstore.store import LAYOUTS, STATES, FeatureStore, Status
+from featstore.store import FeatureStore, Status
+from featstore.vocabulary import LAYOUTS, STATES
 
 __all__ = [
     "__version__",

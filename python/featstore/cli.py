@@ -15,6 +15,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from featstore import env
 from featstore.errors import DataRootError, FeatstoreError, NoImagesFoundError
 
 
@@ -68,7 +69,7 @@ def _add_sources(p: argparse.ArgumentParser) -> None:
 
 
 def _data_root(args: argparse.Namespace, parser: argparse.ArgumentParser) -> str:
-    root = args.data_root or args.data_root_flag or os.environ.get("DATA_ROOT")
+    root = args.data_root or args.data_root_flag or env.data_root()
     if not root:
         parser.error("give DATA_ROOT (or set $DATA_ROOT)")
     return str(root)
@@ -79,7 +80,7 @@ def _cache_dir(args: argparse.Namespace, feature: str | None) -> str | None:
     sidecar; an error when --layout dir has neither."""
     cache_dir = args.cache_dir
     if cache_dir is None and feature == "vggt" and args.layout != "sidecar":
-        cache_dir = os.environ.get("VGGT_CACHE_DIR") or None
+        cache_dir = env.vggt_cache_dir()
     if args.layout == "dir" and cache_dir is None:
         raise DataRootError("--layout dir needs --cache-dir DIR (where the entries go)")
     return cache_dir
@@ -122,7 +123,7 @@ def _find_sources(args: argparse.Namespace, store: Any, *, allow_empty: bool = F
 
 
 def cmd_scan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from featstore.ops import error_lines, human_bytes
+    from featstore.fmt import error_lines, human_bytes
 
     root = _data_root(args, parser)
     if args.write_manifest and not args.feature:
@@ -175,7 +176,7 @@ def _explain_root(args: argparse.Namespace, paths: list[str]) -> tuple[str, str]
     """The data root for ``explain`` and where it came from: --data-root or $DATA_ROOT, else the
     data root recorded in the cache directory's manifest, else the nearest directory above the
     first path holding the feature's manifest, else that path's directory."""
-    root = args.data_root_flag or os.environ.get("DATA_ROOT")
+    root = args.data_root_flag or env.data_root()
     if root:
         return root, ""
     cache_dir = _cache_dir(args, args.feature)
@@ -202,7 +203,7 @@ def _explain_root(args: argparse.Namespace, paths: list[str]) -> tuple[str, str]
 
 
 def cmd_explain(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from featstore import ops
+    from featstore import explain
 
     root, why = _explain_root(args, args.paths)
     store = _open_store(args, root)
@@ -214,7 +215,7 @@ def cmd_explain(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
         # directory (a deleted source is still named relative to the root).
         if not os.path.isabs(p) and not os.path.lexists(os.path.join(store.data_root, p)) and os.path.lexists(p):
             p = os.path.abspath(p)
-        found.append(ops.explain(store, p))
+        found.append(explain.explain(store, p))
     _emit(args, {"data_root": store.data_root, "explanations": [e.to_dict() for e in found]},
           "\n".join(e.text() for e in found))
     return 0 if all(e.hit for e in found) else 1
@@ -253,8 +254,8 @@ def cmd_migrate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     store = _open_store(args, _data_root(args, parser))
     legacy_dirs = args.legacy_dir
     if legacy_dirs is None:
-        env = os.environ.get("VGGT_CACHE_DIR")
-        legacy_dirs = [env] if env and os.path.isdir(env) else []
+        env_cache_dir = env.vggt_cache_dir()
+        legacy_dirs = [env_cache_dir] if env_cache_dir and os.path.isdir(env_cache_dir) else []
     found = _find_sources(args, store)
     report = ops.plan_migrate(store, found.paths, legacy_dirs=legacy_dirs, old_roots=args.old_root or (),
                               threads=args.threads, progress=None)
@@ -417,7 +418,7 @@ _DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float
 
 
 def cmd_precompute(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from featstore.ops import human_bytes
+    from featstore.fmt import human_bytes
     from featstore.pipeline import parse_shard, precompute
 
     root = _data_root(args, parser)
@@ -505,7 +506,7 @@ def _add_precompute_commands(sub: Any) -> None:
                "  torchrun --nproc_per_node 8 -m featstore.cli precompute /data/train   # one rank per GPU\n"
                "  featstore precompute /data/train --shard 0/4   # ... and 1/4, 2/4, 3/4 anywhere\n"
                "  featstore precompute /data/train --encoder mypkg.enc:make --feature dino\n"
-               "environment: DATA_ROOT, VGGT_MODEL_PATH, BATCH_SIZE, DEVICE, SKIP_EXISTING, VGGT_CACHE_DIR",
+               "environment: " + ", ".join(env.PRECOMPUTE_VARIABLES),
         formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_data_root(p)
     g = p.add_argument_group("encoder")

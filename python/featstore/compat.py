@@ -14,8 +14,8 @@ import shutil
 from typing import TYPE_CHECKING
 
 from featstore import _core
-from featstore.errors import CorruptEntryError
-from featstore.store import _FEATURE_NAME
+from featstore.errors import CorruptEntryError, PathOutsideRootError
+from featstore.vocabulary import is_feature_name
 
 if TYPE_CHECKING:
     import torch
@@ -29,8 +29,6 @@ def stamp_key(path: str | os.PathLike[str], data_root: str | os.PathLike[str]) -
     p = os.path.abspath(os.path.join(root, os.fspath(path)))
     rel = os.path.relpath(p, root)
     if rel == ".." or rel.startswith("../"):
-        from featstore.errors import PathOutsideRootError
-
         raise PathOutsideRootError(f"{p} is outside the data root {root}")
     st = os.stat(p)
     return _core.stamp_key(os.fsencode(rel), st.st_size, st.st_mtime_ns)
@@ -102,7 +100,7 @@ class EmbeddingCacheManager:
 
     def _path(self, cache_type: str, file_hash: str, ext: str = ".safetensors") -> str:
         for what, v in (("cache_type", cache_type), ("file_hash", file_hash)):
-            if not isinstance(v, str) or not _FEATURE_NAME.match(v):
+            if not isinstance(v, str) or not is_feature_name(v):
                 raise ValueError(f"{what} {v!r} must be letters, digits, '_', '.' or '-' (it names a file)")
         return os.path.join(self.cache_dir, cache_type, file_hash + ext)
 

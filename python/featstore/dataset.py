@@ -41,13 +41,14 @@ from typing import Any
 
 import torch
 
+from featstore import env
 from featstore.errors import BatchReadError, FeatstoreError, StaleEntryError
 from featstore.store import FeatureStore
 
 MODES = ("read", "lazy", "off")
 ON_MISS = ("compute", "skip", "error")
 #: Environment switches of the cache, first set wins (``USE_VGGT_CACHE`` is the old scripts' name).
-USE_CACHE_VARIABLES = ("FEATSTORE_USE_CACHE", "USE_VGGT_CACHE")
+USE_CACHE_VARIABLES = env.USE_CACHE_VARIABLES
 #: The key under which a sample hands work on to :meth:`CachedDataset.fill` in the main process:
 #: ``("read", source)`` (read there, into one reused batch buffer) or ``("encode", source)``.
 HANDOFF = "_featstore_handoff"
@@ -60,12 +61,7 @@ log = logging.getLogger("featstore")
 
 def use_cache_default(default: bool = True) -> bool:
     """Whether the cache is on, from ``FEATSTORE_USE_CACHE`` or ``USE_VGGT_CACHE`` (unset: ``default``)."""
-    from featstore.pipeline import env_bool
-
-    for name in USE_CACHE_VARIABLES:
-        if os.environ.get(name, "").strip():
-            return env_bool(name, default)
-    return default
+    return env.use_cache(default)
 
 
 @dataclass
@@ -79,7 +75,7 @@ class CacheArguments:
     cache_mode: str = field(default="read", metadata={
         "help": "read: serve cached features, compute misses live; lazy: compute a miss once and store it; "
                 "off: never touch the cache."})
-    cache_dir: str | None = field(default_factory=lambda: os.environ.get("VGGT_CACHE_DIR") or None, metadata={
+    cache_dir: str | None = field(default_factory=env.vggt_cache_dir, metadata={
         "help": "Keep entries in this directory (dir layout) instead of beside the images (default: "
                 "$VGGT_CACHE_DIR)."})
 
@@ -434,7 +430,7 @@ class CachedDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
 
     def _encode(self, sources: Sequence[str], write: bool = False) -> list[dict[str, torch.Tensor]]:
         """Encodes sources in batches of equal input shape; with ``write``, stores each entry."""
-        from featstore.pipeline import decode_source, encode_batch
+        from featstore.encoding import decode_source, encode_batch
 
         if not sources:
             return []
@@ -468,7 +464,7 @@ class CachedDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
         assert self.store is not None
         try:
             inputs = enc.inputs(source, self._abs(source)) if hasattr(enc, "inputs") else None
-            self.store._put(source, tensors, inputs=inputs, expected=stamp)
+            self.store.write(source, tensors, inputs=inputs, expected=stamp)
             if not self._manifest_checked:
                 self._manifest_checked = True
                 self._ensure_manifest()
@@ -539,7 +535,7 @@ class CachedDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
         return f"feature cache enabled: feature {s.feature}, layout {s.layout}{where}, {cached}, mode {self.mode}"
 
     def _log_start(self) -> None:
-        if os.environ.get("RANK", "0") != "0":
+        if env.distributed_rank()[0] != 0:
             return  # one line per job, not per rank
         line = self.describe()
         if log.hasHandlers() and log.isEnabledFor(logging.INFO):

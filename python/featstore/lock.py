@@ -44,7 +44,7 @@ os.register_at_fork(after_in_child=_close_inherited_locks)
 
 def lock_dir(store: FeatureStore) -> str:
     """Where the feature's lock files live."""
-    return os.path.join(os.fspath(store._core.state_dir), "locks")
+    return os.path.join(store.state_dir, "locks")
 
 
 @contextlib.contextmanager

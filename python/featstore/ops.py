@@ -15,14 +15,12 @@ merely looks like one is never touched, and a source never is.
 from __future__ import annotations
 
 import errno
-import glob
 import hashlib
 import json
 import os
 import random
 import re
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -33,11 +31,16 @@ from typing import TYPE_CHECKING, Any
 from featstore import _core
 from featstore.compat import load_legacy_sidecar
 from featstore.errors import CorruptEntryError, DataRootError, FeatstoreError, NoImagesFoundError
-from featstore.scan import run_with_progress
-from featstore.store import _MISS_ADVICE, LEGACY_SIDECAR_SUFFIX, STATES, FeatureStore, Status
+from featstore.fmt import age as _age
+from featstore.fmt import error_lines, human_bytes
+from featstore.fmt import shown as _shown
+from featstore.fmt import timestamp as _when
+from featstore.progress import bar as _progress_bar
+from featstore.store import FeatureStore, Status
+from featstore.vocabulary import BAD_STATES, LEGACY_SIDECAR_SUFFIX, STATES, check_error
 
 if TYPE_CHECKING:
-    from tqdm import tqdm
+    pass
 
 # Names of a legacy SHA256 cache directory: sha256(path + image bytes) hex, first 16 digits.
 _LEGACY_KEY = re.compile(r"^[0-9a-f]{16}$")
@@ -46,45 +49,17 @@ _DIR_ENTRY = re.compile(r"^[0-9a-f]{32}\.safetensors$")
 _TMP_RANDOM = r"\.[A-Za-z0-9]+\.tmp$"
 # Temporary files younger than this may belong to a write in progress: gc leaves them.
 DEFAULT_MIN_TMP_AGE_S = 900.0
-# Bad states: what verify reports and quarantines, and (but corrupt) what gc removes.
-BAD_STATES: tuple[str, ...] = ("corrupt", "stale", "foreign", "orphan")
 
 
 # ----------------------------------------------------------------------------------- helpers
-def _bar(total: int, desc: str, show: bool | None, unit: str) -> tqdm:
-    """A progress bar on stderr that appears only when the work lasts over half a second."""
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit=f" {unit}", file=sys.stderr, leave=False,
-                disable=show is False, delay=0.5)
 
 
-def error_lines(errors: Sequence[tuple[str, str]], what: str, limit: int = 10) -> list[str]:
-    """The report lines of paths that could not be handled: a count, then the first ``limit``."""
-    more = f" (first {limit}):" if len(errors) > limit else ":"
-    return [f"{len(errors):,} {what}{more}", *(f"  {p}: {why}" for p, why in errors[:limit])]
 
 
-def human_bytes(n: float) -> str:
-    """``n`` bytes in decimal units: ``"512 B"``, ``"1.2 MB"``."""
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} PB"
 
 
-def _when(ns: int) -> str:
-    """A local timestamp with nanoseconds (mtimes differ in the last digits after a touch)."""
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ns // 10**9)) + f".{ns % 10**9:09d}"
 
 
-def _age(seconds: float) -> str:
-    if seconds < 120:
-        return f"{seconds:.0f} s"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
 
 
 def _base(store: FeatureStore) -> str:
@@ -92,10 +67,6 @@ def _base(store: FeatureStore) -> str:
     return store.cache_dir or store.data_root
 
 
-def _shown(base: str, path: str) -> str:
-    """``path`` relative to ``base`` when inside it (shorter lines)."""
-    rel = os.path.relpath(path, base) if base else path
-    return path if rel.startswith("..") else rel
 
 
 def _size(path: str) -> int:
@@ -232,10 +203,8 @@ def _survey(store: FeatureStore, rels: Sequence[str], *, deep: bool, threads: in
     ``deep`` forgets what the manifest index vouches for, so every entry's header, fingerprint,
     stamps and inputs are checked again (verify); without it the hot path decides (gc).
     """
-    core = store._core
     rels = list(rels)
-    checks = run_with_progress(lambda p: core.check_many_full(rels, threads, p), desc="checking entries",
-                               total=len(rels), show=progress, unit="sources")
+    checks = store.check_many(rels, threads=threads, progress=progress)
     if deep:
         # Only a `valid` verdict can rest on the manifest index alone (every other one came from
         # reading the header): forget those and check them again in full. In the dir layout the
@@ -243,10 +212,9 @@ def _survey(store: FeatureStore, rels: Sequence[str], *, deep: bool, threads: in
         # finds them.
         again = [i for i, (s, _, _) in enumerate(checks) if s == "valid"]
         for i in again:
-            core.forget(rels[i])
+            store.forget(rels[i])
         subset = [rels[i] for i in again]
-        rechecked = run_with_progress(lambda p: core.check_many_full(subset, threads, p), desc="reading headers",
-                                      total=len(subset), show=progress, unit="sources")
+        rechecked = store.check_many(subset, threads=threads, progress=progress, desc="reading headers")
         for i, c in zip(again, rechecked, strict=True):
             checks[i] = c
     by_path: dict[str, EntryReport] = {}
@@ -254,8 +222,9 @@ def _survey(store: FeatureStore, rels: Sequence[str], *, deep: bool, threads: in
     errors: list[tuple[str, str]] = []
     missing = 0
     for rel, (state, entry, reason) in zip(rels, checks, strict=True):
-        if state.startswith("error: "):
-            errors.append((rel, state[len("error: "):]))
+        error = check_error(state)
+        if error is not None:
+            errors.append((rel, error))
             continue
         if state == "missing":
             missing += 1
@@ -343,8 +312,8 @@ def _verify_contents(store: FeatureStore, survey: _Survey, threads: int | None, 
             return "error", str(exc)
 
     workers = threads or _core.default_threads()
-    with ThreadPoolExecutor(max_workers=workers) as pool, _bar(len(todo), "verifying entries", progress,
-                                                               "entries") as bar:
+    with ThreadPoolExecutor(max_workers=workers) as pool, _progress_bar(
+            len(todo), "verifying entries", show=progress, unit="entries") as bar:
         for r, verdict in zip(todo, pool.map(guarded, todo), strict=True):
             bar.update(1)
             if verdict is None:
@@ -353,7 +322,7 @@ def _verify_contents(store: FeatureStore, survey: _Survey, threads: int | None, 
                 survey.errors.append((r.path, verdict[1]))
             else:
                 r.state, r.reason = verdict
-                store._core.forget(r.source)
+                store.forget(r.source)
 
 
 def merge_leftover_journals(store: FeatureStore) -> int:
@@ -374,170 +343,6 @@ def merge_leftover_journals(store: FeatureStore) -> int:
     return journals
 
 
-# ----------------------------------------------------------------------------------- explain
-@dataclass
-class Explanation:
-    """Why a lookup of one source hits or misses.
-
-    Attributes
-    ----------
-    source : str
-        The source, relative to the data root.
-    state : str
-        Its entry state; a lookup hits for ``valid`` (and ``legacy`` where allowed).
-    entry : str
-        The entry file found or expected ('' when there is none to name).
-    reason : str
-        The core's verdict in words.
-    details : list of (str, str)
-        Labelled lines: stamps, digests, fingerprints, tensors, the parse error.
-    advice : str
-        What to do about a miss.
-    """
-
-    source: str
-    state: str
-    entry: str
-    reason: str
-    details: list[tuple[str, str]] = field(default_factory=list)
-    advice: str = ""
-    feature: str = ""
-    layout: str = ""
-    fingerprint: str | None = None
-
-    @property
-    def hit(self) -> bool:
-        """True when a lookup serves this source."""
-        return self.state in ("valid", "legacy")
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"source": self.source, "state": self.state, "hit": self.hit, "entry": self.entry,
-                "reason": self.reason, "details": dict(self.details), "advice": self.advice,
-                "feature": self.feature, "layout": self.layout, "fingerprint": self.fingerprint}
-
-    def text(self) -> str:
-        lines = [f"{self.source}: {self.state} ({'hit' if self.hit else 'miss'})",
-                 f"  entry: {self.entry or '(none)'}"]
-        if self.reason:
-            lines.append(f"  why: {self.reason}")
-        width = max((len(k) for k, _ in self.details), default=0)
-        lines.extend(f"  {k + ':':{width + 1}} {v}" for k, v in self.details)
-        if self.advice:
-            lines.append(f"  fix: {self.advice}")
-        lines.append(f"  feature {self.feature}, layout {self.layout}, "
-                     f"expected fingerprint {self.fingerprint or '(any)'}")
-        return "\n".join(lines)
-
-
-def _stamp_text(size: int | str | None, mtime_ns: int | str | None) -> str:
-    try:
-        return f"{int(size or 0):,} bytes, modified {_when(int(mtime_ns or 0))} (mtime_ns {mtime_ns})"
-    except ValueError:
-        return f"size {size}, mtime_ns {mtime_ns}"
-
-
-def _digest_or_none(path: str) -> str | None:
-    try:
-        return _core.file_digest(path)
-    except OSError:
-        return None
-
-
-def _input_details(store: FeatureStore, meta: dict[str, str]) -> list[tuple[str, str]]:
-    """For each recorded file input: what changed (stamp, digest) or that it is gone."""
-    try:
-        inputs = json.loads(meta.get("inputs", "[]"))
-    except ValueError:
-        return [("inputs", "the entry's inputs metadata is not JSON")]
-    out = []
-    for item in inputs if isinstance(inputs, list) else []:
-        name, path = item.get("name"), item.get("path")
-        if name == "source" or not isinstance(path, str):
-            continue
-        abs_path = os.path.join(store.data_root, path)
-        recorded = _stamp_text(item.get("size"), item.get("mtime_ns"))
-        try:
-            st = os.stat(abs_path)
-        except FileNotFoundError:
-            out.append((f"input {name}", f"{abs_path} no longer exists (recorded {recorded})"))
-            continue
-        if (st.st_size, st.st_mtime_ns) == (item.get("size"), item.get("mtime_ns")):
-            continue
-        digest = _digest_or_none(abs_path)
-        same = digest == item.get("blake3")
-        out.append((f"input {name}", f"{abs_path}: recorded {recorded}; now {_stamp_text(st.st_size, st.st_mtime_ns)}; "
-                    f"content {'identical' if same else 'differs'}"))
-    return out
-
-
-def explain(store: FeatureStore, path: str | os.PathLike[str]) -> Explanation:
-    """Says why a lookup of ``path`` hits or misses.
-
-    For a stale entry: the source's recorded and current stamps and whether its bytes differ
-    (or which other input changed); for a foreign one: both fingerprints; for a corrupt one: the
-    parse error; for a legacy file: its age against the image's.
-
-    Parameters
-    ----------
-    store : FeatureStore
-        The store to look in.
-    path : path
-        A source, relative to the data root or absolute inside it.
-    """
-    rel = store.rel(path)
-    state, entry_p, reason = store._core.check(rel)
-    entry = os.fspath(entry_p)
-    src = os.path.join(store.data_root, rel)
-    details: list[tuple[str, str]] = []
-    try:
-        src_st: os.stat_result | None = os.stat(src)
-    except FileNotFoundError:
-        src_st = None
-    legacy = entry.endswith(LEGACY_SIDECAR_SUFFIX)
-    meta: dict[str, str] = {}
-    if entry and not legacy and state not in ("missing", "corrupt"):
-        try:
-            meta, tensors, _ = _core.read_header(entry)
-            details.append(("entry written", f"{_when(int(meta.get('created', '0')) * 10**9)[:19]}, "
-                            f"{human_bytes(_size(entry))}, fingerprint {meta.get('fingerprint') or '(none)'}"))
-            details.append(("tensors", ", ".join(f"{n} {dt}{list(shape)}" for n, dt, shape, _, _ in tensors)))
-        except (CorruptEntryError, OSError, ValueError):
-            pass
-    if legacy and state in ("stale", "legacy") and src_st is not None:
-        details.append(("image modified", _when(src_st.st_mtime_ns)))
-        details.append(("cache written", _when(os.stat(entry).st_mtime_ns)))
-    elif state == "stale" and meta and src_st is not None:
-        details.append(("source recorded", _stamp_text(meta.get("source.size"), meta.get("source.mtime_ns"))))
-        details.append(("source now", _stamp_text(src_st.st_size, src_st.st_mtime_ns)))
-        digest = _digest_or_none(src)
-        recorded = meta.get("source.blake3", "")
-        details.append(("source content", ("identical" if digest == recorded else "differs")
-                        + f" (blake3 recorded {recorded[:16]}, now {(digest or '?')[:16]})"))
-        details.extend(_input_details(store, meta))
-    elif state == "foreign":
-        given = store._args.get("fingerprint")
-        details.append(("entry fingerprint", meta.get("fingerprint") or "(none)"))
-        details.append(("expected", f"{store.fingerprint} ("
-                        + ("given" if given else f"from the manifest {store.manifest_path}") + ")"))
-    elif state == "corrupt":
-        details.append(("file", f"{_size(entry):,} bytes"))
-    elif state == "missing":
-        if src_st is None:
-            details.append(("source", f"{src} does not exist"))
-        else:
-            others = sorted(p[len(src) + 1: -len(".safetensors")]
-                            for p in glob.glob(glob.escape(src) + ".*.safetensors"))
-            if others:
-                details.append(("other features", ", ".join(others) + " (check --feature)"))
-    if store.layout == "dir" and src_st is not None:
-        details.append(("key", _core.stamp_key(os.fsencode(rel), src_st.st_size, src_st.st_mtime_ns)[:32]))
-    advice = {
-        "missing": "compute it with `featstore precompute`",
-        "legacy": "`featstore migrate` converts old-format files",
-    }.get(state, _MISS_ADVICE.get(state, ""))
-    if state == "stale" and legacy:
-        advice = "the image changed after the old cache was written; recompute it"
-    return Explanation(rel, state, entry, reason, details, advice, store.feature, store.layout, store.fingerprint)
 
 
 # ----------------------------------------------------------------------------------- status
@@ -681,7 +486,7 @@ class VerifyReport:
 
 def quarantine_dir(store: FeatureStore) -> str:
     """``<data root or cache dir>/.featstore/<feature>/quarantine``: where bad entries are moved."""
-    return os.path.join(os.fspath(store._core.state_dir), "quarantine")
+    return os.path.join(store.state_dir, "quarantine")
 
 
 def quarantine(store: FeatureStore, bad: Sequence[EntryReport]) -> list[tuple[str, str]]:
@@ -734,7 +539,7 @@ def _quarantine(store: FeatureStore, bad: Sequence[EntryReport]) -> list[tuple[s
                                 "run `featstore verify --quarantine` as the cache's owner, or without "
                                 "--quarantine to only report") from exc
         if r.source:
-            store._core.forget(r.source)
+            store.forget(r.source)
         moved.append((r.path, dst))
     return moved
 
@@ -997,7 +802,7 @@ def _execute_gc(store: FeatureStore, plan: GcReport, *, progress: bool | None = 
     """
     plan.dry_run = False
     key_dirs: set[str] = set()
-    with _bar(len(plan.remove), "removing", progress, "files") as bar:
+    with _progress_bar(len(plan.remove), "removing", show=progress, unit="files") as bar:
         for item in plan.remove:
             bar.update(1)
             if _identity(item.path) != item.identity:
@@ -1014,7 +819,7 @@ def _execute_gc(store: FeatureStore, plan: GcReport, *, progress: bool | None = 
                                     "(chmod u+w)") from exc
             plan.removed.append(item)
             if item.source and item.kind != "temp":
-                store._core.forget(item.source)
+                store.forget(item.source)
             key_dirs.add(os.path.dirname(item.path))
     if store.layout == "dir":
         for d in sorted(key_dirs):  # key directories gc emptied
@@ -1214,7 +1019,7 @@ def _legacy_keys(store: FeatureStore, pairs: Sequence[tuple[str, str]], threads:
     the progress bar); None where a source cannot be read."""
     out: list[str | None] = []
     chunk = 4096
-    with _bar(len(pairs), desc, progress, "sources") as bar:
+    with _progress_bar(len(pairs), desc, show=progress, unit="sources") as bar:
         for i in range(0, len(pairs), chunk):
             part = pairs[i: i + chunk]
             out.extend(_core.legacy_sha256_keys([os.fsencode(g) for g, _ in part],
@@ -1284,7 +1089,7 @@ def plan_migrate(store: FeatureStore, sources: Sequence[str], *, legacy_dirs: Se
         if src_stamp is None:
             unmatched.append((legacy, f"its image {rel} cannot be read"))
             return
-        state = store._core.check(rel)[0]
+        state = store.check(rel)[0]
         if state == "valid":
             skipped.append((legacy, f"{rel} already has a valid featstore entry"))
             return
@@ -1468,7 +1273,7 @@ def _convert_one(store: FeatureStore, plan: MigrateReport, item: MigrateItem) ->
 
 
 def _progress_iter(items: Sequence[Any], desc: str, show: bool | None, unit: str) -> Iterable[Any]:
-    with _bar(len(items), desc, show, unit) as bar:
+    with _progress_bar(len(items), desc, show=show, unit=unit) as bar:
         for item in items:
             yield item
             bar.update(1)

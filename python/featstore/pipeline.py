@@ -34,9 +34,9 @@ from typing import Any
 
 import torch
 
-from featstore import _core
+from featstore import _core, env
 from featstore.encoders import Encoder, describe, resolve_encoder
-from featstore.encoders.base import check_outputs
+from featstore.encoding import decode_source, encode_batch, is_out_of_memory
 from featstore.errors import FeatstoreError
 from featstore.lock import lock_dir, lock_is_held, run_lock
 from featstore.scan import nothing_found, scan
@@ -62,7 +62,7 @@ def parse_shard(spec: str | tuple[int, int] | None) -> tuple[int, int] | None:
 
 def distributed_rank() -> tuple[int, int]:
     """``(rank, world_size)`` under torchrun (from the environment), else ``(0, 1)``."""
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    return env.distributed_rank()
 
 
 def _join_process_group(world: int) -> bool:
@@ -116,33 +116,8 @@ class _Decode(torch.utils.data.Dataset):
         return (i, *decode_source(self.encoder, os.path.join(self.root, item)))
 
 
-def decode_source(encoder: Encoder, path: str) -> tuple[Any, str | None, tuple[int, int] | None]:
-    """``(decoded or None, error or None, the source's stamp before reading)`` for one source:
-    a uint8 ``[3, H, W]`` image, or whatever ``preprocess`` gives an encoder with
-    ``encode_items`` (a caption). A bad source is an error string, never an exception."""
-    try:
-        stamp = _stamp(path)
-        decoded = encoder.preprocess(path)
-    except Exception as exc:  # a bad image is recorded, never fatal
-        return None, f"{type(exc).__name__}: {exc}", None
-    if hasattr(encoder, "encode_items"):
-        return decoded, None, stamp
-    if not isinstance(decoded, torch.Tensor) or decoded.dim() != 3:
-        return None, f"preprocess returned {type(decoded).__name__}, not a [3, H, W] tensor", None
-    return decoded, None, stamp
-
-
-def _stamp(path: str) -> tuple[int, int]:
-    st = os.stat(path)
-    return st.st_size, st.st_mtime_ns
-
-
 def _identity(item: Any) -> Any:
     return item
-
-
-def _is_oom(exc: BaseException) -> bool:
-    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
 # ----------------------------------------------------------------------------------- writing
@@ -207,7 +182,7 @@ class _Writer:
             for i, rel in enumerate(rels):
                 try:
                     inputs = self.inputs(rel, os.path.join(self.store.data_root, rel)) if self.inputs else None
-                    w = self.store._put(rel, {k: v[i] for k, v in outputs.items()}, inputs=inputs,
+                    w = self.store.write(rel, {k: v[i] for k, v in outputs.items()}, inputs=inputs,
                                         expected=self.expected.pop(rel, None))
                 except Exception as exc:  # one bad item is recorded; the run goes on
                     if _fatal(exc):
@@ -270,7 +245,7 @@ def _journal_unindexed(store: FeatureStore, rels: list[str], journal: str) -> No
     itself rather than taking it from the manifest's index (``Store.unindexed_records``)."""
     records = [json.dumps({"op": "ok", "path": os.fspath(rel), "source": [size, mtime], "entry": [esize, emtime],
                            "racy": bool(racy)})
-               for rel, (size, mtime, esize, emtime, racy) in store._core.unindexed_records(rels)]
+               for rel, (size, mtime, esize, emtime, racy) in store.index_records(rels, unindexed_only=True)]
     if records:
         _core.append_journal(journal, records)
 
@@ -298,23 +273,7 @@ def _fsync_all(paths: Sequence[str]) -> None:
 
 # ----------------------------------------------------------------------------------- the run
 def _default_device() -> str:
-    env = os.environ.get("DEVICE")
-    if env:
-        return env
-    return "cuda:0" if torch.cuda.is_available() else "cpu"
-
-
-def env_bool(name: str, default: bool) -> bool:
-    """A yes/no environment variable (``SKIP_EXISTING``, ``USE_VGGT_CACHE``); unset or empty
-    means ``default``, and a value that is neither says so instead of meaning no."""
-    value = os.environ.get(name, "").strip().lower()
-    if not value:
-        return default
-    if value in ("1", "true", "yes", "on"):
-        return True
-    if value in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"{name}={os.environ[name]!r} is neither true nor false (use 1/0, true/false, yes/no)")
+    return env.device() or ("cuda:0" if torch.cuda.is_available() else "cpu")
 
 
 def precompute(data_root: str | os.PathLike[str], *, encoder: Any = "vggt", feature: str | None = None,
@@ -381,14 +340,11 @@ def precompute(data_root: str | os.PathLike[str], *, encoder: Any = "vggt", feat
     shard_spec = parse_shard(shard)  # a bad spec fails before anything loads
     device = device or _default_device()
     if batch_size is None:
-        try:
-            batch_size = int(os.environ.get("BATCH_SIZE", "16"))
-        except ValueError:
-            raise ValueError(f"BATCH_SIZE={os.environ['BATCH_SIZE']!r} is not a whole number") from None
+        batch_size = env.batch_size(16)
     if batch_size < 1:
         raise ValueError(f"batch size must be at least 1, got {batch_size}")
     if skip_existing is None:
-        skip_existing = env_bool("SKIP_EXISTING", True)
+        skip_existing = env.skip_existing()
     if encoder == "vggt":
         # The default stored dtype depends on the device (bf16 on GPUs that support it).
         enc = resolve_encoder(encoder, **{"device": device, **(encoder_options or {})})
@@ -410,7 +366,7 @@ def precompute(data_root: str | os.PathLike[str], *, encoder: Any = "vggt", feat
     mine = select(items, start_idx=start_idx, end_idx=end_idx, shard=shard_spec, rank=rank)
     t_plan = time.perf_counter()
     if frames == 1:
-        states = store._core.check_many(mine)
+        states = store.states(mine)
     else:
         from featstore.sets import set_state
 
@@ -579,7 +535,7 @@ def _encode_batch(enc: Encoder, dev: torch.device, rels: list[Any], images: torc
     try:
         outputs = encode_batch(enc, dev, images)
     except Exception as exc:
-        if not _is_oom(exc):
+        if not is_out_of_memory(exc):
             raise
         if dev.type == "cuda":
             torch.cuda.empty_cache()
@@ -594,22 +550,6 @@ def _encode_batch(enc: Encoder, dev: torch.device, rels: list[Any], images: torc
         return
     counts.stage_seconds["encode"] += time.perf_counter() - t0
     writer.submit(rels, outputs)
-
-
-def encode_batch(enc: Encoder, dev: torch.device, batch: torch.Tensor | list[Any]) -> dict[str, torch.Tensor]:
-    """The encoder's outputs for one batch, checked and on the CPU: ``batch`` is uint8 images
-    ``[B, 3, H, W]``, frame sets ``[B, S, 3, H, W]``, or a list of items for ``encode_items``.
-    Runs under ``inference_mode``: the outputs are inference tensors (clone them before autograd
-    sees them)."""
-    with torch.inference_mode():
-        if isinstance(batch, list):
-            raw = enc.encode_items(batch)  # type: ignore[attr-defined]
-        elif batch.dim() == 5:  # frame sets [B, S, 3, H, W]
-            raw = enc.encode_sets(batch.to(dev, non_blocking=True).float().div_(255))  # type: ignore[attr-defined]
-        else:
-            raw = enc.encode(batch.to(dev, non_blocking=True).float().div_(255))
-        outputs = check_outputs(raw, len(batch), enc.name)
-        return {k: v.detach().to("cpu") for k, v in outputs.items()}
 
 
 def _finish_manifest(store: FeatureStore, enc: Encoder, all_paths: list[str], rank: tuple[int, int],

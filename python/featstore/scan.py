@@ -4,19 +4,17 @@ from __future__ import annotations
 
 import os
 import sys
-import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
 
 import numpy as np
 
 from featstore import _core
 from featstore.errors import NoImagesFoundError
+from featstore.progress import run_with_progress
 
 DEFAULT_EXTENSIONS: tuple[str, ...] = tuple(_core.DEFAULT_EXTENSIONS)
 
-T = TypeVar("T")
 
 
 @dataclass
@@ -76,35 +74,6 @@ def nothing_found(found: ScanResult, *, extensions: Sequence[str] | None = None,
                   if found.errors else "")
     return NoImagesFoundError(f"no images found under {found.root}: searched {searched}. Check DATA_ROOT, or pass "
                               f"--ext / --jsonl FIELD for other sources{unreadable}")
-
-
-def run_with_progress(work: Callable[[_core.Progress], T], desc: str, total: int | None = None,
-                      show: bool | None = None, unit: str = "files") -> T:
-    """Runs ``work(progress)`` (a Rust call that releases the GIL) while a thread shows its count
-    on stderr. The bar appears only if the work takes longer than half a second, so small trees
-    print nothing; ``show=False`` silences it."""
-    progress = _core.Progress()
-    if show is False:
-        return work(progress)
-    done = threading.Event()
-
-    def render() -> None:
-        if done.wait(0.5):
-            return
-        from tqdm import tqdm
-
-        with tqdm(total=total, desc=desc, unit=f" {unit}", file=sys.stderr, leave=False) as bar:
-            while not done.wait(0.1):
-                bar.update(progress.count - bar.n)
-            bar.update(progress.count - bar.n)
-
-    thread = threading.Thread(target=render, daemon=True)
-    thread.start()
-    try:
-        return work(progress)
-    finally:
-        done.set()
-        thread.join()
 
 
 def scan(root: str | os.PathLike[str], *, extensions: Sequence[str] | None = None, jsonl: str | None = None,

@@ -52,7 +52,7 @@ def set_key(store: FeatureStore, rels: Sequence[str]) -> str:
 def set_entry_path(store: FeatureStore, rels: Sequence[str]) -> str:
     """Where the entry of this set is (or would be written) for its members as they are now."""
     key = set_key(store, rels)
-    return os.path.join(os.fspath(store._core.state_dir), "sets", key[:2], key[:32] + ".safetensors")
+    return os.path.join(store.state_dir, "sets", key[:2], key[:32] + ".safetensors")
 
 
 def put_set(store: FeatureStore, paths: Sequence[str | os.PathLike[str]], tensors: Mapping[str, torch.Tensor], *,

@@ -8,39 +8,41 @@ torch is imported on first use, so opening a store (and ``import featstore``) st
 from __future__ import annotations
 
 import errno
+import glob
+import json
 import os
-import re
 import shutil
+import time
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from featstore import _core
+from featstore import _core, explain, sets
+from featstore.compat import load_legacy_sidecar
 from featstore.errors import (
+    BatchReadError,
     CorruptEntryError,
     DataRootError,
     PathOutsideRootError,
     ReadOnlyDataRootError,
+    StaleEntryError,
+)
+from featstore.progress import run_with_progress
+from featstore.scan import scan
+from featstore.vocabulary import (
+    LAYOUTS,
+    LEGACY_SIDECAR_SUFFIX,
+    MISS_ADVICE,
+    STATES,
+    UNREADABLE,
+    check_error,
+    check_feature_name,
+    sidecar_suffix,
 )
 
 if TYPE_CHECKING:
     import torch
-
-STATES: tuple[str, ...] = ("valid", "missing", "stale", "foreign", "corrupt", "orphan", "legacy")
-LAYOUTS: tuple[str, ...] = ("sidecar", "dir")
-LEGACY_SIDECAR_SUFFIX = ".vggt_cache.pt"
-_FEATURE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-
-# What to do about each kind of miss, for the one warning a store gives per kind.
-_MISS_ADVICE = {
-    "stale": "an input changed since caching; recompute with `featstore precompute`",
-    "foreign": "written by another encoder configuration; recompute, or open the store with that fingerprint",
-    "corrupt": "the file is damaged; `featstore verify --quarantine` moves it aside, then recompute",
-    "orphan": "the source is gone; `featstore gc` removes such entries",
-    "unreadable": "featstore may not read the entry file; fix its permissions, or use a readable cache_dir",
-}
-
 
 @dataclass
 class Status:
@@ -136,14 +138,13 @@ class FeatureStore:
     def __init__(self, data_root: str | os.PathLike[str], feature: str, *, layout: str = "sidecar",
                  cache_dir: str | os.PathLike[str] | None = None, fingerprint: str | None = None,
                  read_mode: str = "auto", allow_legacy: bool = True) -> None:
-        self._args = dict(data_root=data_root, feature=feature, layout=layout, cache_dir=cache_dir,
+        self._args: dict[str, Any] = dict(data_root=data_root, feature=feature, layout=layout, cache_dir=cache_dir,
                           fingerprint=fingerprint, read_mode=read_mode, allow_legacy=allow_legacy)
         root = os.path.abspath(os.fspath(data_root))
         if not os.path.isdir(root):
             what = "is not a directory" if os.path.exists(root) else "does not exist"
             raise DataRootError(f"data root {root} {what}; pass the dataset's top directory")
-        if not _FEATURE_NAME.match(feature):
-            raise ValueError(f"feature name {feature!r} must be letters, digits, '_', '.' or '-'")
+        check_feature_name(feature)
         if cache_dir is not None:
             layout = "dir"
         if layout not in LAYOUTS:
@@ -165,7 +166,7 @@ class FeatureStore:
                                  legacy_suffix=LEGACY_SIDECAR_SUFFIX if feature == "vggt" else None,
                                  pread=read_mode == "pread")
         self._prefix = root.rstrip(os.sep) + os.sep
-        self.stats: dict[str, int] = {"hits": 0, "misses": 0, "unreadable": 0,
+        self.stats: dict[str, int] = {"hits": 0, "misses": 0, UNREADABLE: 0,
                                       **{s: 0 for s in STATES if s != "valid"}}
         self._warned: set[str] = set()
 
@@ -186,11 +187,21 @@ class FeatureStore:
         return self._core.fingerprint
 
     @property
+    def requested_fingerprint(self) -> str | None:
+        """The fingerprint this store was opened with (None: the manifest's, or any)."""
+        return self._args["fingerprint"]  # type: ignore[no-any-return]
+
+    @property
+    def state_dir(self) -> str:
+        """featstore's own directory for this feature (``<root or cache_dir>/.featstore/<feature>``):
+        locks, frame sets, quarantine."""
+        return os.fspath(self._core.state_dir)
+
+    @property
     def manifest_path(self) -> str:
         """The feature's manifest (``<root>/<feature>_cache_manifest.json`` in the sidecar layout)."""
         return os.fspath(self._core.manifest_path)
 
-    # ----------------------------------------------------------------------------- paths
     def rel(self, path: str | os.PathLike[str]) -> str:
         """The path of a source relative to the data root (absolute paths must lie inside it)."""
         p = os.fspath(path)
@@ -215,7 +226,6 @@ class FeatureStore:
         st = os.stat(os.path.join(self.data_root, rel))
         return os.fspath(self._core.entry_path(rel, st.st_size, st.st_mtime_ns))
 
-    # ----------------------------------------------------------------------------- checks
     def contains(self, path: str | os.PathLike[str]) -> bool:
         """True when a valid entry exists for ``path`` (two ``stat`` calls once seen)."""
         return self._core.state(self.rel(path)) == "valid"
@@ -228,32 +238,47 @@ class FeatureStore:
                progress: bool | None = False) -> list[str]:
         """:meth:`state` of many sources, checked in parallel in Rust (``"error: ..."`` where a
         check failed); ``progress`` shows a bar on stderr when it takes a while."""
-        from featstore.scan import run_with_progress
-
         rels = [self.rel(p) for p in paths]
         return run_with_progress(lambda p: self._core.check_many(rels, threads, p), desc="checking entries",
                                  total=len(rels), show=progress, unit="sources")
 
+    def check(self, path: str | os.PathLike[str]) -> tuple[str, str, str]:
+        """The full check of ``path``: ``(state, entry file, reason)`` (the entry is '' when there is
+        none to name). Off the hot path: it finds legacy sidecars and says why."""
+        state, entry, reason = self._core.check(self.rel(path))
+        return state, os.fspath(entry), reason
+
+    def check_many(self, paths: Iterable[str | os.PathLike[str]], *, threads: int | None = None,
+                   progress: bool | None = False, desc: str = "checking entries") -> list[tuple[str, str, str]]:
+        """:meth:`check` of many sources in parallel in Rust; a failed check's state is
+        ``"error: ..."`` (:func:`featstore.vocabulary.check_error` tells it)."""
+        rels = [self.rel(p) for p in paths]
+        checks = run_with_progress(lambda p: self._core.check_many_full(rels, threads, p), desc=desc,
+                                   total=len(rels), show=progress, unit="sources")
+        return [(state, os.fspath(entry), reason) for state, entry, reason in checks]
+
+    def forget(self, path: str | os.PathLike[str]) -> None:
+        """Forgets what this process and the manifest index vouch for about ``path``: the next check
+        reads its entry's header again."""
+        self._core.forget(self.rel(path))
+
     def explain(self, path: str | os.PathLike[str]) -> str:
         """A few lines saying why a lookup of ``path`` hits or misses: the state, the entry, and
         what differs (stamps and digests of a changed input, both fingerprints, the parse error).
-        :func:`featstore.ops.explain` returns the same as data."""
-        from featstore.ops import explain
-
-        return explain(self, path).text()
+        :func:`featstore.explain.explain` returns the same as data."""
+        return explain.explain(self, path).text()
 
     def _miss(self, rel: str, state: str, entry: str, reason: str) -> None:
         """Counts a miss, and warns once per kind of miss a user can act on."""
         self.stats["misses"] += 1
         if state in self.stats:
             self.stats[state] += 1
-        if state in _MISS_ADVICE and state not in self._warned:
+        if state in MISS_ADVICE and state not in self._warned:
             self._warned.add(state)
             warnings.warn(f"featstore: {state} entry for {rel} ({os.fspath(entry)}): {reason}; "
-                          f"{_MISS_ADVICE[state]}. Further {state} entries are counted in "
+                          f"{MISS_ADVICE[state]}. Further {state} entries are counted in "
                           f"FeatureStore.stats without warning.", stacklevel=3)
 
-    # ----------------------------------------------------------------------------- reads
     def get(self, path: str | os.PathLike[str], *, device: Any = None,
             dtype: Any = None) -> dict[str, torch.Tensor] | None:
         """The cached tensors of ``path``, or None when there is no valid entry.
@@ -267,14 +292,12 @@ class FeatureStore:
         try:
             capsules = self._core.read(rel)
         except (CorruptEntryError, PermissionError) as exc:
-            self._miss(rel, "corrupt" if isinstance(exc, CorruptEntryError) else "unreadable", "", str(exc))
+            self._miss(rel, "corrupt" if isinstance(exc, CorruptEntryError) else UNREADABLE, "", str(exc))
             return None
         if capsules is None:
             # Off the hot path: one full check says why, and finds a legacy sidecar.
             state, entry, reason = self._core.check(rel)
             if state == "legacy" and self.allow_legacy:
-                from featstore.compat import load_legacy_sidecar
-
                 self.stats["hits"] += 1
                 return load_legacy_sidecar(os.fspath(entry))
             self._miss(rel, state, os.fspath(entry), reason)
@@ -291,7 +314,6 @@ class FeatureStore:
         """:meth:`get` for each path, in order."""
         return [self.get(p, device=device, dtype=dtype) for p in paths]
 
-    # ----------------------------------------------------------------------------- writes
     def put(self, path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor], *,
             inputs: Mapping[str, str | os.PathLike[str] | bytes] | None = None,
             metadata: Mapping[str, str] | None = None, durable: bool = False) -> str:
@@ -319,16 +341,16 @@ class FeatureStore:
             Sidecar layout on a read-only data root: use a cache directory (``cache_dir=``,
             ``--cache-dir``).
         """
-        return os.fspath(self._put(path, tensors, inputs=inputs, metadata=metadata, durable=durable)["path"])
+        return os.fspath(self.write(path, tensors, inputs=inputs, metadata=metadata, durable=durable)["path"])
 
-    def _put(self, path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor], *,
+    def write(self, path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor], *,
              inputs: Mapping[str, str | os.PathLike[str] | bytes] | None = None,
              metadata: Mapping[str, str] | None = None, durable: bool = False,
              expected: tuple[int, int] | None = None) -> dict[str, Any]:
-        """:meth:`put`, returning what was written: ``path``, the ``source`` and ``entry`` stamps
-        as ``(size, mtime_ns)``, ``racy``, ``check_first`` and ``bytes`` (precompute journals
-        these). With ``expected`` (the source's stamp when it was read for encoding), a source
-        changed since raises :class:`FeatstoreError` and nothing is written."""
+        """:meth:`put`, returning what was written (what a journal line records): ``path``, the
+        ``source`` and ``entry`` stamps as ``(size, mtime_ns)``, ``racy``, ``check_first`` and
+        ``bytes``. With ``expected`` (the source's stamp when the encoder read it), a source changed
+        since raises :class:`FeatstoreError` and nothing is written."""
         rel = self.rel(path)
         raw, keep = _torch_helpers().to_raw(tensors)
         meta = {}
@@ -381,10 +403,9 @@ class FeatureStore:
         StaleEntryError
             No source in the batch has a valid entry to take the shape from.
         """
-        import torch
+        import torch  # here, not at the top: `import featstore` does not import torch
 
         from featstore._torch import TORCH_TO_SAFETENSORS
-        from featstore.errors import BatchReadError, StaleEntryError
 
         rels = [self.rel(p) for p in paths]
         if out is None:
@@ -413,7 +434,7 @@ class FeatureStore:
     def entry_layout(self, path: str | os.PathLike[str]) -> dict[str, tuple[torch.dtype, tuple[int, ...]]] | None:
         """The dtype and shape of each tensor in the valid entry of ``path`` (from its header;
         nothing is mapped), or None when there is no valid entry."""
-        from featstore._torch import SAFETENSORS_TO_TORCH
+        from featstore._torch import SAFETENSORS_TO_TORCH  # imports torch: not at import featstore
 
         state, entry, _ = self._core.check(self.rel(path))
         if state != "valid":
@@ -431,22 +452,17 @@ class FeatureStore:
         args: dict[str, Any] = {**self._args, "fingerprint": fingerprint}
         return FeatureStore(**args)
 
-    # ----------------------------------------------------------------------------- frame sets
     def put_set(self, paths: Sequence[str | os.PathLike[str]], tensors: Mapping[str, torch.Tensor], *,
                 metadata: Mapping[str, str] | None = None, durable: bool = False) -> str:
         """Writes the entry of an ordered set of frames encoded together (see
         :mod:`featstore.sets`); returns its path."""
-        from featstore.sets import put_set
-
-        return put_set(self, paths, tensors, metadata=metadata, durable=durable)
+        return sets.put_set(self, paths, tensors, metadata=metadata, durable=durable)
 
     def get_set(self, paths: Sequence[str | os.PathLike[str]], *, device: Any = None,
                 dtype: Any = None) -> dict[str, torch.Tensor] | None:
         """The tensors of a frame set's entry, zero-copy, or None unless it is valid for these
         members as they are now, in this order."""
-        from featstore.sets import get_set
-
-        return get_set(self, paths, device=device, dtype=dtype)
+        return sets.get_set(self, paths, device=device, dtype=dtype)
 
     def remove(self, path: str | os.PathLike[str]) -> bool:
         """Removes the entry of ``path`` (never the source); True if a file was removed."""
@@ -480,11 +496,10 @@ class FeatureStore:
 
     def _sidecar_entries(self) -> list[str]:
         """Relative paths of this feature's sidecar entry files under the root."""
-        suffix = f".{self.feature}.safetensors"
+        suffix = sidecar_suffix(self.feature)
         paths, *_ = _core.scan(self.data_root, extensions=["safetensors"])
         return [os.fspath(p) for p in paths if os.fspath(p).endswith(suffix)]
 
-    # ----------------------------------------------------------------------------- status
     def status(self, sources: Iterable[str] | None = None, *, threads: int | None = None,
                progress: bool | None = False) -> Status:
         """Counts entries per state. ``sources`` defaults to a scan of the root for images.
@@ -492,8 +507,6 @@ class FeatureStore:
         Opens no entry that was seen before (in this process or in the manifest's index).
         Orphans are entries whose source is gone.
         """
-        from featstore.scan import scan
-
         if sources is None:
             found = scan(self.data_root, skip_dirs=[self.cache_dir] if self.cache_dir else (), threads=threads,
                          progress=progress)
@@ -505,8 +518,9 @@ class FeatureStore:
         states = self.states(rels, threads=threads, progress=progress)
         counts = {s: 0 for s in STATES}
         for rel, s in zip(rels, states, strict=True):
-            if s.startswith("error: "):
-                errors.append((rel, s[len("error: "):]))
+            error = check_error(s)
+            if error is not None:
+                errors.append((rel, error))
             else:
                 counts[s] += 1
         known = set(rels)
@@ -524,8 +538,6 @@ class FeatureStore:
         feature, layout, fingerprint, counts per state, version, time), and indexes the valid
         entries among ``sources`` so later lookups and ``status`` open no entry.
         """
-        import json
-
         path = self.manifest_path
         old = json.loads(_core.read_manifest(path) or "{}")
         doc: dict[str, Any] = {k: v for k, v in old.items() if k not in ("index", "failures", "format")}
@@ -542,8 +554,6 @@ class FeatureStore:
     def manifest_fields(self, *, total_images: int) -> dict[str, Any]:
         """The manifest fields that describe this store (``processed_images`` is derived from the
         index by the writer)."""
-        import time
-
         cache_format = (f"<image_path>.{self.feature}.safetensors" if self.layout == "sidecar"
                         else f"<cache_dir>/{self.feature}/<key[:2]>/<key[:32]>.safetensors")
         return {"total_images": total_images, "data_root": self.data_root, "cache_format": cache_format,
@@ -551,21 +561,26 @@ class FeatureStore:
                 "fingerprint": self.fingerprint, "featstore_version": _core.__version__,
                 "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
+    def index_records(self, paths: Iterable[str | os.PathLike[str]], *, unindexed_only: bool = False
+                      ) -> list[tuple[str, tuple[int, int, int, int, int]]]:
+        """``(source, (size, mtime_ns, entry size, entry mtime_ns, check_first))`` of the valid
+        entries among ``paths``: what the manifest's index holds. ``unindexed_only`` keeps those the
+        index does not know yet (entries a killed run wrote without a journal line)."""
+        rels = [self.rel(p) for p in paths]
+        records = self._core.unindexed_records(rels) if unindexed_only else self._core.index_records(rels)
+        return [(os.fspath(rel), rec) for rel, rec in records]
+
     def journal_paths(self) -> list[str]:
         """The per-rank journals beside the manifest (``<manifest>.rank<R>-of-<N>.jsonl``), sorted."""
-        import glob
-
         return sorted(glob.glob(glob.escape(self.manifest_path) + ".rank*-of-*.jsonl"))
 
     def _orphan_candidates(self) -> list[str]:
-        suffix = f".{self.feature}.safetensors"
+        suffix = sidecar_suffix(self.feature)
         if self.layout == "sidecar":
             return [p[: -len(suffix)] for p in self._sidecar_entries()]
         text = _core.read_manifest(self.manifest_path)
         if text is None:
             return []
-        import json
-
         return list(json.loads(text).get("index", {}))
 
     def __contains__(self, path: object) -> bool:

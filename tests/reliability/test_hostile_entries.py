@@ -22,8 +22,8 @@ from featstore import FeatureStore, _core
 from featstore.compat import EmbeddingCacheManager
 from featstore.errors import CorruptEntryError, FeatstoreError
 from featstore.examples import make_image_tree
-from featstore.ops import explain
-from featstore.store import STATES
+from featstore.explain import explain
+from featstore.vocabulary import STATES
 
 from .corpus import CORPUS_DIR as CORPUS
 

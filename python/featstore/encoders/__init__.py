@@ -11,7 +11,15 @@
 
 from typing import Any
 
-from featstore.encoders.base import Encoder, describe, digest_of, state_dict_digest, weights_digest
+from featstore.encoders.base import (
+    Capabilities,
+    Encoder,
+    capabilities,
+    describe,
+    digest_of,
+    state_dict_digest,
+    weights_digest,
+)
 from featstore.encoders.module import ModuleEncoder, as_encoder, load_callable
 from featstore.encoders.vggt import TINY_CONFIG, VGGTEncoder
 
@@ -42,5 +50,6 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["Encoder", "ModuleEncoder", "VGGTEncoder", "TINY_CONFIG", "resolve_encoder", "as_encoder", "load_callable",
+__all__ = ["Encoder", "Capabilities", "capabilities", "ModuleEncoder", "VGGTEncoder", "TINY_CONFIG", "resolve_encoder",
+           "as_encoder", "load_callable",
            "describe", "digest_of", "state_dict_digest", "weights_digest", *_DIFFUSION]

@@ -1,6 +1,6 @@
 """The encoder protocol, and the fingerprints that say when an encoder's output changes.
 
-An encoder is anything with::
+Every encoder has::
 
     name: str                                   # default feature name ("vggt", "pixel_latent")
     fingerprint() -> str                        # digest of everything that changes the output
@@ -8,8 +8,19 @@ An encoder is anything with::
     encode(batch) -> dict[str, Tensor]          # batch: float [B, 3, H, W] in [0, 1] on the device;
                                                 # every output has the batch as its first axis
 
-and optionally ``to(device)`` (load weights and move there; called once before the first batch,
-in the main process) and ``describe() -> dict`` (what the manifest records about it).
+and may have any of these (:func:`capabilities` says which; nothing else asks ``hasattr``)::
+
+    to(device) -> encoder                       # load weights and move there: called once, in the
+                                                # main process, before the first batch
+    describe() -> dict                          # what the manifest records about it
+    inputs(rel, path) -> dict[str, str | bytes] # inputs besides the source (a caption file, a
+                                                # control image: paths; a caption text: bytes),
+                                                # recorded in the entry and checked on lookup
+    encode_items(items) -> dict[str, Tensor]    # preprocess returns an item (a caption), not an
+                                                # image: a batch is the list of items
+    encode_sets(batch) -> dict[str, Tensor]     # frame sets: uint8-derived float [B, S, 3, H, W]
+    frames_per_set: int                         # > 1: sources are encoded in ordered sets
+    estimate_entry_bytes() -> int               # bytes of one entry, for the dry-run plan
 """
 
 from __future__ import annotations
@@ -18,9 +29,12 @@ import hashlib
 import json
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import torch
+
+from featstore import env
 
 
 @runtime_checkable
@@ -34,6 +48,35 @@ class Encoder(Protocol):
     def preprocess(self, path: str) -> torch.Tensor: ...
 
     def encode(self, batch: torch.Tensor) -> dict[str, torch.Tensor]: ...
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """Which optional parts of the protocol an encoder has (see the module's docstring)."""
+
+    to: bool
+    describe: bool
+    inputs: bool
+    encode_items: bool
+    encode_sets: bool
+    estimate_entry_bytes: bool
+    frames_per_set: int
+
+    @property
+    def items(self) -> bool:
+        """``preprocess`` gives items (captions) that ``encode_items`` takes as a list, not images."""
+        return self.encode_items
+
+
+def capabilities(encoder: Any) -> Capabilities:
+    """The optional methods ``encoder`` has: the one place that asks."""
+    def has(name: str) -> bool:
+        return callable(getattr(encoder, name, None))
+
+    return Capabilities(to=has("to"), describe=has("describe"), inputs=has("inputs"),
+                        encode_items=has("encode_items"), encode_sets=has("encode_sets"),
+                        estimate_entry_bytes=has("estimate_entry_bytes"),
+                        frames_per_set=int(getattr(encoder, "frames_per_set", 1)))
 
 
 def digest_of(*parts: Any) -> str:
@@ -54,8 +97,7 @@ def state_dict_digest(module: torch.nn.Module) -> str:
 
 
 def _digest_cache_path() -> str:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "featstore", "weight-digests.json")
+    return os.path.join(env.user_cache_home(), "featstore", "weight-digests.json")
 
 
 def weights_digest(path: str | os.PathLike[str]) -> str:
@@ -105,7 +147,7 @@ def weights_digest(path: str | os.PathLike[str]) -> str:
 
 def describe(encoder: Any) -> dict[str, Any]:
     """What the manifest records about an encoder."""
-    if hasattr(encoder, "describe"):
+    if capabilities(encoder).describe:
         return dict(encoder.describe())
     return {"name": getattr(encoder, "name", type(encoder).__name__), "class": type(encoder).__qualname__}
 

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from featstore import env
 from featstore.encoders.base import digest_of, weights_digest
 from featstore.errors import CheckpointError
 
@@ -68,7 +69,7 @@ class VGGTEncoder:
                  config: dict[str, Any] | None = None, random_weights_seed: int | None = None,
                  device: torch.device | str | None = None, frames_per_set: int = 1) -> None:
         if random_weights_seed is None:
-            model_path = model_path or os.environ.get("VGGT_MODEL_PATH")
+            model_path = model_path or env.vggt_model_path()
             if not model_path:
                 raise CheckpointError("no VGGT weights given: pass --vggt-model-path PATH (or set VGGT_MODEL_PATH) "
                                       "to the downloaded VGGT-1B checkpoint")

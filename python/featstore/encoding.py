@@ -1,0 +1,58 @@
+"""Running an encoder on sources: what precompute and the training side's live encoding share.
+
+:func:`decode_source` reads one source the way the encoder wants it (in a DataLoader worker) and
+takes its stamp *before* reading, so a writer can refuse features of a source edited meanwhile;
+:func:`encode_batch` runs one batch under ``inference_mode`` and checks what came back.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from featstore.encoders.base import Encoder, capabilities, check_outputs
+
+
+def source_stamp(path: str) -> tuple[int, int]:
+    """``(size, mtime_ns)`` of a source, as the writer compares it."""
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns
+
+
+def decode_source(encoder: Encoder, path: str) -> tuple[Any, str | None, tuple[int, int] | None]:
+    """``(decoded or None, error or None, the source's stamp before reading)`` for one source:
+    a uint8 ``[3, H, W]`` image, or whatever ``preprocess`` gives an encoder with
+    ``encode_items`` (a caption). A bad source is an error string, never an exception."""
+    try:
+        stamp = source_stamp(path)
+        decoded = encoder.preprocess(path)
+    except Exception as exc:  # a bad image is recorded, never fatal
+        return None, f"{type(exc).__name__}: {exc}", None
+    if capabilities(encoder).items:
+        return decoded, None, stamp
+    if not isinstance(decoded, torch.Tensor) or decoded.dim() != 3:
+        return None, f"preprocess returned {type(decoded).__name__}, not a [3, H, W] tensor", None
+    return decoded, None, stamp
+
+
+def encode_batch(enc: Encoder, dev: torch.device, batch: torch.Tensor | list[Any]) -> dict[str, torch.Tensor]:
+    """The encoder's outputs for one batch, checked and on the CPU: ``batch`` is uint8 images
+    ``[B, 3, H, W]``, frame sets ``[B, S, 3, H, W]``, or a list of items for ``encode_items``.
+    Runs under ``inference_mode``: the outputs are inference tensors (clone them before autograd
+    sees them)."""
+    with torch.inference_mode():
+        if isinstance(batch, list):
+            raw = enc.encode_items(batch)  # type: ignore[attr-defined]
+        elif batch.dim() == 5:  # frame sets [B, S, 3, H, W]
+            raw = enc.encode_sets(batch.to(dev, non_blocking=True).float().div_(255))  # type: ignore[attr-defined]
+        else:
+            raw = enc.encode(batch.to(dev, non_blocking=True).float().div_(255))
+        outputs = check_outputs(raw, len(batch), enc.name)
+        return {k: v.detach().to("cpu") for k, v in outputs.items()}
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True for a CUDA (or other device) out-of-memory error: the caller halves its batch."""
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
