@@ -5,19 +5,20 @@ operating-system errors keep their Python types as well (a read-only data root i
 ``FeatstoreError`` and a ``PermissionError``), so ``except PermissionError`` keeps working.
 Messages name the offending path or value and say what to do about it.
 
-The Rust extension raises these same classes (it looks them up here by name), so there is one
-definition of each.
+The classes the Rust core raises are created once in the extension (``rust/py/src/error.rs``)
+and re-exported here; the others are defined here. Either way there is one definition of each.
 """
 
 from __future__ import annotations
 
-
-class FeatstoreError(Exception):
-    """Base class of every error featstore raises deliberately."""
-
-
-class CorruptEntryError(FeatstoreError):
-    """An entry file is unreadable or invalid (truncated, malformed header, bad checksum)."""
+from featstore._core import (
+    CorruptEntryError,
+    DataRootError,
+    FeatstoreError,
+    ManifestError,
+    PathOutsideRootError,
+    SourceChangedError,
+)
 
 
 class StaleEntryError(FeatstoreError):
@@ -43,20 +44,8 @@ class CheckpointError(FeatstoreError):
     """A model checkpoint is missing, unreadable, or does not fit the model."""
 
 
-class DataRootError(FeatstoreError, OSError):
-    """The data root does not exist or is not a directory."""
-
-
 class NoImagesFoundError(FeatstoreError):
     """A scan found no source files to work on."""
-
-
-class ManifestError(FeatstoreError):
-    """A manifest or journal file is unreadable or of an unknown format."""
-
-
-class PathOutsideRootError(FeatstoreError, ValueError):
-    """A source path does not lie inside the store's data root."""
 
 
 class ReadOnlyDataRootError(FeatstoreError, PermissionError):
@@ -80,4 +69,5 @@ __all__ = [
     "PathOutsideRootError",
     "ReadOnlyDataRootError",
     "LockHeldError",
+    "SourceChangedError",
 ]

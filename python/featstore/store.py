@@ -245,8 +245,8 @@ class FeatureStore:
     def check(self, path: str | os.PathLike[str]) -> tuple[str, str, str]:
         """The full check of ``path``: ``(state, entry file, reason)`` (the entry is '' when there is
         none to name). Off the hot path: it finds legacy sidecars and says why."""
-        state, entry, reason = self._core.check(self.rel(path))
-        return state, os.fspath(entry), reason
+        c = self._core.check(self.rel(path))
+        return c.state, os.fspath(c.entry), c.reason
 
     def check_many(self, paths: Iterable[str | os.PathLike[str]], *, threads: int | None = None,
                    progress: bool | None = False, desc: str = "checking entries") -> list[tuple[str, str, str]]:
@@ -255,7 +255,7 @@ class FeatureStore:
         rels = [self.rel(p) for p in paths]
         checks = run_with_progress(lambda p: self._core.check_many_full(rels, threads, p), desc=desc,
                                    total=len(rels), show=progress, unit="sources")
-        return [(state, os.fspath(entry), reason) for state, entry, reason in checks]
+        return [(c.state, os.fspath(c.entry), c.reason) for c in checks]
 
     def forget(self, path: str | os.PathLike[str]) -> None:
         """Forgets what this process and the manifest index vouch for about ``path``: the next check
@@ -296,11 +296,11 @@ class FeatureStore:
             return None
         if capsules is None:
             # Off the hot path: one full check says why, and finds a legacy sidecar.
-            state, entry, reason = self._core.check(rel)
-            if state == "legacy" and self.allow_legacy:
+            c = self._core.check(rel)
+            if c.state == "legacy" and self.allow_legacy:
                 self.stats["hits"] += 1
-                return load_legacy_sidecar(os.fspath(entry))
-            self._miss(rel, state, os.fspath(entry), reason)
+                return load_legacy_sidecar(os.fspath(c.entry))
+            self._miss(rel, c.state, os.fspath(c.entry), c.reason)
             return None
         self.stats["hits"] += 1
         if device is None and dtype is None:
@@ -436,11 +436,11 @@ class FeatureStore:
         nothing is mapped), or None when there is no valid entry."""
         from featstore._torch import SAFETENSORS_TO_TORCH  # imports torch: not at import featstore
 
-        state, entry, _ = self._core.check(self.rel(path))
-        if state != "valid":
+        c = self._core.check(self.rel(path))
+        if c.state != "valid":
             return None
         try:
-            _, tensors, _ = _core.read_header(entry)
+            _, tensors, _ = _core.read_header(c.entry)
         except (CorruptEntryError, FileNotFoundError):
             return None  # replaced or removed since the check
         # A dtype torch cannot hold (float8) gives no layout: read_batch then finds no entry to use.
@@ -546,7 +546,7 @@ class FeatureStore:
         doc.update(fields or {})
         doc["failures"] = old.get("failures", {})
         records = self._core.index_records([self.rel(s) for s in sources])
-        doc["index"] = {os.fspath(rel): list(rec) for rel, rec in records}
+        doc["index"] = {os.fspath(r.source): list(r.as_list()) for r in records}
         os.makedirs(os.path.dirname(path), exist_ok=True)
         _core.write_manifest(path, json.dumps(doc))
         return path
@@ -562,13 +562,12 @@ class FeatureStore:
                 "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
     def index_records(self, paths: Iterable[str | os.PathLike[str]], *, unindexed_only: bool = False
-                      ) -> list[tuple[str, tuple[int, int, int, int, int]]]:
-        """``(source, (size, mtime_ns, entry size, entry mtime_ns, check_first))`` of the valid
+                      ) -> list[_core.IndexRecord]:
+        """The index records (source, its stamp, the entry's stamp, ``check_first``) of the valid
         entries among ``paths``: what the manifest's index holds. ``unindexed_only`` keeps those the
         index does not know yet (entries a killed run wrote without a journal line)."""
         rels = [self.rel(p) for p in paths]
-        records = self._core.unindexed_records(rels) if unindexed_only else self._core.index_records(rels)
-        return [(os.fspath(rel), rec) for rel, rec in records]
+        return self._core.unindexed_records(rels) if unindexed_only else self._core.index_records(rels)
 
     def journal_paths(self) -> list[str]:
         """The per-rank journals beside the manifest (``<manifest>.rank<R>-of-<N>.jsonl``), sorted."""

@@ -27,6 +27,10 @@ pub enum Error {
     /// A source path that does not lie inside the data root.
     #[error("{path} is outside the data root {root}")]
     OutsideRoot { path: PathBuf, root: PathBuf },
+    /// A source changed between the moment the encoder read it and the moment its entry was to
+    /// be written: the features belong to other bytes, so nothing was written.
+    #[error("{} changed {what}", path.display())]
+    SourceChanged { path: PathBuf, what: String },
     /// A caller passed a value the core cannot use (unknown dtype, inconsistent sizes, ...).
     #[error("{0}")]
     Invalid(String),

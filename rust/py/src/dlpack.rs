@@ -116,15 +116,12 @@ pub fn capsule<'py>(
     // featstore never writes such a tensor, so the file came from elsewhere: a bad entry (a
     // miss for `FeatureStore.get`), not a programming error.
     let dtype = dl_dtype(t.dtype).ok_or_else(|| {
-        crate::featstore_error(
-            "CorruptEntryError",
-            format!(
-                "tensor {:?} has dtype {}, which featstore never writes and torch cannot import \
-                 through DLPack: not a featstore entry; delete it and recompute",
-                t.name,
-                t.dtype.name()
-            ),
-        )
+        crate::error::CorruptEntryError::new_err(format!(
+            "tensor {:?} has dtype {}, which featstore never writes and torch cannot import \
+             through DLPack: not a featstore entry; delete it and recompute",
+            t.name,
+            t.dtype.name()
+        ))
     })?;
     let shape: Vec<i64> = t.shape.iter().map(|&d| d as i64).collect();
     let mut strides = vec![1i64; shape.len()];

@@ -2,6 +2,8 @@
 //! all logic lives in the core crate. Every call that does real work releases the GIL.
 
 mod dlpack;
+mod error;
+mod records;
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
@@ -12,74 +14,14 @@ use std::sync::Arc;
 use featstore_core::entry::{self, Dtype, ReadMode, TensorData};
 use featstore_core::key::{self, Stamp};
 use featstore_core::manifest::{self, Manifest};
+use featstore_core::pool;
 use featstore_core::scan::{self, ScanOptions};
 use featstore_core::store::{Input, Layout, Store, StoreConfig};
-use featstore_core::{pool, Error};
-use pyo3::exceptions::{PyOSError, PyValueError};
+use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyDict, PyType};
+use pyo3::types::{PyBytes, PyDict};
 use rayon::prelude::*;
-
-/// Raises the `featstore.errors` class `name` with `msg`.
-pub(crate) fn featstore_error(name: &str, msg: String) -> PyErr {
-    Python::attach(|py| {
-        let cls = py.import("featstore.errors").and_then(|m| m.getattr(name));
-        match cls {
-            Ok(cls) => match cls.cast_into::<PyType>() {
-                Ok(t) => PyErr::from_type(t, msg),
-                Err(_) => PyValueError::new_err(msg),
-            },
-            Err(e) => e,
-        }
-    })
-}
-
-/// Converts a core error into the Python exception a user can act on. OS errors keep their
-/// Python types (OSError picks FileNotFoundError, PermissionError, ... from the errno).
-fn to_py(err: Error) -> PyErr {
-    match err {
-        Error::Io { path, source } => match errno_of(&source) {
-            Some(errno) => {
-                PyOSError::new_err((errno, source.to_string(), path.display().to_string()))
-            }
-            None => PyOSError::new_err(format!("{}: {source}", path.display())),
-        },
-        e @ Error::Corrupt { .. } => featstore_error("CorruptEntryError", e.to_string()),
-        e @ Error::Manifest { .. } => featstore_error("ManifestError", e.to_string()),
-        e @ Error::DataRoot { .. } => featstore_error("DataRootError", e.to_string()),
-        e @ Error::OutsideRoot { .. } => featstore_error("PathOutsideRootError", e.to_string()),
-        Error::Invalid(msg) => featstore_error("FeatstoreError", msg),
-    }
-}
-
-/// The errno behind an I/O error. Wrapped errors (tempfile adds the path to its errors) carry
-/// no raw errno, so their kind is mapped back.
-fn errno_of(e: &std::io::Error) -> Option<i32> {
-    use std::io::ErrorKind::*;
-    e.raw_os_error().or(match e.kind() {
-        NotFound => Some(libc_errno::ENOENT),
-        PermissionDenied => Some(libc_errno::EACCES),
-        ReadOnlyFilesystem => Some(libc_errno::EROFS),
-        StorageFull => Some(libc_errno::ENOSPC),
-        AlreadyExists => Some(libc_errno::EEXIST),
-        NotADirectory => Some(libc_errno::ENOTDIR),
-        IsADirectory => Some(libc_errno::EISDIR),
-        FileTooLarge => Some(libc_errno::EFBIG),
-        _ => None,
-    })
-}
-
-/// Linux errno values (stable ABI constants).
-mod libc_errno {
-    pub const ENOENT: i32 = 2;
-    pub const EACCES: i32 = 13;
-    pub const EEXIST: i32 = 17;
-    pub const ENOTDIR: i32 = 20;
-    pub const EISDIR: i32 = 21;
-    pub const EFBIG: i32 = 27;
-    pub const ENOSPC: i32 = 28;
-    pub const EROFS: i32 = 30;
-}
+use records::{PyCheck, PyIndexRecord};
 
 trait IntoPy<T> {
     fn py_err(self) -> PyResult<T>;
@@ -87,7 +29,7 @@ trait IntoPy<T> {
 
 impl<T> IntoPy<T> for featstore_core::Result<T> {
     fn py_err(self) -> PyResult<T> {
-        self.map_err(to_py)
+        self.map_err(error::to_py)
     }
 }
 
@@ -455,18 +397,6 @@ fn merge_journals(
 }
 
 /// A manifest index record: source size, source mtime_ns, entry size, entry mtime_ns, check-first.
-type IndexTuple = (u64, i64, u64, i64, u8);
-
-fn index_tuple(rec: manifest::IndexRecord) -> IndexTuple {
-    (
-        rec.source.size,
-        rec.source.mtime_ns,
-        rec.entry.size,
-        rec.entry.mtime_ns,
-        rec.racy as u8,
-    )
-}
-
 /// A feature's entries under a data root: layouts, the validity check, writes and reads.
 #[pyclass(module = "featstore._core", name = "Store", frozen)]
 struct PyStore {
@@ -507,7 +437,8 @@ impl PyStore {
     ) -> PyResult<Self> {
         let layout = match cache_dir {
             Some(d) => Layout::Dir {
-                cache_dir: std::path::absolute(&d).map_err(|e| to_py(Error::io(&d, e)))?,
+                cache_dir: std::path::absolute(&d)
+                    .map_err(|e| error::to_py(featstore_core::Error::io(&d, e)))?,
             },
             None => Layout::Sidecar,
         };
@@ -548,9 +479,9 @@ impl PyStore {
     }
 
     /// `(state, entry_path, reason)` of one source.
-    fn check(&self, py: Python<'_>, rel: PathBuf) -> PyResult<(&'static str, OsString, String)> {
+    fn check(&self, py: Python<'_>, rel: PathBuf) -> PyResult<PyCheck> {
         let c = py.detach(|| self.inner.check(&rel)).py_err()?;
-        Ok((c.state.name(), c.entry.into_os_string(), c.reason))
+        Ok(c.into())
     }
 
     /// The state name of one source: the hot path (the GIL is kept: the call is shorter than
@@ -568,19 +499,12 @@ impl PyStore {
         rels: Vec<PathBuf>,
         threads: Option<usize>,
         progress: Option<&Bound<'_, Progress>>,
-    ) -> Vec<(String, OsString, String)> {
+    ) -> Vec<PyCheck> {
         let counter = progress_counter(progress);
         let checks = py.detach(|| self.inner.check_many(&rels, threads, &counter));
         checks
             .into_iter()
-            .map(|c| match c {
-                Ok(c) => (
-                    c.state.name().to_string(),
-                    c.entry.into_os_string(),
-                    c.reason,
-                ),
-                Err(e) => (format!("error: {e}"), OsString::new(), String::new()),
-            })
+            .map(|c| c.map_or_else(PyCheck::failed, PyCheck::from))
             .collect()
     }
 
@@ -702,11 +626,11 @@ impl PyStore {
 
     /// Manifest index records `(rel, [source size, mtime_ns, entry size, mtime_ns, racy])` of the
     /// given sources whose entries this process found valid.
-    fn index_records(&self, rels: Vec<PathBuf>) -> Vec<(OsString, IndexTuple)> {
+    fn index_records(&self, rels: Vec<PathBuf>) -> Vec<PyIndexRecord> {
         rels.into_iter()
             .filter_map(|r| {
                 let rec = self.inner.index_record(&r)?;
-                Some((r.into_os_string(), index_tuple(rec)))
+                Some(PyIndexRecord::new(r, rec))
             })
             .collect()
     }
@@ -714,11 +638,11 @@ impl PyStore {
     /// Like `index_records`, for the sources whose entries this process judged valid itself (or
     /// wrote) rather than taking them from the manifest's index: the records the manifest may
     /// lack (entries a killed run wrote before journaling them, refreshed stamps).
-    fn unindexed_records(&self, rels: Vec<PathBuf>) -> Vec<(OsString, IndexTuple)> {
+    fn unindexed_records(&self, rels: Vec<PathBuf>) -> Vec<PyIndexRecord> {
         rels.into_iter()
             .filter_map(|r| {
                 let rec = self.inner.unindexed_record(&r)?;
-                Some((r.into_os_string(), index_tuple(rec)))
+                Some(PyIndexRecord::new(r, rec))
             })
             .collect()
     }
@@ -738,10 +662,20 @@ fn default_threads() -> usize {
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add(
+        "STATES",
+        featstore_core::store::State::ALL
+            .iter()
+            .map(|s| s.name())
+            .collect::<Vec<_>>(),
+    )?;
+    error::register(m)?;
     m.add("DEFAULT_EXTENSIONS", scan::DEFAULT_EXTENSIONS.to_vec())?;
     m.add("RACY_WINDOW_NS", featstore_core::store::RACY_WINDOW_NS)?;
     m.add_class::<Progress>()?;
     m.add_class::<PyStore>()?;
+    m.add_class::<PyCheck>()?;
+    m.add_class::<PyIndexRecord>()?;
     for f in [
         wrap_pyfunction!(scan_sources, m)?,
         wrap_pyfunction!(stamp_key, m)?,

@@ -1,4 +1,5 @@
-"""Shared fixtures of the VGGT tests: the reference files in ../shared and tiny model configurations."""
+"""Shared fixtures of the VGGT tests: the reference files (tests/fixtures/vggt, copied from
+shared/reference) and tiny model configurations."""
 
 from __future__ import annotations
 
@@ -11,8 +12,7 @@ from typing import Any
 import pytest
 import torch
 
-SHARED_DIR = Path(__file__).resolve().parents[2].parent / "shared"
-REFERENCE_DIR = SHARED_DIR / "reference"
+REFERENCE_DIR = Path(__file__).resolve().parents[2] / "fixtures" / "vggt"
 FIXTURE = REFERENCE_DIR / "vggt_tiny_conv.safetensors"
 KEYS_FILE = REFERENCE_DIR / "vggt1b_state_dict_keys.txt"
 
@@ -58,7 +58,7 @@ def _one_torch_thread():
 
 def _require(path: Path) -> Path:
     if not path.exists():
-        pytest.skip(f"reference file {path} is absent (the shared folder belongs beside the repository)")
+        pytest.fail(f"reference file {path} is missing from the repository's test fixtures")
     return path
 
 

@@ -1,0 +1,295 @@
+//! Where entries live and whether they may be served.
+//!
+//! One vocabulary of states for every command and API ([`State`]). The hot path ([`Store::check`]
+//! on an entry seen before) costs two `stat`s (source and entry) plus one per extra file input,
+//! and opens nothing: the stamps from the entry's header, or from the manifest's index, are kept
+//! in memory and compared with fresh ones. Everything slower (first look at an entry, a touched
+//! source, a racy entry) runs once per entry and process, then is remembered.
+
+mod index;
+mod read;
+mod validity;
+mod write;
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs;
+use std::io::ErrorKind;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde_json::Value;
+
+use crate::entry::{self, ReadMode};
+use crate::error::{Error, Result};
+use crate::key::{path_bytes, stamp_key, Stamp, KEY_NAME_LEN};
+use crate::manifest::Manifest;
+
+/// Sources modified less than this long before their entry was written are *racy*: a same-size
+/// edit within the file system's timestamp granularity would keep the stamp, so such entries are
+/// checked by digest on first use. 2 s covers the coarsest local file systems (FAT, ext3: 1-2 s).
+pub const RACY_WINDOW_NS: i64 = 2_000_000_000;
+
+/// Where entries are stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Layout {
+    /// `<source>.<feature>.safetensors` beside each source.
+    Sidecar,
+    /// `<cache_dir>/<feature>/<key[:2]>/<key32>.safetensors`.
+    Dir { cache_dir: PathBuf },
+}
+
+/// The state of a source's entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum State {
+    Valid,
+    Missing,
+    Stale,
+    Foreign,
+    Corrupt,
+    Orphan,
+    Legacy,
+}
+
+impl State {
+    /// Every state, in the order the reports list them (Python's `featstore.vocabulary.STATES`
+    /// is the same list; a test holds them equal).
+    pub const ALL: [State; 7] = [
+        State::Valid,
+        State::Missing,
+        State::Stale,
+        State::Foreign,
+        State::Corrupt,
+        State::Orphan,
+        State::Legacy,
+    ];
+
+    /// The name used everywhere (CLI output, JSON, Python).
+    pub fn name(self) -> &'static str {
+        match self {
+            State::Valid => "valid",
+            State::Missing => "missing",
+            State::Stale => "stale",
+            State::Foreign => "foreign",
+            State::Corrupt => "corrupt",
+            State::Orphan => "orphan",
+            State::Legacy => "legacy",
+        }
+    }
+}
+
+/// How a store is opened.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    /// Absolute data root.
+    pub root: PathBuf,
+    /// Feature name (`vggt`, `pixel_latent`, ...): part of entry and manifest names.
+    pub feature: String,
+    pub layout: Layout,
+    /// Expected encoder fingerprint; None adopts the manifest's (or accepts any, without one).
+    pub fingerprint: Option<String>,
+    /// Suffix of legacy sidecars (`.vggt_cache.pt`), reported as `legacy` when present.
+    pub legacy_suffix: Option<String>,
+    pub read_mode: ReadMode,
+}
+
+/// The answer of a check: the state, where the entry is (or would be), and why.
+#[derive(Debug, Clone)]
+pub struct Check {
+    pub state: State,
+    pub entry: PathBuf,
+    pub reason: String,
+}
+
+/// An input of an entry besides its source.
+#[derive(Debug, Clone)]
+pub enum Input {
+    /// A file (caption `.txt`, control image): recorded by stamp and digest, checked on lookup.
+    File { name: String, path: PathBuf },
+    /// A text (a caption from a `.jsonl` field): recorded by digest.
+    Text { name: String, text: Vec<u8> },
+}
+
+/// What [`Store::put`] wrote (the journal records it).
+#[derive(Debug, Clone)]
+pub struct Written {
+    pub path: PathBuf,
+    pub source: Stamp,
+    pub entry: Stamp,
+    pub racy: bool,
+    /// The manifest index must not trust this entry's stamps alone (racy, or extra inputs).
+    pub check_first: bool,
+    pub bytes: u64,
+}
+
+/// What this process knows about one entry, valid while every stamp in it is unchanged.
+#[derive(Debug, Clone)]
+struct Known {
+    source: Stamp,
+    /// The entry file the verdict is about (in the dir layout its name follows the stamp the
+    /// entry was written for, which may be older than `source`).
+    path: PathBuf,
+    entry: Stamp,
+    /// Extra file inputs (absolute path, stamp when the entry was checked).
+    inputs: Vec<(PathBuf, Stamp)>,
+    state: State,
+    reason: String,
+    /// False for racy manifest records: they locate the entry but still need a full check.
+    trusted: bool,
+    /// Reached (or written) while the source's mtime was within [`RACY_WINDOW_NS`] of the clock:
+    /// a same-size edit since then may have kept the stamp, so every use checks again (digest
+    /// included) until a check made outside the window settles it.
+    racy: bool,
+    /// Taken from the manifest's index and not judged since: the index already holds it.
+    indexed: bool,
+    /// The entry's validated header and the file it was validated for, once read.
+    header: Option<(entry::FileId, Arc<entry::Header>)>,
+}
+
+impl Known {
+    /// True when unchanged stamps alone vouch for this verdict (the hot path).
+    fn hot(&self) -> bool {
+        self.trusted && !self.racy
+    }
+}
+
+/// True while a same-size edit of a source with this stamp could keep its mtime: the mtime is
+/// within the file system's timestamp granularity of now (or in the future).
+fn racy_now(source: Stamp) -> bool {
+    now_ns() - source.mtime_ns <= RACY_WINDOW_NS
+}
+
+/// A feature's entries under one data root.
+pub struct Store {
+    cfg: StoreConfig,
+    known: RwLock<HashMap<PathBuf, Known>>,
+}
+
+fn now_ns() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
+}
+
+fn stat_opt(path: &Path) -> Result<Option<Stamp>> {
+    match fs::metadata(path) {
+        Ok(m) => Ok(Some(Stamp::from_metadata(&m))),
+        Err(e) if e.kind() == ErrorKind::NotFound || e.kind() == ErrorKind::NotADirectory => {
+            Ok(None)
+        }
+        Err(e) => Err(Error::io(path, e)),
+    }
+}
+
+fn recorded_stamp(meta: &BTreeMap<String, String>, prefix: &str) -> Option<Stamp> {
+    Some(Stamp {
+        size: meta.get(&format!("{prefix}.size"))?.parse().ok()?,
+        mtime_ns: meta.get(&format!("{prefix}.mtime_ns"))?.parse().ok()?,
+    })
+}
+
+impl Store {
+    /// Opens a store. Reads the feature's manifest, if any, to adopt its fingerprint (when none
+    /// is given) and to seed the in-memory index, so lookups of listed entries open no file.
+    pub fn open(mut cfg: StoreConfig) -> Result<Store> {
+        let manifest_path = Store::manifest_path_of(&cfg);
+        let manifest = Manifest::read(&manifest_path)?;
+        let manifest_fp = manifest
+            .as_ref()
+            .and_then(|m| m.fields.get("fingerprint"))
+            .and_then(Value::as_str)
+            .map(str::to_string);
+        if cfg.fingerprint.is_none() {
+            cfg.fingerprint = manifest_fp.clone();
+        }
+        let store = Store {
+            cfg,
+            known: RwLock::new(HashMap::new()),
+        };
+        // Index records were valid for the manifest's fingerprint: trust them only for that one.
+        if let Some(m) = manifest {
+            if manifest_fp == store.cfg.fingerprint {
+                store.seed(&m);
+            }
+        }
+        Ok(store)
+    }
+
+    pub fn config(&self) -> &StoreConfig {
+        &self.cfg
+    }
+
+    fn manifest_path_of(cfg: &StoreConfig) -> PathBuf {
+        match &cfg.layout {
+            Layout::Sidecar => cfg
+                .root
+                .join(format!("{}_cache_manifest.json", cfg.feature)),
+            Layout::Dir { cache_dir } => cache_dir.join(&cfg.feature).join("manifest.json"),
+        }
+    }
+
+    /// The feature's manifest: `<root>/<feature>_cache_manifest.json` (sidecar) or
+    /// `<cache_dir>/<feature>/manifest.json` (dir).
+    pub fn manifest_path(&self) -> PathBuf {
+        Store::manifest_path_of(&self.cfg)
+    }
+
+    /// Where featstore keeps frame sets and locks: `<root or cache_dir>/.featstore/<feature>`.
+    pub fn state_dir(&self) -> PathBuf {
+        let base = match &self.cfg.layout {
+            Layout::Sidecar => &self.cfg.root,
+            Layout::Dir { cache_dir } => cache_dir,
+        };
+        base.join(crate::scan::STATE_DIR).join(&self.cfg.feature)
+    }
+
+    /// The entry path of source `rel` with stamp `stamp` (the sidecar layout ignores the stamp).
+    pub fn entry_path(&self, rel: &Path, stamp: Stamp) -> PathBuf {
+        match &self.cfg.layout {
+            Layout::Sidecar => {
+                let mut name = self.cfg.root.join(rel).into_os_string();
+                name.push(format!(".{}.safetensors", self.cfg.feature));
+                PathBuf::from(name)
+            }
+            Layout::Dir { cache_dir } => {
+                let key = stamp_key(path_bytes(rel), stamp);
+                cache_dir
+                    .join(&self.cfg.feature)
+                    .join(&key[..2])
+                    .join(format!("{}.safetensors", &key[..KEY_NAME_LEN]))
+            }
+        }
+    }
+
+    /// The legacy sidecar of `rel`, when this store reads legacy sidecars.
+    pub fn legacy_path(&self, rel: &Path) -> Option<PathBuf> {
+        let suffix = self.cfg.legacy_suffix.as_ref()?;
+        let mut name = self.cfg.root.join(rel).into_os_string();
+        name.push(suffix);
+        Some(PathBuf::from(name))
+    }
+
+    fn remember(&self, rel: &Path, k: Known) {
+        self.known
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(rel.to_path_buf(), k);
+    }
+
+    fn recall(&self, rel: &Path) -> Option<Known> {
+        self.known
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(rel)
+            .cloned()
+    }
+
+    /// Forgets what this process knows about `rel` (after a removal).
+    pub fn forget(&self, rel: &Path) {
+        self.known
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(rel);
+    }
+}

@@ -1,0 +1,223 @@
+//! Reading valid entries: the zero-copy open (fast path on a known header, slow path after a full
+//! check) and batch reads straight into a caller's buffer.
+
+use std::fs;
+use std::io::ErrorKind;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rayon::prelude::*;
+
+use super::{stat_opt, Check, Known, State, Store};
+use crate::entry;
+use crate::error::{Error, Result};
+use crate::key::Stamp;
+use crate::pool;
+
+impl Store {
+    /// Reads tensor `name` of each source's valid entry straight into consecutive slots of
+    /// `out` with `pread`, in parallel (featstore's pool): one copy, no mapping, no page-fault
+    /// storm. Every slot is `out.len() / rels.len()` bytes and must match the tensor's `dtype`
+    /// and `shape`. Returns, per source, `Ok` or why its slot was not filled (its state and
+    /// reason, a missing tensor, another dtype or shape); the caller decides what a miss means.
+    pub fn read_batch(
+        &self,
+        rels: &[PathBuf],
+        name: &str,
+        dtype: entry::Dtype,
+        shape: &[u64],
+        out: &mut [u8],
+        threads: Option<usize>,
+    ) -> Vec<std::result::Result<(), String>> {
+        if rels.is_empty() {
+            return Vec::new();
+        }
+        let slot = out.len() / rels.len();
+        if slot == 0 {
+            // Empty tensors: nothing to copy, but each entry is still checked.
+            return rels
+                .iter()
+                .map(|r| self.read_into(r, name, dtype, shape, &mut []))
+                .collect();
+        }
+        pool::pool(threads).install(|| {
+            out.par_chunks_mut(slot.max(1))
+                .zip(rels.par_iter())
+                .map(|(dst, rel)| self.read_into(rel, name, dtype, shape, &mut dst[..slot]))
+                .collect()
+        })
+    }
+
+    /// Takes a header parsed now (not one validated before) for the entry `c` judged valid: checks
+    /// its fingerprint (the stamps may have come from a manifest index) and remembers it, so later
+    /// reads skip the parse. Only for the very file the check judged (not one renamed over it in
+    /// between), so the fast path never serves an unchecked file. False: another encoder's
+    /// entry, now settled as foreign.
+    fn adopt_header(
+        &self,
+        rel: &Path,
+        c: &Check,
+        id: entry::FileId,
+        header: &Arc<entry::Header>,
+    ) -> Result<bool> {
+        if let Some(expected) = &self.cfg.fingerprint {
+            let actual = header
+                .metadata
+                .get("fingerprint")
+                .map(String::as_str)
+                .unwrap_or("");
+            if actual != expected {
+                let reason = format!(
+                    "written by encoder fingerprint {actual:?}, this store expects {expected:?}"
+                );
+                let source = stat_opt(&self.cfg.root.join(rel))?.unwrap_or(Stamp {
+                    size: 0,
+                    mtime_ns: 0,
+                });
+                self.settle(rel, source, &c.entry, Vec::new(), State::Foreign, reason)?;
+                return Ok(false);
+            }
+        }
+        let judged = |k: &&mut Known| {
+            k.path == c.entry
+                && k.entry
+                    == Stamp {
+                        size: id.size,
+                        mtime_ns: id.mtime_ns,
+                    }
+        };
+        let mut known = self.known.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(k) = known.get_mut(rel).filter(judged) {
+            k.header = Some((id, Arc::clone(header)));
+        }
+        Ok(true)
+    }
+
+    fn read_into(
+        &self,
+        rel: &Path,
+        name: &str,
+        dtype: entry::Dtype,
+        shape: &[u64],
+        dst: &mut [u8],
+    ) -> std::result::Result<(), String> {
+        use std::os::unix::fs::FileExt;
+
+        let c = self.check(rel).map_err(|e| e.to_string())?;
+        if c.state != State::Valid {
+            return Err(format!("{}: {}", c.state.name(), c.reason));
+        }
+        let file = fs::File::open(&c.entry).map_err(|e| format!("{}: {e}", c.entry.display()))?;
+        let meta = file
+            .metadata()
+            .map_err(|e| format!("{}: {e}", c.entry.display()))?;
+        let id = entry::FileId::of(&meta);
+        let known = self
+            .recall(rel)
+            .filter(|k| k.path == c.entry)
+            .and_then(|k| k.header);
+        let header = match known {
+            Some((known_id, h)) if known_id == id => h,
+            _ => {
+                let h = Arc::new(
+                    entry::read_header_of(&file, &c.entry, meta.len())
+                        .map_err(|e| e.to_string())?,
+                );
+                if !self
+                    .adopt_header(rel, &c, id, &h)
+                    .map_err(|e| e.to_string())?
+                {
+                    return Err(format!(
+                        "foreign: {} was written by another encoder fingerprint",
+                        c.entry.display()
+                    ));
+                }
+                h
+            }
+        };
+        let t = header
+            .tensor(name)
+            .ok_or_else(|| format!("no tensor {name:?} in {}", c.entry.display()))?;
+        if t.dtype != dtype || t.shape != shape || (t.end - t.start) as usize != dst.len() {
+            return Err(format!(
+                "tensor {name:?} of {} is {} {:?}, the batch holds {} {:?}",
+                c.entry.display(),
+                t.dtype.name(),
+                t.shape,
+                dtype.name(),
+                shape
+            ));
+        }
+        file.read_exact_at(dst, header.data_start + t.start)
+            .map_err(|e| format!("{}: {e}", c.entry.display()))
+    }
+
+    /// Opens the valid entry of `rel` for reading, or None when it is not valid: the fast path
+    /// ([`Store::open_known`]), else a full [`Store::check`] first ([`Store::open_checked`]).
+    pub fn open_valid(&self, rel: &Path) -> Result<Option<entry::Entry>> {
+        match self.open_known(rel)? {
+            Some(e) => Ok(Some(e)),
+            None => self.open_checked(rel),
+        }
+    }
+
+    /// The fast path of [`Store::open_valid`], for an entry this process already validated: stat
+    /// the source, open the entry and take its stamp from the open descriptor (no separate stat),
+    /// map it, and reuse the header validated on the first read while the file is the same. None
+    /// when anything differs: then [`Store::open_checked`] decides.
+    pub fn open_known(&self, rel: &Path) -> Result<Option<entry::Entry>> {
+        if let Some(k) = self
+            .recall(rel)
+            .filter(|k| k.hot() && k.state == State::Valid)
+        {
+            if let (Some(src_stamp), Some((id, header))) =
+                (stat_opt(&self.cfg.root.join(rel))?, &k.header)
+            {
+                let unchanged = src_stamp == k.source
+                    && k.path == self.entry_path(rel, src_stamp)
+                    && self.inputs_unchanged(&k.inputs)?;
+                if unchanged {
+                    match entry::open_entry_with(
+                        &k.path,
+                        self.cfg.read_mode,
+                        Some((*id, Arc::clone(header))),
+                    ) {
+                        Ok((e, opened)) if opened == *id => return Ok(Some(e)),
+                        // The entry file changed since we validated it: take the slow path.
+                        Ok(_) | Err(_) => {}
+                    }
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// The slow path of [`Store::open_valid`]: a full check (header parse, digests when racy),
+    /// then the open.
+    pub fn open_checked(&self, rel: &Path) -> Result<Option<entry::Entry>> {
+        let c = self.check(rel)?;
+        if c.state != State::Valid {
+            return Ok(None);
+        }
+        let known_header = self
+            .recall(rel)
+            .filter(|k| k.path == c.entry)
+            .and_then(|k| k.header);
+        let reused = known_header.as_ref().map(|(id, _)| *id);
+        match entry::open_entry_with(&c.entry, self.cfg.read_mode, known_header) {
+            Ok((e, id)) => {
+                if reused != Some(id) && !self.adopt_header(rel, &c, id, &e.header)? {
+                    return Ok(None);
+                }
+                Ok(Some(e))
+            }
+            // Replaced or removed between the check and the open: a miss, not an error.
+            Err(e) if e.is_io_kind(ErrorKind::NotFound) => Ok(None),
+            Err(Error::Corrupt { .. }) => {
+                self.forget(rel);
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
