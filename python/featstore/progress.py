@@ -1,7 +1,8 @@
 """Progress on stderr, one mechanism for every command.
 
 :func:`bar` is a tqdm bar that appears only when the work lasts over half a second;
-:func:`run_with_progress` shows the count of a Rust call that releases the GIL. ``show=None``
+:func:`run_with_progress` shows the count of a Rust call that releases the GIL; :func:`each` yields
+items and advances a bar after each one's work. ``show=None``
 means "when it takes a while", ``False`` silences, ``True`` forces.
 """
 
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from featstore import _core
@@ -56,3 +57,11 @@ def run_with_progress(work: Callable[[_core.Progress], T], desc: str, total: int
     finally:
         done.set()
         thread.join()
+
+
+def each(items: Sequence[T], desc: str, show: bool | None, unit: str) -> Iterator[T]:
+    """Yields ``items``, advancing a bar on stderr after each one's work is done."""
+    with bar(len(items), desc, show=show, unit=unit) as b:
+        for item in items:
+            yield item
+            b.update(1)

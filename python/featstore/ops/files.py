@@ -1,0 +1,84 @@
+"""The files the operations touch: where a feature's files live, which of them are featstore's,
+and the error for a cache this user may not write.
+
+What may be removed or moved is decided in one place, :func:`feature_files`: files named like
+this feature's entries (``<source>.<feature>.safetensors`` beside a source, or
+``<cache_dir>/<feature>/<key[:2]>/<key32>.safetensors``) and the temporary files featstore's
+atomic writes leave when interrupted (``.<entry or manifest name>.<random>.tmp``).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+
+from featstore import _core
+from featstore.store import FeatureStore
+from featstore.vocabulary import ENTRY_EXTENSION, sidecar_suffix
+
+_DIR_ENTRY = re.compile(r"^[0-9a-f]{32}\." + ENTRY_EXTENSION + "$")
+# The random part the Rust writer (tempfile) puts between the target name and ".tmp".
+_TMP_RANDOM = r"\.[A-Za-z0-9]+\.tmp$"
+
+
+def base_dir(store: FeatureStore) -> str:
+    """Where the feature's files live: the data root (sidecar) or the cache directory (dir)."""
+    return store.cache_dir or store.data_root
+
+
+def file_size(path: str) -> int:
+    """The size of ``path`` in bytes (of a link itself, not its target); 0 when it cannot be read."""
+    try:
+        return os.lstat(path).st_size
+    except OSError:
+        return 0
+
+
+def feature_files(store: FeatureStore) -> tuple[list[str], list[str], list[tuple[str, str]]]:
+    """This feature's entry files and featstore's temporary files (absolute paths), and walk errors.
+
+    Sidecar: ``*.<feature>.safetensors`` under the data root. Dir: ``<key[:2]>/<key32>.safetensors``
+    under ``<cache_dir>/<feature>``. Temporary files: ``.<such a name>.<random>.tmp`` beside
+    them, and ``.<manifest name>.<random>.tmp`` beside the manifest. ``.featstore`` directories
+    (frame sets, quarantine) are not walked.
+    """
+    suffix = sidecar_suffix(store.feature)
+    manifest = store.manifest_path
+    tmp_manifest = re.compile(r"^\." + re.escape(os.path.basename(manifest)) + _TMP_RANDOM)
+    if store.layout == "sidecar":
+        base = store.data_root
+        tmp_entry = re.compile(r"^\..+" + re.escape(suffix) + _TMP_RANDOM)
+    else:
+        assert store.cache_dir is not None
+        base = os.path.join(store.cache_dir, store.feature)
+        if not os.path.isdir(base):
+            return [], [], []
+        tmp_entry = re.compile(r"^\.[0-9a-f]{32}\." + ENTRY_EXTENSION + _TMP_RANDOM)
+    paths, _, _, errors, _ = _core.scan(base, extensions=[ENTRY_EXTENSION, "tmp"])
+    entries: list[str] = []
+    temps: list[str] = []
+    for p in map(os.fspath, paths):
+        full = os.path.join(base, p)
+        name, parent = os.path.basename(p), os.path.dirname(p)
+        in_key_dir = store.layout == "sidecar" or parent == name[1:3]
+        if name.endswith(".tmp"):
+            if (tmp_entry.match(name) and in_key_dir) or (
+                    tmp_manifest.match(name) and os.path.dirname(full) == os.path.dirname(manifest)):
+                temps.append(full)
+        elif store.layout == "sidecar":
+            if name.endswith(suffix) and len(name) > len(suffix):
+                entries.append(full)
+        elif _DIR_ENTRY.match(name) and parent == name[:2]:
+            entries.append(full)
+    return entries, temps, [(os.fspath(a), b) for a, b in errors]
+
+
+def not_writable(exc: OSError, path: str, directory: str, doing: str, done: int, total: int,
+                 fix: str) -> PermissionError:
+    """The error for a read-only cache: the path, what was done before it, and what to do."""
+    return PermissionError(
+        exc.errno or errno.EACCES,
+        f"cannot {doing} {path}: {exc.strerror or exc}. {directory} is not writable by this user; {fix}. "
+        f"{done} of {total} done before this, nothing was lost",
+        path)

@@ -1,0 +1,308 @@
+"""``featstore gc``: orphaned, stale and foreign entries and leftover temporary files, planned,
+then removed under the feature's lock.
+
+Before an entry is planned its header must name it a featstore entry of this feature, so a
+user's file that merely looks like one is never touched, and a source never is.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from featstore import _core
+from featstore.errors import CorruptEntryError, DataRootError, FeatstoreError
+from featstore.fmt import age, error_lines, human_bytes, shown
+from featstore.lock import maintenance_lock
+from featstore.ops.files import base_dir, not_writable
+from featstore.ops.survey import EntryReport, Survey, survey
+from featstore.progress import bar as progress_bar
+from featstore.store import FeatureStore
+from featstore.vocabulary import LEGACY_SIDECAR_SUFFIX
+
+#: Temporary files younger than this (seconds) may belong to a write in progress: gc leaves them.
+DEFAULT_MIN_TMP_AGE_S = 900.0
+
+
+@dataclass
+class GcItem:
+    """A file gc removes (or keeps, with the reason).
+
+    Attributes
+    ----------
+    path : str
+        The file (absolute).
+    kind : str
+        ``orphan``, ``stale``, ``foreign``, ``temp``, or for kept files ``corrupt``, ``legacy``,
+        ``valid``.
+    reason : str
+        Why.
+    bytes : int
+        Its size.
+    """
+
+    path: str
+    kind: str
+    reason: str
+    bytes: int
+    source: str = ""
+    identity: tuple[int, int, int] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "kind": self.kind, "reason": self.reason, "bytes": self.bytes,
+                "source": self.source}
+
+
+@dataclass
+class GcReport:
+    """gc's plan and, unless a dry run, what it removed.
+
+    Attributes
+    ----------
+    remove : list of GcItem
+        Files to remove (planned).
+    kept : list of GcItem
+        Files gc leaves, with the reason (corrupt: ``verify --quarantine``; legacy: ``migrate``).
+    removed : list of GcItem
+        Files removed (empty in a dry run).
+    skipped : list of (str, str)
+        Planned files left alone at removal time (changed or gone meanwhile).
+    """
+
+    feature: str
+    layout: str
+    data_root: str
+    base: str
+    remove: list[GcItem]
+    kept: list[GcItem]
+    dry_run: bool
+    removed: list[GcItem] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    errors: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def bytes(self) -> int:
+        """Bytes of the files planned for removal."""
+        return sum(i.bytes for i in self.remove)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"feature": self.feature, "layout": self.layout, "data_root": self.data_root,
+                "dry_run": self.dry_run, "bytes": self.bytes, "remove": [i.to_dict() for i in self.remove],
+                "kept": [i.to_dict() for i in self.kept], "removed": [i.to_dict() for i in self.removed],
+                "removed_bytes": sum(i.bytes for i in self.removed),
+                "skipped": [list(s) for s in self.skipped], "errors": [list(e) for e in self.errors]}
+
+    def text(self, limit: int = 100) -> str:
+        lines = [f"gc of feature {self.feature} under {self.data_root} ({self.layout} layout): "
+                 f"{len(self.remove):,} files, {human_bytes(self.bytes)} to remove"]
+        for kind in ("orphan", "stale", "foreign", "temp"):
+            items = [i for i in self.remove if i.kind == kind]
+            for i in items[:limit]:
+                lines.append(f"  {kind:8} {shown(self.base, i.path)}  {human_bytes(i.bytes)}  ({i.reason})")
+            if len(items) > limit:
+                lines.append(f"  ... and {len(items) - limit:,} more {kind} files (--json lists all)")
+        if self.kept:
+            by_kind: dict[str, int] = {}
+            for i in self.kept:
+                by_kind[i.kind] = by_kind.get(i.kind, 0) + 1
+            lines.append("kept: " + ", ".join(f"{n:,} {k}" for k, n in sorted(by_kind.items())))
+            lines.extend(f"  {i.kind:8} {shown(self.base, i.path)}  ({i.reason})" for i in self.kept[:limit])
+        if self.dry_run:
+            lines.append("dry run: nothing removed; run without --dry-run to remove them")
+        else:
+            lines.append(f"removed {len(self.removed):,} files, {human_bytes(sum(i.bytes for i in self.removed))}")
+        for p, why in self.skipped[:limit]:
+            lines.append(f"  left alone {shown(self.base, p)}: {why}")
+        if self.errors:
+            lines.extend(error_lines(self.errors, "paths could not be checked"))
+        return "\n".join(lines)
+
+
+class WrongDataRootError(DataRootError):
+    """gc found entries but none belongs to a source under the data root: probably the wrong root."""
+
+
+def plan_gc(store: FeatureStore, sources: Sequence[str], *, keep_fingerprints: Iterable[str] = (),
+            min_tmp_age_s: float = DEFAULT_MIN_TMP_AGE_S, force: bool = False, threads: int | None = None,
+            progress: bool | None = None) -> GcReport:
+    """Lists what :func:`execute_gc` would remove: orphaned, stale and foreign entries of this
+    feature, and featstore's temporary files older than ``min_tmp_age_s``.
+
+    Corrupt entries are kept (``featstore verify --quarantine`` moves them aside) and so are
+    legacy files (``featstore migrate``). A file is planned only if its name is this feature's
+    entry naming (or featstore's temporary naming) and, for entries, its header says it is a
+    featstore entry of this feature: a source is never planned.
+
+    Parameters
+    ----------
+    store : FeatureStore
+        The store; its fingerprint decides what is foreign.
+    sources : sequence of str
+        Relative source paths (a scan of the data root).
+    keep_fingerprints : iterable of str
+        Foreign entries with one of these fingerprints are kept.
+    min_tmp_age_s : float
+        Temporary files younger than this (seconds) may be a write in progress: kept.
+    force : bool
+        Plan even for a data root the cache does not seem to be made for: another root than the
+        one a dir-layout manifest records, or one where every entry would be an orphan.
+
+    Raises
+    ------
+    WrongDataRootError
+        One of those, and ``force`` is not set.
+    """
+    recorded = _recorded_data_root(store)
+    if recorded and recorded != store.data_root and not force:
+        raise WrongDataRootError(
+            f"the cache {base_dir(store)} was made for the data root {recorded} (its manifest says so), not "
+            f"{store.data_root}: against another root its entries would look orphaned or stale. Pass that root, "
+            "or --force if the data really moved there")
+    found = survey(store, sources, deep=False, threads=threads, progress=progress)
+    never = {os.path.join(store.data_root, s) for s in sources}
+    remove, kept = _plan_entries(store, found.reports, never, set(keep_fingerprints))
+    _plan_temps(found, never, min_tmp_age_s, remove, kept)
+    belongs = [r for r in found.reports if r.state != "orphan"]
+    orphans = [i for i in remove if i.kind == "orphan"]
+    if orphans and not belongs and not force:
+        raise WrongDataRootError(
+            f"all {len(orphans):,} entries of feature {store.feature} under {base_dir(store)} are orphans: none "
+            f"belongs to a source under {store.data_root} ({len(sources):,} sources found). Is that the data "
+            "root these entries were made for? Pass --force to remove them anyway")
+    return GcReport(store.feature, store.layout, store.data_root, base_dir(store), remove, kept, True,
+                    errors=found.errors)
+
+
+def _plan_entries(store: FeatureStore, reports: Sequence[EntryReport], never: set[str],
+                  keep_fps: set[str]) -> tuple[list[GcItem], list[GcItem]]:
+    """The entry files to remove and those kept (with why), in the survey's order."""
+    remove: list[GcItem] = []
+    kept: list[GcItem] = []
+    for r in reports:
+        legacy = r.path.endswith(LEGACY_SIDECAR_SUFFIX)
+        item = GcItem(r.path, r.state, r.reason, r.bytes, r.source, _file_identity(r.path))
+        if r.state not in ("orphan", "stale", "foreign") or legacy:
+            if legacy:
+                item.kind = "legacy"
+                item.reason = "old-format cache: `featstore migrate` converts it, gc never removes it"
+                kept.append(item)
+            elif r.state == "corrupt":
+                item.reason += "; `featstore verify --quarantine` moves it aside"
+                kept.append(item)
+            elif r.unclaimed and r.state == "valid":
+                kept.append(item)  # filed under an older stamp of its source: still good
+            continue
+        meta = _featstore_meta(store, r.path)
+        if meta is None or r.path in never:
+            item.kind, item.reason = "unknown", "named like an entry but not a featstore entry of this feature"
+            kept.append(item)
+            continue
+        if r.state == "foreign" and meta.get("fingerprint", "") in keep_fps:
+            item.reason = f"kept: fingerprint {meta.get('fingerprint')} is in --keep-fingerprint"
+            kept.append(item)
+            continue
+        remove.append(item)
+    return remove, kept
+
+
+def _plan_temps(found: Survey, never: set[str], min_tmp_age_s: float, remove: list[GcItem],
+                kept: list[GcItem]) -> None:
+    """Adds featstore's temporary files to ``remove``, or to ``kept`` while they may be a write in
+    progress."""
+    now = time.time_ns()
+    for t in found.temps:
+        ident = _file_identity(t)
+        if ident is None or t in never:
+            continue
+        age_s = (now - ident[2]) / 1e9
+        if age_s < min_tmp_age_s:
+            kept.append(GcItem(t, "temp", f"written {age_s:.0f} s ago: may be a write in progress "
+                               f"(--min-tmp-age {min_tmp_age_s:.0f})", ident[1], "", ident))
+        else:
+            remove.append(GcItem(t, "temp", f"left by an interrupted write {age(age_s)} ago", ident[1], "", ident))
+
+
+def execute_gc(store: FeatureStore, plan: GcReport, *, progress: bool | None = None) -> GcReport:
+    """:func:`_execute_gc` under the feature's lock: refused while a precompute runs."""
+    with maintenance_lock(store, "collect garbage"):
+        return _execute_gc(store, plan, progress=progress)
+
+
+def _execute_gc(store: FeatureStore, plan: GcReport, *, progress: bool | None = None) -> GcReport:
+    """Removes the files of ``plan`` (from :func:`plan_gc`) and returns it completed.
+
+    A planned file that changed since planning (another size, mtime or inode: a writer replaced
+    it) or vanished is left alone and listed in ``skipped``. Empty key directories of the dir
+    layout are removed.
+
+    Raises
+    ------
+    PermissionError
+        The cache is not writable by this user; the message names the path and what to do. Files
+        removed before it stay removed, nothing else is touched.
+    """
+    plan.dry_run = False
+    key_dirs: set[str] = set()
+    with progress_bar(len(plan.remove), "removing", show=progress, unit="files") as bar:
+        for item in plan.remove:
+            bar.update(1)
+            if _file_identity(item.path) != item.identity:
+                plan.skipped.append((item.path, "changed or gone since planning"))
+                continue
+            try:
+                os.remove(item.path)
+            except FileNotFoundError:
+                plan.skipped.append((item.path, "already gone"))
+                continue
+            except PermissionError as exc:
+                raise not_writable(exc, item.path, os.path.dirname(item.path), "remove", len(plan.removed),
+                                   len(plan.remove), "run gc as the cache's owner, or make it writable "
+                                   "(chmod u+w)") from exc
+            plan.removed.append(item)
+            if item.source and item.kind != "temp":
+                store.forget(item.source)
+            key_dirs.add(os.path.dirname(item.path))
+    if store.layout == "dir":
+        for d in sorted(key_dirs):  # key directories gc emptied
+            try:
+                os.rmdir(d)  # only succeeds when empty
+            except OSError:
+                pass
+    return plan
+
+
+def _file_identity(path: str) -> tuple[int, int, int] | None:
+    """``(inode, size, mtime_ns)``: a file replaced since planning has another."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _featstore_meta(store: FeatureStore, path: str) -> dict[str, str] | None:
+    """The header metadata of ``path`` if it is a readable featstore entry of this feature."""
+    try:
+        meta, _, _ = _core.read_header(path)
+    except (CorruptEntryError, OSError):
+        return None
+    if not meta.get("featstore.format", "").startswith("featstore-entry") or meta.get("feature") != store.feature:
+        return None
+    return meta
+
+
+def _recorded_data_root(store: FeatureStore) -> str | None:
+    """The data root a dir-layout cache's manifest records (sidecar entries sit beside their
+    sources, so any root that holds them is theirs)."""
+    if store.layout != "dir":
+        return None
+    try:
+        text = _core.read_manifest(store.manifest_path)
+        recorded = json.loads(text).get("data_root") if text else None
+    except (FeatstoreError, OSError, ValueError):
+        return None
+    return os.path.abspath(recorded) if isinstance(recorded, str) else None

@@ -1,0 +1,23 @@
+"""Journals an interrupted precompute left beside the manifest, merged by whoever comes next."""
+
+from __future__ import annotations
+
+from featstore import _core
+from featstore.errors import LockHeldError, ReadOnlyDataRootError
+from featstore.lock import maintenance_lock
+from featstore.store import FeatureStore
+
+
+def merge_leftover_journals(store: FeatureStore) -> int:
+    """Merges journals an interrupted or unfinished precompute left beside the manifest, when no
+    run of the feature holds its lock (a running one merges its own at the end). Returns the
+    number of journals merged; 0 when there were none, a run is active, or the manifest's
+    directory is not writable (status never fails for that)."""
+    if not store.journal_paths():
+        return 0
+    try:
+        with maintenance_lock(store, "merge journals"):
+            journals, _, _ = _core.merge_journals(store.manifest_path)
+    except (LockHeldError, ReadOnlyDataRootError, PermissionError):
+        return 0
+    return journals

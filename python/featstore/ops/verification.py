@@ -1,0 +1,221 @@
+"""``featstore verify``: every entry read in full, and the bad ones moved into the quarantine."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from featstore import _core
+from featstore.compat import load_legacy_sidecar
+from featstore.errors import CorruptEntryError
+from featstore.fmt import error_lines, human_bytes, shown
+from featstore.lock import maintenance_lock
+from featstore.ops.files import base_dir, not_writable
+from featstore.ops.survey import EntryReport, Survey, corrupt_reason, survey
+from featstore.progress import bar as progress_bar
+from featstore.store import FeatureStore
+from featstore.vocabulary import BAD_STATES, LEGACY_SIDECAR_SUFFIX
+
+
+@dataclass
+class VerifyReport:
+    """What :func:`verify` found.
+
+    Attributes
+    ----------
+    counts : dict of str to int
+        Entries (and sources without one, ``missing``) per state after reading every entry.
+    problems : list of EntryReport
+        Every bad entry (corrupt, stale, foreign, orphan) with its reason.
+    quarantined : list of (str, str)
+        ``(from, to)`` of the entries moved aside.
+    """
+
+    feature: str
+    layout: str
+    data_root: str
+    sources: int
+    counts: dict[str, int]
+    entries: int
+    bytes: int
+    problems: list[EntryReport]
+    quarantined: list[tuple[str, str]]
+    quarantine_dir: str | None
+    errors: list[tuple[str, str]]
+    seconds: float
+    base: str = ""
+
+    @property
+    def ok(self) -> bool:
+        """No bad entry and nothing that could not be checked."""
+        return not self.problems and not self.errors
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"feature": self.feature, "layout": self.layout, "data_root": self.data_root,
+                "sources": self.sources, "counts": self.counts, "entries": self.entries,
+                "bytes": self.bytes, "problems": [p.to_dict() for p in self.problems],
+                "quarantined": [list(q) for q in self.quarantined], "quarantine_dir": self.quarantine_dir,
+                "errors": [list(e) for e in self.errors], "seconds": round(self.seconds, 3), "ok": self.ok}
+
+    def text(self) -> str:
+        lines = [f"verified feature {self.feature} under {self.data_root} ({self.layout} layout): "
+                 f"{self.sources:,} sources, {self.entries:,} entries read in full "
+                 f"({human_bytes(self.bytes)}) in {self.seconds:.2f} s",
+                 "  " + "  ".join(f"{s} {n:,}" for s, n in self.counts.items())]
+        if self.problems:
+            lines.append(f"{len(self.problems):,} bad entries:")
+            lines.extend(f"  {p.state:8} {shown(self.base, p.path)}: {p.reason}" for p in self.problems)
+        else:
+            lines.append("no bad entries")
+        if self.quarantined:
+            lines.append(f"moved {len(self.quarantined):,} bad entries into {self.quarantine_dir} "
+                         "(nothing deleted; see quarantine.jsonl there)")
+        elif self.problems:
+            lines.append("`featstore verify --quarantine` moves them aside; `featstore gc` removes stale, "
+                         "foreign and orphaned ones")
+        if self.errors:
+            lines.extend(error_lines(self.errors, "could not be checked"))
+        return "\n".join(lines)
+
+
+def verify(store: FeatureStore, sources: Sequence[str], *, quarantine_bad: bool = False,
+           threads: int | None = None, progress: bool | None = None) -> VerifyReport:
+    """Reads every entry in full and reports each bad one with its reason.
+
+    Each entry's header is validated (bounded JSON, dtypes, shapes against byte counts, offsets
+    in range, no overlaps), its data checked against ``data.blake3``, its fingerprint, source
+    stamp (digest when the stamp moved) and extra inputs compared, the manifest's index
+    notwithstanding. Legacy sidecars are unpickled with ``weights_only=True``. Entries whose
+    source is gone are reported as orphans.
+
+    Parameters
+    ----------
+    store : FeatureStore
+        The store to verify.
+    sources : sequence of str
+        Relative source paths (a scan of the data root).
+    quarantine_bad : bool
+        Move every bad entry into :func:`quarantine_dir` (never deletes).
+    threads : int, optional
+        Worker threads (default: one per core).
+    progress : bool or None
+        Progress bars on stderr for long work.
+    """
+    t0 = time.perf_counter()
+    found = survey(store, sources, deep=True, threads=threads, progress=progress)
+    _read_in_full(store, found, threads, progress)
+    problems = [r for r in found.reports if r.state in BAD_STATES]
+    read = [r for r in found.reports if r.state != "orphan"]
+    moved = quarantine(store, problems) if quarantine_bad and problems else []
+    return VerifyReport(store.feature, store.layout, store.data_root, len(sources), found.counts(), len(read),
+                        sum(r.bytes for r in read), problems, moved, quarantine_dir(store) if moved else None,
+                        found.errors, time.perf_counter() - t0, base_dir(store))
+
+
+def _read_in_full(store: FeatureStore, found: Survey, threads: int | None, progress: bool | None) -> None:
+    """Reads every readable entry in full (header, shapes, ``data.blake3``) and every legacy
+    sidecar (``weights_only`` unpickling), marking the bad ones corrupt."""
+    todo = [r for r in found.reports if r.state in ("valid", "stale", "foreign", "legacy")]
+    if any(r.state == "legacy" or r.path.endswith(LEGACY_SIDECAR_SUFFIX) for r in todo):
+        import torch  # noqa: F401  (import once here, not concurrently in the workers)
+
+    def check(r: EntryReport) -> tuple[str, str] | None:
+        if r.path.endswith(LEGACY_SIDECAR_SUFFIX):
+            try:
+                load_legacy_sidecar(r.path)
+            except CorruptEntryError as exc:
+                return "corrupt", str(exc)
+            return None
+        try:
+            meta = _core.verify_entry(r.path)
+        except CorruptEntryError as exc:
+            return "corrupt", corrupt_reason(exc, r.path)
+        if meta.get("feature") != store.feature:
+            return "corrupt", f"the entry belongs to feature {meta.get('feature')!r}, not {store.feature!r}"
+        if store.layout == "dir" and r.source and meta.get("source") != r.source:
+            return "corrupt", f"the entry names its source {meta.get('source')!r}, not {r.source!r}"
+        return None
+
+    def guarded(r: EntryReport) -> tuple[str, str] | None:
+        try:
+            return check(r)
+        except OSError as exc:
+            return "error", str(exc)
+
+    workers = threads or _core.default_threads()
+    with ThreadPoolExecutor(max_workers=workers) as pool, progress_bar(
+            len(todo), "verifying entries", show=progress, unit="entries") as bar:
+        for r, verdict in zip(todo, pool.map(guarded, todo), strict=True):
+            bar.update(1)
+            if verdict is None:
+                continue
+            if verdict[0] == "error":
+                found.errors.append((r.path, verdict[1]))
+            else:
+                r.state, r.reason = verdict
+                store.forget(r.source)
+
+
+def quarantine_dir(store: FeatureStore) -> str:
+    """``<data root or cache dir>/.featstore/<feature>/quarantine``: where bad entries are moved."""
+    return os.path.join(store.state_dir, "quarantine")
+
+
+def quarantine(store: FeatureStore, bad: Sequence[EntryReport]) -> list[tuple[str, str]]:
+    """:func:`_quarantine` under the feature's lock: refused while a precompute runs."""
+    with maintenance_lock(store, "quarantine entries"):
+        return _quarantine(store, bad)
+
+
+def _quarantine(store: FeatureStore, bad: Sequence[EntryReport]) -> list[tuple[str, str]]:
+    """Moves bad entry files into :func:`quarantine_dir`, keeping their names relative to the
+    data root (sidecar) or cache directory (dir). Never deletes; logs each move to
+    ``quarantine.jsonl`` there. Returns ``(from, to)`` pairs.
+
+    Raises
+    ------
+    PermissionError
+        The cache is not writable by this user (the message names the path and what to do).
+    """
+    qdir = quarantine_dir(store)
+    base = base_dir(store)
+    moved: list[tuple[str, str]] = []
+    for r in bad:
+        rel = os.path.relpath(r.path, base)
+        if rel.startswith(".."):
+            rel = os.path.basename(r.path)
+        dst = os.path.join(qdir, rel)
+        n = 1
+        while os.path.lexists(dst):
+            dst = f"{os.path.join(qdir, rel)}.{n}"
+            n += 1
+        try:
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            try:
+                os.rename(r.path, dst)
+            except OSError as exc:
+                if exc.errno != errno.EXDEV:
+                    raise
+                shutil.move(r.path, dst)
+            with open(os.path.join(qdir, "quarantine.jsonl"), "a", encoding="utf-8") as log:
+                log.write(json.dumps({"from": r.path, "to": dst, "state": r.state, "reason": r.reason,
+                                      "source": r.source, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n")
+        except FileNotFoundError:
+            if not os.path.lexists(r.path):
+                continue  # removed by someone else meanwhile
+            raise
+        except PermissionError as exc:
+            raise not_writable(exc, r.path, base, "move into the quarantine", len(moved), len(bad),
+                               "run `featstore verify --quarantine` as the cache's owner, or without "
+                               "--quarantine to only report") from exc
+        if r.source:
+            store.forget(r.source)
+        moved.append((r.path, dst))
+    return moved
