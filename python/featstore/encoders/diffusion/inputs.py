@@ -1,0 +1,162 @@
+"""Where a source's other inputs are: captions (a ``.txt`` beside the image, or a ``.jsonl`` field)
+and control images (a parallel directory)."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Mapping
+
+from featstore.scan import DEFAULT_EXTENSIONS, scan
+
+
+class JsonlField(Mapping[str, str]):
+    """A field of ``.jsonl`` lines, by the image each line lists: captions or control images
+    kept next to the image paths that ``featstore scan --jsonl FIELD`` reads.
+
+    Every ``.jsonl`` file under ``root`` is read once, when this is made; each line names its
+    image(s) in ``image_field`` (a path, or a list of paths, relative to the jsonl's folder or to
+    the root, as the scan resolves them) and holds ``field`` (a string). Keys are absolute,
+    normalized image paths.
+
+    Parameters
+    ----------
+    root : path
+        The data root.
+    field : str
+        The field to look up, e.g. ``"prompt"`` or ``"control"``.
+    image_field : str
+        The field naming the image (the ``jsonl=`` of the scan).
+
+    Examples
+    --------
+    >>> captions = JsonlField(root, "prompt", image_field="image")
+    >>> TextEncoder(model, tokenizer, max_length=77, captions=captions)
+    >>> VAEEncoder(vae_dir, name="control_latent", control_fn=JsonlField(root, "control").path_of)
+    """
+
+    def __init__(self, root: str | os.PathLike[str], field: str, *, image_field: str = "image") -> None:
+        self.root = os.path.abspath(os.fspath(root))
+        self.field, self.image_field = field, image_field
+        self._values: dict[str, tuple[str, str]] = {}
+        self.errors: list[tuple[str, str]] = []
+        for rel in scan(self.root, extensions=["jsonl"]).paths:
+            self._read(os.path.join(self.root, rel))
+
+    def _read(self, jsonl: str) -> None:
+        base = os.path.dirname(jsonl)
+        try:
+            with open(jsonl, encoding="utf-8") as f:
+                lines = f.readlines()
+        except (UnicodeDecodeError, OSError) as exc:
+            self.errors.append((jsonl, f"cannot read it as UTF-8 text: {exc}"))
+            return
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            where = f"{jsonl}:{number}"
+            try:
+                record = json.loads(line)
+            except ValueError as exc:
+                self.errors.append((where, f"not valid JSON: {exc}"))
+                continue
+            images = record.get(self.image_field) if isinstance(record, dict) else None
+            value = record.get(self.field) if isinstance(record, dict) else None
+            if images is None or not isinstance(value, str):
+                self.errors.append((where, f"no string field {self.field!r} or no {self.image_field!r}"))
+                continue
+            for image in images if isinstance(images, list) else [images]:
+                if isinstance(image, str):
+                    self._values[self._resolve(base, image)] = (value, jsonl)
+
+    def _resolve(self, base: str, listed: str) -> str:
+        # As the scan does: relative to the jsonl's folder first, then to the root.
+        if os.path.isabs(listed):
+            return os.path.normpath(listed)
+        first = os.path.normpath(os.path.join(base, listed))
+        if os.path.isfile(first):
+            return first
+        second = os.path.normpath(os.path.join(self.root, listed))
+        return second if os.path.isfile(second) else first
+
+    def _key(self, path: str | os.PathLike[str]) -> str:
+        return os.path.normpath(os.path.abspath(os.fspath(path)))
+
+    def __getitem__(self, path: str | os.PathLike[str]) -> str:  # type: ignore[override]
+        try:
+            return self._values[self._key(path)][0]
+        except KeyError:
+            skipped = (f"; {len(self.errors)} .jsonl lines or files were skipped, e.g. {self.errors[0][0]}: "
+                       f"{self.errors[0][1]}") if self.errors else ""
+            raise KeyError(f"no .jsonl line under {self.root} lists {os.fspath(path)} in {self.image_field!r} "
+                           f"with a {self.field!r}{skipped}") from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __repr__(self) -> str:
+        return f"JsonlField({self.root!r}, {self.field!r}, image_field={self.image_field!r})"
+
+    def jsonl_of(self, path: str | os.PathLike[str]) -> str:
+        """The ``.jsonl`` file whose line lists ``path``."""
+        self[path]  # noqa: B018 (the KeyError with its message)
+        return self._values[self._key(path)][1]
+
+    def path_of(self, path: str | os.PathLike[str]) -> str:
+        """The field's value as a path (relative to its jsonl's folder, else the root): a
+        ``control_fn`` for :class:`VAEEncoder`."""
+        return self._resolve(os.path.dirname(self.jsonl_of(path)), self[path])
+
+
+class ControlDir:
+    """A ``control_fn``: the control image of ``<images_root>/a/b.jpg`` is
+    ``<control_root>/a/b.jpg``, or a file of the same stem with another image extension
+    (``b.png``).
+
+    Keep ``control_root`` outside the scanned data root (or scan with ``files_from``/``jsonl``):
+    otherwise the control images are sources too.
+    """
+
+    def __init__(self, images_root: str | os.PathLike[str], control_root: str | os.PathLike[str]) -> None:
+        self.images_root = os.path.abspath(os.fspath(images_root))
+        self.control_root = os.path.abspath(os.fspath(control_root))
+
+    def __call__(self, path: str | os.PathLike[str]) -> str:
+        rel = os.path.relpath(os.path.abspath(os.fspath(path)), self.images_root)
+        if rel.startswith(".."):
+            raise ValueError(f"{os.fspath(path)} is not under the images root {self.images_root}")
+        exact = os.path.join(self.control_root, rel)
+        if os.path.isfile(exact):
+            return exact
+        stem = os.path.splitext(exact)[0]
+        for ext in DEFAULT_EXTENSIONS:
+            for candidate in (f"{stem}.{ext}", f"{stem}.{ext.upper()}"):
+                if os.path.isfile(candidate):
+                    return candidate
+        raise FileNotFoundError(f"no control image for {os.fspath(path)}: expected {exact} (or {stem}.<png|jpg|...>)")
+
+    def __repr__(self) -> str:
+        return f"ControlDir({self.images_root!r}, {self.control_root!r})"
+
+
+# ----------------------------------------------------------------------------------- VAE
+
+
+def caption_path(path: str | os.PathLike[str]) -> str:
+    """The caption file of an image: ``<stem>.txt`` beside it (``img_0001.txt``, the common
+    convention), else ``<name>.txt`` (``img_0001.jpg.txt``).
+
+    Raises
+    ------
+    FileNotFoundError
+        Neither exists (the message names both).
+    """
+    p = os.fspath(path)
+    stem, name = f"{os.path.splitext(p)[0]}.txt", f"{p}.txt"
+    for candidate in (stem, name):
+        if os.path.isfile(candidate):
+            return candidate
+    raise FileNotFoundError(f"no caption for {p}: expected {stem} (or {name})")
