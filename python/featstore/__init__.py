@@ -66,8 +66,8 @@ __all__ = [
 
 
 #: Names that import torch, loaded on first use rather than with the package.
-_TORCH_SIDE = {"precompute": "featstore.pipeline", "CachedDataset": "featstore.dataset",
-               "CacheArguments": "featstore.dataset", "collate": "featstore.dataset"}
+_TORCH_SIDE = {"precompute": "featstore.pipeline", "CachedDataset": "featstore.training",
+               "CacheArguments": "featstore.training", "collate": "featstore.training"}
 
 
 def __getattr__(name: str) -> object:

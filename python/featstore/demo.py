@@ -93,7 +93,7 @@ def run_demo(directory: str | None = None, *, images: int = 24, say: Any = print
 
 def _train_epoch(store: Any, paths: list[str], say: Any) -> dict[str, Any]:
     """Step 7: what a training loop sees: CachedDataset batches of cached features."""
-    from featstore.dataset import CachedDataset
+    from featstore.training import CachedDataset
 
     ds = CachedDataset([{"image": p} for p in paths], store, path_fn=lambda s: s["image"],
                        log_start=False)

@@ -1,0 +1,132 @@
+"""Batches of :class:`~featstore.training.CachedDataset` samples: :func:`collate`, padding of
+variable-length tensors, and the zero-copy pass-through of rows read into one batch tensor."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from featstore.training.buffers import tensor_on
+
+#: The key under which a sample hands work on to :meth:`CachedDataset.fill` in the main process:
+#: ``("read", source)`` (read there, into one reused batch buffer) or ``("encode", source)``.
+#: :func:`collate` passes it on as a list with one item (or None) per sample.
+HANDOFF = "_featstore_handoff"
+
+_ABSENT = object()
+
+
+def collate(samples: list[dict[str, Any]], *, pad: Iterable[str] = ()) -> dict[str, Any]:
+    """Collates :class:`CachedDataset` samples; batches may mix cached and uncached samples.
+
+    - Rows of one batch tensor (``__getitems__`` read the batch into it) are passed on as that
+      tensor: no copy.
+    - Other tensors are stacked; rows of samples without them (``on_miss="skip"``) are zeros,
+      and ``cached`` (a bool tensor) says which rows hold features.
+    - Tensors named in ``pad`` are padded with zeros to the longest in the batch along their first
+      axis, with ``<name>_mask`` (bool ``[B, L]``, True where real).
+    - Anything else goes through torch's ``default_collate``.
+    """
+    pad = set(pad)
+    keys: dict[str, None] = {}
+    for s in samples:
+        keys.update(dict.fromkeys(s))
+    batch: dict[str, Any] = {}
+    for key in keys:
+        values = [s.get(key, _ABSENT) for s in samples]
+        if key == HANDOFF:
+            batch[key] = [None if v is _ABSENT else v for v in values]
+        elif key in pad:
+            batch[key], batch[f"{key}_mask"] = _pad_stack(key, values)
+        elif all(v is not _ABSENT for v in values):
+            joined = _rows_of_one_tensor(values)
+            if joined is None and all(isinstance(v, torch.Tensor) for v in values):
+                _one_shape(key, values)
+            batch[key] = joined if joined is not None else torch.utils.data.default_collate(values)
+        elif all(v is _ABSENT or isinstance(v, torch.Tensor) for v in values):
+            batch[key] = _stack_with_zeros(key, values)
+        else:
+            batch[key] = [None if v is _ABSENT else v for v in values]
+    return batch
+
+
+def put_row(batch: dict[str, Any], name: str, row: int, t: torch.Tensor, rows: int, *, padded: bool) -> None:
+    """Puts one sample's tensor into row ``row`` of a collated batch (creating, or for padded
+    tensors lengthening, the batch tensor)."""
+    current = batch.get(name)
+    if not padded:
+        if current is None:
+            batch[name] = current = t.new_zeros((rows, *t.shape))
+        _one_shape(name, [current[row], t])  # no broadcasting a [1, D] entry into a [T, D] row
+        current[row] = t
+        return
+    if current is None:
+        current = t.new_zeros((rows, t.shape[0], *t.shape[1:]))
+        mask = torch.zeros((rows, t.shape[0]), dtype=torch.bool)
+    else:
+        mask = batch[f"{name}_mask"]
+    if t.shape[0] > current.shape[1]:  # longer than the batch so far: lengthen
+        longer = current.new_zeros((rows, t.shape[0], *current.shape[2:]))
+        longer[:, :current.shape[1]] = current
+        wider = torch.zeros((rows, t.shape[0]), dtype=torch.bool)
+        wider[:, :mask.shape[1]] = mask
+        current, mask = longer, wider
+    current[row].zero_()
+    current[row, :t.shape[0]] = t
+    mask[row].zero_()
+    mask[row, :t.shape[0]] = True
+    batch[name], batch[f"{name}_mask"] = current, mask
+
+
+def _rows_of_one_tensor(values: list[Any]) -> torch.Tensor | None:
+    """The batch tensor when ``values`` are its rows 0..B-1 in order (and fill all of it)."""
+    first = values[0]
+    if not isinstance(first, torch.Tensor) or not first.is_contiguous():
+        return None
+    storage = first.untyped_storage()
+    n = first.numel()
+    if storage.nbytes() != len(values) * n * first.element_size():
+        return None
+    for j, v in enumerate(values):
+        if (not isinstance(v, torch.Tensor) or v.dtype != first.dtype or v.shape != first.shape
+                or v.untyped_storage().data_ptr() != storage.data_ptr() or v.storage_offset() != j * n
+                or not v.is_contiguous()):
+            return None
+    return tensor_on(storage, first.dtype, (len(values), *first.shape))
+
+
+def _one_shape(key: str, tensors: list[Any]) -> None:
+    shapes = {tuple(v.shape) for v in tensors}
+    if len(shapes) != 1:
+        raise ValueError(f"collate: tensor {key!r} has shapes {sorted(shapes)} in one batch; name it in pad= "
+                         "(CachedDataset(..., pad=[...])) to pad it with a mask")
+
+
+def _stack_with_zeros(key: str, values: list[Any]) -> torch.Tensor:
+    present = [v for v in values if v is not _ABSENT]
+    _one_shape(key, present)
+    out = present[0].new_zeros((len(values), *present[0].shape))
+    for j, v in enumerate(values):
+        if v is not _ABSENT:
+            out[j] = v
+    return out
+
+
+def _pad_stack(key: str, values: list[Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    present = [v for v in values if v is not _ABSENT]
+    if not present:
+        raise ValueError(f"collate: no sample in the batch has {key!r}")
+    tails = {tuple(v.shape[1:]) for v in present}
+    if len(tails) != 1 or present[0].dim() == 0:
+        raise ValueError(f"collate: {key!r} can be padded only along its first axis; shapes "
+                         f"{sorted(tuple(v.shape) for v in present)}")
+    length = max(v.shape[0] for v in present)
+    out = present[0].new_zeros((len(values), length, *present[0].shape[1:]))
+    mask = torch.zeros((len(values), length), dtype=torch.bool)
+    for j, v in enumerate(values):
+        if v is not _ABSENT:
+            out[j, :v.shape[0]] = v
+            mask[j, :v.shape[0]] = True
+    return out, mask

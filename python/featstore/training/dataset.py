@@ -1,0 +1,255 @@
+""":class:`CachedDataset`: a dataset's samples with their cached features, in the ``read``,
+``lazy`` and ``off`` modes (see :mod:`featstore.training`)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from featstore.errors import StaleEntryError
+from featstore.store import FeatureStore
+from featstore.training.arguments import settle_modes, use_cache_default
+from featstore.training.batching import HANDOFF, collate, put_row
+from featstore.training.buffers import BatchBuffers
+from featstore.training.live import LiveEncoder, source_path
+from featstore.training.loader import CachedLoader, HandOnToFill
+from featstore.training.reading import EntryReader
+from featstore.training.report import WarnOnce, log_start_line, start_line
+
+
+class CachedDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
+    """A dataset whose samples carry their cached features.
+
+    Parameters
+    ----------
+    base : dataset
+        ``base[i]`` is a dict (anything else is wrapped as ``{"sample": x}``).
+    store : FeatureStore
+        Where the features are (None only with the cache off).
+    path_fn : callable, optional
+        ``path_fn(sample) -> str``: the sample's source (absolute, or relative to the data root).
+    paths : sequence of str, optional
+        The sources in dataset order, instead of ``path_fn``; also lets the start log line count
+        exactly what is cached.
+    encoder : encoder, nn.Module or zero-argument factory, optional
+        Computes misses. A factory is called on the first miss only (in each process that meets
+        one), so a fully cached run never loads the encoder.
+    mode : {"read", "lazy", "off"}
+        See :mod:`featstore.training`.
+    use_cache : bool, optional
+        False forces mode ``off``. Default: ``$FEATSTORE_USE_CACHE`` / ``$USE_VGGT_CACHE``, else true.
+    on_miss : {"compute", "skip", "error"}, optional
+        What a miss does in ``read`` and ``off`` mode (default: compute when there is an encoder,
+        else skip).
+    device : str
+        Where the encoder runs.
+    encode_in_workers : bool, optional
+        Whether DataLoader workers compute misses themselves; otherwise they hand them on to the
+        main process, which encodes each batch's misses in one call (:meth:`fill`). Default: on
+        the CPU they do; a GPU encoder runs in the main process only.
+    pad : iterable of str
+        Variable-length tensors (e.g. ``prompt_embed``) that :meth:`collate` pads to the longest
+        in the batch along their first axis, adding ``<name>_mask``.
+    pin_memory : bool
+        Read batches into pinned memory when loading in the main process.
+    log_start : bool
+        Log one line saying what is on (``feature cache enabled: feature vggt, ...``).
+
+    Each returned sample is the base sample plus the entry's tensors under their names and
+    ``cached``: True when the features came from the cache (False when computed live, or absent
+    with ``on_miss="skip"``).
+    """
+
+    def __init__(self, base: Any, store: FeatureStore | None, *, path_fn: Callable[[Any], str] | None = None,
+                 paths: Sequence[str] | None = None, encoder: Any = None, mode: str = "read",
+                 use_cache: bool | None = None, on_miss: str | None = None, device: str = "cpu",
+                 encode_in_workers: bool | None = None, pad: Iterable[str] = (), pin_memory: bool = False,
+                 log_start: bool = True) -> None:
+        if use_cache is None:
+            use_cache = use_cache_default()
+        self.switched_off = not use_cache
+        self.mode, self.on_miss = settle_modes(base, store, path_fn=path_fn, paths=paths, encoder=encoder,
+                                               mode=mode, use_cache=use_cache, on_miss=on_miss)
+        self.base = base
+        self.data_root = store.data_root if store is not None else None
+        # Off means off: not even a reference that could be used by accident.
+        self.store = store if self.mode != "off" else None
+        self.path_fn = path_fn
+        self.paths = list(paths) if paths is not None else None
+        self.device = device
+        self.encode_in_workers = (torch.device(device).type == "cpu") if encode_in_workers is None \
+            else encode_in_workers
+        self.pad = tuple(pad)
+        self._buffers = BatchBuffers(pin_memory)
+        self._reader = EntryReader(self.pad, self._buffers)
+        self._live = LiveEncoder(encoder, device=device, data_root=self.data_root, total_images=len(base))
+        self._warn_once = WarnOnce()
+        # True in the workers of loader(), which calls fill() on every batch in the main
+        # process: samples then hand their reads and GPU misses on to it.
+        self._main_fills = False
+        if log_start:
+            log_start_line(self.describe)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        if not self.encode_in_workers:
+            state["_live"] = self._live.without_spec()  # workers hand misses on: they never need it
+        return state
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self._load([index])[0]
+
+    def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
+        """A whole batch at once (the DataLoader calls this with a batch size): fixed-shape
+        tensors are read into one batch tensor each, and samples hold its rows."""
+        return self._load(list(indices))
+
+    def collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        """:func:`collate` with this dataset's padded tensors."""
+        return collate(samples, pad=self.pad)
+
+    def loader(self, *, prefetch: int = 2, **dataloader_args: Any) -> CachedLoader:
+        """A ``DataLoader`` over this dataset (``dataloader_args`` are its own) whose batches get
+        their features in the main process (:meth:`fill`): workers load the base samples and
+        check the entries (two ``stat`` s each), then each batch's features are read with one
+        parallel ``read_batch`` per tensor into a reused (or pinned) buffer, and GPU misses are
+        encoded together. ``prefetch`` batches are filled ahead on a background thread (0: on
+        the consumer's thread)."""
+        dataloader_args.setdefault("collate_fn", self.collate)
+        dataloader_args["worker_init_fn"] = HandOnToFill(dataloader_args.get("worker_init_fn"), CachedDataset)
+        if dataloader_args.get("pin_memory"):
+            self._buffers.pin_memory = True  # the features are read after the DataLoader pins the batch
+        return CachedLoader(torch.utils.data.DataLoader(self, **dataloader_args), self, prefetch)
+
+    def hand_on_to_fill(self) -> None:
+        """From now on this copy's samples hand their reads and GPU misses on to :meth:`fill` in
+        the main process (what :meth:`loader` makes its workers do)."""
+        self._main_fills = True
+
+    def describe(self) -> str:
+        """The start log line: what is on, and how much is cached."""
+        return start_line(self.store, paths=self.paths, mode=self.mode, switched_off=self.switched_off,
+                          on_miss=self.on_miss)
+
+    def _load(self, indices: list[int]) -> list[dict[str, Any]]:
+        samples = []
+        for i in indices:
+            x = self.base[i]
+            samples.append(dict(x) if isinstance(x, Mapping) else {"sample": x})
+        sources = [self._source(i, s) for i, s in zip(indices, samples, strict=True)]
+        if self.store is None:
+            misses = list(range(len(samples)))
+        elif self._main_fills:  # fill() reads the hits, all of a batch at once
+            misses = []
+            for j, state in enumerate(self.store.states(sources, threads=1)):
+                if state in ("valid", "legacy"):
+                    samples[j][HANDOFF] = ("read", sources[j])
+                else:
+                    misses.append(j)
+        else:
+            misses = self._reader.into_samples(self.store, samples, sources)
+        missed = set(misses)
+        for j, sample in enumerate(samples):
+            sample["cached"] = j not in missed
+        if misses:
+            self._miss(samples, sources, misses)
+        return samples
+
+    def _source(self, index: int, sample: dict[str, Any]) -> str:
+        path = self.paths[index] if self.paths is not None else self.path_fn(sample)  # type: ignore[misc]
+        path = os.fspath(path)
+        return self.store.rel(path) if self.store is not None else source_path(self.data_root, path)
+
+    def _miss(self, samples: list[dict[str, Any]], sources: list[str], rows: list[int]) -> None:
+        if self.on_miss != "compute":
+            self._unresolved([sources[j] for j in rows])
+            return
+        if not self.encode_in_workers and torch.utils.data.get_worker_info() is not None:
+            # CUDA cannot run in a forked worker: the main process encodes these (fill).
+            for j in rows:
+                samples[j][HANDOFF] = ("encode", sources[j])
+            if not self._main_fills:
+                self._warn_once("pending", "featstore: misses are encoded in the main process (a GPU encoder); "
+                                "iterate over dataset.loader(...), or call dataset.fill(batch) on each batch")
+            return
+        for j, (tensors, cached) in zip(rows, self.compute([sources[j] for j in rows]), strict=True):
+            samples[j].update(tensors)
+            samples[j]["cached"] = cached
+
+    def _unresolved(self, sources: Sequence[str]) -> None:
+        """Misses with ``on_miss`` skip (the samples stay without features) or error."""
+        if self.on_miss == "error":
+            assert self.store is not None
+            raise StaleEntryError(f"{len(sources)} sample(s) have no valid {self.store.feature} entry, e.g. "
+                                  f"{source_path(self.data_root, sources[0])} ({self.store.state(sources[0])}); "
+                                  "run `featstore precompute`, or use mode='lazy' or on_miss='compute'")
+
+    def fill(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """Does, in this process, what samples handed on (:meth:`loader` calls it on every
+        batch): reads the batch's entries, one ``read_batch`` per fixed-shape tensor into one
+        buffer, and encodes its misses in one encoder call (a GPU encoder), writing them in lazy
+        mode. ``batch`` is a collated batch, or one sample; one with nothing handed on is
+        returned as is."""
+        handoff = batch.pop(HANDOFF, None)
+        if handoff is None:
+            return batch
+        if isinstance(handoff, tuple):  # one sample (a DataLoader without a batch size)
+            return self._fill_sample(batch, *handoff)
+        if not isinstance(handoff, list) or not all(h is None or isinstance(h, tuple) for h in handoff):
+            raise TypeError(f"the batch's {HANDOFF!r} is {type(handoff).__name__}, not the per-sample list "
+                            "featstore.collate makes: a custom collate_fn must pass that key through (wrap "
+                            "featstore.collate, or call it for the batch)")
+        rows = len(handoff)
+        reads = [(j, h[1]) for j, h in enumerate(handoff) if h is not None and h[0] == "read"]
+        misses = [(j, h[1]) for j, h in enumerate(handoff) if h is not None and h[0] == "encode"]
+        if reads:
+            assert self.store is not None
+            misses += self._reader.into_batch(self.store, batch, reads, rows)
+        if not misses:
+            return batch
+        for j, _ in misses:
+            batch["cached"][j] = False
+        if self.on_miss != "compute":
+            self._unresolved([source for _, source in misses])
+            for j, _ in misses:  # rows a failed batch read left undefined
+                for name in self._reader.layout or {}:
+                    if isinstance(batch.get(name), torch.Tensor):
+                        batch[name][j].zero_()
+            return batch
+        for (j, _), (tensors, cached) in zip(misses, self.compute([s for _, s in misses]), strict=True):
+            for name, t in tensors.items():
+                put_row(batch, name, j, t, rows, padded=name in self.pad)
+            batch["cached"][j] = cached
+        return batch
+
+    def _fill_sample(self, sample: dict[str, Any], what: str, source: str) -> dict[str, Any]:
+        """:meth:`fill` of one uncollated sample."""
+        tensors = self.store.get(source) if what == "read" and self.store is not None else None
+        if tensors is None:
+            sample["cached"] = False
+            if self.on_miss != "compute":
+                self._unresolved([source])
+                return sample
+            tensors, sample["cached"] = self.compute([source])[0]
+        sample.update(tensors)
+        return sample
+
+    def compute(self, sources: Sequence[str]) -> list[tuple[dict[str, torch.Tensor], bool]]:
+        """The features of ``sources`` (store-relative or absolute paths) and whether each came
+        from the cache after all. Lazy mode claims the entries first: a worker or rank that meets
+        an entry another one is computing waits, then reads it; the rest are encoded in one
+        batch and written atomically."""
+        if self.mode != "lazy" and not sources:
+            return []
+        # Building the encoder may give the store the encoder's fingerprint: before any lookup.
+        enc, self.store = self._live.encoder(self.store)
+        if self.mode != "lazy":
+            return [(t, False) for t in self._live.encode(enc, sources)]
+        assert self.store is not None
+        return self._live.compute_lazily(enc, self.store, sources)

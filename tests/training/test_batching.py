@@ -1,0 +1,46 @@
+"""Batches of CachedDataset samples: the zero-copy batch path, padding with a mask, and a clear
+error for shapes that need padding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from toy_datasets import Images, source_of
+
+from featstore import CachedDataset, FeatureStore, collate
+
+from .conftest import expected_features, precompute_some
+
+pytestmark = pytest.mark.filterwarnings("ignore:This DataLoader will create")
+
+
+def test_a_batch_read_by_getitems_is_collated_without_a_copy(data):
+    root, rels, _ = data
+    precompute_some(root, rels)
+    ds = CachedDataset(Images(root, rels), FeatureStore(root, "toy"), path_fn=source_of, log_start=False)
+    ds.__getitems__([0])  # the first hit tells the entries' layout
+    samples = ds.__getitems__([3, 1, 4, 5])
+    batch = collate(samples)
+    assert batch["features"].data_ptr() == samples[0]["features"].data_ptr()
+    assert batch["features"].shape == (4, 48)
+    for j, i in enumerate([3, 1, 4, 5]):
+        torch.testing.assert_close(batch["features"][j], expected_features(root, rels[i]))
+
+
+def test_padded_collate_pads_variable_length_entries_with_a_mask(data):
+    root, rels, _ = data
+    store = FeatureStore(root, "prompt_embed")
+    lengths = [3, 7, 1, 5]
+    for rel, n in zip(rels, lengths, strict=False):
+        store.put(rel, {"prompt_embed": torch.arange(n * 4, dtype=torch.float32).reshape(n, 4) + 1})
+    ds = CachedDataset(Images(root, rels[:4]), store, path_fn=source_of, pad=["prompt_embed"], log_start=False)
+    batch = next(iter(ds.loader(batch_size=4, num_workers=2)))
+    assert batch["prompt_embed"].shape == (4, 7, 4)
+    assert batch["prompt_embed_mask"].sum(1).tolist() == lengths
+    for j, n in enumerate(lengths):
+        assert (batch["prompt_embed"][j, :n] > 0).all() and not batch["prompt_embed"][j, n:].any()
+
+
+def test_a_batch_mixing_shapes_without_pad_says_how_to_fix_it():
+    with pytest.raises(ValueError, match="pad="):
+        collate([{"x": torch.zeros(2), "cached": True}, {"cached": False}, {"x": torch.zeros(3), "cached": True}])
