@@ -8,17 +8,13 @@ torch is imported on first use, so opening a store (and ``import featstore``) st
 from __future__ import annotations
 
 import errno
-import glob
-import json
 import os
 import shutil
-import time
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from featstore import _core, explain, sets
+from featstore import _core, explain, manifest, sets
 from featstore.compat import load_legacy_sidecar
 from featstore.errors import (
     BatchReadError,
@@ -29,57 +25,20 @@ from featstore.errors import (
     StaleEntryError,
 )
 from featstore.progress import run_with_progress
-from featstore.scan import scan
+from featstore.status import Status, count_states
 from featstore.vocabulary import (
+    ENTRY_EXTENSION,
     LAYOUTS,
     LEGACY_SIDECAR_SUFFIX,
     MISS_ADVICE,
     STATES,
     UNREADABLE,
-    check_error,
     check_feature_name,
     sidecar_suffix,
 )
 
 if TYPE_CHECKING:
     import torch
-
-@dataclass
-class Status:
-    """Counts of entries per state for one feature.
-
-    Attributes
-    ----------
-    counts : dict of str to int
-        One count per state in :data:`STATES`.
-    feature, layout, data_root : str
-        What was counted.
-    fingerprint : str or None
-        The fingerprint entries were checked against.
-    errors : list of (str, str)
-        Sources that could not be checked, with the reason.
-    """
-
-    counts: dict[str, int]
-    feature: str
-    layout: str
-    data_root: str
-    fingerprint: str | None = None
-    errors: list[tuple[str, str]] = field(default_factory=list)
-
-    def __getitem__(self, state: str) -> int:
-        return self.counts[state]
-
-    @property
-    def sources(self) -> int:
-        """Sources that exist (every state but ``orphan``)."""
-        return sum(n for s, n in self.counts.items() if s != "orphan")
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"feature": self.feature, "layout": self.layout, "data_root": self.data_root,
-                "fingerprint": self.fingerprint, "sources": self.sources, "counts": dict(self.counts),
-                "errors": [list(e) for e in self.errors]}
-
 
 _TORCH_HELPERS: Any = None
 _FROM_DLPACK: Any = None
@@ -479,7 +438,7 @@ class FeatureStore:
                 removed += sum(1 for f in files if f.endswith(".safetensors"))
             shutil.rmtree(feature_dir, ignore_errors=True)
         else:
-            for rel in self._sidecar_entries():
+            for rel in self.entry_files():
                 try:
                     os.remove(os.path.join(self.data_root, rel))
                     removed += 1
@@ -494,12 +453,6 @@ class FeatureStore:
         self.__init__(**self._args)  # type: ignore[misc]  # forget everything known in memory
         return removed
 
-    def _sidecar_entries(self) -> list[str]:
-        """Relative paths of this feature's sidecar entry files under the root."""
-        suffix = sidecar_suffix(self.feature)
-        paths, *_ = _core.scan(self.data_root, extensions=["safetensors"])
-        return [os.fspath(p) for p in paths if os.fspath(p).endswith(suffix)]
-
     def status(self, sources: Iterable[str] | None = None, *, threads: int | None = None,
                progress: bool | None = False) -> Status:
         """Counts entries per state. ``sources`` defaults to a scan of the root for images.
@@ -507,59 +460,16 @@ class FeatureStore:
         Opens no entry that was seen before (in this process or in the manifest's index).
         Orphans are entries whose source is gone.
         """
-        if sources is None:
-            found = scan(self.data_root, skip_dirs=[self.cache_dir] if self.cache_dir else (), threads=threads,
-                         progress=progress)
-            rels = found.paths
-            errors = list(found.errors)
-        else:
-            rels = [self.rel(s) for s in sources]
-            errors = []
-        states = self.states(rels, threads=threads, progress=progress)
-        counts = {s: 0 for s in STATES}
-        for rel, s in zip(rels, states, strict=True):
-            error = check_error(s)
-            if error is not None:
-                errors.append((rel, error))
-            else:
-                counts[s] += 1
-        known = set(rels)
-        for rel in self._orphan_candidates():
-            if rel not in known and self._core.state(rel) == "orphan":
-                counts["orphan"] += 1
-        return Status(counts=counts, feature=self.feature, layout=self.layout, data_root=self.data_root,
-                      fingerprint=self.fingerprint, errors=errors)
+        return count_states(self, sources, threads=threads, progress=progress)
 
     def write_manifest(self, status: Status, sources: Iterable[str], fields: Mapping[str, Any] | None = None) -> str:
-        """Writes the feature's manifest atomically and returns its path.
-
-        It keeps the fields users of the old scripts read (``total_images``, ``processed_images``,
-        ``data_root``, ``cache_format``, the weights path when known), adds featstore's (format,
-        feature, layout, fingerprint, counts per state, version, time), and indexes the valid
-        entries among ``sources`` so later lookups and ``status`` open no entry.
-        """
-        path = self.manifest_path
-        old = json.loads(_core.read_manifest(path) or "{}")
-        doc: dict[str, Any] = {k: v for k, v in old.items() if k not in ("index", "failures", "format")}
-        doc.update(self.manifest_fields(total_images=status.sources))
-        doc["counts"] = dict(status.counts)
-        doc.update(fields or {})
-        doc["failures"] = old.get("failures", {})
-        records = self._core.index_records([self.rel(s) for s in sources])
-        doc["index"] = {os.fspath(r.source): list(r.as_list()) for r in records}
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        _core.write_manifest(path, json.dumps(doc))
-        return path
+        """Writes the feature's manifest atomically and returns its path (see
+        :func:`featstore.manifest.write_manifest`)."""
+        return manifest.write_manifest(self, status, sources, fields)
 
     def manifest_fields(self, *, total_images: int) -> dict[str, Any]:
-        """The manifest fields that describe this store (``processed_images`` is derived from the
-        index by the writer)."""
-        cache_format = (f"<image_path>.{self.feature}.safetensors" if self.layout == "sidecar"
-                        else f"<cache_dir>/{self.feature}/<key[:2]>/<key[:32]>.safetensors")
-        return {"total_images": total_images, "data_root": self.data_root, "cache_format": cache_format,
-                "feature": self.feature, "layout": self.layout, "cache_dir": self.cache_dir,
-                "fingerprint": self.fingerprint, "featstore_version": _core.__version__,
-                "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        """The manifest fields that describe this store (see :func:`featstore.manifest.store_fields`)."""
+        return manifest.store_fields(self, total_images=total_images)
 
     def index_records(self, paths: Iterable[str | os.PathLike[str]], *, unindexed_only: bool = False
                       ) -> list[_core.IndexRecord]:
@@ -571,16 +481,15 @@ class FeatureStore:
 
     def journal_paths(self) -> list[str]:
         """The per-rank journals beside the manifest (``<manifest>.rank<R>-of-<N>.jsonl``), sorted."""
-        return sorted(glob.glob(glob.escape(self.manifest_path) + ".rank*-of-*.jsonl"))
+        return manifest.journal_paths(self.manifest_path)
 
-    def _orphan_candidates(self) -> list[str]:
-        suffix = sidecar_suffix(self.feature)
-        if self.layout == "sidecar":
-            return [p[: -len(suffix)] for p in self._sidecar_entries()]
-        text = _core.read_manifest(self.manifest_path)
-        if text is None:
+    def entry_files(self) -> list[str]:
+        """Relative paths of this feature's sidecar entry files under the root ([] in the dir layout)."""
+        if self.layout != "sidecar":
             return []
-        return list(json.loads(text).get("index", {}))
+        suffix = sidecar_suffix(self.feature)
+        paths, *_ = _core.scan(self.data_root, extensions=[ENTRY_EXTENSION])
+        return [os.fspath(p) for p in paths if os.fspath(p).endswith(suffix)]
 
     def __contains__(self, path: object) -> bool:
         if not isinstance(path, (str, os.PathLike)):

@@ -1,0 +1,91 @@
+"""Counts of a feature's entries per state (``FeatureStore.status``, ``featstore status``)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from featstore import _core
+from featstore.scan import scan
+from featstore.vocabulary import STATES, check_error, sidecar_suffix
+
+if TYPE_CHECKING:  # the store counts through this module; it only uses the store handed to it
+    from featstore.store import FeatureStore
+
+
+@dataclass
+class Status:
+    """Counts of entries per state for one feature.
+
+    Attributes
+    ----------
+    counts : dict of str to int
+        One count per state in :data:`STATES`.
+    feature, layout, data_root : str
+        What was counted.
+    fingerprint : str or None
+        The fingerprint entries were checked against.
+    errors : list of (str, str)
+        Sources that could not be checked, with the reason.
+    """
+
+    counts: dict[str, int]
+    feature: str
+    layout: str
+    data_root: str
+    fingerprint: str | None = None
+    errors: list[tuple[str, str]] = field(default_factory=list)
+
+    def __getitem__(self, state: str) -> int:
+        return self.counts[state]
+
+    @property
+    def sources(self) -> int:
+        """Sources that exist (every state but ``orphan``)."""
+        return sum(n for s, n in self.counts.items() if s != "orphan")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"feature": self.feature, "layout": self.layout, "data_root": self.data_root,
+                "fingerprint": self.fingerprint, "sources": self.sources, "counts": dict(self.counts),
+                "errors": [list(e) for e in self.errors]}
+
+
+def count_states(store: FeatureStore, sources: Iterable[str] | None = None, *, threads: int | None = None,
+                 progress: bool | None = False) -> Status:
+    """:meth:`FeatureStore.status`: counts per state; ``sources`` defaults to a scan of the root."""
+    if sources is None:
+        found = scan(store.data_root, skip_dirs=[store.cache_dir] if store.cache_dir else (), threads=threads,
+                     progress=progress)
+        rels = found.paths
+        errors = list(found.errors)
+    else:
+        rels = [store.rel(s) for s in sources]
+        errors = []
+    states = store.states(rels, threads=threads, progress=progress)
+    counts = {s: 0 for s in STATES}
+    for rel, s in zip(rels, states, strict=True):
+        error = check_error(s)
+        if error is not None:
+            errors.append((rel, error))
+        else:
+            counts[s] += 1
+    known = set(rels)
+    for rel in _orphan_candidates(store):
+        if rel not in known and store.state(rel) == "orphan":
+            counts["orphan"] += 1
+    return Status(counts=counts, feature=store.feature, layout=store.layout, data_root=store.data_root,
+                  fingerprint=store.fingerprint, errors=errors)
+
+
+def _orphan_candidates(store: FeatureStore) -> list[str]:
+    """Sources that may have lost their entry's source: the sidecar entries' sources, or the
+    manifest index's (the dir layout names entries by key)."""
+    if store.layout == "sidecar":
+        suffix = sidecar_suffix(store.feature)
+        return [p[: -len(suffix)] for p in store.entry_files()]
+    text = _core.read_manifest(store.manifest_path)
+    if text is None:
+        return []
+    return list(json.loads(text).get("index", {}))
