@@ -9,7 +9,7 @@ import time
 from featstore import FeatureStore
 from featstore.examples import make_image_tree
 
-TESTS = os.path.dirname(os.path.abspath(__file__))
+TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # tests/, where toy_encoders.py is
 
 
 def cli(*args, env=None, timeout=300):

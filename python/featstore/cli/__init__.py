@@ -1,0 +1,74 @@
+"""The ``featstore`` command line.
+
+Every command has ``--help`` and ``--json``; exit codes: 0 success, 1 when some items failed or
+nothing was found to work on, 2 on a usage error (including a data root that does not exist).
+Flags of the scripts featstore replaces keep working as aliases (``--data_root``, ``--cache_dir``).
+
+Each command group is a module that registers its parsers and handlers; ``COMMANDS`` lists them
+in the order ``featstore --help`` shows them, so a new command touches its module (and, for a new
+group, one line here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+from featstore import __version__
+from featstore.cli import bench, demo, inspect, maintain, precompute, scan
+from featstore.errors import DataRootError, FeatstoreError
+
+if TYPE_CHECKING:
+    from featstore.cli.common import Subcommands
+
+__all__ = ["COMMANDS", "build_parser", "main"]
+
+#: The command groups' ``register`` functions, each adding its commands' parsers and handlers.
+COMMANDS: tuple[Callable[[Subcommands], None], ...] = (
+    scan.register,
+    precompute.register,
+    demo.register,
+    inspect.register,  # status, explain
+    maintain.register,  # verify, gc, migrate
+    bench.register,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``featstore`` parser with every command of ``COMMANDS``; each command's parser sets
+    ``func``, its handler."""
+    parser = argparse.ArgumentParser(
+        prog="featstore",
+        description="Precompute frozen-encoder features once, store them beside the data, serve them zero-copy.",
+        epilog="Run `featstore COMMAND --help` for a command's options.")
+    parser.add_argument("--version", action="version", version=f"featstore {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for register in COMMANDS:
+        register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the ``featstore`` command line on ``argv`` (default: ``sys.argv[1:]``); returns the
+    exit code: 0 success, 1 failed items or nothing found, 2 usage error, 130 interrupted."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args, parser))
+    except DataRootError as exc:
+        print(f"featstore {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except (FeatstoreError, OSError) as exc:
+        print(f"featstore {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except (ValueError, TypeError) as exc:  # a bad argument value found past argparse
+        print(f"featstore {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"featstore {args.command}: interrupted", file=sys.stderr)
+        return 130

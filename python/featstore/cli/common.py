@@ -1,0 +1,133 @@
+"""What the commands share: their common arguments, opening the store, finding the sources,
+printing text or JSON, and the help formatter."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import textwrap
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from featstore import env
+from featstore.errors import DataRootError
+from featstore.scan import ScanResult, nothing_found, scan
+from featstore.store import FeatureStore
+
+if TYPE_CHECKING:
+    #: What ``register`` of each command module adds its parsers to.
+    Subcommands = argparse._SubParsersAction[argparse.ArgumentParser]
+
+
+def at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: a whole number of at least ``low`` (argparse names the flag on error)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    parse.__name__ = f"whole number >= {low}"
+    return parse
+
+
+class ParagraphFormatter(argparse.HelpFormatter):
+    """Wraps each line of a description or epilog as its own paragraph; keeps indented lines
+    (examples) as written."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        return "\n".join(indent + line if line.startswith("  ") or not line.strip()
+                         else textwrap.fill(line, width, initial_indent=indent, subsequent_indent=indent)
+                         for line in text.splitlines())
+
+
+def add_data_root(p: argparse.ArgumentParser) -> None:
+    """DATA_ROOT, positional or as --data-root / --data_root (the old scripts' flag)."""
+    p.add_argument("data_root", nargs="?", metavar="DATA_ROOT",
+                   help="the dataset directory (default: $DATA_ROOT)")
+    p.add_argument("--data-root", "--data_root", dest="data_root_flag", metavar="DIR", help=argparse.SUPPRESS)
+
+
+def add_feature(p: argparse.ArgumentParser, required: bool, default: str | None = None) -> None:
+    """The "feature" group: which feature's entries, where they are, which fingerprint."""
+    g = p.add_argument_group("feature")
+    note = "" if required else f" (default: {default})" if default else " (counts entry states)"
+    g.add_argument("--feature", required=required, metavar="F", default=default,
+                   help="feature name, e.g. vggt, pixel_latent" + note)
+    g.add_argument("--layout", choices=("sidecar", "dir"), default=None,
+                   help="sidecar: <image>.<feature>.safetensors beside each image (default); "
+                        "dir: entries under --cache-dir")
+    g.add_argument("--cache-dir", "--cache_dir", dest="cache_dir", metavar="DIR", default=None,
+                   help="cache directory of the dir layout (default for vggt: $VGGT_CACHE_DIR)")
+    g.add_argument("--fingerprint", default=None,
+                   help="expected encoder fingerprint (default: the one in the feature's manifest)")
+
+
+def add_sources(p: argparse.ArgumentParser) -> None:
+    """The "sources" group: which files under the data root a command works on."""
+    g = p.add_argument_group("sources")
+    g.add_argument("--ext", nargs="+", metavar="EXT", default=None,
+                   help="image extensions, any case (default: jpg jpeg png webp bmp tif tiff)")
+    g.add_argument("--jsonl", metavar="FIELD", default=None,
+                   help="take sources from this field of every line of the .jsonl files under the root "
+                        "(a path or a list of paths, relative to the jsonl's folder or the root)")
+    g.add_argument("--files-from", "--files_from", dest="files_from", metavar="FILE", default=None,
+                   help="only the sources listed in FILE, one per line")
+    g.add_argument("--no-follow-symlinks", dest="follow_symlinks", action="store_false",
+                   help="do not follow symbolic links")
+    g.add_argument("--threads", type=at_least(1), default=None, help="worker threads (default: one per core)")
+
+
+def add_json(p: argparse.ArgumentParser, text: str = "print one JSON document instead of text") -> None:
+    """--json, which every command has."""
+    p.add_argument("--json", action="store_true", help=text)
+
+
+def data_root(args: argparse.Namespace, parser: argparse.ArgumentParser) -> str:
+    """DATA_ROOT, --data-root or $DATA_ROOT; a usage error when none is given."""
+    root = args.data_root or args.data_root_flag or env.data_root()
+    if not root:
+        parser.error("give DATA_ROOT (or set $DATA_ROOT)")
+    return str(root)
+
+
+def cache_dir(args: argparse.Namespace, feature: str | None) -> str | None:
+    """--cache-dir, else $VGGT_CACHE_DIR for vggt (the old scripts' variable) unless --layout
+    sidecar; an error when --layout dir has neither."""
+    directory: str | None = args.cache_dir
+    if directory is None and feature == "vggt" and args.layout != "sidecar":
+        directory = env.vggt_cache_dir()
+    if args.layout == "dir" and directory is None:
+        raise DataRootError("--layout dir needs --cache-dir DIR (where the entries go)")
+    return directory
+
+
+def open_store(args: argparse.Namespace, root: str) -> FeatureStore:
+    """The store of --feature under ``root``, with the layout, cache directory and fingerprint
+    the options give."""
+    return FeatureStore(root, args.feature, layout=args.layout or "sidecar", cache_dir=cache_dir(args, args.feature),
+                        fingerprint=args.fingerprint)
+
+
+def find_sources(args: argparse.Namespace, store: FeatureStore | None, *, allow_empty: bool = False,
+                 root: str = "") -> ScanResult:
+    """Scans the store's data root (or ``root`` without a store) for the sources the options
+    select; finding none is an error unless ``allow_empty``."""
+    skip = store.cache_dir if store is not None else None
+    where = store.data_root if store is not None else root
+    found = scan(where, extensions=args.ext, jsonl=args.jsonl, follow_symlinks=args.follow_symlinks,
+                 files_from=args.files_from, skip_dirs=[skip] if skip else [], threads=args.threads, progress=None)
+    if len(found) == 0 and not allow_empty:
+        raise nothing_found(found, extensions=args.ext, jsonl=args.jsonl, files_from=args.files_from)
+    return found
+
+
+def emit(args: argparse.Namespace, doc: dict[str, Any], text: str) -> None:
+    """Prints ``doc`` as JSON under --json, else ``text``."""
+    if args.json:
+        print(json.dumps(doc, indent=2))
+    else:
+        print(text)

@@ -1,0 +1,124 @@
+"""``featstore status`` and ``featstore explain``: what state a feature's entries are in, and why
+one lookup hits or misses. Both only read; the logic is in featstore.ops and featstore.explain."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import TYPE_CHECKING
+
+from featstore import env, explain, ops
+from featstore.cli.common import (
+    ParagraphFormatter,
+    add_data_root,
+    add_feature,
+    add_json,
+    add_sources,
+    cache_dir,
+    data_root,
+    emit,
+    find_sources,
+    open_store,
+)
+from featstore.errors import DataRootError
+
+if TYPE_CHECKING:
+    from featstore.cli.common import Subcommands
+
+
+def register(sub: Subcommands) -> None:
+    """Adds ``status`` and ``explain``."""
+    p = sub.add_parser(
+        "status", help="count entries per state (fast: no entry opened)", formatter_class=ParagraphFormatter,
+        description="Count the entries of a feature per state: valid, missing, stale (an input changed), foreign "
+                    "(another encoder fingerprint), orphan (the source is gone), legacy (old .vggt_cache.pt).\n"
+                    "Costs two stats per source; sources in the feature's manifest index open no entry. Finding "
+                    "corrupt entries needs `featstore verify`, which reads them all. Writes nothing.",
+        epilog="example:\n  featstore status /data --feature vggt\n  featstore status /data --feature pixel_latent "
+               "--cache-dir /cache --json")
+    add_data_root(p)
+    add_sources(p)
+    add_feature(p, required=True)
+    add_json(p)
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser(
+        "explain", help="say why a source's lookup hits or misses", formatter_class=ParagraphFormatter,
+        description="Say why a lookup of each PATH hits or misses: the entry state, the entry file, and for a stale "
+                    "entry the recorded and current stamp of the input that changed and whether its bytes differ; "
+                    "for a foreign entry both fingerprints; for a corrupt one the parse error.\n"
+                    "PATH is relative to the data root, or absolute, or relative to the working directory when it "
+                    "exists there. Without --data-root the root is found from the feature's manifest.\n"
+                    "Exit code 0 when every lookup hits, 1 when one misses.",
+        epilog="example:\n  featstore explain scene001/img_0001.jpg --data-root /data --feature vggt")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="a source image (or several)")
+    p.add_argument("--data-root", "--data_root", dest="data_root_flag", metavar="DIR",
+                   help="the dataset directory (default: $DATA_ROOT, else found from the manifest)")
+    add_feature(p, required=True)
+    add_json(p)
+    p.set_defaults(func=cmd_explain)
+
+
+def cmd_status(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """Counts entry states, first merging journals an interrupted precompute left."""
+    store = open_store(args, data_root(args, parser))
+    merged = ops.merge_leftover_journals(store)
+    if merged:
+        print(f"featstore status: merged {merged} journal(s) left by an earlier run into {store.manifest_path}",
+              file=sys.stderr)
+        store = open_store(args, store.data_root)  # seeded from the merged index
+    found = find_sources(args, store)
+    report = ops.status(store, found.paths, threads=args.threads, progress=None)
+    report.status.errors[:0] = found.errors
+    emit(args, report.to_dict(), report.text())
+    return 0
+
+
+def cmd_explain(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """Explains each PATH's lookup; exit code 1 when one misses."""
+    root, why = _explain_root(args, args.paths)
+    store = open_store(args, root)
+    if why:
+        print(f"featstore explain: data root {store.data_root} ({why})", file=sys.stderr)
+    found = []
+    for p in args.paths:
+        # Relative to the data root, as in the API; else, when it exists there, to the working
+        # directory (a deleted source is still named relative to the root).
+        if not os.path.isabs(p) and not os.path.lexists(os.path.join(store.data_root, p)) and os.path.lexists(p):
+            p = os.path.abspath(p)
+        found.append(explain.explain(store, p))
+    emit(args, {"data_root": store.data_root, "explanations": [e.to_dict() for e in found]},
+         "\n".join(e.text() for e in found))
+    return 0 if all(e.hit for e in found) else 1
+
+
+def _explain_root(args: argparse.Namespace, paths: list[str]) -> tuple[str, str]:
+    """The data root for ``explain`` and where it came from: --data-root or $DATA_ROOT, else the
+    data root recorded in the cache directory's manifest, else the nearest directory above the
+    first path holding the feature's manifest, else that path's directory."""
+    root = args.data_root_flag or env.data_root()
+    if root:
+        return root, ""
+    directory = cache_dir(args, args.feature)
+    if directory is not None:
+        manifest = os.path.join(directory, args.feature, "manifest.json")
+        try:
+            with open(manifest, encoding="utf-8") as f:
+                recorded = json.load(f).get("data_root")
+        except (OSError, ValueError):
+            recorded = None
+        if not recorded:
+            raise DataRootError(f"explain with a cache directory needs --data-root DIR ({manifest} does not "
+                                "record one)")
+        return recorded, f"recorded in {manifest}"
+    here = os.path.dirname(os.path.abspath(paths[0]))
+    d = here
+    while True:
+        if os.path.exists(os.path.join(d, f"{args.feature}_cache_manifest.json")):
+            return d, f"it holds {args.feature}_cache_manifest.json"
+        parent = os.path.dirname(d)
+        if parent == d:
+            return here, "the path's directory; pass --data-root for the dataset's top directory"
+        d = parent

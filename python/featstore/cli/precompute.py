@@ -1,0 +1,162 @@
+"""``featstore precompute``: compute and store an encoder's features for every image. The
+engine is featstore.pipeline; this module turns flags into its arguments and its summary into text."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import TYPE_CHECKING, Any
+
+from featstore import env
+from featstore.cli.common import add_data_root, add_json, add_sources, at_least, cache_dir, data_root, emit
+from featstore.fmt import human_bytes
+
+if TYPE_CHECKING:
+    from featstore.cli.common import Subcommands
+
+_DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16",
+           "fp32": "float32", "float32": "float32"}
+
+
+def register(sub: Subcommands) -> None:
+    """Adds ``precompute``."""
+    p = sub.add_parser(
+        "precompute", help="compute and store an encoder's features for every image",
+        description="Compute the features of every image under DATA_ROOT that has no valid entry (missing, stale, "
+                    "foreign, corrupt) and store them: decoding in worker processes, batches of equal shape on the "
+                    "device, a background writer, a journal a rerun continues from. Run it again at any time: "
+                    "it computes only what changed.",
+        epilog="examples:\n"
+               "  featstore precompute /data/train --vggt-model-path /models/VGGT-1B\n"
+               "  featstore precompute /data/train --dry-run\n"
+               "  torchrun --nproc_per_node 8 -m featstore.cli precompute /data/train   # one rank per GPU\n"
+               "  featstore precompute /data/train --shard 0/4   # ... and 1/4, 2/4, 3/4 anywhere\n"
+               "  featstore precompute /data/train --encoder mypkg.enc:make --feature dino\n"
+               "environment: " + ", ".join(env.PRECOMPUTE_VARIABLES),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_data_root(p)
+    g = p.add_argument_group("encoder")
+    g.add_argument("--encoder", default="vggt", help="vggt (default) or module.path:callable returning an encoder "
+                   "or an nn.Module")
+    g.add_argument("--vggt-model-path", "--vggt_model_path", dest="vggt_model_path", default=None, metavar="PATH",
+                   help="VGGT-1B weights: model.pt/.safetensors or its directory (default: $VGGT_MODEL_PATH)")
+    g.add_argument("--model-path", "--model_path", dest="model_path", default=None, metavar="PATH",
+                   help="the model the features are for (recorded in the manifest, as the old scripts did)")
+    g.add_argument("--layers", type=int, nargs="+", default=[-2], metavar="L",
+                   help="VGGT aggregator layers to store (default -2: layer 22, read by JanusVLN-style models)")
+    g.add_argument("--tokens", choices=("patch", "all"), default="patch", help="patch tokens only (default) or all")
+    g.add_argument("--dtype", choices=sorted(_DTYPES), default=None,
+                   help="stored dtype (default: bf16 where the GPU supports it, fp16 on other GPUs, fp32 on CPU)")
+    g.add_argument("--mode", choices=("crop", "pad"), default="crop", help="VGGT preprocessing (default crop)")
+    g.add_argument("--frames-per-set", "--frames_per_set", dest="frames_per_set", type=at_least(1), default=1,
+                   metavar="N",
+                   help="frames encoded together (default 1: every image alone, valid for single-frame use only)")
+    g.add_argument("--random-weights", action="store_true",
+                   help="a tiny VGGT with random weights instead of a checkpoint (trying featstore; features "
+                        "mean nothing)")
+    f = p.add_argument_group("where")
+    f.add_argument("--feature", default=None, metavar="F", help="feature name (default: the encoder's, e.g. vggt)")
+    f.add_argument("--layout", choices=("sidecar", "dir"), default=None,
+                   help="sidecar: beside each image (default); dir: under --cache-dir")
+    f.add_argument("--cache-dir", "--cache_dir", dest="cache_dir", default=None, metavar="DIR",
+                   help="cache directory, for read-only datasets (default for vggt: $VGGT_CACHE_DIR)")
+    add_sources(p)
+    r = p.add_argument_group("run")
+    r.add_argument("--device", default=None, help="default $DEVICE, else cuda:0 when available, else cpu")
+    r.add_argument("--batch-size", "--batch_size", dest="batch_size", type=at_least(1), default=None, metavar="N",
+                   help="images per batch (default $BATCH_SIZE or 16; halved on CUDA out-of-memory)")
+    r.add_argument("--num-workers", dest="num_workers", type=at_least(0), default=None, metavar="N",
+                   help="decoding processes (default: per core on CPU, cores - 1 with a GPU)")
+    r.add_argument("--skip-existing", "--skip_existing", dest="skip_existing", action=argparse.BooleanOptionalAction,
+                   default=None, help="skip images whose entry is valid (default: on, or $SKIP_EXISTING)")
+    r.add_argument("--overwrite", action="store_true", help="recompute every selected image")
+    r.add_argument("--start-idx", "--start_idx", dest="start_idx", type=int, default=None, metavar="I",
+                   help="first index of the sorted source list")
+    r.add_argument("--end-idx", "--end_idx", dest="end_idx", type=int, default=None, metavar="J",
+                   help="end index (exclusive) of the sorted source list")
+    r.add_argument("--shard", default=None, metavar="I/N", help="every N-th source starting at I")
+    r.add_argument("--dry-run", action="store_true", help="print the plan (counts, bytes, free space) and stop")
+    r.add_argument("--force", action="store_true", help="start even if the estimate exceeds the free space")
+    r.add_argument("--no-durable", action="store_true", help="do not fsync entries (faster, less safe on power loss)")
+    add_json(p, "print the summary as JSON")
+    p.set_defaults(func=cmd_precompute)
+
+
+def cmd_precompute(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """Runs the engine; exit code 1 when an item failed, 130 when interrupted."""
+    # The engine imports torch: imported here, not at the top, so that the other commands and
+    # --help start without it.
+    from featstore.pipeline import parse_shard, precompute
+
+    root = data_root(args, parser)
+    try:  # checked before anything loads: a typo should not cost a model load
+        parse_shard(args.shard)
+    except ValueError as exc:
+        parser.error(str(exc))
+    directory = cache_dir(args, args.feature or args.encoder)
+    options = _encoder_options(args, parser)
+    try:
+        s = precompute(root, encoder=args.encoder, feature=args.feature, layout=args.layout or "sidecar",
+                       cache_dir=directory, device=args.device, batch_size=args.batch_size,
+                       num_workers=args.num_workers, skip_existing=args.skip_existing, overwrite=args.overwrite,
+                       start_idx=args.start_idx, end_idx=args.end_idx, shard=args.shard, files_from=args.files_from,
+                       extensions=args.ext, jsonl=args.jsonl, dry_run=args.dry_run, force=args.force,
+                       durable=not args.no_durable, progress=None if not args.json else False,
+                       encoder_options=options, model_path=args.model_path)
+    except KeyboardInterrupt as exc:
+        done = exc.args[0] if exc.args and isinstance(exc.args[0], dict) else {}
+        print(f"featstore precompute: interrupted after {done.get('written', 0)} entries; every entry on disk is "
+              "complete, and a rerun continues where this one stopped", file=sys.stderr)
+        return 130
+    emit(args, s, _summary_text(s, dry_run=args.dry_run))
+    return 1 if s.get("failed") else 0
+
+
+def _encoder_options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str, Any]:
+    """The built-in VGGT encoder's options from the flags; none for other encoders, where a
+    VGGT-only flag given a value is a usage error."""
+    if args.encoder != "vggt":
+        if args.frames_per_set != 1:
+            parser.error("--frames-per-set applies to the vggt encoder")
+        return {}
+    import torch  # here, not at the top: torch stays out of the CLI's start-up
+
+    options: dict[str, Any] = {"model_path": args.vggt_model_path, "layers": tuple(args.layers),
+                               "tokens": args.tokens, "mode": args.mode, "frames_per_set": args.frames_per_set}
+    if args.dtype:
+        options["dtype"] = getattr(torch, _DTYPES[args.dtype])
+    if args.random_weights:
+        options["random_weights_seed"] = 0
+    return options
+
+
+def _summary_text(s: dict[str, Any], *, dry_run: bool) -> str:
+    """The run summary ``precompute`` returns, as lines for a person: what ran where, the plan,
+    and what was done."""
+    enc = s["encoder"]
+    what = (f"{enc.get('name')} ({'TINY VGGT WITH RANDOM WEIGHTS: meaningless features, for trying featstore'})"
+            if enc.get("random_weights") else
+            f"{enc.get('name')} ({enc.get('model_path')}, layers {enc.get('layers')}, {enc.get('tokens')} tokens, "
+            f"{enc.get('dtype')}, {enc.get('mode')})" if enc.get("name") == "vggt" else enc.get("name"))
+    lines = [f"featstore precompute: feature {s['feature']} with {what} on {s['device']}"]
+    est = s["estimated_bytes"]
+    lines.append(f"plan: {s['selected']:,} of {s['sources']:,} sources selected, {s['skipped']:,} already valid, "
+                 f"{s['planned']:,} to compute" + (f", about {human_bytes(est)}" if est is not None else "")
+                 + f" ({human_bytes(s['free_bytes'])} free); planned in {1000 * s['plan_seconds']:.0f} ms")
+    if enc.get("name") == "vggt":
+        lines.append(f"note: {s['note']}")
+    if dry_run:
+        lines.append("dry run: nothing loaded, nothing written")
+    elif s["planned"] == 0:
+        lines.append("nothing to do: every selected entry is valid")
+    else:
+        stages = s.get("stage_seconds", {})
+        total = sum(stages.values()) or 1.0
+        lines.append(f"done: {s['written']:,} written ({human_bytes(s['bytes_written'])}), {s['failed']:,} failed in "
+                     f"{s['seconds']:.1f} s ({s['images_per_second']} images/s); main-process time: "
+                     + ", ".join(f"{k} {100 * v / total:.0f}%" for k, v in stages.items()))
+        for rel, why in s["failures"][:10]:
+            lines.append(f"  failed {rel}: {why}")
+    if s.get("manifest"):
+        lines.append(f"manifest: {s['manifest']}")
+    return "\n".join(lines)
