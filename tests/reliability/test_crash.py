@@ -32,6 +32,7 @@ from toy_encoders import Wide
 
 from featstore import pipeline
 from featstore.examples import make_image_tree
+from featstore.pipeline import journal, writing
 from featstore.store import FeatureStore
 
 from .conftest import check_entries, copy_tree, entry_files, expected_outputs, fork, temp_files
@@ -44,7 +45,7 @@ EVENTS = {b"w": "entry write", b"f": "fsync", b"j": "journal append", b"e": "bet
 
 
 class _AnnouncedJournal:
-    """The extension module as the pipeline sees it, with journal appends announced."""
+    """The extension module as the pipeline's journal sees it, with journal appends announced."""
 
     def __init__(self, core: Any, append_journal: Callable[..., Any]) -> None:
         self._core = core
@@ -64,9 +65,9 @@ def _announcing(fd: int, code: bytes, fn: Callable[..., Any]) -> Callable[..., A
 
 def _precompute_announcing(root: str, fd: int, workers: int) -> None:
     """The run to kill (in a forked child): precompute, announcing each event on ``fd``."""
-    FeatureStore._put = _announcing(fd, b"w", FeatureStore._put)  # type: ignore[method-assign]
-    pipeline._fsync_all = _announcing(fd, b"f", pipeline._fsync_all)
-    pipeline._core = _AnnouncedJournal(pipeline._core, _announcing(fd, b"j", pipeline._core.append_journal))
+    FeatureStore.write = _announcing(fd, b"w", FeatureStore.write)  # type: ignore[method-assign]
+    writing._fsync_all = _announcing(fd, b"f", writing._fsync_all)
+    journal._core = _AnnouncedJournal(journal._core, _announcing(fd, b"j", journal._core.append_journal))
     enc = Wide(delay=0.02)
     enc.encode = _announcing(fd, b"e", enc.encode)  # type: ignore[method-assign]
     os.write(fd, b"s")

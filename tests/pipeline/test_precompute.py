@@ -19,7 +19,9 @@ from featstore.examples import make_image_tree
 from featstore.lock import feature_lock
 from featstore.pipeline import precompute, select
 
-TESTS = os.path.dirname(os.path.abspath(__file__))
+# tests/, where toy_encoders.py lives: pytest puts it on this process's path (for tests/conftest.py); the
+# subprocesses below put it on theirs.
+TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run(root, encoder=None, **kw):

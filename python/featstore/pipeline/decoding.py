@@ -1,0 +1,74 @@
+"""Decoding work items in DataLoader worker processes.
+
+The encoder's ``preprocess`` gives uint8, so workers send a quarter of the bytes of float
+images. Each item comes back with its sources' stamps taken before reading: the writer refuses
+features of a source that changed after it was read.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from featstore.encoders import Encoder
+from featstore.encoding import decode_source
+from featstore.models.vggt.preprocess import stack_uint8_images
+from featstore.pipeline.items import Kind, WorkItem
+
+#: ``(decoded or None, error or None, stamp(s) before reading or None)``.
+Decoded = tuple[Any, str | None, Any]
+
+
+def _decode_image(encoder: Encoder, root: str, item: WorkItem) -> Decoded:
+    return decode_source(encoder, os.path.join(root, item.paths[0]))
+
+
+def _decode_set(encoder: Encoder, root: str, item: WorkItem) -> Decoded:
+    """``[S, 3, H, W]``, smaller frames padded with white; one bad frame fails its set, never the run."""
+    frames = [decode_source(encoder, os.path.join(root, r)) for r in item.paths]
+    error = next((err for _, err, _ in frames if err is not None), None)
+    if error is not None:
+        return None, error, None
+    try:
+        return stack_uint8_images([f for f, _, _ in frames]), None, tuple(st for _, _, st in frames)
+    except Exception as exc:
+        return None, f"{type(exc).__name__}: {exc}", None
+
+
+# How each kind's sources become one decoded item (see items.py).
+_DECODERS: dict[Kind, Callable[[Encoder, str, WorkItem], Decoded]] = {"image": _decode_image, "set": _decode_set}
+
+
+class DecodeDataset(torch.utils.data.Dataset):
+    """Decodes one work item in a worker: ``(index, decoded or None, error or None, stamp(s))``.
+    Decoded is a uint8 tensor, or for an encoder with ``encode_items`` whatever its ``preprocess``
+    returns (a caption)."""
+
+    def __init__(self, encoder: Encoder, root: str, items: Sequence[WorkItem]) -> None:
+        self.encoder, self.root, self.items = encoder, root, list(items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> tuple[int, Any, str | None, Any]:
+        item = self.items[i]
+        return (i, *_DECODERS[item.kind](self.encoder, self.root, item))
+
+
+def _identity(item: Any) -> Any:
+    return item
+
+
+def decode_loader(encoder: Encoder, root: str, items: Sequence[WorkItem], *, batch_size: int, num_workers: int,
+                  pin_memory: bool) -> torch.utils.data.DataLoader:
+    """A loader yielding each decoded item, in order, decoding ahead enough to keep two batches
+    in flight."""
+    return torch.utils.data.DataLoader(
+        DecodeDataset(encoder, root, items), batch_size=None, shuffle=False, num_workers=num_workers,
+        collate_fn=_identity, pin_memory=pin_memory,
+        # Two batches in flight across the workers: decoding never waits for a batch to encode.
+        prefetch_factor=max(2, -(-2 * batch_size // num_workers)) if num_workers else None,
+        persistent_workers=False)

@@ -1,0 +1,72 @@
+"""Encoding batches on the device, halving them on out-of-memory.
+
+The encoding itself (``inference_mode``, the encoder's method for images, frame sets or items,
+checking what came back) is :func:`featstore.encoding.encode_batch`, shared with the training side;
+this module adds what a long run needs: a batch that does not fit is split in two and retried, and
+every later batch is no larger, so one oversized batch costs one retry, not one per batch.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+import torch
+
+from featstore.encoders import Encoder
+from featstore.encoding import encode_batch, is_out_of_memory
+from featstore.pipeline.items import WorkItem
+from featstore.pipeline.summary import Counts
+from featstore.pipeline.writing import Writer
+
+
+class BatchEncoder:
+    """Encodes batches of work items and hands their outputs to the writer.
+
+    Parameters
+    ----------
+    encoder : Encoder
+        Already on ``device``.
+    device : torch.device
+        Where batches are encoded.
+    writer : Writer
+        Takes each batch's outputs, and the items that fail even alone.
+    counts : Counts
+        Receives the seconds spent encoding.
+    batch_size : int
+        Items per batch to start with; :attr:`batch_size` is the size in force (halved on
+        out-of-memory), which the caller fills its batches to.
+    """
+
+    def __init__(self, encoder: Encoder, device: torch.device, writer: Writer, counts: Counts,
+                 batch_size: int) -> None:
+        self.encoder, self.device, self.writer, self.counts = encoder, device, writer, counts
+        self.batch_size = batch_size
+
+    def encode(self, items: list[WorkItem], batch: torch.Tensor | list[Any]) -> None:
+        """Encodes ``batch`` (uint8 images or frame sets, or a list of items for
+        ``encode_items``), one row per item, and submits the outputs; on out-of-memory halves it
+        (and later batches) and retries."""
+        t0 = time.perf_counter()
+        try:
+            outputs = encode_batch(self.encoder, self.device, batch)
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            self._halve(items, batch, exc)
+            return
+        self.counts.stage_seconds["encode"] += time.perf_counter() - t0
+        self.writer.submit(items, outputs)
+
+    def _halve(self, items: list[WorkItem], batch: torch.Tensor | list[Any], exc: BaseException) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        if len(items) == 1:
+            self.writer.fail(items[0], f"out of memory even alone: {str(exc).splitlines()[0]}")
+            return
+        half = len(items) // 2
+        self.batch_size = max(1, min(self.batch_size, half))
+        print(f"featstore precompute: out of memory at batch {len(items)}; retrying with {half}", file=sys.stderr)
+        self.encode(items[:half], batch[:half])
+        self.encode(items[half:], batch[half:])

@@ -1,0 +1,61 @@
+"""The journal: one append-only file of progress lines per process of a run.
+
+Each line records one entry written (``ok`` for a source, ``set`` for a frame set) or one item
+failed; the manifest is compacted from the journals at the end (:mod:`.manifest`). An entry's line
+is appended only after the entry is durable, so a killed run's journal names only whole entries.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from featstore import _core
+from featstore.pipeline.items import WorkItem
+from featstore.pipeline.selection import split_position
+from featstore.store import FeatureStore
+
+Record = dict[str, Any]
+
+
+def journal_path(store: FeatureStore, rank: tuple[int, int], shard: tuple[int, int] | None) -> str:
+    """This process's journal: ``<manifest>.rank<R>-of-<N>.jsonl``, R and N over shards and ranks."""
+    me, world = split_position(rank, shard)
+    return os.fspath(_core.journal_path(store.manifest_path, me, world))
+
+
+def append(journal: str, records: Sequence[Record], *, durable: bool = False) -> None:
+    """Appends ``records`` to the journal, one JSON line each (fsynced when ``durable``)."""
+    _core.append_journal(journal, [json.dumps(r) for r in records], durable=durable)
+
+
+def ok_record(rel: str, source: Sequence[int], entry: Sequence[int], racy: Any) -> Record:
+    """The line of a source's valid entry: the source's and the entry's ``(size, mtime_ns)``,
+    and whether it must be checked by digest on first use (what the manifest's index holds)."""
+    return {"op": "ok", "path": os.fspath(rel), "source": list(source), "entry": list(entry), "racy": bool(racy)}
+
+
+def set_record(members: Sequence[str], entry: str) -> Record:
+    """The line of a frame set's entry: sets are not in the per-source index, the line documents
+    the write."""
+    return {"op": "set", "members": list(members), "entry": entry}
+
+
+def failed_record(name: str, reason: str) -> Record:
+    """The line of an item that got no entry: the manifest lists it with its reason."""
+    return {"op": "failed", "path": name, "reason": reason}
+
+
+def journal_unindexed(store: FeatureStore, items: Sequence[WorkItem], journal: str) -> None:
+    """Journals an ``ok`` line for each valid entry among ``items`` that the manifest's index
+    does not hold (a killed run wrote it but not its line; a touched source's refreshed stamp), so
+    the merged index holds every valid entry, not only this run's."""
+    rels = [item.paths[0] for item in items if item.indexed]
+    if not rels:
+        return
+    records = [ok_record(r.source, (r.size, r.mtime_ns), (r.entry_size, r.entry_mtime_ns), r.check_first)
+               for r in store.index_records(rels, unindexed_only=True)]
+    if records:
+        append(journal, records)

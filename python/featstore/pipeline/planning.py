@@ -1,0 +1,214 @@
+"""Planning a precompute run: the settings, the encoder and store, the work items and their states.
+
+Planning loads no weights (an encoder's fingerprint is computed without them), so ``--dry-run``
+and every bad argument answer in about a second. Only items whose entry is missing or not valid
+(all of them with ``overwrite``) are planned, restricted to a range, a shard and the torchrun rank.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from featstore import env
+from featstore.encoders import Capabilities, Encoder, capabilities, describe, resolve_encoder
+from featstore.errors import FeatstoreError
+from featstore.pipeline.items import Kind, WorkItem, kind_for, work_items
+from featstore.pipeline.selection import distributed_rank, parse_shard, select
+from featstore.scan import ScanResult, nothing_found, scan
+from featstore.sets import set_state
+from featstore.store import FeatureStore
+from featstore.vocabulary import TODO_STATES, check_error
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a precompute run will do, decided before any weights load.
+
+    Attributes
+    ----------
+    store, encoder, caps
+        Where entries go, what computes them and which optional methods it has.
+    description : dict
+        :func:`featstore.encoders.describe` of the encoder when planned (summary, manifest).
+    device : str
+        Where the encoder runs.
+    batch_size : int
+        Items per batch to start with (halved on out-of-memory).
+    rank, shard
+        The torchrun ``(rank, world)`` and the ``(I, N)`` of ``--shard`` (or None).
+    progress : bool
+        Whether bars are shown on stderr.
+    found : ScanResult
+        Every source of the scan.
+    items, states : list
+        The work items this process selected, and the state of each one's entry.
+    todo : list of WorkItem
+        The items to compute, in order.
+    plan_seconds : float
+        Seconds spent judging states.
+    target_dir : str
+        Where entries are written (the cache directory, else the data root).
+    free_bytes : int
+        Free space there.
+    estimated_bytes : int or None
+        Bytes the planned entries need, when an estimate exists.
+    model_path : str or None
+        The model the features are for, recorded in the summary and the manifest.
+    """
+
+    store: FeatureStore
+    encoder: Encoder
+    caps: Capabilities
+    description: dict[str, Any]
+    device: str
+    batch_size: int
+    rank: tuple[int, int]
+    shard: tuple[int, int] | None
+    progress: bool
+    found: ScanResult
+    items: list[WorkItem]
+    states: list[str]
+    todo: list[WorkItem]
+    plan_seconds: float
+    target_dir: str
+    free_bytes: int
+    estimated_bytes: int | None
+    model_path: str | None
+
+    def skipped_valid(self) -> list[WorkItem]:
+        """The selected items left alone because their entry is valid."""
+        planned = set(self.todo)
+        return [item for item, s in zip(self.items, self.states, strict=True) if s == "valid" and item not in planned]
+
+    def check_space(self, force: bool) -> None:
+        """Raises :class:`FeatstoreError` when the estimate exceeds the free space, unless ``force``."""
+        estimate, free = self.estimated_bytes, self.free_bytes
+        if estimate is not None and estimate > free and not force:
+            raise FeatstoreError(f"not enough space in {self.target_dir}: the plan needs about {estimate / 1e9:.2f} "
+                                 f"GB, {free / 1e9:.2f} GB are free. Free space, use --cache-dir elsewhere, or --force")
+
+
+def make_plan(data_root: str | os.PathLike[str], *, encoder: Any, feature: str | None, layout: str,
+              cache_dir: str | os.PathLike[str] | None, device: str | None, batch_size: int | None,
+              skip_existing: bool | None, overwrite: bool, start_idx: int | None, end_idx: int | None,
+              shard: str | tuple[int, int] | None, files_from: str | os.PathLike[str] | None,
+              extensions: Sequence[str] | None, jsonl: str | None, progress: bool | None,
+              encoder_options: dict[str, Any] | None, model_path: str | None) -> Plan:
+    """The plan of :func:`featstore.pipeline.precompute` (see it for the parameters)."""
+    shard_spec = parse_shard(shard)  # a bad spec fails before anything loads
+    device = device or default_device()
+    batch_size = env.batch_size(16) if batch_size is None else batch_size
+    if batch_size < 1:
+        raise ValueError(f"batch size must be at least 1, got {batch_size}")
+    skip_existing = env.skip_existing() if skip_existing is None else skip_existing
+    enc = _open_encoder(encoder, device, encoder_options)
+    store = FeatureStore(data_root, feature or enc.name, layout=layout, cache_dir=cache_dir,
+                         fingerprint=enc.fingerprint())
+    rank = distributed_rank()
+    show = sys.stderr.isatty() if progress is None else progress
+
+    found = scan(store.data_root, extensions=extensions, jsonl=jsonl, files_from=files_from,
+                 skip_dirs=[store.cache_dir] if store.cache_dir else (), progress=show)
+    if len(found) == 0:
+        raise nothing_found(found, extensions=extensions, jsonl=jsonl, files_from=files_from)
+    caps = capabilities(enc)
+    mine = select(work_items(found.paths, found.sets, caps), start_idx=start_idx, end_idx=end_idx,
+                  shard=shard_spec, rank=rank)
+    t_plan = time.perf_counter()
+    states = item_states(store, mine)
+    redo = overwrite or not skip_existing
+    todo = [item for item, s in zip(mine, states, strict=True) if redo or _needs_work(s)]
+    plan_seconds = time.perf_counter() - t_plan
+
+    target_dir = store.cache_dir or store.data_root
+    per_entry = _ESTIMATES[kind_for(caps)](store, enc, caps, mine, states)
+    return Plan(store=store, encoder=enc, caps=caps, description=describe(enc), device=device,
+                batch_size=batch_size, rank=rank, shard=shard_spec, progress=show, found=found, items=mine,
+                states=states, todo=todo, plan_seconds=plan_seconds, target_dir=target_dir,
+                free_bytes=_free_bytes(target_dir),
+                estimated_bytes=per_entry * len(todo) if per_entry is not None else None, model_path=model_path)
+
+
+def _open_encoder(spec: Any, device: str, options: dict[str, Any] | None) -> Encoder:
+    if spec == "vggt":
+        # The default stored dtype depends on the device (bf16 on GPUs that support it).
+        return resolve_encoder(spec, **{"device": device, **(options or {})})
+    return resolve_encoder(spec)
+
+
+def _needs_work(state: str) -> bool:
+    """Whether an entry in ``state`` is (re)computed without ``overwrite``: not valid, or its check failed."""
+    return state in TODO_STATES or check_error(state) is not None
+
+
+def default_device() -> str:
+    """``$DEVICE``, else ``cuda:0`` when available, else ``cpu``."""
+    return env.device() or ("cuda:0" if torch.cuda.is_available() else "cpu")
+
+
+def item_states(store: FeatureStore, items: Sequence[WorkItem]) -> list[str]:
+    """The state of each item's entry, in order; each kind's items are judged together (sources
+    in parallel, in Rust)."""
+    by_kind: dict[Kind, list[int]] = defaultdict(list)
+    for i, item in enumerate(items):
+        by_kind[item.kind].append(i)
+    states = [""] * len(items)
+    for kind, indices in by_kind.items():
+        judged = _STATES[kind](store, [items[i] for i in indices])
+        for i, state in zip(indices, judged, strict=True):
+            states[i] = state
+    return states
+
+
+def _image_states(store: FeatureStore, items: Sequence[WorkItem]) -> list[str]:
+    return store.states([item.paths[0] for item in items])
+
+
+def _set_states(store: FeatureStore, items: Sequence[WorkItem]) -> list[str]:
+    return [set_state(store, list(item.paths)) for item in items]
+
+
+def _free_bytes(target_dir: str) -> int:
+    probe = target_dir
+    while not os.path.exists(probe):  # a cache directory is created on the first write
+        probe = os.path.dirname(probe)
+    return shutil.disk_usage(probe).free
+
+
+def _image_entry_bytes(store: FeatureStore, enc: Encoder, caps: Capabilities, items: Sequence[WorkItem],
+                       states: Sequence[str]) -> int | None:
+    """The mean size of up to 16 valid entries, else the encoder's estimate."""
+    valid = [item.paths[0] for item, s in zip(items, states, strict=True) if s == "valid"][:16]
+    sizes = []
+    for rel in valid:
+        with contextlib.suppress(OSError):
+            sizes.append(os.path.getsize(store.entry_path(rel)))
+    if sizes:
+        return int(sum(sizes) / len(sizes))
+    return int(enc.estimate_entry_bytes()) if caps.estimate_entry_bytes else None  # type: ignore[attr-defined]
+
+
+def _set_entry_bytes(store: FeatureStore, enc: Encoder, caps: Capabilities, items: Sequence[WorkItem],
+                     states: Sequence[str]) -> int | None:
+    """The encoder's estimate of one frame's entry, times the frames of a set."""
+    if not caps.estimate_entry_bytes:
+        return None
+    return int(enc.estimate_entry_bytes()) * caps.frames_per_set  # type: ignore[attr-defined]
+
+
+_StatesOf = Callable[[FeatureStore, Sequence[WorkItem]], list[str]]
+_EntryBytes = Callable[[FeatureStore, Encoder, Capabilities, Sequence[WorkItem], Sequence[str]], int | None]
+
+# How each kind's entries are judged, and how big one is (see items.py).
+_STATES: dict[Kind, _StatesOf] = {"image": _image_states, "set": _set_states}
+_ESTIMATES: dict[Kind, _EntryBytes] = {"image": _image_entry_bytes, "set": _set_entry_bytes}

@@ -1,0 +1,54 @@
+"""Running a plan: under the feature's lock, journal, stream, wait for the other ranks, finish.
+
+torchrun's ranks are one run: rank 0 holds the lock, every rank journals to its own file, and
+rank 0 compacts the journals once all have finished. Ctrl-C stops the stream, and what was written
+is still journaled and merged before the interrupt is reported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+
+from featstore.lock import run_lock
+from featstore.pipeline.journal import journal_path, journal_unindexed
+from featstore.pipeline.manifest import finish_manifest
+from featstore.pipeline.planning import Plan
+from featstore.pipeline.selection import join_process_group
+from featstore.pipeline.streaming import stream
+from featstore.pipeline.summary import Counts
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a run did: its counts, whether Ctrl-C stopped it, the manifest it merged (or None)."""
+
+    counts: Counts
+    interrupted: bool
+    manifest: str | None
+
+
+def run_plan(plan: Plan, *, num_workers: int | None, durable: bool) -> Outcome:
+    """Computes and writes the planned entries and merges the journals into the manifest."""
+    store = plan.store
+    counts = Counts()
+    journal = journal_path(store, plan.rank, plan.shard)
+    interrupted = False
+    with contextlib.ExitStack() as stack:
+        if plan.rank[0] == 0:
+            stack.enter_context(run_lock(store, plan.shard))
+        os.makedirs(os.path.dirname(store.manifest_path), exist_ok=True)
+        journal_unindexed(store, plan.skipped_valid(), journal)
+        if plan.todo:
+            try:
+                stream(plan, num_workers=num_workers, durable=durable, counts=counts, journal=journal)
+            except KeyboardInterrupt:
+                interrupted = True
+        if join_process_group(plan.rank[1]):
+            torch.distributed.barrier()  # every rank's journal is complete before rank 0 merges
+        # Still under the lock: no other run of the feature appends to a journal being merged.
+        manifest = finish_manifest(plan)
+    return Outcome(counts=counts, interrupted=interrupted, manifest=manifest)

@@ -1,0 +1,63 @@
+"""Which work items this process takes: an index range, a ``--shard I/N``, the torchrun rank.
+
+Shards and ranks split the sorted list by stride, so any set of them is disjoint and together
+complete, and each one's journal is named by its position in the combined split.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TypeVar
+
+import torch
+
+from featstore import env
+
+T = TypeVar("T")
+
+
+def parse_shard(spec: str | tuple[int, int] | None) -> tuple[int, int] | None:
+    """``"I/N"`` (0 <= I < N) to ``(I, N)``."""
+    if spec is None or isinstance(spec, tuple):
+        return spec
+    try:
+        i, n = (int(x) for x in spec.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard {spec!r} is not of the form I/N (e.g. 0/4)") from None
+    if not 0 <= i < n:
+        raise ValueError(f"--shard {spec!r}: I must be in 0..N-1")
+    return i, n
+
+
+def distributed_rank() -> tuple[int, int]:
+    """``(rank, world_size)`` under torchrun (from the environment), else ``(0, 1)``."""
+    return env.distributed_rank()
+
+
+def select(paths: Sequence[T], *, start_idx: int | None = None, end_idx: int | None = None,
+           shard: tuple[int, int] | None = None, rank: tuple[int, int] = (0, 1)) -> list[T]:
+    """The sources this process works on: ``[start:end]`` of the sorted list, then every N-th
+    for a shard, then every world-th for a torchrun rank (disjoint, together complete)."""
+    chosen = list(paths[start_idx:end_idx])
+    if shard is not None:
+        chosen = chosen[shard[0]::shard[1]]
+    r, world = rank
+    return chosen[r::world] if world > 1 else chosen
+
+
+def split_position(rank: tuple[int, int], shard: tuple[int, int] | None) -> tuple[int, int]:
+    """``(position, count)`` of this process among all shards times all ranks: what names its
+    journal, so that no two processes of a split append to the same one."""
+    world = max(rank[1], 1) * (shard[1] if shard else 1)
+    me = rank[0] + (shard[0] * rank[1] if shard else 0)
+    return me, world
+
+
+def join_process_group(world: int) -> bool:
+    """Under torchrun, joins (or reuses) the process group so ranks can wait for each other
+    before rank 0 compacts their journals. gloo: the group only ever sends a barrier."""
+    if world <= 1 or not torch.distributed.is_available():
+        return False
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(backend="gloo")
+    return True

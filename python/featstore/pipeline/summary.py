@@ -1,0 +1,65 @@
+"""What a precompute run counts, and the summary ``featstore precompute --json`` prints.
+
+The summary has two halves: the plan's (what was found, selected and planned, the estimate) and,
+after a run, the counts' (what was written and failed, where the time went).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+from featstore.pipeline.planning import Plan
+from featstore.vocabulary import check_error
+
+
+@dataclass
+class Counts:
+    """The tallies of a run, kept by the encoding loop and the writer thread."""
+
+    written: int = 0
+    failed: int = 0
+    bytes: int = 0
+    failures: list[tuple[str, str]] = field(default_factory=list)
+    stage_seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+
+
+def plan_summary(plan: Plan, *, dry_run: bool) -> dict[str, Any]:
+    """The summary of a plan (all of it for ``dry_run``)."""
+    store, shard, rank = plan.store, plan.shard, plan.rank
+    counts_by_state: dict[str, int] = defaultdict(int)
+    for s in plan.states:
+        counts_by_state["error" if check_error(s) is not None else s] += 1
+    frames = plan.caps.frames_per_set
+    return {
+        "data_root": store.data_root, "feature": store.feature, "layout": store.layout, "cache_dir": store.cache_dir,
+        "fingerprint": store.requested_fingerprint, "encoder": plan.description, "device": plan.device,
+        "sources": len(plan.found), "selected": len(plan.items), "planned": len(plan.todo),
+        "skipped": len(plan.items) - len(plan.todo), "states": dict(counts_by_state),
+        "estimated_bytes": plan.estimated_bytes, "free_bytes": plan.free_bytes,
+        "plan_seconds": round(plan.plan_seconds, 3), "dry_run": dry_run, "scan_errors": len(plan.found.errors),
+        "shard": f"{shard[0]}/{shard[1]}" if shard else None,
+        "rank": f"{rank[0]}/{rank[1]}" if rank[1] > 1 else None, "frames_per_set": frames,
+        "model_path": plan.model_path, "note": _note(frames),
+    }
+
+
+def run_summary(counts: Counts, seconds: float, interrupted: bool) -> dict[str, Any]:
+    """The summary of a run (added to the plan's) from its counts and its length in seconds."""
+    return {
+        "written": counts.written, "failed": counts.failed, "bytes_written": counts.bytes,
+        "failures": [list(f) for f in counts.failures[:100]], "seconds": round(seconds, 3),
+        "images_per_second": round(counts.written / seconds, 2) if seconds > 0 else None,
+        "stage_seconds": {k: round(v, 3) for k, v in counts.stage_seconds.items()},
+        "interrupted": interrupted,
+    }
+
+
+def _note(frames: int) -> str:
+    """What the entries of this frames-per-set mode are valid for."""
+    if frames == 1:
+        return ("frames-per-set 1: each image is encoded alone (S=1); its features differ from those computed "
+                "with other frames and are valid only for single-frame use")
+    return (f"frames-per-set {frames}: frames are encoded together in sets of up to {frames} (from .jsonl "
+            "lists, else each directory's sorted images); read them with FeatureStore.get_set(members)")

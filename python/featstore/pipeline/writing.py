@@ -1,0 +1,172 @@
+"""Writing entries on a background thread (the Rust writer releases the GIL, so encoding goes on).
+
+For each batch: every item's entry is written atomically (temporary file, rename), the written
+files and their directories are fsynced together, then one journal line per item is appended. A
+killed run so leaves only whole entries, and a journal that names none that is not durable.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from featstore.pipeline import journal as journal_lines
+from featstore.pipeline.items import Kind, WorkItem
+from featstore.pipeline.summary import Counts
+from featstore.sets import put_set
+from featstore.store import FeatureStore
+
+#: The encoder's optional ``inputs(rel, path)``: caption files, control images, caption texts.
+Inputs = Callable[[str, str], Mapping[str, str | bytes]]
+
+
+@dataclass(frozen=True)
+class Written:
+    """One entry written: its file, its size in bytes and its journal line."""
+
+    path: str
+    bytes: int
+    record: journal_lines.Record
+
+
+def _write_image(store: FeatureStore, item: WorkItem, tensors: Mapping[str, torch.Tensor], expected: Any,
+                 inputs: Inputs | None) -> list[Written]:
+    rel = item.paths[0]
+    extra = inputs(rel, os.path.join(store.data_root, rel)) if inputs else None
+    w = store.write(rel, tensors, inputs=extra, expected=expected)
+    return [Written(os.fspath(w["path"]), int(w["bytes"]),
+                    journal_lines.ok_record(rel, w["source"], w["entry"], w["check_first"]))]
+
+
+def _write_set(store: FeatureStore, item: WorkItem, tensors: Mapping[str, torch.Tensor], expected: Any,
+               inputs: Inputs | None) -> list[Written]:
+    path = put_set(store, list(item.paths), tensors, expected=expected)
+    return [Written(path, os.path.getsize(path), journal_lines.set_record(item.paths, path))]
+
+
+# How each kind's entries are written (see items.py): a list, as one causal pass over a history
+# may write an entry per prefix. ``expected`` is the stamp (or the members' stamps) when the item
+# was read, so features of a source edited since are never stored.
+_WriteEntries = Callable[[FeatureStore, WorkItem, Mapping[str, torch.Tensor], Any, Inputs | None], list[Written]]
+_WRITERS: dict[Kind, _WriteEntries] = {"image": _write_image, "set": _write_set}
+
+
+class Writer:
+    """Writes entries on a background thread: atomic entries, fsync in batches, then journal.
+
+    Parameters
+    ----------
+    store : FeatureStore
+        Where entries go.
+    journal : str
+        This process's journal.
+    durable : bool
+        fsync entries (and their directories) before journaling them.
+    counts : Counts
+        Tallies written, failed and bytes, and the seconds spent writing.
+    inputs : callable, optional
+        The encoder's ``inputs(rel, path)``, recorded in each source's entry.
+    """
+
+    def __init__(self, store: FeatureStore, journal: str, durable: bool, counts: Counts,
+                 inputs: Inputs | None = None) -> None:
+        self.store, self.journal, self.durable, self.counts = store, journal, durable, counts
+        self.inputs = inputs
+        self.queue: queue.Queue[Any] = queue.Queue(maxsize=4)
+        # Each item's source stamp(s) when it was read, set by the main loop before submitting.
+        self.expected: dict[WorkItem, Any] = {}
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="featstore-writer", daemon=True)
+        self.thread.start()
+
+    def submit(self, items: list[WorkItem], outputs: dict[str, torch.Tensor]) -> None:
+        """Queues a batch's outputs (the batch is their first axis) for ``items``; raises what
+        an earlier write raised."""
+        if self.error is not None:
+            raise self.error
+        self.queue.put((items, outputs))
+
+    def fail(self, item: WorkItem, reason: str) -> None:
+        """Queues a failed item: it is counted and journaled."""
+        self.queue.put(([item], reason))
+
+    def close(self) -> None:
+        """Writes what is queued, stops the thread and raises what a write raised."""
+        self.queue.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+    def _run(self) -> None:
+        while True:
+            job = self.queue.get()
+            if job is None:
+                return
+            if self.error is not None:
+                continue  # drain
+            try:
+                self._write(*job)
+            except BaseException as exc:  # surfaced to the main thread on the next submit/close
+                self.error = exc
+
+    def _write(self, items: list[WorkItem], outputs: dict[str, torch.Tensor] | str) -> None:
+        t0 = time.perf_counter()
+        records: list[journal_lines.Record] = []
+        if isinstance(outputs, str):  # a failure reason, from fail()
+            self._failed(items[0], outputs, records)
+        else:
+            written: list[Written] = []
+            for i, item in enumerate(items):
+                try:
+                    written.extend(_WRITERS[item.kind](self.store, item, {k: v[i] for k, v in outputs.items()},
+                                                       self.expected.pop(item, None), self.inputs))
+                except Exception as exc:  # one bad item is recorded; the run goes on
+                    if _fatal(exc):
+                        raise
+                    self._failed(item, exc, records)
+            if self.durable:
+                _fsync_all([w.path for w in written])
+            for w in written:
+                records.append(w.record)
+                self.counts.written += 1
+                self.counts.bytes += w.bytes
+        journal_lines.append(self.journal, records, durable=self.durable)
+        self.counts.stage_seconds["write"] += time.perf_counter() - t0
+
+    def _failed(self, item: WorkItem, why: str | BaseException, records: list[journal_lines.Record]) -> None:
+        """Counts a failed item and journals it: the manifest lists it."""
+        if isinstance(why, BaseException):
+            why = (f"source disappeared: {why}" if isinstance(why, FileNotFoundError)
+                   else f"{type(why).__name__}: {why}")
+        self.counts.failed += 1
+        self.counts.failures.append((item.name, why))
+        records.append(journal_lines.failed_record(item.name, why))
+
+
+def _fatal(exc: BaseException) -> bool:
+    """Errors that will hit every item (a full or read-only disk) stop the run; others skip one."""
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EROFS, errno.EDQUOT)
+
+
+def _fsync_all(paths: Sequence[str]) -> None:
+    """fsyncs files, then their directories once each (makes the renames durable)."""
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    for d in {os.path.dirname(p) for p in paths}:
+        fd = os.open(d, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
