@@ -27,10 +27,12 @@ from featstore.errors import (
     NoImagesFoundError,
     PathOutsideRootError,
     ReadOnlyDataRootError,
+    SourceChangedError,
     StaleEntryError,
 )
 from featstore.scan import DEFAULT_EXTENSIONS, ScanResult, scan
-from featstore.store import FeatureStore, Status
+from featstore.status import Status
+from featstore.store import FeatureStore
 from featstore.vocabulary import LAYOUTS, STATES
 
 __all__ = [
@@ -62,6 +64,7 @@ __all__ = [
     "PathOutsideRootError",
     "ReadOnlyDataRootError",
     "LockHeldError",
+    "SourceChangedError",
 ]
 
 
