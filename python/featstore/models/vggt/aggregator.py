@@ -11,6 +11,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from featstore.models.vggt.dinov2 import DINOV2_VARIANTS, DinoVisionTransformer
+from featstore.models.vggt.kv_cache import KVCache
 from featstore.models.vggt.layers import Block, PatchEmbed, RotaryPositionEmbedding2D, patch_positions
 
 __all__ = ["Aggregator", "LayerSelectView", "LayerSelection", "normalize_layer_selection"]
@@ -212,6 +213,10 @@ class Aggregator(nn.Module):
     -----
     Inputs are ``[B, S, 3, H, W]`` images with values in [0, 1]; the aggregator normalizes them
     itself, so callers must not.
+
+    Besides the bidirectional model, it runs JanusVLN's causal variant: ``causal=True`` on a
+    whole sequence, or one frame per call through a :class:`KVCache` from :meth:`new_kv_cache`
+    (frame ``k`` of a stream equals frame ``k`` of the causal call on frames ``0..k``).
     """
 
     def __init__(
@@ -326,18 +331,69 @@ class Aggregator(nn.Module):
     def selected_layer_idx(self, selection: LayerSelection) -> None:
         self._selected_layer_idx = normalize_layer_selection(selection, self.depth)
 
-    def _run_block(self, block: nn.Module, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        if self.training and torch.is_grad_enabled():
-            return checkpoint(block, tokens, pos, use_reentrant=False)
-        return block(tokens, pos=pos)
+    def new_kv_cache(self, window: Sequence[int] | None = None) -> KVCache:
+        """A fresh key/value cache for streaming one batch of sequences frame by frame.
 
-    def forward(self, images: torch.Tensor) -> tuple[list[torch.Tensor] | LayerSelectView, int]:
+        Parameters
+        ----------
+        window : (int, int) or None
+            ``(start, recent)``: once more than ``start + recent`` frames are cached, keep the
+            keys of the first ``start`` and the last ``recent`` frames only (JanusVLN evaluates
+            with (8, 48)); ``None`` keeps every frame.
+
+        Returns
+        -------
+        KVCache
+            Pass it as ``kv_cache`` to every call of the stream:
+            ``tokens, patch_start_idx = aggregator(images[:, k:k + 1], kv_cache=cache)``.
+        """
+        return KVCache(self.depth, window=window)
+
+    def _run_block(
+        self, block: nn.Module, tokens: torch.Tensor, pos: torch.Tensor, attn_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        if self.training and torch.is_grad_enabled():
+            return checkpoint(block, tokens, pos, attn_mask, use_reentrant=False)
+        return block(tokens, pos=pos, attn_mask=attn_mask)
+
+    def _run_block_with_past(
+        self, block: Block, tokens: torch.Tensor, pos: torch.Tensor, cache: KVCache, index: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        past_keys, past_values = cache.past(index)
+        if self.training and torch.is_grad_enabled():
+            return cast(
+                tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+                checkpoint(block.forward_with_past, tokens, pos, past_keys, past_values, use_reentrant=False),
+            )
+        return block.forward_with_past(tokens, pos, past_keys, past_values)
+
+    def forward(
+        self,
+        images: torch.Tensor,
+        causal: bool = False,
+        *,
+        kv_cache: KVCache | None = None,
+        frame_mask: torch.Tensor | None = None,
+    ) -> tuple[list[torch.Tensor] | LayerSelectView, int]:
         """Aggregate a batch of image sequences.
 
         Parameters
         ----------
         images : Tensor
             ``[B, S, 3, H, W]`` with values in [0, 1]; ``H`` and ``W`` multiples of the patch size.
+        causal : bool
+            In every global block, frame ``i`` attends to frames ``0..i`` only (JanusVLN's
+            computation); frame blocks, special tokens and RoPE positions are unchanged.
+        kv_cache : KVCache, optional
+            Stream one frame (``S = 1``) of the sequences cached in it (from
+            :meth:`new_kv_cache`): the frame attends to the cached frames and itself, and its
+            raw keys and values join the cache. Frame ``k`` of a stream gives frame ``k`` of the
+            causal call on frames ``0..k``. The first frame of a cache is the sequences' frame 0
+            (special-token slot 0), every later one uses slot 1.
+        frame_mask : Tensor, optional
+            bool ``[S, S]``, True where frame ``i`` attends to frame ``j`` in the global blocks
+            (diagonal all True); generalizes ``causal`` (the lower triangle). A windowed stream
+            equals the call with :func:`window_frame_mask`.
 
         Returns
         -------
@@ -349,12 +405,21 @@ class Aggregator(nn.Module):
             Index of the first patch token (after the camera and register tokens).
         """
         selection = self._selected_layer_idx
+        layers = range(self.depth) if selection is None else selection
+        kept = self._aggregate(images, layers, self._frame_mask(images, causal, frame_mask, kv_cache), kv_cache)
         if selection is None:
-            kept = self._aggregate(images, range(self.depth))
             return [kept[layer] for layer in range(self.depth)], self.patch_start_idx
-        return LayerSelectView(self.depth, self._aggregate(images, selection)), self.patch_start_idx
+        return LayerSelectView(self.depth, kept), self.patch_start_idx
 
-    def forward_layers(self, images: torch.Tensor, layers: LayerSelection) -> tuple[LayerSelectView, int]:
+    def forward_layers(
+        self,
+        images: torch.Tensor,
+        layers: LayerSelection,
+        causal: bool = False,
+        *,
+        kv_cache: KVCache | None = None,
+        frame_mask: torch.Tensor | None = None,
+    ) -> tuple[LayerSelectView, int]:
         """Aggregate keeping ``layers``, whatever ``selected_layer_idx`` says.
 
         Parameters
@@ -363,6 +428,8 @@ class Aggregator(nn.Module):
             ``[B, S, 3, H, W]`` with values in [0, 1].
         layers : int or iterable of int
             Absolute layer numbers to keep (negatives count from the end).
+        causal, kv_cache, frame_mask
+            As for :meth:`forward`.
 
         Returns
         -------
@@ -376,10 +443,51 @@ class Aggregator(nn.Module):
             raise ValueError(
                 "forward_layers needs a layer selection; call the aggregator itself for all layers"
             )
-        return LayerSelectView(self.depth, self._aggregate(images, selection)), self.patch_start_idx
+        mask = self._frame_mask(images, causal, frame_mask, kv_cache)
+        return LayerSelectView(self.depth, self._aggregate(images, selection, mask, kv_cache)), self.patch_start_idx
 
-    def _aggregate(self, images: torch.Tensor, layers: Iterable[int]) -> dict[int, torch.Tensor]:
-        """Run the blocks up to the deepest of ``layers`` (absolute numbers), keeping only those layers."""
+    @staticmethod
+    def _frame_mask(
+        images: torch.Tensor, causal: bool, frame_mask: torch.Tensor | None, kv_cache: KVCache | None
+    ) -> torch.Tensor | None:
+        """The ``[S, S]`` frame visibility a call asks for, or None for full (bidirectional) attention."""
+        frames = images.shape[1] if images.dim() == 5 else 0
+        if kv_cache is not None:
+            if frame_mask is not None:
+                raise ValueError("pass either kv_cache or frame_mask: a stream's visibility is set by its cache")
+            if frames != 1:
+                raise ValueError(
+                    f"with a kv_cache, feed one frame per call ([B, 1, 3, H, W]), got {tuple(images.shape)}; "
+                    "stream_history streams a whole history"
+                )
+            return None
+        if frame_mask is not None:
+            if causal:
+                raise ValueError("pass either causal=True or a frame_mask, not both")
+            if frame_mask.dtype != torch.bool or tuple(frame_mask.shape) != (frames, frames):
+                raise ValueError(
+                    f"frame_mask must be a bool [S, S] = [{frames}, {frames}] tensor, "
+                    f"got {frame_mask.dtype} {tuple(frame_mask.shape)}"
+                )
+            if not bool(frame_mask.diagonal().all()):
+                raise ValueError("frame_mask must let every frame attend to itself (its diagonal must be True)")
+            return frame_mask
+        if causal and frames > 1:
+            return torch.ones(frames, frames, dtype=torch.bool).tril()
+        return None
+
+    def _aggregate(
+        self,
+        images: torch.Tensor,
+        layers: Iterable[int],
+        frame_mask: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+    ) -> dict[int, torch.Tensor]:
+        """Run the blocks up to the deepest of ``layers`` (absolute numbers), keeping only those layers.
+
+        ``frame_mask`` restricts which frames the global blocks attend to; with ``kv_cache`` the
+        single frame of ``images`` joins that stream.
+        """
         if images.dim() != 5:
             raise ValueError(f"expected images of shape [B, S, 3, H, W], got {tuple(images.shape)}")
         batch, frames, channels, height, width = images.shape
@@ -392,14 +500,19 @@ class Aggregator(nn.Module):
             )
         keep = set(layers)
         last_group = max(keep) // self.aa_block_size
+        if kv_cache is not None:
+            tokens_per_frame = self.patch_start_idx + (height // self.patch_size) * (width // self.patch_size)
+            kv_cache.check_frame(batch, tokens_per_frame, (last_group + 1) * self.aa_block_size)
+        # A stream's first frame is its sequences' frame 0; every later one (also after eviction) is not.
+        starts_sequence = kv_cache is None or kv_cache.frames_seen == 0
 
         images = (images - self._resnet_mean) / self._resnet_std
         images = images.reshape(batch * frames, channels, height, width)
         patch_tokens = self.patch_embed(images)
         del images
 
-        camera = self._per_frame(self.camera_token, batch, frames)
-        registers = self._per_frame(self.register_token, batch, frames)
+        camera = self._per_frame(self.camera_token, batch, frames, starts_sequence)
+        registers = self._per_frame(self.register_token, batch, frames, starts_sequence)
         tokens = torch.cat([camera, registers, patch_tokens], dim=1)
         del patch_tokens, camera, registers
         per_frame = tokens.shape[1]
@@ -417,9 +530,12 @@ class Aggregator(nn.Module):
             "global": (batch, frames * per_frame, self.embed_dim),
         }
         positions = {kind: pos.reshape(*shape[:2], 2) for kind, shape in shapes.items()}
+        masks = {"frame": None, "global": self._token_mask(frame_mask, per_frame, tokens.device)}
         block_lists = {"frame": self.frame_blocks, "global": self.global_blocks}
 
         kept: dict[int, torch.Tensor] = {}
+        new_keys: list[torch.Tensor] = []
+        new_values: list[torch.Tensor] = []
         block_index = {"frame": 0, "global": 0}
         for group in range(last_group + 1):
             outputs: dict[str, list[torch.Tensor]] = {}
@@ -429,7 +545,15 @@ class Aggregator(nn.Module):
                 pos_here = positions[kind]
                 outputs[kind] = []
                 for _ in range(self.aa_block_size):
-                    tokens = self._run_block(blocks[block_index[kind]], tokens, pos_here)
+                    index = block_index[kind]
+                    if kind == "global" and kv_cache is not None:
+                        tokens, keys, values = self._run_block_with_past(
+                            cast(Block, blocks[index]), tokens, pos_here, kv_cache, index
+                        )
+                        new_keys.append(keys)
+                        new_values.append(values)
+                    else:
+                        tokens = self._run_block(blocks[index], tokens, pos_here, masks[kind])
                     block_index[kind] += 1
                     outputs[kind].append(tokens.view(batch, frames, per_frame, self.embed_dim))
             for offset in range(self.aa_block_size):
@@ -438,11 +562,26 @@ class Aggregator(nn.Module):
                     kept[layer] = torch.cat([outputs["frame"][offset], outputs["global"][offset]], dim=-1)
             # Only the kept concatenations outlive the group; the blocks' outputs are freed here.
             del outputs
+        if kv_cache is not None:
+            kv_cache.append_frame(new_keys, new_values)
         return kept
 
     @staticmethod
-    def _per_frame(token: torch.Tensor, batch: int, frames: int) -> torch.Tensor:
-        """Expand a ``[1, 2, k, C]`` special token: slot 0 for frame 0, slot 1 for the others."""
+    def _token_mask(frame_mask: torch.Tensor | None, per_frame: int, device: torch.device) -> torch.Tensor | None:
+        """Expand a ``[S, S]`` frame visibility to the ``[S*N, S*N]`` token mask of a global block."""
+        if frame_mask is None:
+            return None
+        mask = frame_mask.to(device)
+        return mask.repeat_interleave(per_frame, dim=0).repeat_interleave(per_frame, dim=1)
+
+    @staticmethod
+    def _per_frame(token: torch.Tensor, batch: int, frames: int, starts_sequence: bool = True) -> torch.Tensor:
+        """Expand a ``[1, 2, k, C]`` special token: slot 0 for frame 0, slot 1 for the others.
+
+        With ``starts_sequence=False`` (a streamed frame after the first) every frame takes slot 1.
+        """
+        if not starts_sequence:
+            return token[:, 1:2].expand(batch, frames, *token.shape[2:]).reshape(batch * frames, *token.shape[2:])
         first = token[:, 0:1].expand(batch, 1, *token.shape[2:])
         others = token[:, 1:2].expand(batch, frames - 1, *token.shape[2:])
         return torch.cat([first, others], dim=1).reshape(batch * frames, *token.shape[2:])

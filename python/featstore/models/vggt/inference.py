@@ -8,7 +8,7 @@ here runs under :func:`torch.inference_mode`.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
 import torch
@@ -20,10 +20,18 @@ from featstore.models.vggt.aggregator import (
     LayerSelectView,
     normalize_layer_selection,
 )
+from featstore.models.vggt.kv_cache import KVCache, normalize_window
 from featstore.models.vggt.model import VGGT
 from featstore.models.vggt.preprocess import to_unit_float
 
-__all__ = ["AmpDtype", "autocast_dtype", "aggregator_autocast", "extract_layers", "run_vggt"]
+__all__ = [
+    "AmpDtype",
+    "autocast_dtype",
+    "aggregator_autocast",
+    "extract_layers",
+    "run_vggt",
+    "stream_history",
+]
 
 AmpDtype = Literal["auto"] | torch.dtype | None
 """``"auto"`` (bf16 where supported, else fp16, on CUDA only), an explicit dtype, or None (off)."""
@@ -167,3 +175,71 @@ def extract_layers(
         with aggregator_autocast(device, amp_dtype):
             view, _ = aggregator.forward_layers(images, selection)
     return view
+
+
+def stream_history(
+    model: VGGT | Aggregator,
+    images: torch.Tensor,
+    window: Sequence[int] | None = None,
+    *,
+    layers: LayerSelection,
+    tokens: Literal["patch", "all"] = "patch",
+    amp_dtype: AmpDtype = "auto",
+    kv_cache: KVCache | None = None,
+) -> LayerSelectView:
+    """Stream histories causally in one pass: frame ``k``'s layers as computed from frames ``0..k``.
+
+    Each frame is fed once through a key/value cache (``T`` frame passes for ``T`` frames), so
+    the last-frame features of every prefix of a history (what a JanusVLN-style sample of steps
+    ``1..k`` uses) come out of a single pass instead of ``T(T+1)/2`` frame passes.
+
+    Parameters
+    ----------
+    model : VGGT or Aggregator
+        The model or its aggregator.
+    images : Tensor
+        ``[B, T, 3, H, W]`` (or ``[T, 3, H, W]``, then ``B = 1``): ``B`` histories of ``T``
+        frames, oldest first, float in [0, 1] or uint8. To feed a history last to first, flip it.
+    window : (int, int) or None
+        ``(start, recent)`` window of a new cache (see :meth:`Aggregator.new_kv_cache`).
+    layers : int or iterable of int
+        Absolute layer numbers to keep (negatives count from the end); nothing after the
+        deepest is computed.
+    tokens : "patch" or "all"
+        Keep only the patch tokens (what JanusVLN uses), or every token.
+    amp_dtype : "auto", torch.dtype, or None
+        Autocast dtype (see :func:`aggregator_autocast`).
+    kv_cache : KVCache, optional
+        Continue this stream (its frames come before ``images``; its window applies) instead
+        of starting a new one. Its ``frames_seen`` counts the frame passes.
+
+    Returns
+    -------
+    LayerSelectView
+        The kept layers, each ``[B, T, P, 2C]`` (``P`` patch tokens, or all ``N`` tokens with
+        ``tokens="all"``); index ``k`` on the frame axis holds frame ``k`` given frames ``0..k``.
+    """
+    if tokens not in ("patch", "all"):
+        raise ValueError(f"tokens must be 'patch' or 'all', got {tokens!r}")
+    aggregator = model.aggregator if isinstance(model, VGGT) else model
+    selection = normalize_layer_selection(layers, aggregator.depth)
+    if selection is None:
+        raise ValueError("stream_history needs a layer selection (e.g. layers=22 for JanusVLN)")
+    if kv_cache is None:
+        kv_cache = aggregator.new_kv_cache(window)
+    elif window is not None and normalize_window(window) != kv_cache.window:
+        raise ValueError(f"window={window!r} differs from the given cache's window {kv_cache.window}")
+    start = aggregator.patch_start_idx if tokens == "patch" else 0
+    device = _model_device(aggregator)
+    kept: dict[int, torch.Tensor] = {}
+    with torch.inference_mode():
+        images = _prepare_images(images, aggregator)
+        batch, frames = images.shape[:2]
+        with aggregator_autocast(device, amp_dtype):
+            for frame in range(frames):
+                view, _ = aggregator.forward_layers(images[:, frame : frame + 1], selection, kv_cache=kv_cache)
+                for layer, output in view.items():
+                    if layer not in kept:
+                        kept[layer] = output.new_empty(batch, frames, output.shape[2] - start, output.shape[3])
+                    kept[layer][:, frame] = output[:, 0, start:]
+    return LayerSelectView(aggregator.depth, kept)

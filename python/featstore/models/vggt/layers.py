@@ -6,6 +6,8 @@ checkpoint keys and must not change.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -205,18 +207,71 @@ class Attention(nn.Module):
         # One instance shared by all blocks, so its table cache is shared too; it has no weights.
         self.rope = rope
 
-    def forward(self, x: torch.Tensor, pos: torch.Tensor | None = None) -> torch.Tensor:
-        """Attend over the tokens of ``x`` (``[B, N, C]``); ``pos`` (``[B, N, 2]``) feeds RoPE."""
-        batch, tokens, channels = x.shape
+    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Raw queries, keys and values of ``x``, each ``[B, heads, N, head_dim]`` (no norm, no RoPE)."""
+        batch, tokens, _ = x.shape
         qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
+        return q, k, v
+
+    def forward(
+        self, x: torch.Tensor, pos: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Attend over the tokens of ``x`` (``[B, N, C]``); ``pos`` (``[B, N, 2]``) feeds RoPE.
+
+        ``attn_mask`` (bool, ``[N, N]`` or broadcastable to ``[B, heads, N, N]``) is True where a
+        query may attend to a key.
+        """
+        batch, tokens, channels = x.shape
+        q, k, v = self._project(x)
         q, k = self.q_norm(q), self.k_norm(k)
         if self.rope is not None and pos is not None:
             q = self.rope(q, pos)
             k = self.rope(k, pos)
-        x = F.scaled_dot_product_attention(q, k, v)
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         x = x.transpose(1, 2).reshape(batch, tokens, channels)
         return self.proj(x)
+
+    def forward_with_past(
+        self,
+        x: torch.Tensor,
+        pos: torch.Tensor | None,
+        past_keys: Sequence[torch.Tensor],
+        past_values: Sequence[torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Attend from one frame's tokens to earlier frames' raw keys and values and to its own.
+
+        Parameters
+        ----------
+        x : Tensor
+            The new frame's tokens, ``[B, N, C]``.
+        pos : Tensor or None
+            Their RoPE positions, ``[B, N, 2]``; every earlier frame has the same positions.
+        past_keys, past_values : sequence of Tensor
+            Earlier frames' keys and values as :meth:`_project` produced them (before the q/k
+            norm and RoPE), ``[B, heads, N, head_dim]`` each, in frame order.
+
+        Returns
+        -------
+        out : Tensor
+            ``[B, N, C]``.
+        keys, values : Tensor
+            The new frame's raw keys and values, for the caller to cache.
+        """
+        batch, tokens, channels = x.shape
+        q, k_raw, v_raw = self._project(x)
+        k = torch.cat([*(t.to(k_raw.dtype) for t in past_keys), k_raw], dim=2) if past_keys else k_raw
+        v = torch.cat([*(t.to(v_raw.dtype) for t in past_values), v_raw], dim=2) if past_values else v_raw
+        frames = k.shape[2] // tokens
+        q, k = self.q_norm(q), self.k_norm(k)
+        if self.rope is not None and pos is not None:
+            q = self.rope(q, pos)
+            # Frames along the head axis: one [B, N, 2] position grid then serves every frame.
+            k = self.rope(k.reshape(batch, self.num_heads * frames, tokens, self.head_dim), pos)
+            k = k.reshape(batch, self.num_heads, frames * tokens, self.head_dim)
+        x = F.scaled_dot_product_attention(q, k, v)
+        x = x.transpose(1, 2).reshape(batch, tokens, channels)
+        return self.proj(x), k_raw, v_raw
 
 
 class Block(nn.Module):
@@ -258,11 +313,33 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), dim)
         self.ls2 = LayerScale(dim, init_values)
 
-    def forward(self, x: torch.Tensor, pos: torch.Tensor | None = None) -> torch.Tensor:
-        """Apply the block to ``x`` (``[B, N, C]``), with RoPE positions ``pos`` when it has RoPE."""
-        x = x + self.ls1(self.attn(self.norm1(x), pos=pos))
+    def forward(
+        self, x: torch.Tensor, pos: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Apply the block to ``x`` (``[B, N, C]``), with RoPE positions ``pos`` when it has RoPE.
+
+        ``attn_mask`` (bool, True where a query may attend to a key) restricts the attention.
+        """
+        x = x + self.ls1(self.attn(self.norm1(x), pos=pos, attn_mask=attn_mask))
         x = x + self.ls2(self.mlp(self.norm2(x)))
         return x
+
+    def forward_with_past(
+        self,
+        x: torch.Tensor,
+        pos: torch.Tensor | None,
+        past_keys: Sequence[torch.Tensor],
+        past_values: Sequence[torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Apply the block to one frame, its attention also reading earlier frames' raw keys and values.
+
+        See :meth:`Attention.forward_with_past`; returns the block's output and the frame's raw
+        keys and values.
+        """
+        attended, keys, values = self.attn.forward_with_past(self.norm1(x), pos, past_keys, past_values)
+        x = x + self.ls1(attended)
+        x = x + self.ls2(self.mlp(self.norm2(x)))
+        return x, keys, values
 
 
 class PatchEmbed(nn.Module):
