@@ -120,3 +120,45 @@ class Wide(MeanColor):
         f = out["features"]
         out["wide"] = f.repeat(1, -(-self.width // f.shape[1]))[:, : self.width].contiguous()
         return out
+
+
+class CaptionLength:
+    """Embeds a caption as its length and first byte: an ``encode_items`` encoder whose other
+    input is the caption file the caption rule picks (``img.txt``, else ``img.png.txt``), or a
+    text from a mapping when ``captions`` is given."""
+
+    name = "caption"
+
+    def __init__(self, captions: dict[str, str] | None = None, after_read=None) -> None:
+        self.captions = captions
+        self.after_read = after_read  # called with the path once the caption is read (edit races)
+
+    def fingerprint(self) -> str:
+        return "caption-v1"
+
+    def _caption(self, path: str) -> str:
+        from featstore.encoders.diffusion.inputs import caption_path
+
+        if self.captions is not None:
+            return self.captions[os.path.basename(path)]
+        with open(caption_path(path), encoding="utf-8") as f:
+            text = f.read()
+        if self.after_read is not None:
+            self.after_read(path)
+        return text
+
+    def preprocess(self, path: str) -> str:
+        return self._caption(path)
+
+    def inputs(self, rel: str, path: str) -> dict:
+        from featstore.encoders.diffusion.inputs import caption_inputs
+
+        if self.captions is not None:
+            return {"caption": self.captions[os.path.basename(path)].encode()}
+        return caption_inputs(path)
+
+    def encode(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def encode_items(self, items: list[str]) -> dict[str, torch.Tensor]:
+        return {"features": torch.tensor([[len(t), ord(t[0]) if t else 0] for t in items], dtype=torch.float32)}

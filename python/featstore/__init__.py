@@ -29,6 +29,7 @@ from featstore.errors import (
     ReadOnlyDataRootError,
     SourceChangedError,
     StaleEntryError,
+    TensorNameError,
 )
 from featstore.scan import DEFAULT_EXTENSIONS, ScanResult, scan
 from featstore.status import Status
@@ -65,6 +66,7 @@ __all__ = [
     "ReadOnlyDataRootError",
     "LockHeldError",
     "SourceChangedError",
+    "TensorNameError",
 ]
 
 

@@ -28,6 +28,8 @@ def stamp_key(path: str | os.PathLike[str], data_root: str | os.PathLike[str]) -
     root = os.path.abspath(os.fspath(data_root))
     p = os.path.abspath(os.path.join(root, os.fspath(path)))
     rel = os.path.relpath(p, root)
+    if rel == ".." or rel.startswith("../"):  # perhaps the root spelled another way (a symlink to it)
+        rel = os.path.relpath(os.path.realpath(p), os.path.realpath(root))
     if rel == ".." or rel.startswith("../"):
         raise PathOutsideRootError(f"{p} is outside the data root {root}")
     st = os.stat(p)

@@ -13,15 +13,15 @@ from typing import Any
 import torch
 
 from featstore.encoders.base import Encoder, capabilities, check_outputs
+from featstore.inputs import InputValue, Stamp, as_read, stamp_of
 
 
-def source_stamp(path: str) -> tuple[int, int]:
-    """``(size, mtime_ns)`` of a source, as the writer compares it."""
-    st = os.stat(path)
-    return st.st_size, st.st_mtime_ns
+def source_stamp(path: str) -> Stamp:
+    """``(size, mtime_ns, ino, ctime_ns)`` of a source, as the writer compares it."""
+    return stamp_of(path)
 
 
-def decode_source(encoder: Encoder, path: str) -> tuple[Any, str | None, tuple[int, int] | None]:
+def decode_source(encoder: Encoder, path: str) -> tuple[Any, str | None, Stamp | None]:
     """``(decoded or None, error or None, the source's stamp before reading)`` for one source:
     a uint8 ``[3, H, W]`` image, or whatever ``preprocess`` gives an encoder with
     ``encode_items`` (a caption). A bad source is an error string, never an exception."""
@@ -35,6 +35,19 @@ def decode_source(encoder: Encoder, path: str) -> tuple[Any, str | None, tuple[i
     if not isinstance(decoded, torch.Tensor) or decoded.dim() != 3:
         return None, f"preprocess returned {type(decoded).__name__}, not a [3, H, W] tensor", None
     return decoded, None, stamp
+
+
+def read_inputs(encoder: Encoder, rel: str, root: str) -> tuple[dict[str, InputValue] | None, str | None]:
+    """``(inputs, error)``: the encoder's other inputs of source ``rel`` (a caption file, a control
+    image, a caption's text), each file stamped now. Call it *before* the encoder reads them
+    (``preprocess``): the write then refuses features of a file edited in between. ``(None,
+    None)`` for an encoder without ``inputs``; a missing caption is an error string."""
+    if not capabilities(encoder).inputs:
+        return None, None
+    try:
+        return as_read(encoder.inputs(rel, os.path.join(root, rel)), root), None  # type: ignore[attr-defined]
+    except Exception as exc:  # a missing caption is recorded, never fatal
+        return None, f"{type(exc).__name__}: {exc}"
 
 
 def encode_batch(enc: Encoder, dev: torch.device, batch: torch.Tensor | list[Any]) -> dict[str, torch.Tensor]:

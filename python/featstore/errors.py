@@ -36,6 +36,13 @@ class BatchReadError(StaleEntryError):
         self.out = out
 
 
+class TensorNameError(FeatstoreError, KeyError):
+    """Entries hold no tensor of the name asked for; the message names the tensors they hold."""
+
+    def __str__(self) -> str:  # the message as written, not KeyError's repr of it
+        return str(self.args[0]) if self.args else ""
+
+
 class ForeignEntryError(FeatstoreError):
     """An entry was written with another encoder fingerprint than the store expects."""
 
@@ -61,6 +68,7 @@ __all__ = [
     "CorruptEntryError",
     "StaleEntryError",
     "BatchReadError",
+    "TensorNameError",
     "ForeignEntryError",
     "CheckpointError",
     "DataRootError",

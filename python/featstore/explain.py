@@ -134,7 +134,8 @@ def explain(store: FeatureStore, path: str | os.PathLike[str]) -> Explanation:
         A source, relative to the data root or absolute inside it.
     """
     rel = store.rel(path)
-    state, entry_p, reason = store.check(rel)
+    checked = store.check(rel)
+    state, entry_p, reason = checked.state, checked.entry, checked.reason
     entry = os.fspath(entry_p)
     src = os.path.join(store.data_root, rel)
     details: list[tuple[str, str]] = []

@@ -16,6 +16,7 @@ from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from featstore import _core
+from featstore.errors import ManifestError
 from featstore.vocabulary import sidecar_suffix
 
 if TYPE_CHECKING:  # the store writes its manifest through this module
@@ -37,10 +38,17 @@ def write_manifest(store: FeatureStore, status: Status, sources: Iterable[str],
     doc["counts"] = dict(status.counts)
     doc.update(fields or {})
     doc["failures"] = old.get("failures", {})
-    doc["index"] = {os.fspath(r.source): list(r.as_list()) for r in store.index_records(sources)}
+    doc["index"] = dict(_index_items(store, sources))
     os.makedirs(os.path.dirname(path), exist_ok=True)
     _core.write_manifest(path, json.dumps(doc))
     return path
+
+
+def _index_items(store: FeatureStore, sources: Iterable[str]) -> Iterable[tuple[str, Any]]:
+    """The index as the Rust core writes it (keys through ``vocabulary.path_to_json``)."""
+    for record in store.index_records(sources):
+        key, value = record.to_json()
+        yield key, json.loads(value)
 
 
 def store_fields(store: FeatureStore, *, total_images: int) -> dict[str, Any]:
@@ -52,6 +60,32 @@ def store_fields(store: FeatureStore, *, total_images: int) -> dict[str, Any]:
             "feature": store.feature, "layout": store.layout, "cache_dir": store.cache_dir,
             "fingerprint": store.fingerprint, "featstore_version": _core.__version__,
             "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def check_fingerprint_field(path: str) -> None:
+    """Raises :class:`ManifestError` when the manifest at ``path`` records a fingerprint that is
+    neither a string nor null: read as "none", it would let any encoder's entries be served."""
+    text = _core.read_manifest(path)
+    try:
+        doc = json.loads(text) if text else {}
+    except ValueError:
+        return  # a damaged manifest is the core's to report
+    value = doc.get("fingerprint") if isinstance(doc, dict) else None
+    if value is None or isinstance(value, str):
+        return
+    raise ManifestError(
+        f"manifest {path}: its fingerprint is {json.dumps(value)} ({type(value).__name__}), not a string, so it "
+        "cannot say which encoder's entries are valid. Run `featstore precompute` for this feature again (it "
+        "records its encoder's fingerprint), or set \"fingerprint\" there to the encoder's fingerprint string, or "
+        "open the store with it (FeatureStore(..., fingerprint=FP), --fingerprint FP)")
+
+
+def indexed_sources(store: FeatureStore) -> list[str]:
+    """The sources the manifest's index lists (valid when it was written), in its order; [] without
+    a manifest or index."""
+    text = _core.read_manifest(store.manifest_path)
+    index = json.loads(text).get("index") if text else None
+    return list(index) if isinstance(index, dict) else []
 
 
 def journal_paths(manifest_path: str) -> list[str]:

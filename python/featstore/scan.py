@@ -12,6 +12,7 @@ import numpy as np
 from featstore import _core
 from featstore.errors import NoImagesFoundError
 from featstore.progress import run_with_progress
+from featstore.vocabulary import sidecar_suffix
 
 DEFAULT_EXTENSIONS: tuple[str, ...] = tuple(_core.DEFAULT_EXTENSIONS)
 
@@ -52,6 +53,19 @@ class ScanResult:
     def total_bytes(self) -> int:
         """Sum of the source sizes in bytes."""
         return int(self.sizes.sum()) if len(self.sizes) else 0
+
+    def without_entries_of(self, feature: str) -> ScanResult:
+        """The sources but the feature's own sidecar entries (``<source>.<feature>.safetensors``):
+        an entry is never a source, whatever ``--ext`` says (else every run would encode the
+        last run's entries)."""
+        suffix = sidecar_suffix(feature)
+        keep = [i for i, p in enumerate(self.paths) if not p.endswith(suffix)]
+        if len(keep) == len(self.paths):
+            return self
+        index = np.asarray(keep, dtype=np.int64)
+        sets = [s for s in self.sets if not any(m.endswith(suffix) for m in s)]
+        return ScanResult([self.paths[i] for i in keep], self.sizes[index], self.mtimes_ns[index], self.errors,
+                          sets, self.root)
 
     def by_extension(self) -> dict[str, tuple[int, int]]:
         """``{".jpg": (count, bytes), ...}`` with extensions in lower case."""

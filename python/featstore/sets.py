@@ -19,12 +19,16 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import time
+from collections import defaultdict
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from featstore import _core
 from featstore.errors import CorruptEntryError, FeatstoreError
+from featstore.vocabulary import ENTRY_EXTENSION
 
 if TYPE_CHECKING:
     import torch
@@ -32,6 +36,59 @@ if TYPE_CHECKING:
     from featstore.store import FeatureStore
 
 _SET_DOMAIN = b"featstore-set-v1\0"
+_SET_FILE = re.compile(r"^[0-9a-f]{32}\." + ENTRY_EXTENSION + "$")
+
+
+@dataclass(frozen=True)
+class SetMode:
+    """How a feature's sources were grouped into frame sets, as its manifest records it.
+
+    Attributes
+    ----------
+    frames : int
+        Frames per set (more than 1; a shorter last chunk is its own set).
+    jsonl : str or None
+        The ``.jsonl`` field the sources came from: its lists are the sets (chunked), and without
+        lists each directory's sorted images are. None: the images under the root.
+    """
+
+    frames: int
+    jsonl: str | None = None
+
+    def describe(self) -> str:
+        """The mode in words, for reports."""
+        where = f".jsonl field {self.jsonl!r}" if self.jsonl else "each directory's sorted images"
+        return f"frame sets of up to {self.frames} frames from {where}"
+
+
+def recorded_mode(store: FeatureStore) -> SetMode | None:
+    """The frame-set mode the feature's manifest records (``frames_per_set`` above 1, and the
+    ``jsonl`` field sources came from), or None: entries are per image (or there is no manifest)."""
+    text = _core.read_manifest(store.manifest_path)
+    if not text:
+        return None
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        return None
+    frames = doc.get("frames_per_set") if isinstance(doc, dict) else None
+    if not isinstance(frames, int) or isinstance(frames, bool) or frames <= 1:
+        return None
+    jsonl = doc.get("jsonl")
+    return SetMode(frames, jsonl if isinstance(jsonl, str) and jsonl else None)
+
+
+def group_frames(lists: Sequence[Sequence[str]], paths: Sequence[str], frames: int) -> list[tuple[str, ...]]:
+    """The frame sets of ``frames`` frames: each ``.jsonl`` list, else each directory's sorted
+    ``paths``, cut into consecutive chunks of up to ``frames`` (a shorter last chunk is its own set).
+    Precompute, status, verify and gc all group by this one rule."""
+    groups: list[Sequence[str]] = list(lists)
+    if not groups:
+        by_dir: dict[str, list[str]] = defaultdict(list)
+        for p in paths:  # already sorted
+            by_dir[os.path.dirname(p)].append(p)
+        groups = [by_dir[d] for d in sorted(by_dir)]
+    return [tuple(g[i:i + frames]) for g in groups for i in range(0, len(g), frames)]
 
 
 def set_key(store: FeatureStore, rels: Sequence[str]) -> str:
@@ -61,7 +118,7 @@ def put_set(store: FeatureStore, paths: Sequence[str | os.PathLike[str]], tensor
     """Writes the entry of an ordered set of sources atomically; returns its path.
 
     The metadata records every member (path, stamp, digest), the fingerprint and the set size.
-    ``expected`` holds the members' ``(size, mtime_ns)`` when they were read for encoding: if one
+    ``expected`` holds the members' stamps when they were read for encoding: if one
     changed since, :class:`FeatstoreError` is raised and nothing is written.
     """
     from featstore._torch import to_raw
@@ -72,11 +129,13 @@ def put_set(store: FeatureStore, paths: Sequence[str | os.PathLike[str]], tensor
     before = [os.stat(os.path.join(store.data_root, r)) for r in rels]
     if expected is not None:
         for r, st, seen in zip(rels, before, expected, strict=True):
-            if (st.st_size, st.st_mtime_ns) != tuple(seen):
+            # ``seen`` is (size, mtime_ns) or the full stamp (size, mtime_ns, ino, ctime_ns).
+            if (st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)[:len(seen)] != tuple(seen):
                 raise FeatstoreError(f"{r} changed after it was read for encoding; its set was not stored, "
                                      "run again to encode the new version")
     digests = _core.file_digests([os.path.join(store.data_root, r) for r in rels])
-    members = [{"path": r, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "blake3": d}
+    members = [{"path": r, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "ino": st.st_ino,
+                "ctime_ns": st.st_ctime_ns, "blake3": d}
                for r, st, d in zip(rels, before, digests, strict=True)]
     path = set_entry_path(store, rels)
     meta = dict(metadata or {})
@@ -97,17 +156,25 @@ def _racy(mtimes_ns: Sequence[int]) -> bool:
 
 def _members_changed(store: FeatureStore, meta: Mapping[str, str]) -> bool | None:
     """Whether a member's bytes differ from those the set was computed from: True (or when they
-    cannot be compared), False when all match, None for an entry not marked racy (its key, made
-    of the members' stamps, says enough)."""
-    if meta.get("racy") != "1":
-        return None
+    cannot be compared), False when digests were compared and all match, None when every
+    member's full stamp (size, mtime, inode, ctime) is the recorded one and the entry is not
+    racy. The key holds only sizes and mtimes: a frame renamed onto a member's name with the
+    same size and mtime (renumbered frames) has another inode and ctime, so it is digested."""
     try:
         members = json.loads(meta["members"])
-        paths: list[str | os.PathLike[str]] = [os.path.join(store.data_root, m["path"]) for m in members]
+        paths = [os.path.join(store.data_root, m["path"]) for m in members]
         recorded = [m["blake3"] for m in members]
+        stamps = [(m["size"], m["mtime_ns"], m.get("ino"), m.get("ctime_ns")) for m in members]
     except (KeyError, TypeError, ValueError):
-        return True  # a racy entry whose members cannot be checked is not served
-    return _core.file_digests(paths) != recorded
+        return True  # an entry whose members cannot be checked is not served
+    try:
+        now = [(st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns) for st in map(os.stat, paths)]
+    except OSError:
+        return True
+    if meta.get("racy") != "1" and now == stamps:
+        return None
+    digests = _core.file_digests(list[str | os.PathLike[str]](paths))
+    return digests != recorded
 
 
 def set_state(store: FeatureStore, paths: Sequence[str | os.PathLike[str]]) -> str:
@@ -172,3 +239,111 @@ def _clear_racy_mark(path: str) -> None:
         raw, keep = to_raw({name: torch.from_dlpack(c) for name, c in capsules})
         _core.write_entry(path, raw, {**meta, "racy": "0"})
         del keep
+
+
+@dataclass
+class SetVerdict:
+    """One frame-set entry file judged on its own, from the members its header records.
+
+    Attributes
+    ----------
+    path : str
+        The entry file.
+    members : tuple of str
+        Its members in order (empty when they cannot be read).
+    state : str
+        ``valid``, ``stale`` (a member changed, or a newer entry of the same members supersedes
+        it), ``foreign``, ``orphan`` (a member is gone) or ``corrupt``.
+    reason : str
+        Why, in words.
+    """
+
+    path: str
+    members: tuple[str, ...]
+    state: str
+    reason: str = ""
+
+
+def set_entry_files(store: FeatureStore) -> list[str]:
+    """Every frame-set entry file of the feature (``<state dir>/sets/<key[:2]>/<key32>.safetensors``),
+    sorted."""
+    base = os.path.join(store.state_dir, "sets")
+    found: list[str] = []
+    for directory, _, files in os.walk(base):
+        parent = os.path.basename(directory)
+        found.extend(os.path.join(directory, f) for f in files
+                     if _SET_FILE.match(f) and f[:2] == parent and os.path.dirname(directory) == base)
+    return sorted(found)
+
+
+def judge_set_entry(store: FeatureStore, path: str, *, deep: bool = False) -> SetVerdict:
+    """The state of one frame-set entry file from its header alone (no grouping needed).
+
+    ``deep`` compares every member's digest with the recorded one (what ``verify`` does);
+    otherwise only members whose stamp moved, or all of a ``racy`` entry's, are digested.
+
+    Raises
+    ------
+    OSError
+        The file cannot be read (other than being malformed).
+    """
+    try:
+        meta, _, _ = _core.read_header(path)
+    except CorruptEntryError as exc:
+        return SetVerdict(path, (), "corrupt", str(exc))
+    if meta.get("kind") != "frame-set" or meta.get("feature") != store.feature:
+        return SetVerdict(path, (), "corrupt", f"not a frame-set entry of feature {store.feature}")
+    try:
+        recorded = [(m["path"], int(m["size"]), int(m["mtime_ns"]), m["blake3"]) for m in json.loads(meta["members"])]
+    except (KeyError, TypeError, ValueError) as exc:
+        return SetVerdict(path, (), "corrupt", f"its members cannot be read ({type(exc).__name__}: {exc})")
+    members = tuple(m[0] for m in recorded)
+    if not members:
+        return SetVerdict(path, members, "corrupt", "it records no member")
+    gone = [m for m in members if not os.path.lexists(os.path.join(store.data_root, m))]
+    if gone:
+        return SetVerdict(path, members, "orphan", f"its member {gone[0]} no longer exists")
+    if store.fingerprint and meta.get("fingerprint") != store.fingerprint:
+        return SetVerdict(path, members, "foreign", f"fingerprint {meta.get('fingerprint') or '(none)'}, the store "
+                          f"expects {store.fingerprint}")
+    try:
+        current = set_entry_path(store, members)
+    except FileNotFoundError as exc:  # gone since the look above
+        return SetVerdict(path, members, "orphan", f"a member no longer exists: {exc}")
+    moved = os.path.normpath(current) != os.path.normpath(path)
+    if moved and os.path.lexists(current):
+        return SetVerdict(path, members, "stale", f"superseded: the set's current entry is {current}")
+    paths: list[str | os.PathLike[str]] = [os.path.join(store.data_root, m) for m in members]
+    digests = (_core.file_digests(paths)
+               if moved or deep or meta.get("racy") == "1" or _members_changed(store, meta) is not None else None)
+    if digests is not None:
+        changed = [m for m, now, (_, _, _, then) in zip(members, digests, recorded, strict=True) if now != then]
+        if changed:
+            return SetVerdict(path, members, "stale", f"its member {changed[0]} changed since the set was computed")
+    if moved:
+        return SetVerdict(path, members, "valid", "filed under older stamps of its members (same bytes); a "
+                          "precompute computes the set again under the current ones")
+    return SetVerdict(path, members, "valid")
+
+
+def group_states(store: FeatureStore, groups: Sequence[Sequence[str]], verdicts: Sequence[SetVerdict]) -> list[str]:
+    """The state of each expected frame set (``group_frames``): its current entry's verdict, else
+    ``stale`` when an older entry of the same members is stale, else ``missing``."""
+    by_path = {os.path.normpath(v.path): v for v in verdicts}
+    by_members: dict[tuple[str, ...], list[SetVerdict]] = defaultdict(list)
+    for v in verdicts:
+        by_members[v.members].append(v)
+    states = []
+    for group in groups:
+        members = tuple(store.rel(p) for p in group)
+        try:
+            current = by_path.get(os.path.normpath(set_entry_path(store, members)))
+        except FileNotFoundError:
+            current = None
+        if current is not None:
+            states.append(current.state)
+        elif any(v.state == "stale" for v in by_members.get(members, ())):
+            states.append("stale")
+        else:
+            states.append("missing")
+    return states

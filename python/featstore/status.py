@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from featstore import _core
 from featstore.scan import scan
-from featstore.vocabulary import STATES, check_error, sidecar_suffix
+from featstore.vocabulary import STATES, check_error, path_from_json, sidecar_suffix
 
 if TYPE_CHECKING:  # the store counts through this module; it only uses the store handed to it
     from featstore.store import FeatureStore
@@ -29,6 +29,13 @@ class Status:
         The fingerprint entries were checked against.
     errors : list of (str, str)
         Sources that could not be checked, with the reason.
+    unit : {"sources", "sets"}
+        What the counts count: per-image entries, or frame sets (the feature's manifest records a
+        frame-set mode; see :func:`featstore.ops.status`).
+    frames : int or None
+        With frame sets: the frames (images) the sets are made of.
+    frames_per_set : int
+        With frame sets: the most frames one set holds.
     """
 
     counts: dict[str, int]
@@ -37,19 +44,32 @@ class Status:
     data_root: str
     fingerprint: str | None = None
     errors: list[tuple[str, str]] = field(default_factory=list)
+    unit: str = "sources"
+    frames: int | None = None
+    frames_per_set: int = 1
 
     def __getitem__(self, state: str) -> int:
         return self.counts[state]
 
     @property
     def sources(self) -> int:
-        """Sources that exist (every state but ``orphan``)."""
+        """Sources that exist: the counts of every state but ``orphan``, or with frame sets the frames."""
+        if self.unit == "sets" and self.frames is not None:
+            return self.frames
+        return self.items
+
+    @property
+    def items(self) -> int:
+        """What the counts count (sources, or frame sets) that exists: every state but ``orphan``."""
         return sum(n for s, n in self.counts.items() if s != "orphan")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"feature": self.feature, "layout": self.layout, "data_root": self.data_root,
-                "fingerprint": self.fingerprint, "sources": self.sources, "counts": dict(self.counts),
-                "errors": [list(e) for e in self.errors]}
+        doc = {"feature": self.feature, "layout": self.layout, "data_root": self.data_root,
+               "fingerprint": self.fingerprint, "sources": self.sources, "counts": dict(self.counts),
+               "errors": [list(e) for e in self.errors], "unit": self.unit}
+        if self.unit == "sets":
+            doc.update({"sets": self.items, "frames": self.frames, "frames_per_set": self.frames_per_set})
+        return doc
 
 
 def count_states(store: FeatureStore, sources: Iterable[str] | None = None, *, threads: int | None = None,
@@ -88,4 +108,4 @@ def _orphan_candidates(store: FeatureStore) -> list[str]:
     text = _core.read_manifest(store.manifest_path)
     if text is None:
         return []
-    return list(json.loads(text).get("index", {}))
+    return [path_from_json(key) for key in json.loads(text).get("index", {})]

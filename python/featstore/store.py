@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import stat
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -23,7 +24,9 @@ from featstore.errors import (
     PathOutsideRootError,
     ReadOnlyDataRootError,
     StaleEntryError,
+    TensorNameError,
 )
+from featstore.inputs import AbsentInput, FileInput, InputValue, Stamp
 from featstore.progress import run_with_progress
 from featstore.status import Status, count_states
 from featstore.vocabulary import (
@@ -40,8 +43,34 @@ from featstore.vocabulary import (
 if TYPE_CHECKING:
     import torch
 
+def _core_input(name: str, value: InputValue) -> tuple[Any, ...]:
+    """An input as the core takes it: ``("file", path, stamp)``, ``("text", bytes)``, ``("absent", path)``."""
+    if isinstance(value, bytes):
+        return ("text", value)
+    if isinstance(value, FileInput):
+        return ("file", os.fspath(value.path), value.stamp)
+    if isinstance(value, AbsentInput):
+        return ("absent", os.fspath(value.path))
+    if isinstance(value, (str, os.PathLike)):
+        return ("file", os.fspath(value), None)
+    raise TypeError(f"input {name!r}: a path, FileInput, AbsentInput or bytes, not {type(value).__name__}")
+
+
 _TORCH_HELPERS: Any = None
 _FROM_DLPACK: Any = None
+
+
+def _not_a_regular_file(exc: OSError) -> bool:
+    """Whether an OS error of a read came from an entry path that is not a regular file (a
+    directory, FIFO, socket, device): such an entry is a counted miss, any other error is raised."""
+    if isinstance(exc, IsADirectoryError):
+        return True
+    if not exc.filename:
+        return False
+    try:
+        return not stat.S_ISREG(os.stat(exc.filename).st_mode)
+    except OSError:
+        return False
 
 
 def _load_from_dlpack() -> Any:
@@ -124,7 +153,11 @@ class FeatureStore:
         self._core = _core.Store(root, feature, cache_dir=self.cache_dir, fingerprint=fingerprint,
                                  legacy_suffix=LEGACY_SIDECAR_SUFFIX if feature == "vggt" else None,
                                  pread=read_mode == "pread")
+        if fingerprint is None and self._core.fingerprint is None:
+            manifest.check_fingerprint_field(self.manifest_path)  # a number or a list must not mean "any"
         self._prefix = root.rstrip(os.sep) + os.sep
+        # Other spellings of the root found so far (through a symlink to it, or its real path).
+        self._aliases: list[str] = []
         self.stats: dict[str, int] = {"hits": 0, "misses": 0, UNREADABLE: 0,
                                       **{s: 0 for s in STATES if s != "valid"}}
         self._warned: set[str] = set()
@@ -169,8 +202,11 @@ class FeatureStore:
         if p.startswith(self._prefix):
             p = p[len(self._prefix):]
         elif os.path.isabs(p):
-            raise PathOutsideRootError(f"{p} is outside the data root {self.data_root}; "
-                                       "open a store on a root that contains it")
+            inside = self._under_root(p)
+            if inside is None:
+                raise PathOutsideRootError(f"{p} is outside the data root {self.data_root}; "
+                                           "open a store on a root that contains it")
+            p = inside
         # Only spellings that normalize to another path pay for normpath (keys hash the bytes).
         if p.startswith(("./", "..")) or "/." in p or "//" in p or p.endswith("/"):
             norm = os.path.normpath(p)
@@ -178,6 +214,34 @@ class FeatureStore:
                 raise PathOutsideRootError(f"{path} is outside the data root {self.data_root}")
             p = norm
         return p
+
+    def _under_root(self, p: str) -> str | None:
+        """``p`` relative to the root when one of its parent directories is the root under another
+        name (a symlinked root, or the root's real path), else None. Such a spelling is remembered,
+        so later paths pay a string comparison."""
+        for alias in self._aliases:
+            if p.startswith(alias):
+                return p[len(alias):]
+        try:
+            root = os.stat(self.data_root)
+        except OSError:
+            return None
+        d = os.path.dirname(p)
+        while True:
+            try:
+                st = os.stat(d)
+                same = (st.st_dev, st.st_ino) == (root.st_dev, root.st_ino)
+            except OSError:
+                same = False
+            if same:
+                alias = d.rstrip(os.sep) + os.sep
+                if len(self._aliases) < 8:
+                    self._aliases.append(alias)
+                return p[len(alias):]
+            parent = os.path.dirname(d)
+            if parent == d:
+                return None
+            d = parent
 
     def entry_path(self, path: str | os.PathLike[str]) -> str:
         """Where the entry of ``path`` is (or would be written) for the source as it is now."""
@@ -201,20 +265,22 @@ class FeatureStore:
         return run_with_progress(lambda p: self._core.check_many(rels, threads, p), desc="checking entries",
                                  total=len(rels), show=progress, unit="sources")
 
-    def check(self, path: str | os.PathLike[str]) -> tuple[str, str, str]:
-        """The full check of ``path``: ``(state, entry file, reason)`` (the entry is '' when there is
-        none to name). Off the hot path: it finds legacy sidecars and says why."""
-        c = self._core.check(self.rel(path))
-        return c.state, os.fspath(c.entry), c.reason
+    def check(self, path: str | os.PathLike[str], *, deep: bool = False) -> _core.Check:
+        """The full check of ``path``: its ``state``, the ``entry`` file ('' when there is none to
+        name), the ``reason``, and the ``identity`` (stamp) of the entry file judged, which
+        destructive commands pass back so that they act on that very file. Off the hot path: it
+        finds legacy sidecars and says why. ``deep`` digests the source and its inputs whatever
+        their stamps (``verify``)."""
+        return self._core.check(self.rel(path), deep)
 
     def check_many(self, paths: Iterable[str | os.PathLike[str]], *, threads: int | None = None,
-                   progress: bool | None = False, desc: str = "checking entries") -> list[tuple[str, str, str]]:
+                   progress: bool | None = False, desc: str = "checking entries",
+                   deep: bool = False) -> list[_core.Check]:
         """:meth:`check` of many sources in parallel in Rust; a failed check's state is
         ``"error: ..."`` (:func:`featstore.vocabulary.check_error` tells it)."""
         rels = [self.rel(p) for p in paths]
-        checks = run_with_progress(lambda p: self._core.check_many_full(rels, threads, p), desc=desc,
-                                   total=len(rels), show=progress, unit="sources")
-        return [(c.state, os.fspath(c.entry), c.reason) for c in checks]
+        return run_with_progress(lambda p: self._core.check_many_full(rels, threads, p, deep), desc=desc,
+                                 total=len(rels), show=progress, unit="sources")
 
     def forget(self, path: str | os.PathLike[str]) -> None:
         """Forgets what this process and the manifest index vouch for about ``path``: the next check
@@ -253,6 +319,11 @@ class FeatureStore:
         except (CorruptEntryError, PermissionError) as exc:
             self._miss(rel, "corrupt" if isinstance(exc, CorruptEntryError) else UNREADABLE, "", str(exc))
             return None
+        except OSError as exc:
+            if not _not_a_regular_file(exc):
+                raise
+            self._miss(rel, "corrupt", os.fspath(exc.filename), f"the entry path is not a regular file ({exc})")
+            return None
         if capsules is None:
             # Off the hot path: one full check says why, and finds a legacy sidecar.
             c = self._core.check(rel)
@@ -274,7 +345,7 @@ class FeatureStore:
         return [self.get(p, device=device, dtype=dtype) for p in paths]
 
     def put(self, path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor], *,
-            inputs: Mapping[str, str | os.PathLike[str] | bytes] | None = None,
+            inputs: Mapping[str, InputValue] | None = None,
             metadata: Mapping[str, str] | None = None, durable: bool = False) -> str:
         """Writes the entry of ``path`` atomically and returns its file path.
 
@@ -285,8 +356,9 @@ class FeatureStore:
         inputs : dict, optional
             Inputs besides the source: a path (str or PathLike, relative to the root or
             absolute) for files such as a caption ``.txt`` or a control image, recorded by stamp
-            and digest and checked on every lookup; ``bytes`` for a text (a caption from a
-            ``.jsonl``), recorded by digest.
+            and digest and checked on every lookup (a :class:`FileInput` also carries the stamp
+            taken when the encoder read it); an :class:`AbsentInput` for a file that must not
+            appear; ``bytes`` for a text (a caption from a ``.jsonl``), recorded by digest.
         metadata : dict of str to str, optional
             Extra header metadata; featstore's own keys take precedence.
         durable : bool
@@ -303,9 +375,9 @@ class FeatureStore:
         return os.fspath(self.write(path, tensors, inputs=inputs, metadata=metadata, durable=durable)["path"])
 
     def write(self, path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor], *,
-             inputs: Mapping[str, str | os.PathLike[str] | bytes] | None = None,
+             inputs: Mapping[str, InputValue] | None = None,
              metadata: Mapping[str, str] | None = None, durable: bool = False,
-             expected: tuple[int, int] | None = None) -> dict[str, Any]:
+             expected: Stamp | None = None) -> dict[str, Any]:
         """:meth:`put`, returning what was written (what a journal line records): ``path``, the
         ``source`` and ``entry`` stamps as ``(size, mtime_ns)``, ``racy``, ``check_first`` and
         ``bytes``. With ``expected`` (the source's stamp when the encoder read it), a source changed
@@ -317,7 +389,7 @@ class FeatureStore:
             if not isinstance(k, str) or not isinstance(v, str):
                 raise TypeError(f"metadata must map str to str, got {k!r}: {type(v).__name__}")
             meta[k] = v
-        extra = [(name, v if isinstance(v, bytes) else os.fspath(v)) for name, v in (inputs or {}).items()]
+        extra = [(name, _core_input(name, v)) for name, v in (inputs or {}).items()]
         try:
             written = self._core.put(rel, raw, meta, extra, durable, expected)
         except OSError as exc:
@@ -359,6 +431,9 @@ class FeatureStore:
         BatchReadError
             Some slots could not be filled; ``exc.failed`` names them and why, ``exc.out`` holds
             the others.
+        TensorNameError
+            A valid entry holds no tensor ``name`` (a ``KeyError`` too); the message names those
+            it holds.
         StaleEntryError
             No source in the batch has a valid entry to take the shape from.
         """
@@ -368,8 +443,17 @@ class FeatureStore:
 
         rels = [self.rel(p) for p in paths]
         if out is None:
-            layout = next((lay[name] for lay in map(self.entry_layout, rels) if lay and name in lay), None)
+            seen: dict[str, Any] = {}  # the first valid entry's tensors, when none has ``name``
+            layout = None
+            for rel, lay in zip(rels, map(self.entry_layout, rels), strict=True):
+                if lay and name in lay:
+                    layout = lay[name]
+                    break
+                if lay and not seen:
+                    seen = {"source": rel, "names": list(lay)}
             if layout is None:
+                if seen:
+                    raise TensorNameError(self._no_tensor(name, seen["source"], seen["names"]))
                 raise StaleEntryError(f"none of the {len(rels)} sources has a valid entry with a tensor {name!r} "
                                       f"(feature {self.feature}); run `featstore precompute` first")
             out = torch.empty((len(rels), *layout[1]), dtype=layout[0], pin_memory=pin_memory)
@@ -385,23 +469,35 @@ class FeatureStore:
         failed = [(i, rels[i], why) for i, why in enumerate(errors) if why is not None]
         if failed:
             i, rel, why = failed[0]
+            lay = self.entry_layout(rel)
+            if lay and name not in lay:  # a valid entry without the tensor: a misspelled name
+                raise TensorNameError(self._no_tensor(name, rel, list(lay)))
             raise BatchReadError(f"{len(failed)} of {len(rels)} entries were not read into the batch, e.g. "
                                  f"{rel} (slot {i}): {why}", failed, out)
         self.stats["hits"] += len(rels)
         return out
+
+    def _no_tensor(self, name: str, rel: str, names: Sequence[str]) -> str:
+        """The message for a tensor name the entries do not hold."""
+        return (f"no tensor {name!r} in the {self.feature} entries: the valid entry of {rel} holds "
+                f"{', '.join(repr(n) for n in sorted(names))}; read one of those")
 
     def entry_layout(self, path: str | os.PathLike[str]) -> dict[str, tuple[torch.dtype, tuple[int, ...]]] | None:
         """The dtype and shape of each tensor in the valid entry of ``path`` (from its header;
         nothing is mapped), or None when there is no valid entry."""
         from featstore._torch import SAFETENSORS_TO_TORCH  # imports torch: not at import featstore
 
-        c = self._core.check(self.rel(path))
-        if c.state != "valid":
-            return None
         try:
+            c = self._core.check(self.rel(path))
+            if c.state != "valid":
+                return None
             _, tensors, _ = _core.read_header(c.entry)
         except (CorruptEntryError, FileNotFoundError):
             return None  # replaced or removed since the check
+        except OSError as exc:
+            if _not_a_regular_file(exc):
+                return None  # a directory or other special file where the entry should be: no entry
+            raise
         # A dtype torch cannot hold (float8) gives no layout: read_batch then finds no entry to use.
         return {name: (SAFETENSORS_TO_TORCH[dt], tuple(shape)) for name, dt, shape, _, _ in tensors
                 if dt in SAFETENSORS_TO_TORCH}
@@ -424,8 +520,21 @@ class FeatureStore:
         return sets.get_set(self, paths, device=device, dtype=dtype)
 
     def remove(self, path: str | os.PathLike[str]) -> bool:
-        """Removes the entry of ``path`` (never the source); True if a file was removed."""
-        return self._core.remove(self.rel(path))
+        """Removes the entry of ``path`` (never the source, never a legacy file); True if a file
+        was removed.
+
+        Only the entry file this call judged is removed: :meth:`check` names it and its identity,
+        and :func:`featstore._core.remove_judged` removes it only while it is still that file. A
+        fresh entry a concurrent writer renamed over it meanwhile stays (False is returned).
+        """
+        rel = self.rel(path)
+        c = self.check(rel)
+        entry = os.fspath(c.entry) if c.entry else ""
+        removed = False
+        if c.identity is not None and entry and c.state != "legacy" and not entry.endswith(LEGACY_SIDECAR_SUFFIX):
+            removed = _core.remove_judged(entry, c.identity)
+        self.forget(rel)
+        return removed
 
     def clear(self) -> int:
         """Removes every entry of this feature, its manifest, journals and state; returns the
@@ -458,7 +567,8 @@ class FeatureStore:
         """Counts entries per state. ``sources`` defaults to a scan of the root for images.
 
         Opens no entry that was seen before (in this process or in the manifest's index).
-        Orphans are entries whose source is gone.
+        Orphans are entries whose source is gone. Counts per-image entries:
+        :func:`featstore.ops.status` counts frame sets when the manifest records that mode.
         """
         return count_states(self, sources, threads=threads, progress=progress)
 

@@ -7,6 +7,7 @@ the two lists equal). Nothing here imports anything but the standard library.
 
 from __future__ import annotations
 
+import os
 import re
 
 #: Every state an entry can be in; reads serve only ``valid`` (and ``legacy`` where allowed).
@@ -69,3 +70,21 @@ def check_error(state: str) -> str | None:
 
     This is the one place that tells an error from a state."""
     return state[len(_ERROR_PREFIX):] if state.startswith(_ERROR_PREFIX) else None
+
+
+def path_to_json(rel: str) -> str:
+    """How a relative path is written in JSON (journal lines, the manifest index's keys): itself
+    when it is UTF-8, else a NUL (which no path contains) and its bytes in hex. The Rust core
+    (``manifest::path_to_json``) reads and writes the same."""
+    raw = os.fsencode(rel)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "\0" + raw.hex()
+
+
+def path_from_json(text: str) -> str:
+    """The path :func:`path_to_json` wrote (non-UTF-8 bytes as ``os.fsdecode`` gives them)."""
+    if text.startswith("\0"):
+        return os.fsdecode(bytes.fromhex(text[1:]))
+    return text

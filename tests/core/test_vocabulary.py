@@ -53,5 +53,5 @@ def test_a_source_edited_after_it_was_read_is_not_written(tmp_path):
     store = FeatureStore(tmp_path, "f")
     torch = pytest.importorskip("torch")
     with pytest.raises(errors.SourceChangedError, match="changed after it was read"):
-        store.write("a.png", {"x": torch.zeros(2)}, expected=(st.st_size, st.st_mtime_ns))
+        store.write("a.png", {"x": torch.zeros(2)}, expected=(st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns))
     assert store.state("a.png") == "missing"

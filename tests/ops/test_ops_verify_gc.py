@@ -231,6 +231,12 @@ def test_gc_refuses_a_data_root_the_cache_was_not_made_for(tree, tmp_path):
     rc, _, err = cli("gc", other, "--feature", "pixel_latent", "--cache-dir", cache)
     assert rc == 2 and root in err and "--force" in err
     assert FeatureStore(root, "pixel_latent", cache_dir=cache).contains(rels[0])
+    # --force while the recorded root still holds those sources: they are its valid entries (a
+    # copy sharing the cache never loses them); once the data really moved, they go.
+    rc, out, _ = cli("gc", other, "--feature", "pixel_latent", "--cache-dir", cache, "--force", "--json")
+    assert rc == 0 and json.loads(out)["removed"] == []
+    assert FeatureStore(root, "pixel_latent", cache_dir=cache).contains(rels[0])
+    os.rename(root, root + ".gone")
     rc, out, _ = cli("gc", other, "--feature", "pixel_latent", "--cache-dir", cache, "--force", "--json")
     assert rc == 0 and len(json.loads(out)["removed"]) == 3
 

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from featstore import env
 from featstore.errors import DataRootError
 from featstore.scan import ScanResult, nothing_found, scan
+from featstore.sets import recorded_mode
 from featstore.store import FeatureStore
 
 if TYPE_CHECKING:
@@ -115,13 +116,20 @@ def open_store(args: argparse.Namespace, root: str) -> FeatureStore:
 def find_sources(args: argparse.Namespace, store: FeatureStore | None, *, allow_empty: bool = False,
                  root: str = "") -> ScanResult:
     """Scans the store's data root (or ``root`` without a store) for the sources the options
-    select; finding none is an error unless ``allow_empty``."""
+    select; finding none is an error unless ``allow_empty``. Without --jsonl, a feature whose
+    frame sets came from a ``.jsonl`` field (its manifest says so) is scanned with that field."""
     skip = store.cache_dir if store is not None else None
     where = store.data_root if store is not None else root
-    found = scan(where, extensions=args.ext, jsonl=args.jsonl, follow_symlinks=args.follow_symlinks,
+    jsonl = args.jsonl
+    if jsonl is None and store is not None:
+        mode = recorded_mode(store)
+        jsonl = mode.jsonl if mode is not None else None
+    found = scan(where, extensions=args.ext, jsonl=jsonl, follow_symlinks=args.follow_symlinks,
                  files_from=args.files_from, skip_dirs=[skip] if skip else [], threads=args.threads, progress=None)
+    if store is not None:
+        found = found.without_entries_of(store.feature)
     if len(found) == 0 and not allow_empty:
-        raise nothing_found(found, extensions=args.ext, jsonl=args.jsonl, files_from=args.files_from)
+        raise nothing_found(found, extensions=args.ext, jsonl=jsonl, files_from=args.files_from)
     return found
 
 

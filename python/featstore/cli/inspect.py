@@ -35,7 +35,9 @@ def register(sub: Subcommands) -> None:
         description="Count the entries of a feature per state: valid, missing, stale (an input changed), foreign "
                     "(another encoder fingerprint), orphan (the source is gone), legacy (old .vggt_cache.pt).\n"
                     "Costs two stats per source; sources in the feature's manifest index open no entry. Finding "
-                    "corrupt entries needs `featstore verify`, which reads them all. Writes nothing.",
+                    "corrupt entries needs `featstore verify`, which reads them all. Writes nothing. A feature "
+                    "precomputed in frame sets (--frames-per-set N, recorded in its manifest) is counted in sets.\n"
+                    "Exit code 1 when some sources could not be checked.",
         epilog="example:\n  featstore status /data --feature vggt\n  featstore status /data --feature pixel_latent "
                "--cache-dir /cache --json")
     add_data_root(p)
@@ -70,10 +72,10 @@ def cmd_status(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
               file=sys.stderr)
         store = open_store(args, store.data_root)  # seeded from the merged index
     found = find_sources(args, store)
-    report = ops.status(store, found.paths, threads=args.threads, progress=None)
+    report = ops.status(store, found.paths, lists=found.sets, threads=args.threads, progress=None)
     report.status.errors[:0] = found.errors
     emit(args, report.to_dict(), report.text())
-    return 0
+    return 1 if report.status.errors else 0  # some sources could not be checked
 
 
 def cmd_explain(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:

@@ -71,9 +71,9 @@ def register(sub: Subcommands) -> None:
                    default=None, help="skip images whose entry is valid (default: on, or $SKIP_EXISTING)")
     r.add_argument("--overwrite", action="store_true", help="recompute every selected image")
     r.add_argument("--start-idx", "--start_idx", dest="start_idx", type=int, default=None, metavar="I",
-                   help="first index of the sorted source list")
+                   help="first index of the sorted source list (of the frame sets with --frames-per-set)")
     r.add_argument("--end-idx", "--end_idx", dest="end_idx", type=int, default=None, metavar="J",
-                   help="end index (exclusive) of the sorted source list")
+                   help="end index (exclusive) of that list; before --start-idx is a usage error")
     r.add_argument("--shard", default=None, metavar="I/N", help="every N-th source starting at I")
     r.add_argument("--dry-run", action="store_true", help="print the plan (counts, bytes, free space) and stop")
     r.add_argument("--force", action="store_true", help="start even if the estimate exceeds the free space")
@@ -140,7 +140,10 @@ def _summary_text(s: dict[str, Any], *, dry_run: bool) -> str:
             f"{enc.get('dtype')}, {enc.get('mode')})" if enc.get("name") == "vggt" else enc.get("name"))
     lines = [f"featstore precompute: feature {s['feature']} with {what} on {s['device']}"]
     est = s["estimated_bytes"]
-    lines.append(f"plan: {s['selected']:,} of {s['sources']:,} sources selected, {s['skipped']:,} already valid, "
+    sets = s.get("unit") == "sets"
+    found = (f"{s['sets']:,} frame sets ({s['sources']:,} frames, up to {s['frames_per_set']} per set)" if sets
+             else f"{s['sources']:,} sources")
+    lines.append(f"plan: {s['selected']:,} of {found} selected, {s['skipped']:,} already valid, "
                  f"{s['planned']:,} to compute" + (f", about {human_bytes(est)}" if est is not None else "")
                  + f" ({human_bytes(s['free_bytes'])} free); planned in {1000 * s['plan_seconds']:.0f} ms")
     if enc.get("name") == "vggt":
@@ -152,8 +155,11 @@ def _summary_text(s: dict[str, Any], *, dry_run: bool) -> str:
     else:
         stages = s.get("stage_seconds", {})
         total = sum(stages.values()) or 1.0
-        lines.append(f"done: {s['written']:,} written ({human_bytes(s['bytes_written'])}), {s['failed']:,} failed in "
-                     f"{s['seconds']:.1f} s ({s['images_per_second']} images/s); main-process time: "
+        rate = (f"{s['sets_per_second']} sets/s, {s['images_per_second']} frames/s" if sets
+                else f"{s['images_per_second']} images/s")
+        what_written = f"{s['written']:,} sets ({s['frames_written']:,} frames)" if sets else f"{s['written']:,}"
+        lines.append(f"done: {what_written} written ({human_bytes(s['bytes_written'])}), {s['failed']:,} failed in "
+                     f"{s['seconds']:.1f} s ({rate}); main-process time: "
                      + ", ".join(f"{k} {100 * v / total:.0f}%" for k, v in stages.items()))
         for rel, why in s["failures"][:10]:
             lines.append(f"  failed {rel}: {why}")

@@ -6,6 +6,7 @@ import argparse
 import time
 from typing import TYPE_CHECKING, Any
 
+from featstore import ops
 from featstore.cli.common import (
     add_data_root,
     add_feature,
@@ -58,9 +59,12 @@ def cmd_scan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if found.sets:
         lines.append(f"  {len(found.sets):,} frame sets from .jsonl lists")
     if store is not None:
-        status = store.status(found.paths, threads=args.threads, progress=None)
+        status = ops.status(store, found.paths, lists=found.sets, threads=args.threads, progress=None).status
         doc["feature"] = status.to_dict()
-        lines.append(f"feature {store.feature} ({store.layout} layout, fingerprint {store.fingerprint or 'any'}):")
+        sets = (f", {status.items:,} frame sets of up to {status.frames_per_set} frames; counts are sets"
+                if status.unit == "sets" else "")
+        lines.append(f"feature {store.feature} ({store.layout} layout, fingerprint {store.fingerprint or 'any'}"
+                     f"{sets}):")
         lines.append("  " + "  ".join(f"{s} {n:,}" for s, n in status.counts.items()))
         if args.write_manifest:
             doc["manifest"] = store.write_manifest(status, found.paths)

@@ -4,7 +4,10 @@ and the error for a cache this user may not write.
 What may be removed or moved is decided in one place, :func:`feature_files`: files named like
 this feature's entries (``<source>.<feature>.safetensors`` beside a source, or
 ``<cache_dir>/<feature>/<key[:2]>/<key32>.safetensors``) and the temporary files featstore's
-atomic writes leave when interrupted (``.<entry or manifest name>.<random>.tmp``).
+atomic writes leave when interrupted (``.<entry or manifest name>.<random>.tmp``). Which file
+was judged is its identity (:func:`file_identity`): a removal or move goes through
+:func:`featstore._core.remove_judged` / ``move_judged`` with it, so a file a concurrent writer
+renamed over the name since is never the one removed.
 """
 
 from __future__ import annotations
@@ -12,10 +15,15 @@ from __future__ import annotations
 import errno
 import os
 import re
+import stat
+from collections.abc import Callable
+from typing import TypeVar
 
 from featstore import _core
 from featstore.store import FeatureStore
 from featstore.vocabulary import ENTRY_EXTENSION, sidecar_suffix
+
+T = TypeVar("T")
 
 _DIR_ENTRY = re.compile(r"^[0-9a-f]{32}\." + ENTRY_EXTENSION + "$")
 # The random part the Rust writer (tempfile) puts between the target name and ".tmp".
@@ -33,6 +41,47 @@ def file_size(path: str) -> int:
         return os.lstat(path).st_size
     except OSError:
         return 0
+
+
+#: A file's identity as featstore's core stamps it: ``(size, mtime_ns, ino, ctime_ns)``.
+Identity = tuple[int, int, int, int]
+
+#: What a destructive operation reports for a file it judged that a writer replaced meanwhile.
+KEPT_REWRITTEN = "kept: rewritten since it was judged"
+
+
+def file_identity(path: str) -> Identity | None:
+    """The identity of the regular file at ``path`` from one ``lstat`` (None: gone, or not a
+    regular file). :func:`featstore._core.remove_judged` and ``move_judged`` act on a file only
+    while it still has the identity its judgment was made on."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        return None
+    return (st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
+
+
+def same_file(a: Identity | None, b: Identity | None) -> bool:
+    """Whether two identities name one unchanged file (size, mtime and inode; ctime aside, as the
+    core compares them: a rename of the file itself changes it)."""
+    return a is not None and b is not None and a[:3] == b[:3]
+
+
+def read_judged(path: str, read: Callable[[str], T]) -> tuple[T, Identity | None]:
+    """``read(path)`` and the identity of the file it read: the file's stamp when it is the same
+    before and after the read (None when a writer replaced it meanwhile, or it is not a regular
+    file: then no judgment made from the read may be acted on)."""
+    before = file_identity(path)
+    got = read(path)
+    after = file_identity(path)
+    return got, (before if before is not None and before == after else None)
+
+
+def gone_or_kept(path: str) -> str:
+    """Why a judged removal or move did not happen: the file is gone, or a writer replaced it."""
+    return KEPT_REWRITTEN if os.path.lexists(path) else "already gone"
 
 
 def feature_files(store: FeatureStore) -> tuple[list[str], list[str], list[tuple[str, str]]]:

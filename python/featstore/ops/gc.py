@@ -18,7 +18,7 @@ from featstore import _core
 from featstore.errors import CorruptEntryError, DataRootError, FeatstoreError
 from featstore.fmt import age, error_lines, human_bytes, shown
 from featstore.lock import maintenance_lock
-from featstore.ops.files import base_dir, not_writable
+from featstore.ops.files import KEPT_REWRITTEN, Identity, base_dir, file_identity, gone_or_kept, not_writable
 from featstore.ops.survey import EntryReport, Survey, survey
 from featstore.progress import bar as progress_bar
 from featstore.store import FeatureStore
@@ -43,6 +43,11 @@ class GcItem:
         Why.
     bytes : int
         Its size.
+    source : str
+        Its source, relative to the data root ('' for temporary files and frame sets).
+    identity : (int, int, int, int) or None
+        The stamp ``(size, mtime_ns, ino, ctime_ns)`` of the file judged: only that file is
+        removed (None: it changed while being judged, so it is left alone).
     """
 
     path: str
@@ -50,7 +55,7 @@ class GcItem:
     reason: str
     bytes: int
     source: str = ""
-    identity: tuple[int, int, int] | None = None
+    identity: Identity | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"path": self.path, "kind": self.kind, "reason": self.reason, "bytes": self.bytes,
@@ -70,7 +75,8 @@ class GcReport:
     removed : list of GcItem
         Files removed (empty in a dry run).
     skipped : list of (str, str)
-        Planned files left alone at removal time (changed or gone meanwhile).
+        Planned files left alone at removal time: gone meanwhile, or
+        ``"kept: rewritten since it was judged"`` (a writer replaced the file judged).
     """
 
     feature: str
@@ -94,7 +100,13 @@ class GcReport:
                 "dry_run": self.dry_run, "bytes": self.bytes, "remove": [i.to_dict() for i in self.remove],
                 "kept": [i.to_dict() for i in self.kept], "removed": [i.to_dict() for i in self.removed],
                 "removed_bytes": sum(i.bytes for i in self.removed),
-                "skipped": [list(s) for s in self.skipped], "errors": [list(e) for e in self.errors]}
+                "skipped": [list(s) for s in self.skipped], "rewritten_since_judged": self.rewritten,
+                "errors": [list(e) for e in self.errors]}
+
+    @property
+    def rewritten(self) -> int:
+        """Planned files kept because a writer replaced them after they were judged."""
+        return sum(why == KEPT_REWRITTEN for _, why in self.skipped)
 
     def text(self, limit: int = 100) -> str:
         lines = [f"gc of feature {self.feature} under {self.data_root} ({self.layout} layout): "
@@ -115,6 +127,8 @@ class GcReport:
             lines.append("dry run: nothing removed; run without --dry-run to remove them")
         else:
             lines.append(f"removed {len(self.removed):,} files, {human_bytes(sum(i.bytes for i in self.removed))}")
+        if self.rewritten:
+            lines.append(f"{self.rewritten:,} planned files were rewritten since they were judged: kept")
         for p, why in self.skipped[:limit]:
             lines.append(f"  left alone {shown(self.base, p)}: {why}")
         if self.errors:
@@ -164,7 +178,7 @@ def plan_gc(store: FeatureStore, sources: Sequence[str], *, keep_fingerprints: I
             "or --force if the data really moved there")
     found = survey(store, sources, deep=False, threads=threads, progress=progress)
     never = {os.path.join(store.data_root, s) for s in sources}
-    remove, kept = _plan_entries(store, found.reports, never, set(keep_fingerprints))
+    remove, kept = _plan_entries(store, found.reports, never, set(keep_fingerprints), store.fingerprint is not None)
     _plan_temps(found, never, min_tmp_age_s, remove, kept)
     belongs = [r for r in found.reports if r.state != "orphan"]
     orphans = [i for i in remove if i.kind == "orphan"]
@@ -178,13 +192,15 @@ def plan_gc(store: FeatureStore, sources: Sequence[str], *, keep_fingerprints: I
 
 
 def _plan_entries(store: FeatureStore, reports: Sequence[EntryReport], never: set[str],
-                  keep_fps: set[str]) -> tuple[list[GcItem], list[GcItem]]:
-    """The entry files to remove and those kept (with why), in the survey's order."""
+                  keep_fps: set[str], fingerprint_known: bool) -> tuple[list[GcItem], list[GcItem]]:
+    """The entry files to remove and those kept (with why), in the survey's order. Without a
+    known fingerprint (none given, no manifest) the store pins the first one it reads, which is
+    arbitrary: no entry is removed as foreign on that basis."""
     remove: list[GcItem] = []
     kept: list[GcItem] = []
     for r in reports:
         legacy = r.path.endswith(LEGACY_SIDECAR_SUFFIX)
-        item = GcItem(r.path, r.state, r.reason, r.bytes, r.source, _file_identity(r.path))
+        item = GcItem(r.path, r.state, r.reason, r.bytes, r.source, r.identity)
         if r.state not in ("orphan", "stale", "foreign") or legacy:
             if legacy:
                 item.kind = "legacy"
@@ -196,6 +212,10 @@ def _plan_entries(store: FeatureStore, reports: Sequence[EntryReport], never: se
             elif r.unclaimed and r.state == "valid":
                 kept.append(item)  # filed under an older stamp of its source: still good
             continue
+        if r.keep:
+            item.reason = r.keep  # perhaps another data root's valid entry (a copy sharing the cache)
+            kept.append(item)
+            continue
         meta = _featstore_meta(store, r.path)
         if meta is None or r.path in never:
             item.kind, item.reason = "unknown", "named like an entry but not a featstore entry of this feature"
@@ -203,6 +223,15 @@ def _plan_entries(store: FeatureStore, reports: Sequence[EntryReport], never: se
             continue
         if r.state == "foreign" and meta.get("fingerprint", "") in keep_fps:
             item.reason = f"kept: fingerprint {meta.get('fingerprint')} is in --keep-fingerprint"
+            kept.append(item)
+            continue
+        if r.state == "foreign" and not fingerprint_known:
+            item.reason = (f"kept: fingerprint {meta.get('fingerprint')}, but no fingerprint is known to compare it "
+                           "with (no manifest, none given): pass --fingerprint FP to remove other encoders' entries")
+            kept.append(item)
+            continue
+        if r.identity is None:
+            item.reason = "kept: it changed while it was judged"
             kept.append(item)
             continue
         remove.append(item)
@@ -215,15 +244,15 @@ def _plan_temps(found: Survey, never: set[str], min_tmp_age_s: float, remove: li
     progress."""
     now = time.time_ns()
     for t in found.temps:
-        ident = _file_identity(t)
+        ident = file_identity(t)
         if ident is None or t in never:
             continue
-        age_s = (now - ident[2]) / 1e9
+        age_s = (now - ident[1]) / 1e9
         if age_s < min_tmp_age_s:
             kept.append(GcItem(t, "temp", f"written {age_s:.0f} s ago: may be a write in progress "
-                               f"(--min-tmp-age {min_tmp_age_s:.0f})", ident[1], "", ident))
+                               f"(--min-tmp-age {min_tmp_age_s:.0f})", ident[0], "", ident))
         else:
-            remove.append(GcItem(t, "temp", f"left by an interrupted write {age(age_s)} ago", ident[1], "", ident))
+            remove.append(GcItem(t, "temp", f"left by an interrupted write {age(age_s)} ago", ident[0], "", ident))
 
 
 def execute_gc(store: FeatureStore, plan: GcReport, *, progress: bool | None = None) -> GcReport:
@@ -235,9 +264,10 @@ def execute_gc(store: FeatureStore, plan: GcReport, *, progress: bool | None = N
 def _execute_gc(store: FeatureStore, plan: GcReport, *, progress: bool | None = None) -> GcReport:
     """Removes the files of ``plan`` (from :func:`plan_gc`) and returns it completed.
 
-    A planned file that changed since planning (another size, mtime or inode: a writer replaced
-    it) or vanished is left alone and listed in ``skipped``. Empty key directories of the dir
-    layout are removed.
+    Only the file judged is removed (:func:`featstore._core.remove_judged` compares its identity
+    once the name is held): a planned file that a writer replaced since (a lazy training loop's
+    fresh entry) is kept and listed in ``skipped`` as rewritten, one that vanished as gone. Empty
+    key directories of the dir layout are removed.
 
     Raises
     ------
@@ -250,14 +280,13 @@ def _execute_gc(store: FeatureStore, plan: GcReport, *, progress: bool | None = 
     with progress_bar(len(plan.remove), "removing", show=progress, unit="files") as bar:
         for item in plan.remove:
             bar.update(1)
-            if _file_identity(item.path) != item.identity:
-                plan.skipped.append((item.path, "changed or gone since planning"))
+            if item.identity is None:
+                plan.skipped.append((item.path, "changed while it was judged"))
                 continue
             try:
-                os.remove(item.path)
-            except FileNotFoundError:
-                plan.skipped.append((item.path, "already gone"))
-                continue
+                if not _core.remove_judged(item.path, item.identity):
+                    plan.skipped.append((item.path, gone_or_kept(item.path)))
+                    continue
             except PermissionError as exc:
                 raise not_writable(exc, item.path, os.path.dirname(item.path), "remove", len(plan.removed),
                                    len(plan.remove), "run gc as the cache's owner, or make it writable "
@@ -273,15 +302,6 @@ def _execute_gc(store: FeatureStore, plan: GcReport, *, progress: bool | None = 
             except OSError:
                 pass
     return plan
-
-
-def _file_identity(path: str) -> tuple[int, int, int] | None:
-    """``(inode, size, mtime_ns)``: a file replaced since planning has another."""
-    try:
-        st = os.lstat(path)
-    except OSError:
-        return None
-    return (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def _featstore_meta(store: FeatureStore, path: str) -> dict[str, str] | None:

@@ -17,7 +17,7 @@ def merge_leftover_journals(store: FeatureStore) -> int:
         return 0
     try:
         with maintenance_lock(store, "merge journals"):
-            journals, _, _ = _core.merge_journals(store.manifest_path)
+            journals, *_ = _core.merge_journals(store.manifest_path)
     except (LockHeldError, ReadOnlyDataRootError, PermissionError):
         return 0
     return journals

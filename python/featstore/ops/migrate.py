@@ -12,7 +12,7 @@ from featstore.compat import load_legacy_sidecar
 from featstore.errors import CorruptEntryError, FeatstoreError
 from featstore.fmt import timestamp
 from featstore.lock import maintenance_lock
-from featstore.ops.files import file_size, not_writable
+from featstore.ops.files import KEPT_REWRITTEN, Identity, file_identity, file_size, not_writable, read_judged, same_file
 from featstore.ops.legacy_caches import list_legacy_dirs, match_keys, old_root
 from featstore.ops.migrate_report import MigrateItem, MigrateReport
 from featstore.progress import each
@@ -98,13 +98,13 @@ class _Planner:
             report.skipped.append((legacy, f"duplicate: {self._taken[rel]} is converted for {rel} "
                                    "(this one if that is refused)"))
             report.alternatives.setdefault(rel, []).append(
-                MigrateItem(rel, legacy, kind, file_size(legacy), self._stamps[rel], via))
+                MigrateItem(rel, legacy, kind, file_size(legacy), self._stamps[rel], via, file_identity(legacy)))
             return
         src_stamp = self.stamp(rel)
         if src_stamp is None:
             report.unmatched.append((legacy, f"its image {rel} cannot be read"))
             return
-        state = self.store.check(rel)[0]
+        state = self.store.check(rel).state
         if state == "valid":
             report.skipped.append((legacy, f"{rel} already has a valid featstore entry"))
             return
@@ -112,7 +112,7 @@ class _Planner:
             report.skipped.append((legacy, f"{rel} has a featstore entry of another fingerprint; left as it is"))
             return
         self._taken[rel] = legacy
-        report.convert.append(MigrateItem(rel, legacy, kind, file_size(legacy), src_stamp, via))
+        report.convert.append(MigrateItem(rel, legacy, kind, file_size(legacy), src_stamp, via, file_identity(legacy)))
 
     def add_sidecars(self) -> None:
         """Every ``<x>.vggt_cache.pt`` under the data root, whether or not ``x`` is a source."""
@@ -166,7 +166,9 @@ def _execute_migrate(store: FeatureStore, plan: MigrateReport, *, delete_old: bo
                      progress: bool | None = None) -> MigrateReport:
     """Converts the planned legacy files into entries (``FeatureStore.put``: stamps, digests,
     fingerprint and inputs recorded as for a fresh entry), writes the manifest, and with
-    ``delete_old`` removes each legacy file once its entry is written. Returns ``plan`` completed.
+    ``delete_old`` removes each legacy file once its entry is written: only the file planned, and
+    only when that very file is the one converted (:func:`featstore._core.remove_judged`); one a
+    writer replaced meanwhile is kept and listed in ``kept``. Returns ``plan`` completed.
 
     A legacy file that is not a pickle of plain tensors is refused (it is never unpickled with
     code execution); a source changed since planning is not converted.
@@ -180,25 +182,38 @@ def _execute_migrate(store: FeatureStore, plan: MigrateReport, *, delete_old: bo
     plan.executed = True
     for planned in each(plan.convert, "converting", progress, "files"):
         for item in [planned, *plan.alternatives.get(planned.source, [])]:
-            entry = _convert_one(store, plan, item)
-            if entry is None:
+            done = _convert_one(store, plan, item)
+            if done is None:
                 continue
+            entry, converted = done
             plan.converted.append((item, entry))
             if delete_old:
-                try:
-                    os.remove(item.legacy)
-                    plan.deleted.append(item.legacy)
-                except OSError as exc:
-                    plan.failed.append((item.legacy, f"converted, but could not delete the old file: {exc}"))
+                _delete_judged(plan, item, converted)
             break
     if plan.converted:
         plan.manifest = store.write_manifest(store.status(plan.sources, progress=progress), plan.sources)
     return plan
 
 
-def _convert_one(store: FeatureStore, plan: MigrateReport, item: MigrateItem) -> str | None:
-    """Writes the entry of one legacy file; returns its path, or None after recording in
-    ``plan`` why it was refused or failed."""
+def _delete_judged(plan: MigrateReport, item: MigrateItem, converted: Identity | None) -> None:
+    """Deletes a converted legacy file if it is the one planned and converted (``converted``: the
+    identity of the file read), recording the outcome in ``plan``."""
+    if item.identity is None or not same_file(converted, item.identity):
+        plan.kept.append((item.legacy, KEPT_REWRITTEN))
+        return
+    try:
+        if _core.remove_judged(item.legacy, item.identity):
+            plan.deleted.append(item.legacy)
+        elif os.path.lexists(item.legacy):
+            plan.kept.append((item.legacy, KEPT_REWRITTEN))
+    except OSError as exc:
+        plan.failed.append((item.legacy, f"converted, but could not delete the old file: {exc}"))
+
+
+def _convert_one(store: FeatureStore, plan: MigrateReport, item: MigrateItem) -> tuple[str, Identity | None] | None:
+    """Writes the entry of one legacy file; returns its path and the identity of the legacy file
+    read (None: it changed while being read), or None after recording in ``plan`` why it was
+    refused or failed."""
     src = os.path.join(store.data_root, item.source)
     try:
         st = os.stat(src)
@@ -209,7 +224,7 @@ def _convert_one(store: FeatureStore, plan: MigrateReport, item: MigrateItem) ->
         plan.failed.append((item.legacy, f"its image {item.source} changed since planning; run migrate again"))
         return None
     try:
-        tensors = load_legacy_sidecar(item.legacy)
+        tensors, converted = read_judged(item.legacy, load_legacy_sidecar)
     except CorruptEntryError as exc:
         msg = str(exc)
         plan.refused.append((item.legacy, msg.removeprefix(f"{item.legacy}: ")))
@@ -232,9 +247,11 @@ def _convert_one(store: FeatureStore, plan: MigrateReport, item: MigrateItem) ->
     except (FeatstoreError, OSError, TypeError) as exc:
         plan.failed.append((item.legacy, str(exc)))
         return None
-    written = _core.read_header(entry)[0]
+    (written, _, _), identity = read_judged(entry, _core.read_header)
     if (int(written["source.size"]), int(written["source.mtime_ns"])) != item.stamp:
-        store.remove(item.source)
+        if identity is not None:
+            _core.remove_judged(entry, identity)  # the entry just judged; a newer write stays
+        store.forget(item.source)
         plan.failed.append((item.legacy, f"its image {item.source} changed while converting; run migrate again"))
         return None
-    return entry
+    return entry, converted

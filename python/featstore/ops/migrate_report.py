@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from featstore.fmt import human_bytes
+from featstore.ops.files import Identity
 from featstore.vocabulary import LEGACY_SIDECAR_SUFFIX
 
 
@@ -27,6 +28,9 @@ class MigrateItem:
         The source's (size, mtime_ns) when planned; conversion refuses a source changed since.
     via : str
         For ``dir``: the path as the old loader passed it (what its key was computed over).
+    identity : (int, int, int, int) or None
+        The legacy file's stamp ``(size, mtime_ns, ino, ctime_ns)`` when planned: ``--delete-old``
+        removes only that file, and only once that very file was converted.
     """
 
     source: str
@@ -35,6 +39,7 @@ class MigrateItem:
     bytes: int
     stamp: tuple[int, int]
     via: str = ""
+    identity: Identity | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"source": self.source, "legacy": self.legacy, "kind": self.kind, "bytes": self.bytes,
@@ -62,6 +67,9 @@ class MigrateReport:
         Executed: legacy files whose conversion failed, with the reason.
     deleted : list of str
         Executed with ``delete_old``: the legacy files removed after conversion.
+    kept : list of (str, str)
+        Executed with ``delete_old``: converted legacy files not deleted, with why (``"kept:
+        rewritten since it was judged"``: a writer replaced the file planned).
     """
 
     feature: str
@@ -82,6 +90,7 @@ class MigrateReport:
     converted: list[tuple[MigrateItem, str]] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)
     deleted: list[str] = field(default_factory=list)
+    kept: list[tuple[str, str]] = field(default_factory=list)
     manifest: str | None = None
 
     @property
@@ -98,7 +107,8 @@ class MigrateReport:
                 "skipped": [list(s) for s in self.skipped], "refused": [list(r) for r in self.refused],
                 "unmatched": [list(u) for u in self.unmatched],
                 "converted": [{**i.to_dict(), "entry": e} for i, e in self.converted],
-                "failed": [list(f) for f in self.failed], "deleted": self.deleted, "manifest": self.manifest,
+                "failed": [list(f) for f in self.failed], "deleted": self.deleted,
+                "kept": [list(k) for k in self.kept], "manifest": self.manifest,
                 "ok": self.ok}
 
     def text(self, limit: int = 100) -> str:
@@ -132,6 +142,7 @@ class MigrateReport:
             lines.extend(f"  failed {p}: {why}" for p, why in self.failed[:limit])
             lines.append(f"deleted {len(self.deleted):,} converted legacy files" if self.deleted
                          else "the old cache is kept (--delete-old removes converted files)")
+            lines.extend(f"  left in place {p}: {why}" for p, why in self.kept[:limit])
         if self.unmatched and self.legacy_dirs and not self.old_roots:
             lines.append("hint: if the data root moved since the legacy cache was made, pass --old-root PREFIX "
                          "(the data root as the old loader saw it)")

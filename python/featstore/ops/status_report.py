@@ -9,6 +9,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from featstore.fmt import error_lines
+from featstore.ops.survey import frame_set_groups, judge_sets
+from featstore.scan import scan
+from featstore.sets import group_states, recorded_mode
 from featstore.store import FeatureStore, Status
 from featstore.vocabulary import STATES
 
@@ -41,12 +44,17 @@ class StatusReport:
     def text(self) -> str:
         st = self.status
         counts = st.counts
+        what = (f"{st.items:,} frame sets of up to {st.frames_per_set} frames ({st.sources:,} frames); counts are "
+                "sets" if st.unit == "sets" else f"{st.sources:,} sources")
         lines = [f"feature {st.feature} under {st.data_root} ({st.layout} layout, fingerprint "
-                 f"{st.fingerprint or 'any'}): {st.sources:,} sources"]
+                 f"{st.fingerprint or 'any'}): {what}"]
+        hidden_at_zero = ("corrupt", "legacy") if st.unit == "sets" else ("corrupt",)  # sets have no legacy
         for s in STATES:
-            if s != "corrupt" or counts.get(s):
+            if s not in hidden_at_zero or counts.get(s):
                 lines.append(f"  {s:8} {counts.get(s, 0):>10,}")
-        if self.manifest:
+        if st.unit == "sets":
+            lines.append(f"checked in {self.seconds:.2f} s; frame sets have no index: each set entry's header was read")
+        elif self.manifest:
             lines.append(f"checked in {self.seconds:.2f} s; sources indexed by {self.manifest} opened no entry")
         else:
             lines.append(f"checked in {self.seconds:.2f} s; no manifest, so each entry's header was read once "
@@ -64,10 +72,14 @@ class StatusReport:
         return "\n".join(lines)
 
 
-def status(store: FeatureStore, sources: Sequence[str] | None = None, *, threads: int | None = None,
-           progress: bool | None = None) -> StatusReport:
+def status(store: FeatureStore, sources: Sequence[str] | None = None, *, lists: Sequence[Sequence[str]] | None = None,
+           threads: int | None = None, progress: bool | None = None) -> StatusReport:
     """Counts entries per state: two ``stat`` calls per source, no entry opened for sources the
     manifest indexes. ``corrupt`` entries are only found by :func:`featstore.ops.verify`.
+
+    When the feature's manifest records a frame-set mode (``precompute --frames-per-set N``), the
+    counts are of frame sets (``Status.unit``): each set the sources make, as precompute grouped
+    them, by its entry's state, and the set entries whose members are gone as ``orphan``.
 
     Parameters
     ----------
@@ -75,13 +87,43 @@ def status(store: FeatureStore, sources: Sequence[str] | None = None, *, threads
         The store (its manifest index was read when it was opened).
     sources : sequence of str, optional
         Relative source paths (default: a scan of the data root).
+    lists : sequence of sequence of str, optional
+        The ``.jsonl`` lists of a scan (frame sets; default: scanned with the recorded field).
     threads : int, optional
         Worker threads (default: one per core).
     progress : bool or None
         Progress bar on stderr for long checks (None: when it lasts over half a second).
     """
     t0 = time.perf_counter()
-    st = store.status(sources, threads=threads, progress=progress)
+    st = _set_status(store, sources, lists, threads) or store.status(sources, threads=threads, progress=progress)
     seconds = time.perf_counter() - t0
     manifest = store.manifest_path if os.path.exists(store.manifest_path) else None
     return StatusReport(st, seconds, manifest, store.journal_paths())
+
+
+def _set_status(store: FeatureStore, sources: Sequence[str] | None, lists: Sequence[Sequence[str]] | None,
+                threads: int | None) -> Status | None:
+    """The counts per state of the frame sets the sources make, when the manifest records a
+    frame-set mode (else None)."""
+    errors: list[tuple[str, str]] = []
+    if sources is None:
+        mode = recorded_mode(store)
+        if mode is None:
+            return None
+        found = scan(store.data_root, jsonl=mode.jsonl, skip_dirs=[store.cache_dir] if store.cache_dir else (),
+                     threads=threads, progress=False)
+        sources, lists, errors = found.paths, found.sets, list(found.errors)
+    rels = [store.rel(s) for s in sources]
+    grouped = frame_set_groups(store, rels, lists)
+    if grouped is None:
+        return None
+    mode, groups = grouped
+    verdicts, unreadable = judge_sets(store, deep=False, threads=threads)
+    counts = dict.fromkeys(STATES, 0)
+    for state in group_states(store, groups, verdicts):
+        counts[state] += 1
+    counts["orphan"] = sum(v.state == "orphan" for v in verdicts)
+    framed = {m for g in groups for m in g}
+    return Status(counts=counts, feature=store.feature, layout=store.layout, data_root=store.data_root,
+                  fingerprint=store.fingerprint, errors=errors + unreadable, unit="sets", frames=len(framed),
+                  frames_per_set=mode.frames)

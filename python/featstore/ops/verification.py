@@ -9,7 +9,7 @@ import shutil
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from featstore import _core
@@ -17,7 +17,7 @@ from featstore.compat import load_legacy_sidecar
 from featstore.errors import CorruptEntryError
 from featstore.fmt import error_lines, human_bytes, shown
 from featstore.lock import maintenance_lock
-from featstore.ops.files import base_dir, not_writable
+from featstore.ops.files import KEPT_REWRITTEN, Identity, base_dir, not_writable, read_judged, same_file
 from featstore.ops.survey import EntryReport, Survey, corrupt_reason, survey
 from featstore.progress import bar as progress_bar
 from featstore.store import FeatureStore
@@ -36,6 +36,9 @@ class VerifyReport:
         Every bad entry (corrupt, stale, foreign, orphan) with its reason.
     quarantined : list of (str, str)
         ``(from, to)`` of the entries moved aside.
+    kept : list of (str, str)
+        Bad entries left in place by ``--quarantine``, with why (``"kept: rewritten since it was
+        judged"``: a writer replaced the file judged bad with a fresh one).
     """
 
     feature: str
@@ -51,6 +54,8 @@ class VerifyReport:
     errors: list[tuple[str, str]]
     seconds: float
     base: str = ""
+    sets: int | None = None  # with a frame-set mode: the sets the sources make (``missing`` counts sets)
+    kept: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -62,11 +67,15 @@ class VerifyReport:
                 "sources": self.sources, "counts": self.counts, "entries": self.entries,
                 "bytes": self.bytes, "problems": [p.to_dict() for p in self.problems],
                 "quarantined": [list(q) for q in self.quarantined], "quarantine_dir": self.quarantine_dir,
-                "errors": [list(e) for e in self.errors], "seconds": round(self.seconds, 3), "ok": self.ok}
+                "kept": [list(k) for k in self.kept],
+                "errors": [list(e) for e in self.errors], "seconds": round(self.seconds, 3), "ok": self.ok,
+                **({"sets": self.sets, "unit": "sets"} if self.sets is not None else {})}
 
     def text(self) -> str:
+        found = f"{self.sources:,} frames in {self.sets:,} frame sets" if self.sets is not None \
+            else f"{self.sources:,} sources"
         lines = [f"verified feature {self.feature} under {self.data_root} ({self.layout} layout): "
-                 f"{self.sources:,} sources, {self.entries:,} entries read in full "
+                 f"{found}, {self.entries:,} entries read in full "
                  f"({human_bytes(self.bytes)}) in {self.seconds:.2f} s",
                  "  " + "  ".join(f"{s} {n:,}" for s, n in self.counts.items())]
         if self.problems:
@@ -77,9 +86,10 @@ class VerifyReport:
         if self.quarantined:
             lines.append(f"moved {len(self.quarantined):,} bad entries into {self.quarantine_dir} "
                          "(nothing deleted; see quarantine.jsonl there)")
-        elif self.problems:
+        elif self.problems and not self.kept:
             lines.append("`featstore verify --quarantine` moves them aside; `featstore gc` removes stale, "
                          "foreign and orphaned ones")
+        lines.extend(f"  left in place {shown(self.base, p)}: {why}" for p, why in self.kept)
         if self.errors:
             lines.extend(error_lines(self.errors, "could not be checked"))
         return "\n".join(lines)
@@ -113,10 +123,11 @@ def verify(store: FeatureStore, sources: Sequence[str], *, quarantine_bad: bool 
     _read_in_full(store, found, threads, progress)
     problems = [r for r in found.reports if r.state in BAD_STATES]
     read = [r for r in found.reports if r.state != "orphan"]
-    moved = quarantine(store, problems) if quarantine_bad and problems else []
+    kept: list[tuple[str, str]] = []
+    moved = quarantine(store, problems, kept=kept) if quarantine_bad and problems else []
     return VerifyReport(store.feature, store.layout, store.data_root, len(sources), found.counts(), len(read),
                         sum(r.bytes for r in read), problems, moved, quarantine_dir(store) if moved else None,
-                        found.errors, time.perf_counter() - t0, base_dir(store))
+                        found.errors, time.perf_counter() - t0, base_dir(store), found.sets, kept)
 
 
 def _read_in_full(store: FeatureStore, found: Survey, threads: int | None, progress: bool | None) -> None:
@@ -143,23 +154,26 @@ def _read_in_full(store: FeatureStore, found: Survey, threads: int | None, progr
             return "corrupt", f"the entry names its source {meta.get('source')!r}, not {r.source!r}"
         return None
 
-    def guarded(r: EntryReport) -> tuple[str, str] | None:
+    def guarded(r: EntryReport) -> tuple[tuple[str, str] | None, Identity | None]:
         try:
-            return check(r)
+            return read_judged(r.path, lambda _: check(r))
         except OSError as exc:
-            return "error", str(exc)
+            return ("error", str(exc)), None
 
     workers = threads or _core.default_threads()
     with ThreadPoolExecutor(max_workers=workers) as pool, progress_bar(
             len(todo), "verifying entries", show=progress, unit="entries") as bar:
-        for r, verdict in zip(todo, pool.map(guarded, todo), strict=True):
+        for r, (verdict, identity) in zip(todo, pool.map(guarded, todo), strict=True):
             bar.update(1)
             if verdict is None:
-                continue
+                continue  # the survey's verdict stands, on the file it judged
             if verdict[0] == "error":
                 found.errors.append((r.path, verdict[1]))
             else:
+                # The verdict is about the file just read, perhaps not the one the survey judged
+                # (None: it changed while being read, so quarantine leaves it).
                 r.state, r.reason = verdict
+                r.identity = identity
                 store.forget(r.source)
 
 
@@ -168,16 +182,22 @@ def quarantine_dir(store: FeatureStore) -> str:
     return os.path.join(store.state_dir, "quarantine")
 
 
-def quarantine(store: FeatureStore, bad: Sequence[EntryReport]) -> list[tuple[str, str]]:
+def quarantine(store: FeatureStore, bad: Sequence[EntryReport], *,
+               kept: list[tuple[str, str]] | None = None) -> list[tuple[str, str]]:
     """:func:`_quarantine` under the feature's lock: refused while a precompute runs."""
     with maintenance_lock(store, "quarantine entries"):
-        return _quarantine(store, bad)
+        return _quarantine(store, bad, kept)
 
 
-def _quarantine(store: FeatureStore, bad: Sequence[EntryReport]) -> list[tuple[str, str]]:
+def _quarantine(store: FeatureStore, bad: Sequence[EntryReport],
+                kept: list[tuple[str, str]] | None = None) -> list[tuple[str, str]]:
     """Moves bad entry files into :func:`quarantine_dir`, keeping their names relative to the
     data root (sidecar) or cache directory (dir). Never deletes; logs each move to
-    ``quarantine.jsonl`` there. Returns ``(from, to)`` pairs.
+    ``quarantine.jsonl`` there with the verdict on the file moved. Returns ``(from, to)`` pairs.
+
+    Only the file judged is moved (:func:`featstore._core.move_judged` compares its identity once
+    the name is held): one a writer replaced since (a lazy training loop's fresh entry) stays
+    where it is, and ``(path, "kept: rewritten since it was judged")`` is appended to ``kept``.
 
     Raises
     ------
@@ -196,21 +216,19 @@ def _quarantine(store: FeatureStore, bad: Sequence[EntryReport]) -> list[tuple[s
         while os.path.lexists(dst):
             dst = f"{os.path.join(qdir, rel)}.{n}"
             n += 1
+        if r.identity is None or r.keep:
+            if kept is not None:
+                kept.append((r.path, r.keep or "kept: it changed while it was judged"))
+            continue
         try:
             os.makedirs(os.path.dirname(dst), exist_ok=True)
-            try:
-                os.rename(r.path, dst)
-            except OSError as exc:
-                if exc.errno != errno.EXDEV:
-                    raise
-                shutil.move(r.path, dst)
+            if not _move_judged(r.path, dst, r.identity):
+                if kept is not None and os.path.lexists(r.path):
+                    kept.append((r.path, KEPT_REWRITTEN))
+                continue
             with open(os.path.join(qdir, "quarantine.jsonl"), "a", encoding="utf-8") as log:
                 log.write(json.dumps({"from": r.path, "to": dst, "state": r.state, "reason": r.reason,
                                       "source": r.source, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n")
-        except FileNotFoundError:
-            if not os.path.lexists(r.path):
-                continue  # removed by someone else meanwhile
-            raise
         except PermissionError as exc:
             raise not_writable(exc, r.path, base, "move into the quarantine", len(moved), len(bad),
                                "run `featstore verify --quarantine` as the cache's owner, or without "
@@ -219,3 +237,29 @@ def _quarantine(store: FeatureStore, bad: Sequence[EntryReport]) -> list[tuple[s
             store.forget(r.source)
         moved.append((r.path, dst))
     return moved
+
+
+def _move_judged(path: str, dst: str, identity: Identity) -> bool:
+    """Moves ``path`` to ``dst`` if it is still the file judged; False when it is gone or was
+    replaced. Across file systems (a quarantine on another mount than a symlinked part of the
+    data root) the judged file's bytes are copied from a descriptor checked to be that file, and
+    the original removed only if it still is; otherwise the copy is dropped."""
+    try:
+        return _core.move_judged(path, dst, identity)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+    try:
+        src = open(path, "rb")  # noqa: SIM115  (closed below; fstat'ed before reading)
+    except FileNotFoundError:
+        return False
+    with src:
+        st = os.fstat(src.fileno())
+        if not same_file((st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns), identity):
+            return False
+        with open(dst, "xb") as out:
+            shutil.copyfileobj(src, out)
+    if _core.remove_judged(path, identity):
+        return True
+    os.remove(dst)
+    return False

@@ -106,7 +106,8 @@ def precompute(data_root: str | os.PathLike[str], *, encoder: Any = "vggt", feat
     plan.check_space(force)
     outcome = run_plan(plan, num_workers=num_workers, durable=durable)
     summary["manifest"] = outcome.manifest
-    summary.update(run_summary(outcome.counts, time.perf_counter() - t_start, outcome.interrupted))
+    summary.update(run_summary(outcome.counts, time.perf_counter() - t_start, outcome.interrupted,
+                               frames_per_set=plan.caps.frames_per_set))
     if outcome.interrupted:
         raise KeyboardInterrupt(summary)
     return summary

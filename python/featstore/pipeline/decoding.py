@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from featstore.encoders import Encoder
-from featstore.encoding import decode_source
+from featstore.encoding import decode_source, read_inputs
 from featstore.models.vggt.preprocess import stack_uint8_images
 from featstore.pipeline.items import Kind, WorkItem
 
@@ -23,7 +23,12 @@ Decoded = tuple[Any, str | None, Any]
 
 
 def _decode_image(encoder: Encoder, root: str, item: WorkItem) -> Decoded:
-    return decode_source(encoder, os.path.join(root, item.paths[0]))
+    """The image, and as what was read: its stamp and its other inputs, stamped before reading."""
+    inputs, error = read_inputs(encoder, item.paths[0], root)
+    if error is not None:
+        return None, error, None
+    decoded, error, stamp = decode_source(encoder, os.path.join(root, item.paths[0]))
+    return decoded, error, (stamp, inputs)
 
 
 def _decode_set(encoder: Encoder, root: str, item: WorkItem) -> Decoded:
@@ -65,10 +70,20 @@ def _identity(item: Any) -> Any:
 def decode_loader(encoder: Encoder, root: str, items: Sequence[WorkItem], *, batch_size: int, num_workers: int,
                   pin_memory: bool) -> torch.utils.data.DataLoader:
     """A loader yielding each decoded item, in order, decoding ahead enough to keep two batches
-    in flight."""
+    in flight (never more than all the items)."""
     return torch.utils.data.DataLoader(
         DecodeDataset(encoder, root, items), batch_size=None, shuffle=False, num_workers=num_workers,
-        collate_fn=_identity, pin_memory=pin_memory,
-        # Two batches in flight across the workers: decoding never waits for a batch to encode.
-        prefetch_factor=max(2, -(-2 * batch_size // num_workers)) if num_workers else None,
+        collate_fn=_identity, pin_memory=pin_memory, prefetch_factor=_prefetch_factor(len(items), batch_size,
+                                                                                    num_workers),
         persistent_workers=False)
+
+
+def _prefetch_factor(items: int, batch_size: int, num_workers: int) -> int | None:
+    """Items each worker decodes ahead: two batches in flight across the workers (decoding never
+    waits for a batch to encode), but no more than the items each worker has. The DataLoader
+    queues ``prefetch_factor * num_workers`` indices when it starts, one by one, so an unbounded
+    factor (``--batch-size 1000000000``) would keep it from ever starting."""
+    if not num_workers:
+        return None
+    per_worker = -(-items // num_workers)
+    return max(2, min(-(-2 * batch_size // num_workers), per_worker))

@@ -10,18 +10,20 @@ given the whole list, DESIGN.md "History entries") is a row in each table, not a
 
 from __future__ import annotations
 
-import os
-from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 from featstore.encoders import Capabilities
+from featstore.sets import group_frames
 
 Kind = Literal["image", "set"]
 
 # What a progress bar counts for each kind.
 _UNITS: dict[str, str] = {"image": "img", "set": "set"}
+
+# What reports call the items of each kind (plural).
+_NOUNS: dict[str, str] = {"image": "images", "set": "sets"}
 
 # Kinds whose entries the manifest's per-source index holds (one source, one entry); a set's
 # entry is keyed by all its members and documented by its journal line only.
@@ -75,16 +77,15 @@ def kind_for(caps: Capabilities) -> Kind:
     return "image" if caps.frames_per_set == 1 else "set"
 
 
+def noun(kind: Kind) -> str:
+    """What reports call items of a kind: ``"images"`` or ``"sets"``."""
+    return _NOUNS[kind]
+
+
 def frame_sets(jsonl_sets: Sequence[Sequence[str]], paths: Sequence[str], frames: int) -> list[tuple[str, ...]]:
-    """Work items of ``--frames-per-set N``: each ``.jsonl`` list, else each directory's sorted
-    images, cut into consecutive chunks of up to N frames (a shorter last chunk is its own set)."""
-    groups: list[Sequence[str]] = list(jsonl_sets)
-    if not groups:
-        by_dir: dict[str, list[str]] = defaultdict(list)
-        for p in paths:  # already sorted
-            by_dir[os.path.dirname(p)].append(p)
-        groups = [by_dir[d] for d in sorted(by_dir)]
-    return [tuple(g[i:i + frames]) for g in groups for i in range(0, len(g), frames)]
+    """Work items of ``--frames-per-set N``: :func:`featstore.sets.group_frames` (each ``.jsonl``
+    list, else each directory's sorted images, cut into consecutive chunks of up to N frames)."""
+    return group_frames(jsonl_sets, paths, frames)
 
 
 def work_items(paths: Sequence[str], jsonl_sets: Sequence[Sequence[str]], caps: Capabilities) -> list[WorkItem]:

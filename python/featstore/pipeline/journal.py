@@ -16,6 +16,7 @@ from featstore import _core
 from featstore.pipeline.items import WorkItem
 from featstore.pipeline.selection import split_position
 from featstore.store import FeatureStore
+from featstore.vocabulary import path_to_json
 
 Record = dict[str, Any]
 
@@ -31,21 +32,24 @@ def append(journal: str, records: Sequence[Record], *, durable: bool = False) ->
     _core.append_journal(journal, [json.dumps(r) for r in records], durable=durable)
 
 
-def ok_record(rel: str, source: Sequence[int], entry: Sequence[int], racy: Any) -> Record:
-    """The line of a source's valid entry: the source's and the entry's ``(size, mtime_ns)``,
-    and whether it must be checked by digest on first use (what the manifest's index holds)."""
-    return {"op": "ok", "path": os.fspath(rel), "source": list(source), "entry": list(entry), "racy": bool(racy)}
+def ok_record(store: FeatureStore, rel: str, source: Sequence[int], entry: Sequence[int], racy: Any) -> Record:
+    """The line of a source's valid entry: the source's and the entry's stamps ``(size,
+    mtime_ns, ino, ctime_ns)``, whether it must be checked by digest on first use (what the
+    manifest's index holds), and the fingerprint it was written with (a merge for another
+    encoder configuration leaves it out of the index)."""
+    return {"op": "ok", "path": path_to_json(os.fspath(rel)), "source": list(source), "entry": list(entry),
+            "racy": bool(racy), "fingerprint": store.fingerprint}
 
 
 def set_record(members: Sequence[str], entry: str) -> Record:
     """The line of a frame set's entry: sets are not in the per-source index, the line documents
     the write."""
-    return {"op": "set", "members": list(members), "entry": entry}
+    return {"op": "set", "members": [path_to_json(m) for m in members], "entry": path_to_json(entry)}
 
 
-def failed_record(name: str, reason: str) -> Record:
+def failed_record(store: FeatureStore, name: str, reason: str) -> Record:
     """The line of an item that got no entry: the manifest lists it with its reason."""
-    return {"op": "failed", "path": name, "reason": reason}
+    return {"op": "failed", "path": path_to_json(name), "reason": reason, "fingerprint": store.fingerprint}
 
 
 def journal_unindexed(store: FeatureStore, items: Sequence[WorkItem], journal: str) -> None:
@@ -55,7 +59,7 @@ def journal_unindexed(store: FeatureStore, items: Sequence[WorkItem], journal: s
     rels = [item.paths[0] for item in items if item.indexed]
     if not rels:
         return
-    records = [ok_record(r.source, (r.size, r.mtime_ns), (r.entry_size, r.entry_mtime_ns), r.check_first)
-               for r in store.index_records(rels, unindexed_only=True)]
+    records = [{"op": "ok", "path": key, "record": json.loads(value), "fingerprint": store.fingerprint}
+               for key, value in (r.to_json() for r in store.index_records(rels, unindexed_only=True))]
     if records:
         append(journal, records)

@@ -29,7 +29,9 @@ def finish_manifest(plan: Plan) -> str | None:
             return None  # a shard still running merges when it finishes
     fields = store.manifest_fields(total_images=len(plan.found.paths))
     # Described again: a loaded encoder may name more (its model class) than the planned one did.
-    fields.update({"encoder": describe(plan.encoder), "frames_per_set": plan.caps.frames_per_set})
+    # The frame-set mode, so that status, verify and gc group the sources as this run did.
+    fields.update({"encoder": describe(plan.encoder), "frames_per_set": plan.caps.frames_per_set,
+                   "jsonl": plan.jsonl})
     weights = plan.description.get("model_path")
     if weights:
         fields["vggt_model_path" if plan.description.get("name") == "vggt" else "weights_path"] = weights

@@ -8,6 +8,7 @@ and every bad argument answer in about a second. Only items whose entry is missi
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import sys
@@ -19,11 +20,11 @@ from typing import Any
 
 import torch
 
-from featstore import env
+from featstore import _core, env
 from featstore.encoders import Capabilities, Encoder, capabilities, describe, resolve_encoder
 from featstore.errors import FeatstoreError
 from featstore.pipeline.items import Kind, WorkItem, kind_for, work_items
-from featstore.pipeline.selection import distributed_rank, parse_shard, select
+from featstore.pipeline.selection import check_range, distributed_rank, parse_shard, select
 from featstore.scan import ScanResult, nothing_found, scan
 from featstore.sets import set_state
 from featstore.store import FeatureStore
@@ -64,6 +65,11 @@ class Plan:
         Bytes the planned entries need, when an estimate exists.
     model_path : str or None
         The model the features are for, recorded in the summary and the manifest.
+    jsonl : str or None
+        The ``.jsonl`` field sources came from (the manifest records it: frame sets are grouped
+        from its lists).
+    total_items : int
+        Work items of the whole scan, before any range, shard or rank selection.
     """
 
     store: FeatureStore
@@ -84,6 +90,8 @@ class Plan:
     free_bytes: int
     estimated_bytes: int | None
     model_path: str | None
+    jsonl: str | None = None
+    total_items: int = 0
 
     def skipped_valid(self) -> list[WorkItem]:
         """The selected items left alone because their entry is valid."""
@@ -106,7 +114,8 @@ def make_plan(data_root: str | os.PathLike[str], *, encoder: Any, feature: str |
               encoder_options: dict[str, Any] | None, model_path: str | None) -> Plan:
     """The plan of :func:`featstore.pipeline.precompute` (see it for the parameters)."""
     shard_spec = parse_shard(shard)  # a bad spec fails before anything loads
-    device = device or default_device()
+    check_range(start_idx, end_idx)
+    device = check_device(device) if device else check_device(default_device(), given_by="$DEVICE")
     batch_size = env.batch_size(16) if batch_size is None else batch_size
     if batch_size < 1:
         raise ValueError(f"batch size must be at least 1, got {batch_size}")
@@ -119,13 +128,16 @@ def make_plan(data_root: str | os.PathLike[str], *, encoder: Any, feature: str |
 
     found = scan(store.data_root, extensions=extensions, jsonl=jsonl, files_from=files_from,
                  skip_dirs=[store.cache_dir] if store.cache_dir else (), progress=show)
+    found = found.without_entries_of(store.feature)
     if len(found) == 0:
         raise nothing_found(found, extensions=extensions, jsonl=jsonl, files_from=files_from)
     caps = capabilities(enc)
-    mine = select(work_items(found.paths, found.sets, caps), start_idx=start_idx, end_idx=end_idx,
-                  shard=shard_spec, rank=rank)
+    every = work_items(found.paths, found.sets, caps)
+    mine = select(every, start_idx=start_idx, end_idx=end_idx, shard=shard_spec, rank=rank)
     t_plan = time.perf_counter()
     states = item_states(store, mine)
+    if caps.inputs:
+        states = _inputs_now(store, enc, mine, states)
     redo = overwrite or not skip_existing
     todo = [item for item, s in zip(mine, states, strict=True) if redo or _needs_work(s)]
     plan_seconds = time.perf_counter() - t_plan
@@ -136,7 +148,8 @@ def make_plan(data_root: str | os.PathLike[str], *, encoder: Any, feature: str |
                 batch_size=batch_size, rank=rank, shard=shard_spec, progress=show, found=found, items=mine,
                 states=states, todo=todo, plan_seconds=plan_seconds, target_dir=target_dir,
                 free_bytes=_free_bytes(target_dir),
-                estimated_bytes=per_entry * len(todo) if per_entry is not None else None, model_path=model_path)
+                estimated_bytes=per_entry * len(todo) if per_entry is not None else None, model_path=model_path,
+                jsonl=jsonl, total_items=len(every))
 
 
 def _open_encoder(spec: Any, device: str, options: dict[str, Any] | None) -> Encoder:
@@ -154,6 +167,27 @@ def _needs_work(state: str) -> bool:
 def default_device() -> str:
     """``$DEVICE``, else ``cuda:0`` when available, else ``cpu``."""
     return env.device() or ("cuda:0" if torch.cuda.is_available() else "cpu")
+
+
+def check_device(device: str, *, given_by: str = "--device") -> str:
+    """``device`` when torch can use it here; else ValueError naming it, where it came from
+    (``given_by``) and the devices there are. Checked before scanning, decoding or loading weights."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError) as exc:
+        raise ValueError(f"device {device!r} ({given_by}) is not a torch device ({exc}); pass cpu, cuda or "
+                         "cuda:N") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"device {device} ({given_by}) is not available: torch finds no CUDA GPU here; "
+                             "pass --device cpu (or unset $DEVICE), or run on a machine with a GPU")
+        if dev.index is not None and dev.index >= count:
+            raise ValueError(f"device {device} ({given_by}) is not available: this machine has {count} CUDA "
+                             f"GPU(s), cuda:0 to cuda:{count - 1}; pass one of those")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {device} ({given_by}) is not available here; pass --device cpu")
+    return device
 
 
 def item_states(store: FeatureStore, items: Sequence[WorkItem]) -> list[str]:
@@ -176,6 +210,30 @@ def _image_states(store: FeatureStore, items: Sequence[WorkItem]) -> list[str]:
 
 def _set_states(store: FeatureStore, items: Sequence[WorkItem]) -> list[str]:
     return [set_state(store, list(item.paths)) for item in items]
+
+
+def _inputs_now(store: FeatureStore, enc: Encoder, items: Sequence[WorkItem], states: list[str]) -> list[str]:
+    """``states`` with ``stale`` for each valid entry whose inputs differ from what the encoder
+    would read now: another set of inputs (the caption rule now picks another file, captions
+    moved from ``.txt`` files to a ``.jsonl``), or a text input (a caption given as text) with
+    another digest. Lookups compare recorded files themselves; texts only the planner can."""
+    out = list(states)
+    for i, (item, state) in enumerate(zip(items, states, strict=True)):
+        if state != "valid" or item.kind != "image":
+            continue
+        rel = item.paths[0]
+        try:
+            now = enc.inputs(rel, os.path.join(store.data_root, rel))  # type: ignore[attr-defined]
+            meta, _, _ = _core.read_header(store.check(rel).entry)
+            recorded = {r.get("name"): r for r in json.loads(meta.get("inputs", "[]")) if r.get("name") != "source"}
+        except Exception:  # unreadable now: let the run find out and record why
+            out[i] = "stale"
+            continue
+        texts_differ = any(isinstance(v, bytes) and recorded.get(name, {}).get("blake3") != _core.bytes_digest(v)
+                           for name, v in now.items())
+        if set(now) != set(recorded) or texts_differ:
+            out[i] = "stale"
+    return out
 
 
 def _free_bytes(target_dir: str) -> int:

@@ -34,10 +34,27 @@ def distributed_rank() -> tuple[int, int]:
     return env.distributed_rank()
 
 
+def check_range(start_idx: int | None, end_idx: int | None) -> None:
+    """ValueError when ``--end-idx`` comes before ``--start-idx`` (counted the same way: both from
+    the start, or both from the end), which would select nothing."""
+    if start_idx is None or end_idx is None or (start_idx < 0) != (end_idx < 0):
+        return
+    if end_idx < start_idx:
+        raise ValueError(f"--start-idx {start_idx} comes after --end-idx {end_idx}: the range selects nothing; "
+                         "give the first index and the end (exclusive) after it")
+
+
 def select(paths: Sequence[T], *, start_idx: int | None = None, end_idx: int | None = None,
            shard: tuple[int, int] | None = None, rank: tuple[int, int] = (0, 1)) -> list[T]:
     """The sources this process works on: ``[start:end]`` of the sorted list, then every N-th
-    for a shard, then every world-th for a torchrun rank (disjoint, together complete)."""
+    for a shard, then every world-th for a torchrun rank (disjoint, together complete).
+
+    Raises
+    ------
+    ValueError
+        The range is reversed (:func:`check_range`).
+    """
+    check_range(start_idx, end_idx)
     chosen = list(paths[start_idx:end_idx])
     if shard is not None:
         chosen = chosen[shard[0]::shard[1]]

@@ -47,7 +47,7 @@ def stream(plan: Plan, *, num_workers: int | None, durable: bool, counts: Counts
         torch.set_num_threads(max(1, cores - num_workers))
     loader = decode_loader(enc, store.data_root, todo, batch_size=plan.batch_size, num_workers=num_workers,
                            pin_memory=dev.type == "cuda")
-    writer = Writer(store, journal, durable, counts, enc.inputs if plan.caps.inputs else None)  # type: ignore[attr-defined]
+    writer = Writer(store, journal, durable, counts)
     encoder = BatchEncoder(enc, dev, writer, counts, plan.batch_size)
     bar = tqdm(total=len(todo), desc=f"precompute {store.feature}", unit=todo[0].unit if todo else "img",
                file=sys.stderr, disable=not plan.progress, dynamic_ncols=True)

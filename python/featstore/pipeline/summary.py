@@ -10,6 +10,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
+from featstore.pipeline.items import kind_for, noun
 from featstore.pipeline.planning import Plan
 from featstore.vocabulary import check_error
 
@@ -19,6 +20,7 @@ class Counts:
     """The tallies of a run, kept by the encoding loop and the writer thread."""
 
     written: int = 0
+    frames: int = 0  # the images the written entries hold: one each, or a frame set's members
     failed: int = 0
     bytes: int = 0
     failures: list[tuple[str, str]] = field(default_factory=list)
@@ -26,7 +28,9 @@ class Counts:
 
 
 def plan_summary(plan: Plan, *, dry_run: bool) -> dict[str, Any]:
-    """The summary of a plan (all of it for ``dry_run``)."""
+    """The summary of a plan (all of it for ``dry_run``). ``selected``, ``planned`` and
+    ``skipped`` count work items: images, or frame sets (``unit``); ``sources`` counts the files
+    found, and in set mode ``sets`` all the sets they make."""
     store, shard, rank = plan.store, plan.shard, plan.rank
     counts_by_state: dict[str, int] = defaultdict(int)
     for s in plan.states:
@@ -41,19 +45,30 @@ def plan_summary(plan: Plan, *, dry_run: bool) -> dict[str, Any]:
         "plan_seconds": round(plan.plan_seconds, 3), "dry_run": dry_run, "scan_errors": len(plan.found.errors),
         "shard": f"{shard[0]}/{shard[1]}" if shard else None,
         "rank": f"{rank[0]}/{rank[1]}" if rank[1] > 1 else None, "frames_per_set": frames,
-        "model_path": plan.model_path, "note": _note(frames),
+        "model_path": plan.model_path, "note": _note(frames), "unit": noun(kind_for(plan.caps)),
+        **({"sets": plan.total_items} if frames > 1 else {}),
     }
 
 
-def run_summary(counts: Counts, seconds: float, interrupted: bool) -> dict[str, Any]:
-    """The summary of a run (added to the plan's) from its counts and its length in seconds."""
-    return {
+def run_summary(counts: Counts, seconds: float, interrupted: bool, *, frames_per_set: int = 1) -> dict[str, Any]:
+    """The summary of a run (added to the plan's) from its counts and its length in seconds.
+    ``written`` and ``failed`` count entries: images, or frame sets of up to ``frames_per_set``
+    frames (then ``frames_written`` and ``sets_per_second`` too; ``images_per_second`` counts
+    the frames)."""
+
+    def rate(n: int) -> float | None:
+        return round(n / seconds, 2) if seconds > 0 else None
+
+    done = {
         "written": counts.written, "failed": counts.failed, "bytes_written": counts.bytes,
         "failures": [list(f) for f in counts.failures[:100]], "seconds": round(seconds, 3),
-        "images_per_second": round(counts.written / seconds, 2) if seconds > 0 else None,
+        "images_per_second": rate(counts.frames),
         "stage_seconds": {k: round(v, 3) for k, v in counts.stage_seconds.items()},
         "interrupted": interrupted,
     }
+    if frames_per_set > 1:
+        done.update({"frames_written": counts.frames, "sets_per_second": rate(counts.written)})
+    return done
 
 
 def _note(frames: int) -> str:

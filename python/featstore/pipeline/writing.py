@@ -24,9 +24,6 @@ from featstore.pipeline.summary import Counts
 from featstore.sets import put_set
 from featstore.store import FeatureStore
 
-#: The encoder's optional ``inputs(rel, path)``: caption files, control images, caption texts.
-Inputs = Callable[[str, str], Mapping[str, str | bytes]]
-
 
 @dataclass(frozen=True)
 class Written:
@@ -37,25 +34,26 @@ class Written:
     record: journal_lines.Record
 
 
-def _write_image(store: FeatureStore, item: WorkItem, tensors: Mapping[str, torch.Tensor], expected: Any,
-                 inputs: Inputs | None) -> list[Written]:
+def _write_image(store: FeatureStore, item: WorkItem, tensors: Mapping[str, torch.Tensor],
+                 expected: Any) -> list[Written]:
     rel = item.paths[0]
-    extra = inputs(rel, os.path.join(store.data_root, rel)) if inputs else None
-    w = store.write(rel, tensors, inputs=extra, expected=expected)
+    stamp, inputs = expected if expected is not None else (None, None)
+    w = store.write(rel, tensors, inputs=inputs, expected=stamp)
     return [Written(os.fspath(w["path"]), int(w["bytes"]),
-                    journal_lines.ok_record(rel, w["source"], w["entry"], w["check_first"]))]
+                    journal_lines.ok_record(store, rel, w["source"], w["entry"], w["check_first"]))]
 
 
-def _write_set(store: FeatureStore, item: WorkItem, tensors: Mapping[str, torch.Tensor], expected: Any,
-               inputs: Inputs | None) -> list[Written]:
+def _write_set(store: FeatureStore, item: WorkItem, tensors: Mapping[str, torch.Tensor],
+               expected: Any) -> list[Written]:
     path = put_set(store, list(item.paths), tensors, expected=expected)
     return [Written(path, os.path.getsize(path), journal_lines.set_record(item.paths, path))]
 
 
 # How each kind's entries are written (see items.py): a list, as one causal pass over a history
-# may write an entry per prefix. ``expected`` is the stamp (or the members' stamps) when the item
-# was read, so features of a source edited since are never stored.
-_WriteEntries = Callable[[FeatureStore, WorkItem, Mapping[str, torch.Tensor], Any, Inputs | None], list[Written]]
+# may write an entry per prefix. ``expected`` is what the decoder read (see decoding.py): the
+# source's stamp and its other inputs as stamped before reading, or the members' stamps, so
+# features of an input edited since are never stored.
+_WriteEntries = Callable[[FeatureStore, WorkItem, Mapping[str, torch.Tensor], Any], list[Written]]
 _WRITERS: dict[Kind, _WriteEntries] = {"image": _write_image, "set": _write_set}
 
 
@@ -72,16 +70,12 @@ class Writer:
         fsync entries (and their directories) before journaling them.
     counts : Counts
         Tallies written, failed and bytes, and the seconds spent writing.
-    inputs : callable, optional
-        The encoder's ``inputs(rel, path)``, recorded in each source's entry.
     """
 
-    def __init__(self, store: FeatureStore, journal: str, durable: bool, counts: Counts,
-                 inputs: Inputs | None = None) -> None:
+    def __init__(self, store: FeatureStore, journal: str, durable: bool, counts: Counts) -> None:
         self.store, self.journal, self.durable, self.counts = store, journal, durable, counts
-        self.inputs = inputs
         self.queue: queue.Queue[Any] = queue.Queue(maxsize=4)
-        # Each item's source stamp(s) when it was read, set by the main loop before submitting.
+        # What each item's decoder read (stamps, inputs), set by the main loop before submitting.
         self.expected: dict[WorkItem, Any] = {}
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, name="featstore-writer", daemon=True)
@@ -127,7 +121,7 @@ class Writer:
             for i, item in enumerate(items):
                 try:
                     written.extend(_WRITERS[item.kind](self.store, item, {k: v[i] for k, v in outputs.items()},
-                                                       self.expected.pop(item, None), self.inputs))
+                                                       self.expected.pop(item, None)))
                 except Exception as exc:  # one bad item is recorded; the run goes on
                     if _fatal(exc):
                         raise
@@ -137,6 +131,7 @@ class Writer:
             for w in written:
                 records.append(w.record)
                 self.counts.written += 1
+                self.counts.frames += len(w.record.get("members", ())) or 1
                 self.counts.bytes += w.bytes
         journal_lines.append(self.journal, records, durable=self.durable)
         self.counts.stage_seconds["write"] += time.perf_counter() - t0
@@ -148,7 +143,7 @@ class Writer:
                    else f"{type(why).__name__}: {why}")
         self.counts.failed += 1
         self.counts.failures.append((item.name, why))
-        records.append(journal_lines.failed_record(item.name, why))
+        records.append(journal_lines.failed_record(self.store, item.name, why))
 
 
 def _fatal(exc: BaseException) -> bool:

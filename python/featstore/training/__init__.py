@@ -4,8 +4,8 @@ Modes
 -----
 ``read``
     Serve valid entries. A miss (missing, stale, corrupt, another encoder's) is computed live
-    with the encoder and not written (``on_miss="compute"``), or the sample comes without
-    features (``"skip"``), or it is an error (``"error"``).
+    with the encoder and not written (``on_miss="compute"``), or the sample gets zeros of the
+    entries' shapes with ``cached`` False (``"skip"``), or it is an error (``"error"``).
 ``lazy``
     A miss is computed once and written atomically: the first epoch computes, later epochs read.
 ``off``

@@ -59,8 +59,14 @@ class CachedDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
         Log one line saying what is on (``feature cache enabled: feature vggt, ...``).
 
     Each returned sample is the base sample plus the entry's tensors under their names and
-    ``cached``: True when the features came from the cache (False when computed live, or absent
-    with ``on_miss="skip"``).
+    ``cached``: True when the features came from the cache (False when computed live, or zeros
+    with ``on_miss="skip"``: the entries' dtypes and shapes are learned from a valid entry when the
+    dataset is built, so a batch's keys and shapes never depend on which rows hit).
+
+    Raises
+    ------
+    StaleEntryError
+        ``on_miss="skip"`` and the feature has no valid entry to learn the shapes from.
     """
 
     def __init__(self, base: Any, store: FeatureStore | None, *, path_fn: Callable[[Any], str] | None = None,
@@ -90,6 +96,9 @@ class CachedDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
         # True in the workers of loader(), which calls fill() on every batch in the main
         # process: samples then hand their reads and GPU misses on to it.
         self._main_fills = False
+        if self.store is not None and self.on_miss == "skip":
+            # A skipped miss is served as zeros of the entries' shapes: learned now, not mid-epoch.
+            self._reader.learn(self.store, self.paths)
         if log_start:
             log_start_line(self.describe)
 
@@ -153,7 +162,7 @@ class CachedDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
                 else:
                     misses.append(j)
         else:
-            misses = self._reader.into_samples(self.store, samples, sources)
+            misses = self._reader.into_samples(self.store, samples, sources, zeros=self.on_miss == "skip")
         missed = set(misses)
         for j, sample in enumerate(samples):
             sample["cached"] = j not in missed
@@ -183,7 +192,7 @@ class CachedDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
             samples[j]["cached"] = cached
 
     def _unresolved(self, sources: Sequence[str]) -> None:
-        """Misses with ``on_miss`` skip (the samples stay without features) or error."""
+        """Misses with ``on_miss`` skip (the samples get zeros) or error."""
         if self.on_miss == "error":
             assert self.store is not None
             raise StaleEntryError(f"{len(sources)} sample(s) have no valid {self.store.feature} entry, e.g. "
@@ -198,9 +207,9 @@ class CachedDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
         returned as is."""
         handoff = batch.pop(HANDOFF, None)
         if handoff is None:
-            return batch
+            return self._zeros_for_misses(batch)
         if isinstance(handoff, tuple):  # one sample (a DataLoader without a batch size)
-            return self._fill_sample(batch, *handoff)
+            return self._zeros_for_misses(self._fill_sample(batch, *handoff))
         if not isinstance(handoff, list) or not all(h is None or isinstance(h, tuple) for h in handoff):
             raise TypeError(f"the batch's {HANDOFF!r} is {type(handoff).__name__}, not the per-sample list "
                             "featstore.collate makes: a custom collate_fn must pass that key through (wrap "
@@ -212,7 +221,7 @@ class CachedDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
             assert self.store is not None
             misses += self._reader.into_batch(self.store, batch, reads, rows)
         if not misses:
-            return batch
+            return self._zeros_for_misses(batch)
         for j, _ in misses:
             batch["cached"][j] = False
         if self.on_miss != "compute":
@@ -221,11 +230,22 @@ class CachedDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
                 for name in self._reader.layout or {}:
                     if isinstance(batch.get(name), torch.Tensor):
                         batch[name][j].zero_()
-            return batch
+            return self._zeros_for_misses(batch)
         for (j, _), (tensors, cached) in zip(misses, self.compute([s for _, s in misses]), strict=True):
             for name, t in tensors.items():
                 put_row(batch, name, j, t, rows, padded=name in self.pad)
             batch["cached"][j] = cached
+        return batch
+
+    def _zeros_for_misses(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """With skipped misses, adds zeros for the tensors no row of ``batch`` (a collated batch,
+        or one sample) has, so that its keys and shapes never depend on which rows hit."""
+        if self.on_miss == "skip" and self._reader.shapes is not None:
+            cached = batch.get("cached")
+            if isinstance(cached, torch.Tensor) and cached.dim() == 1:
+                self._reader.zeros_into_batch(batch, len(cached))
+            elif isinstance(cached, bool):
+                self._reader.zeros_into_sample(batch)
         return batch
 
     def _fill_sample(self, sample: dict[str, Any], what: str, source: str) -> dict[str, Any]:

@@ -15,7 +15,7 @@ import torch
 
 from featstore import _core
 from featstore.encoders import capabilities, resolve_encoder
-from featstore.encoding import decode_source, encode_batch
+from featstore.encoding import decode_source, encode_batch, read_inputs
 from featstore.errors import FeatstoreError
 from featstore.lock import entry_claims
 from featstore.store import FeatureStore
@@ -117,11 +117,14 @@ class LiveEncoder:
         items = capabilities(enc).items
         decoded = []
         for source in sources:
-            item, error, stamp = decode_source(enc, source_path(self.data_root, source))
+            # Inputs first: stamped before the encoder reads them (see featstore.encoding).
+            inputs, error = read_inputs(enc, source, self.data_root or "")
+            item, decode_error, stamp = decode_source(enc, source_path(self.data_root, source))
+            error = error or decode_error
             if error is not None:
                 raise FeatstoreError(f"cannot compute {enc.name} features of "
                                      f"{source_path(self.data_root, source)}: {error}")
-            decoded.append((item, stamp))
+            decoded.append((item, (stamp, inputs)))
         groups: dict[Any, list[int]] = defaultdict(list)
         for k, (item, _) in enumerate(decoded):
             groups[() if items else tuple(item.shape)].append(k)
@@ -133,17 +136,17 @@ class LiveEncoder:
                 # A clone outside inference mode: autograd may save these for backward.
                 results[k] = {name: t[row].clone() for name, t in outputs.items()}
         if write_to is not None:
-            for source, (_, stamp), tensors in zip(sources, decoded, results, strict=True):
-                self._write(enc, write_to, source, tensors, stamp)
+            for source, (_, read), tensors in zip(sources, decoded, results, strict=True):
+                self._write(enc, write_to, source, tensors, read)
         return results
 
     def _write(self, enc: Any, store: FeatureStore, source: str, tensors: dict[str, torch.Tensor],
-               stamp: Any) -> None:
+               read: Any) -> None:
         """Stores a lazily computed entry; a failed write is warned about once (training goes on
         with the computed features, the next epoch computes them again)."""
         path = source_path(self.data_root, source)
         try:
-            inputs = enc.inputs(source, path) if capabilities(enc).inputs else None
+            stamp, inputs = read
             store.write(source, tensors, inputs=inputs, expected=stamp)
             if not self._manifest_checked:
                 self._manifest_checked = True

@@ -38,15 +38,7 @@ fn main() {
         .collect();
     let entries: Vec<PathBuf> = rels
         .iter()
-        .map(|r| {
-            store.entry_path(
-                r,
-                Stamp {
-                    size: 0,
-                    mtime_ns: 0,
-                },
-            )
-        })
+        .map(|r| store.entry_path(r, Stamp::sized(0, 0)))
         .collect();
     for r in &rels {
         store.check(r).expect("check");

@@ -329,11 +329,60 @@ pub fn parse_entry_bytes(path: &Path, bytes: &[u8]) -> Result<Header> {
     )
 }
 
+/// Opens an entry file for reading without ever blocking, and only if it is a regular file: a
+/// FIFO (or a symlink to one) put where an entry belongs would block a plain `open` until a
+/// writer appears, and a directory or device is no entry either. Those are corrupt entries (a
+/// counted miss), found at once.
+pub fn open_regular(path: &Path) -> Result<(File, std::fs::Metadata)> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        // O_NONBLOCK: a FIFO opens at once instead of waiting; regular files ignore it.
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .at(path)?;
+    let meta = file.metadata().at(path)?;
+    if !meta.file_type().is_file() {
+        return Err(Error::corrupt(
+            path,
+            format!(
+                "not a regular file ({}): featstore never writes one there; remove it and recompute",
+                file_kind(&meta.file_type())
+            ),
+        ));
+    }
+    Ok((file, meta))
+}
+
+/// What kind of file something that is not a regular file is, in words.
+pub fn file_kind(t: &std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if t.is_dir() {
+        "a directory"
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_socket() {
+        "a socket"
+    } else if t.is_block_device() || t.is_char_device() {
+        "a device"
+    } else if t.is_symlink() {
+        "a symbolic link"
+    } else {
+        "a regular file"
+    }
+}
+
 /// Reads and validates only the header of the entry at `path` (two `pread`s, no data read).
 pub fn read_header(path: &Path) -> Result<Header> {
-    let file = File::open(path).at(path)?;
-    let file_len = file.metadata().at(path)?.len();
-    read_header_of(&file, path, file_len)
+    read_header_stamped(path).map(|(h, _)| h)
+}
+
+/// [`read_header`], with the stamp of the very file the header was read from (from the open
+/// descriptor: a file renamed over the path in between cannot be mistaken for it).
+pub fn read_header_stamped(path: &Path) -> Result<(Header, crate::key::Stamp)> {
+    let (file, meta) = open_regular(path)?;
+    let header = read_header_of(&file, path, meta.len())?;
+    Ok((header, crate::key::Stamp::from_metadata(&meta)))
 }
 
 /// Reads and validates the header of an already open entry file of `file_len` bytes.
@@ -395,6 +444,9 @@ fn storage_order<'t, 'a>(tensors: &'t [TensorData<'a>]) -> Vec<&'t TensorData<'a
     ordered
 }
 
+/// The longest file name (bytes) Linux file systems take.
+pub const NAME_MAX: usize = 255;
+
 /// Writes `bytes` chunks to a temporary file beside `path` and renames it over `path`.
 ///
 /// Readers that mapped the old file keep a valid mapping (its inode lives on) and no reader ever
@@ -419,8 +471,15 @@ pub fn write_atomic(path: &Path, chunks: &[&[u8]], durable: bool) -> Result<()> 
         let why = format!("no space left on the device to write {bytes} bytes ({e}); nothing was written and the files already there are intact: free space, or write to another disk (--cache-dir)");
         Error::io(path, std::io::Error::new(e.kind(), why))
     };
+    // The temporary name is `.<name>.<random>.tmp`: cut `name` so that it fits in NAME_MAX even
+    // when the target's name only just does.
+    let room = NAME_MAX.saturating_sub(".".len() + ".".len() + 6 + ".tmp".len());
+    let mut cut = name.len().min(room);
+    while !name.is_char_boundary(cut) {
+        cut -= 1;
+    }
     let mut tmp = tempfile::Builder::new()
-        .prefix(&format!(".{name}."))
+        .prefix(&format!(".{}.", &name[..cut]))
         .suffix(".tmp")
         // Entries are shared data: readable by the group and others, as a plain `open` would make.
         .permissions(std::fs::Permissions::from_mode(0o644))
@@ -504,13 +563,20 @@ pub fn write_entry(
 
 /// Writes the entry at `from` to `to` (often the same path) with updated metadata (same tensors,
 /// same data), atomically: refreshes the stamp of a source that was touched but not changed.
+/// Only while the file at `from` is still the one judged (`judged`, its stamp): false, and
+/// nothing written, when another writer replaced it meanwhile.
 pub fn rewrite_metadata_to(
     from: &Path,
     to: &Path,
+    judged: crate::key::Stamp,
     update: impl FnOnce(&mut BTreeMap<String, String>),
     durable: bool,
-) -> Result<()> {
-    let entry = open_entry(from, ReadMode::Pread)?;
+) -> Result<bool> {
+    let (entry, id) = open_entry_with(from, ReadMode::Pread, None)?;
+    if id.stamp != judged {
+        // Another writer replaced the file since it was judged: its header is not ours to edit.
+        return Ok(false);
+    }
     let mut meta = entry.header.metadata.clone();
     update(&mut meta);
     let layout: Vec<_> = entry
@@ -520,7 +586,8 @@ pub fn rewrite_metadata_to(
         .map(|t| (t.name.clone(), t.dtype, t.shape.clone(), t.end - t.start))
         .collect();
     let header = encode_header(&layout, &meta);
-    write_atomic(to, &[&header, entry.data()], durable)
+    write_atomic(to, &[&header, entry.data()], durable)?;
+    Ok(true)
 }
 
 /// How an entry's bytes get into memory.
@@ -636,21 +703,16 @@ impl Entry {
 /// valid for the same identity later (entries are replaced by rename, never rewritten in place).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FileId {
-    pub ino: u64,
     pub dev: u64,
-    pub size: u64,
-    pub mtime_ns: i64,
+    pub stamp: crate::key::Stamp,
 }
 
 impl FileId {
     pub fn of(meta: &std::fs::Metadata) -> FileId {
         use std::os::unix::fs::MetadataExt;
-        let stamp = crate::key::Stamp::from_metadata(meta);
         FileId {
-            ino: meta.ino(),
             dev: meta.dev(),
-            size: stamp.size,
-            mtime_ns: stamp.mtime_ns,
+            stamp: crate::key::Stamp::from_metadata(meta),
         }
     }
 }
@@ -669,8 +731,7 @@ pub fn open_entry_with(
     mode: ReadMode,
     known: Option<(FileId, Arc<Header>)>,
 ) -> Result<(Entry, FileId)> {
-    let file = File::open(path).at(path)?;
-    let meta = file.metadata().at(path)?;
+    let (file, meta) = open_regular(path)?;
     let id = FileId::of(&meta);
     let len = meta.len();
     if len < 8 {

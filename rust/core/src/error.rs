@@ -31,6 +31,9 @@ pub enum Error {
     /// be written: the features belong to other bytes, so nothing was written.
     #[error("{} changed {what}", path.display())]
     SourceChanged { path: PathBuf, what: String },
+    /// An entry's file name would be longer than the file system allows.
+    #[error("{}: {why}", path.display())]
+    NameTooLong { path: PathBuf, why: String },
     /// A caller passed a value the core cannot use (unknown dtype, inconsistent sizes, ...).
     #[error("{0}")]
     Invalid(String),

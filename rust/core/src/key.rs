@@ -1,8 +1,8 @@
 //! Stamps, digests and keys.
 //!
-//! A *stamp* is `(size, mtime_ns)` from one `stat`; a *digest* is blake3 of a file's bytes; a
-//! *key* names an entry by the source's relative path and stamp, so any change of the source gives
-//! a new key. The legacy key is the old scripts' `sha256(path_as_given + file_bytes)[:16]`.
+//! A *stamp* is `(size, mtime_ns, ino, ctime_ns)` from one `stat`; a *digest* is blake3 of a
+//! file's bytes; a *key* names an entry by the source's relative path, size and mtime, so any edit
+//! of the source gives a new key. The legacy key is the old scripts' `sha256(path_as_given + file_bytes)[:16]`.
 
 use std::fs::{File, Metadata};
 use std::io::Read;
@@ -20,21 +20,42 @@ const KEY_DOMAIN: &[u8] = b"featstore-key-v1\0";
 /// How many hex digits of a key the dir layout uses in file names (128 bits).
 pub const KEY_NAME_LEN: usize = 32;
 
-/// `(size, mtime_ns)` of a file: what one `stat` tells about whether it changed.
+/// What one `stat` tells about a file's identity and content: size and mtime, and (as git's
+/// index does) the inode and ctime, so that a rename or `mv` onto an old name, or a restore that
+/// keeps size and mtime, changes the stamp. A changed stamp is never trusted blindly and never
+/// condemned blindly: the digest decides.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct Stamp {
     /// File size in bytes.
     pub size: u64,
     /// Modification time in nanoseconds since the Unix epoch (as `os.stat().st_mtime_ns`).
     pub mtime_ns: i64,
+    /// Inode number (0: not recorded, as in entries written before it was).
+    pub ino: u64,
+    /// Status-change time in nanoseconds (0: not recorded). Renames, `chmod` and every write
+    /// change it, and no tool can set it back.
+    pub ctime_ns: i64,
 }
 
 impl Stamp {
+    /// A stamp that knows only size and mtime (what keys and older records hold): it never
+    /// equals a stamp taken from a file, so it is always checked by digest.
+    pub fn sized(size: u64, mtime_ns: i64) -> Stamp {
+        Stamp {
+            size,
+            mtime_ns,
+            ino: 0,
+            ctime_ns: 0,
+        }
+    }
+
     /// The stamp of already-fetched metadata.
     pub fn from_metadata(meta: &Metadata) -> Stamp {
         Stamp {
             size: meta.size(),
             mtime_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
+            ino: meta.ino(),
+            ctime_ns: meta.ctime() * 1_000_000_000 + meta.ctime_nsec(),
         }
     }
 
@@ -42,10 +63,16 @@ impl Stamp {
     pub fn of(path: &Path) -> Result<Stamp> {
         Ok(Stamp::from_metadata(&std::fs::metadata(path).at(path)?))
     }
+
+    /// True when size and mtime (the fields a key is made of) are equal.
+    pub fn same_key_fields(&self, other: &Stamp) -> bool {
+        self.size == other.size && self.mtime_ns == other.mtime_ns
+    }
 }
 
 /// The v1 key of a source: `blake3("featstore-key-v1\0" || u32le(len(p)) || p || u64le(size) ||
-/// i64le(mtime_ns))` as 64 hex digits, where `p` is the relative path's raw bytes.
+/// i64le(mtime_ns))` as 64 hex digits, where `p` is the relative path's raw bytes. Inode and
+/// ctime are not part of it: a copy keeps its key, and the digest check decides.
 pub fn stamp_key(rel_path: &[u8], stamp: Stamp) -> String {
     let mut h = blake3::Hasher::new();
     h.update(KEY_DOMAIN);
@@ -105,33 +132,18 @@ mod tests {
     fn stamp_key_vectors() {
         let k = stamp_key(
             b"scene001/img_0001.jpg",
-            Stamp {
-                size: 307_200,
-                mtime_ns: 1_700_000_000_123_456_789,
-            },
+            Stamp::sized(307_200, 1_700_000_000_123_456_789),
         );
         assert_eq!(
             k,
             "0c753eb4ba0f06b37b5a3e7defe849d58378c83cf7537e382cf55968eda3de05"
         );
-        let k = stamp_key(
-            b"",
-            Stamp {
-                size: 0,
-                mtime_ns: 0,
-            },
-        );
+        let k = stamp_key(b"", Stamp::sized(0, 0));
         assert_eq!(
             k,
             "b3d6ed7aa7bdc00d764336aa0a2dc3fda79f35aed5436a4c4dd7d7273b14c2ff"
         );
-        let k = stamp_key(
-            "图片/ä.png".as_bytes(),
-            Stamp {
-                size: 1,
-                mtime_ns: -1,
-            },
-        );
+        let k = stamp_key("图片/ä.png".as_bytes(), Stamp::sized(1, -1));
         assert_eq!(
             k,
             "0d08e951a5a5a3200ff5429e3045ef4c2096bdb9a2ad1df3607eb32a296edbd5"
@@ -140,23 +152,11 @@ mod tests {
 
     #[test]
     fn key_depends_on_every_field() {
-        let base = Stamp {
-            size: 10,
-            mtime_ns: 20,
-        };
+        let base = Stamp::sized(10, 20);
         let k = stamp_key(b"a", base);
         assert_ne!(k, stamp_key(b"b", base));
-        assert_ne!(k, stamp_key(b"a", Stamp { size: 11, ..base }));
-        assert_ne!(
-            k,
-            stamp_key(
-                b"a",
-                Stamp {
-                    mtime_ns: 21,
-                    ..base
-                }
-            )
-        );
+        assert_ne!(k, stamp_key(b"a", Stamp::sized(11, 20)));
+        assert_ne!(k, stamp_key(b"a", Stamp::sized(10, 21)));
         // The length prefix keeps path/size boundaries unambiguous.
         assert_ne!(stamp_key(b"ab", base), stamp_key(b"a", base));
     }

@@ -5,10 +5,12 @@
 //! - [`entry`]: the aligned safetensors entry format: writer, validating reader, mappings;
 //! - [`manifest`]: the manifest, the per-rank journals and their merge;
 //! - [`store`]: entry locations, layouts and the validity check;
+//! - [`judged`]: removing and moving only the very file that was judged;
 //! - [`pool`]: featstore's own, fork-aware thread pools.
 
 pub mod entry;
 pub mod error;
+pub mod judged;
 pub mod key;
 pub mod manifest;
 pub mod pool;

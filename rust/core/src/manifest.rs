@@ -17,6 +17,27 @@ use crate::entry::write_atomic;
 use crate::error::{Error, IoContext, Result};
 use crate::key::Stamp;
 
+/// How a relative path is written in JSON (journal lines, the index's keys): as itself when it
+/// is UTF-8, else as a NUL (which no path contains) followed by its bytes in hex. Python's
+/// `featstore.vocabulary.path_to_json` writes the same.
+pub fn path_to_json(p: &Path) -> String {
+    use std::os::unix::ffi::OsStrExt;
+    let bytes = p.as_os_str().as_bytes();
+    match std::str::from_utf8(bytes) {
+        Ok(s) => s.to_string(),
+        Err(_) => format!("\0{}", hex::encode(bytes)),
+    }
+}
+
+/// The path [`path_to_json`] wrote.
+pub fn path_from_json(s: &str) -> PathBuf {
+    use std::os::unix::ffi::OsStringExt;
+    match s.strip_prefix('\0').and_then(|h| hex::decode(h).ok()) {
+        Some(bytes) => PathBuf::from(std::ffi::OsString::from_vec(bytes)),
+        None => PathBuf::from(s),
+    }
+}
+
 /// Format tag of the manifests this crate writes.
 pub const MANIFEST_FORMAT: &str = "featstore-manifest-v1";
 
@@ -33,34 +54,51 @@ pub struct IndexRecord {
 }
 
 impl IndexRecord {
-    // Stored as a compact array: a million-entry index stays around 80 MB of JSON.
-    fn to_json(self) -> Value {
+    // Stored as a compact array: `[size, mtime_ns, entry size, entry mtime_ns, check_first,
+    // ino, ctime_ns, entry ino, entry ctime_ns]`; a million-entry index stays around 120 MB.
+    pub fn to_json(self) -> Value {
         Value::from(vec![
             Value::from(self.source.size),
             Value::from(self.source.mtime_ns),
             Value::from(self.entry.size),
             Value::from(self.entry.mtime_ns),
             Value::from(self.racy as u8),
+            Value::from(self.source.ino),
+            Value::from(self.source.ctime_ns),
+            Value::from(self.entry.ino),
+            Value::from(self.entry.ctime_ns),
         ])
     }
 
+    /// Reads a record; the 5-field form of earlier versions lacks inodes and ctimes, so its
+    /// stamps never match a file's and the entry is checked in full on first use.
     fn from_json(v: &Value) -> Option<IndexRecord> {
         let a = v.as_array()?;
-        if a.len() != 5 {
+        if a.len() != 5 && a.len() != 9 {
             return None;
         }
+        let mut source = Stamp::sized(a[0].as_u64()?, a[1].as_i64()?);
+        let mut entry = Stamp::sized(a[2].as_u64()?, a[3].as_i64()?);
+        if a.len() == 9 {
+            (source.ino, source.ctime_ns) = (a[5].as_u64()?, a[6].as_i64()?);
+            (entry.ino, entry.ctime_ns) = (a[7].as_u64()?, a[8].as_i64()?);
+        }
         Some(IndexRecord {
-            source: Stamp {
-                size: a[0].as_u64()?,
-                mtime_ns: a[1].as_i64()?,
-            },
-            entry: Stamp {
-                size: a[2].as_u64()?,
-                mtime_ns: a[3].as_i64()?,
-            },
+            source,
+            entry,
             racy: a[4].as_u64()? != 0,
         })
     }
+}
+
+/// A journal stamp: `[size, mtime_ns]` (earlier versions) or `[size, mtime_ns, ino, ctime_ns]`.
+fn stamp_from_json(v: &Value) -> Option<Stamp> {
+    let a = v.as_array()?;
+    let mut stamp = Stamp::sized(a.first()?.as_u64()?, a.get(1)?.as_i64()?);
+    if a.len() >= 4 {
+        (stamp.ino, stamp.ctime_ns) = (a[2].as_u64()?, a[3].as_i64()?);
+    }
+    Some(stamp)
 }
 
 /// A manifest: free-form fields (the ones users already read, counts, encoder description,
@@ -90,7 +128,7 @@ impl Manifest {
         };
         let mut fields: Map<String, Value> = serde_json::from_slice(text).map_err(|e| {
             bad(format!(
-                "not valid JSON ({e}); delete it, `featstore status` rebuilds it"
+                "not valid JSON ({e}); move it aside and run `featstore precompute` with the encoder that wrote the entries: it rebuilds the manifest (entries of any other encoder are recomputed)"
             ))
         })?;
         let mut index = BTreeMap::new();
@@ -151,11 +189,13 @@ impl Manifest {
         write_atomic(path, &[&self.to_json_bytes()], durable)
     }
 
-    /// Sets free-form fields. A new `fingerprint` empties the index and the failures: they were
-    /// judged for entries of another encoder, and trusting them would serve its features.
+    /// Sets free-form fields. A new `fingerprint` (or a first one) empties the index and the
+    /// failures: they were judged for entries of another encoder (or of any), and trusting them
+    /// would serve its features.
     pub fn update_fields(&mut self, fields: Map<String, Value>) {
         if let Some(new) = fields.get("fingerprint") {
-            if self.fields.get("fingerprint").is_some_and(|old| old != new) {
+            // Also when none was recorded: the index may hold records of any encoder.
+            if self.fields.get("fingerprint") != Some(new) {
                 self.index.clear();
                 self.failures.clear();
             }
@@ -163,30 +203,41 @@ impl Manifest {
         self.fields.extend(fields);
     }
 
-    /// Applies one journal record. Unknown operations are ignored (newer writers).
-    pub fn apply(&mut self, record: &Value) {
+    /// The fingerprint the index was judged for (None: none recorded).
+    pub fn fingerprint(&self) -> Option<&str> {
+        self.fields.get("fingerprint").and_then(Value::as_str)
+    }
+
+    /// Applies one journal record; false when it was skipped because another encoder
+    /// configuration (fingerprint) wrote it: its entries are foreign to this manifest, and
+    /// indexing them would make lookups trust them. Unknown operations are ignored (newer
+    /// writers).
+    pub fn apply(&mut self, record: &Value) -> bool {
         let Some(rel) = record.get("path").and_then(Value::as_str) else {
-            return;
+            return true;
         };
+        let written_by = record.get("fingerprint").and_then(Value::as_str);
+        if let (Some(ours), Some(theirs)) = (self.fingerprint(), written_by) {
+            if ours != theirs {
+                return false;
+            }
+        }
         match record.get("op").and_then(Value::as_str) {
             Some("ok") => {
-                let stamp = |k: &str| {
-                    let a = record.get(k)?.as_array()?;
-                    Some(Stamp {
-                        size: a.first()?.as_u64()?,
-                        mtime_ns: a.get(1)?.as_i64()?,
-                    })
+                // Either the stamps of a write, or an index record as the index stores it.
+                let stamp = |k: &str| record.get(k).and_then(stamp_from_json);
+                let racy = record.get("racy").and_then(Value::as_bool).unwrap_or(false);
+                let indexed = match (stamp("source"), stamp("entry"), record.get("record")) {
+                    (Some(source), Some(entry), _) => Some(IndexRecord {
+                        source,
+                        entry,
+                        racy,
+                    }),
+                    (_, _, Some(r)) => IndexRecord::from_json(r),
+                    _ => None,
                 };
-                if let (Some(source), Some(entry)) = (stamp("source"), stamp("entry")) {
-                    let racy = record.get("racy").and_then(Value::as_bool).unwrap_or(false);
-                    self.index.insert(
-                        rel.to_string(),
-                        IndexRecord {
-                            source,
-                            entry,
-                            racy,
-                        },
-                    );
+                if let Some(r) = indexed {
+                    self.index.insert(rel.to_string(), r);
                     self.failures.remove(rel);
                 }
             }
@@ -203,6 +254,7 @@ impl Manifest {
             }
             _ => {}
         }
+        true
     }
 }
 
@@ -283,6 +335,8 @@ pub struct MergeSummary {
     pub journals: usize,
     pub records: usize,
     pub skipped_lines: usize,
+    /// Records of another encoder configuration, left out of the index.
+    pub foreign_records: usize,
 }
 
 /// Folds every journal beside `manifest_path` into the manifest (starting from `base` when given,
@@ -307,7 +361,9 @@ pub fn merge_journals(
         summary.records += records.len();
         summary.skipped_lines += skipped;
         for r in &records {
-            manifest.apply(r);
+            if !manifest.apply(r) {
+                summary.foreign_records += 1;
+            }
         }
     }
     manifest.write(manifest_path, durable)?;
@@ -354,16 +410,11 @@ mod tests {
             MergeSummary {
                 journals: 2,
                 records: 2,
-                skipped_lines: 1
+                skipped_lines: 1,
+                foreign_records: 0,
             }
         );
-        assert_eq!(
-            manifest.index["a.jpg"].source,
-            Stamp {
-                size: 1,
-                mtime_ns: 2
-            }
-        );
+        assert_eq!(manifest.index["a.jpg"].source, Stamp::sized(1, 2));
         assert_eq!(manifest.failures["b.jpg"], "cannot decode");
         assert!(find_journals(&m).unwrap().is_empty());
         let again = Manifest::read(&m).unwrap().unwrap();
@@ -380,6 +431,33 @@ mod tests {
         assert!(m.index["x"].racy);
         m.apply(&json!({"op": "removed", "path": "x"}));
         assert!(m.index.is_empty());
+    }
+
+    #[test]
+    fn records_of_another_fingerprint_are_not_indexed() {
+        let mut m = Manifest::default();
+        m.fields.insert("fingerprint".into(), json!("b"));
+        let theirs = json!({"op": "ok", "path": "x", "source": [1, 1, 5, 6], "entry": [2, 2, 7, 8], "fingerprint": "a"});
+        assert!(!m.apply(&theirs));
+        assert!(m.index.is_empty());
+        let ours = json!({"op": "ok", "path": "x", "source": [1, 1, 5, 6], "entry": [2, 2, 7, 8], "fingerprint": "b"});
+        assert!(m.apply(&ours));
+        assert_eq!(m.index["x"].source.ino, 5);
+        assert_eq!(m.index["x"].entry.ctime_ns, 8);
+        // Round trip keeps inodes and ctimes.
+        let back = Manifest::parse(Path::new("m"), &m.to_json_bytes()).unwrap();
+        assert_eq!(back.index, m.index);
+    }
+
+    #[test]
+    fn paths_that_are_not_utf8_round_trip_through_json() {
+        use std::os::unix::ffi::OsStrExt;
+        let odd = Path::new(std::ffi::OsStr::from_bytes(b"scene/\xff\xfe.png"));
+        let text = path_to_json(odd);
+        assert!(text.starts_with('\0'));
+        assert_eq!(path_from_json(&text), odd);
+        assert_eq!(path_to_json(Path::new("图片/a.png")), "图片/a.png");
+        assert_eq!(path_from_json("图片/a.png"), Path::new("图片/a.png"));
     }
 
     #[test]

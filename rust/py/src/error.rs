@@ -112,6 +112,9 @@ pub fn to_py(err: Error) -> PyErr {
             }
             None => PyOSError::new_err(format!("{}: {source}", path.display())),
         },
+        Error::NameTooLong { path, why } => {
+            PyOSError::new_err((libc_errno::ENAMETOOLONG, why, path.display().to_string()))
+        }
         e @ Error::Corrupt { .. } => CorruptEntryError::new_err(e.to_string()),
         e @ Error::Manifest { .. } => ManifestError::new_err(e.to_string()),
         e @ Error::SourceChanged { .. } => SourceChangedError::new_err(e.to_string()),
@@ -150,4 +153,5 @@ mod libc_errno {
     pub const EFBIG: i32 = 27;
     pub const ENOSPC: i32 = 28;
     pub const EROFS: i32 = 30;
+    pub const ENAMETOOLONG: i32 = 36;
 }

@@ -3,6 +3,7 @@
 
 mod dlpack;
 mod error;
+mod fork;
 mod records;
 
 use std::collections::BTreeMap;
@@ -16,7 +17,7 @@ use featstore_core::key::{self, Stamp};
 use featstore_core::manifest::{self, Manifest};
 use featstore_core::pool;
 use featstore_core::scan::{self, ScanOptions};
-use featstore_core::store::{Input, Layout, Store, StoreConfig};
+use featstore_core::store::{Depth, Input, Layout, Store, StoreConfig};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
@@ -127,7 +128,7 @@ fn scan_sources<'py>(
         skip_dirs,
         threads,
     };
-    let result = py.detach(|| match (&jsonl, &listed) {
+    let result = fork::detached(py, || match (&jsonl, &listed) {
         (_, Some(list)) => scan::scan_list(&root, list, threads, &counter),
         (Some(field), None) => scan::scan_jsonl(&root, field, &opts, &counter),
         (None, None) => scan::scan_tree(&root, &opts, &counter),
@@ -138,13 +139,19 @@ fn scan_sources<'py>(
 /// The v1 key of a relative path (raw bytes) with a stamp, as 64 hex digits.
 #[pyfunction]
 fn stamp_key(rel: &[u8], size: u64, mtime_ns: i64) -> String {
-    key::stamp_key(rel, Stamp { size, mtime_ns })
+    key::stamp_key(rel, Stamp::sized(size, mtime_ns))
+}
+
+/// blake3 of a text's bytes (64 hex digits): what an entry records for a text input.
+#[pyfunction]
+fn bytes_digest(data: &[u8]) -> String {
+    key::bytes_digest(data)
 }
 
 /// blake3 of a file's bytes (64 hex digits).
 #[pyfunction]
 fn file_digest(py: Python<'_>, path: PathBuf) -> PyResult<String> {
-    py.detach(|| key::file_digest(&path)).py_err()
+    fork::detached(py, || key::file_digest(&path)).py_err()
 }
 
 /// blake3 of many files in parallel; `None` where a file cannot be read.
@@ -155,7 +162,7 @@ fn file_digests(
     paths: Vec<PathBuf>,
     threads: Option<usize>,
 ) -> Vec<Option<String>> {
-    py.detach(|| {
+    fork::detached(py, || {
         pool::pool(threads).install(|| paths.par_iter().map(|p| key::file_digest(p).ok()).collect())
     })
 }
@@ -164,8 +171,7 @@ fn file_digests(
 #[pyfunction]
 fn legacy_sha256_key(py: Python<'_>, path_as_given: &[u8], read_from: PathBuf) -> PyResult<String> {
     let given = path_as_given.to_vec();
-    py.detach(|| key::legacy_sha256_key(&given, &read_from))
-        .py_err()
+    fork::detached(py, || key::legacy_sha256_key(&given, &read_from)).py_err()
 }
 
 /// Legacy keys of many files in parallel; `None` where a file cannot be read.
@@ -182,7 +188,7 @@ fn legacy_sha256_keys(
             "paths_as_given and read_from differ in length",
         ));
     }
-    Ok(py.detach(|| {
+    Ok(fork::detached(py, || {
         pool::pool(threads).install(|| {
             paths_as_given
                 .par_iter()
@@ -234,8 +240,7 @@ fn write_entry(
 ) -> PyResult<u64> {
     // SAFETY: see tensor_views; the caller holds the tensors for the duration of this call.
     let views = unsafe { tensor_views(&tensors)? };
-    py.detach(|| entry::write_entry(&path, &views, &metadata, durable))
-        .py_err()
+    fork::detached(py, || entry::write_entry(&path, &views, &metadata, durable)).py_err()
 }
 
 type HeaderTuple = (
@@ -267,7 +272,7 @@ fn header_tuple(h: &entry::Header) -> HeaderTuple {
 /// data_start)`.
 #[pyfunction]
 fn read_header(py: Python<'_>, path: PathBuf) -> PyResult<HeaderTuple> {
-    let h = py.detach(|| entry::read_header(&path)).py_err()?;
+    let h = fork::detached(py, || entry::read_header(&path)).py_err()?;
     Ok(header_tuple(&h))
 }
 
@@ -313,7 +318,7 @@ fn read_entry<'py>(py: Python<'py>, path: PathBuf, pread: bool) -> PyResult<Open
 /// Opens an entry and checks its data against `data.blake3`; returns its metadata.
 #[pyfunction]
 fn verify_entry(py: Python<'_>, path: PathBuf) -> PyResult<BTreeMap<String, String>> {
-    py.detach(|| {
+    fork::detached(py, || {
         let e = entry::open_entry(&path, ReadMode::Pread)?;
         e.verify_checksum(&path)?;
         Ok(e.header.metadata.clone())
@@ -330,7 +335,7 @@ fn is_network_fs(path: PathBuf) -> bool {
 /// Reads a manifest as JSON text (index included), or None if there is none.
 #[pyfunction]
 fn read_manifest(py: Python<'_>, path: PathBuf) -> PyResult<Option<String>> {
-    let m = py.detach(|| Manifest::read(&path)).py_err()?;
+    let m = fork::detached(py, || Manifest::read(&path)).py_err()?;
     Ok(m.map(|m| String::from_utf8(m.to_json_bytes()).expect("JSON is UTF-8")))
 }
 
@@ -339,7 +344,7 @@ fn read_manifest(py: Python<'_>, path: PathBuf) -> PyResult<Option<String>> {
 #[pyo3(signature = (path, json, durable=true))]
 fn write_manifest(py: Python<'_>, path: PathBuf, json: &str, durable: bool) -> PyResult<()> {
     let m = Manifest::parse(&path, json.as_bytes()).py_err()?;
-    py.detach(|| m.write(&path, durable)).py_err()
+    fork::detached(py, || m.write(&path, durable)).py_err()
 }
 
 /// The journal path of rank `rank` of `world` beside a manifest.
@@ -364,12 +369,12 @@ fn append_journal(
                 .map_err(|e| PyValueError::new_err(format!("journal record is not JSON: {e}")))
         })
         .collect::<PyResult<Vec<serde_json::Value>>>()?;
-    py.detach(|| manifest::append_journal(&path, &values, durable))
-        .py_err()
+    fork::detached(py, || manifest::append_journal(&path, &values, durable)).py_err()
 }
 
 /// Merges every journal beside the manifest into it (with `fields` JSON overriding its fields)
-/// and deletes the journals; returns `(journals, records, skipped_lines)`.
+/// and deletes the journals; returns `(journals, records, skipped_lines, foreign_records)`
+/// (records of another fingerprint are left out of the index).
 #[pyfunction]
 #[pyo3(signature = (manifest_path, fields=None, durable=true))]
 fn merge_journals(
@@ -377,7 +382,7 @@ fn merge_journals(
     manifest_path: PathBuf,
     fields: Option<String>,
     durable: bool,
-) -> PyResult<(usize, usize, usize)> {
+) -> PyResult<(usize, usize, usize, usize)> {
     let updates: Option<serde_json::Map<String, serde_json::Value>> = match fields {
         Some(f) => Some(serde_json::from_str(&f).map_err(|e| {
             PyValueError::new_err(format!("manifest fields are not a JSON object: {e}"))
@@ -393,7 +398,7 @@ fn merge_journals(
             manifest::merge_journals(&manifest_path, Some(base), durable)
         })
         .py_err()?;
-    Ok((s.journals, s.records, s.skipped_lines))
+    Ok((s.journals, s.records, s.skipped_lines, s.foreign_records))
 }
 
 /// A manifest index record: source size, source mtime_ns, entry size, entry mtime_ns, check-first.
@@ -403,20 +408,57 @@ struct PyStore {
     inner: Arc<Store>,
 }
 
+/// A stamp as Python passes it: `(size, mtime_ns, ino, ctime_ns)`.
+type StampTuple = (u64, i64, u64, i64);
+
+fn depth(deep: bool) -> Depth {
+    if deep {
+        Depth::Digests
+    } else {
+        Depth::Stamps
+    }
+}
+
+fn stamp_of((size, mtime_ns, ino, ctime_ns): StampTuple) -> Stamp {
+    Stamp {
+        size,
+        mtime_ns,
+        ino,
+        ctime_ns,
+    }
+}
+
+fn stamp_tuple(s: Stamp) -> StampTuple {
+    (s.size, s.mtime_ns, s.ino, s.ctime_ns)
+}
+
+/// Inputs as `featstore.store` passes them: `(name, ("file", path, stamp or None))`,
+/// `(name, ("text", bytes))` or `(name, ("absent", path))`.
 fn parse_inputs(inputs: Vec<(String, Bound<'_, PyAny>)>) -> PyResult<Vec<Input>> {
     inputs
         .into_iter()
         .map(|(name, v)| {
-            if let Ok(b) = v.cast::<PyBytes>() {
-                Ok(Input::Text {
+            let kind: String = v.get_item(0)?.extract()?;
+            match kind.as_str() {
+                "file" => Ok(Input::File {
                     name,
-                    text: b.as_bytes().to_vec(),
-                })
-            } else {
-                Ok(Input::File {
+                    path: v.get_item(1)?.extract::<PathBuf>()?,
+                    expected: v
+                        .get_item(2)?
+                        .extract::<Option<StampTuple>>()?
+                        .map(stamp_of),
+                }),
+                "text" => Ok(Input::Text {
                     name,
-                    path: v.extract::<PathBuf>()?,
-                })
+                    text: v.get_item(1)?.cast::<PyBytes>()?.as_bytes().to_vec(),
+                }),
+                "absent" => Ok(Input::Absent {
+                    name,
+                    path: v.get_item(1)?.extract::<PathBuf>()?,
+                }),
+                other => Err(PyValueError::new_err(format!(
+                    "input {name:?}: unknown kind {other:?} (file, text or absent)"
+                ))),
             }
         })
         .collect()
@@ -450,7 +492,7 @@ impl PyStore {
             legacy_suffix,
             read_mode: read_mode(pread),
         };
-        let store = py.detach(|| Store::open(cfg)).py_err()?;
+        let store = fork::detached(py, || Store::open(cfg)).py_err()?;
         Ok(PyStore {
             inner: Arc::new(store),
         })
@@ -474,13 +516,16 @@ impl PyStore {
 
     fn entry_path(&self, rel: PathBuf, size: u64, mtime_ns: i64) -> OsString {
         self.inner
-            .entry_path(&rel, Stamp { size, mtime_ns })
+            .entry_path(&rel, Stamp::sized(size, mtime_ns))
             .into_os_string()
     }
 
-    /// `(state, entry_path, reason)` of one source.
-    fn check(&self, py: Python<'_>, rel: PathBuf) -> PyResult<PyCheck> {
-        let c = py.detach(|| self.inner.check(&rel)).py_err()?;
+    /// The check of one source; `deep` digests the source and its inputs whatever their stamps.
+    #[pyo3(signature = (rel, deep=false))]
+    fn check(&self, py: Python<'_>, rel: PathBuf, deep: bool) -> PyResult<PyCheck> {
+        let c = py
+            .detach(|| self.inner.check_at(&rel, depth(deep)))
+            .py_err()?;
         Ok(c.into())
     }
 
@@ -490,18 +535,21 @@ impl PyStore {
         Ok(self.inner.check(&rel).py_err()?.state.name())
     }
 
-    /// `(state, entry_path, reason)` of many sources, checked in parallel; the state is
-    /// `"error: ..."` where a check failed.
-    #[pyo3(signature = (rels, threads=None, progress=None))]
+    /// The checks of many sources, in parallel; the state is `"error: ..."` where a check
+    /// failed. `deep` as for `check`.
+    #[pyo3(signature = (rels, threads=None, progress=None, deep=false))]
     fn check_many_full(
         &self,
         py: Python<'_>,
         rels: Vec<PathBuf>,
         threads: Option<usize>,
         progress: Option<&Bound<'_, Progress>>,
+        deep: bool,
     ) -> Vec<PyCheck> {
         let counter = progress_counter(progress);
-        let checks = py.detach(|| self.inner.check_many(&rels, threads, &counter));
+        let checks = fork::detached(py, || {
+            self.inner.check_many(&rels, depth(deep), threads, &counter)
+        });
         checks
             .into_iter()
             .map(|c| c.map_or_else(PyCheck::failed, PyCheck::from))
@@ -518,7 +566,10 @@ impl PyStore {
         progress: Option<&Bound<'_, Progress>>,
     ) -> Vec<String> {
         let counter = progress_counter(progress);
-        let checks = py.detach(|| self.inner.check_many(&rels, threads, &counter));
+        let checks = fork::detached(py, || {
+            self.inner
+                .check_many(&rels, Depth::Stamps, threads, &counter)
+        });
         checks
             .into_iter()
             .map(|c| match c {
@@ -528,9 +579,10 @@ impl PyStore {
             .collect()
     }
 
-    /// Writes the entry of `rel`; returns `{"path", "source": [size, mtime_ns], "entry": [...],
-    /// "racy", "bytes"}`. Tensors as for `write_entry`; inputs are `(name, path)` for files and
-    /// `(name, bytes)` for texts.
+    /// Writes the entry of `rel`; returns `{"path", "source": stamp, "entry": stamp, "racy",
+    /// "check_first", "bytes"}` (stamps as `(size, mtime_ns, ino, ctime_ns)`). Tensors as for
+    /// `write_entry`; inputs as `parse_inputs` reads them; `expected` is the source's stamp when
+    /// the encoder read it.
     #[pyo3(signature = (rel, tensors, metadata, inputs, durable=false, expected=None))]
     #[allow(clippy::too_many_arguments)]
     fn put<'py>(
@@ -541,9 +593,9 @@ impl PyStore {
         metadata: BTreeMap<String, String>,
         inputs: Vec<(String, Bound<'py, PyAny>)>,
         durable: bool,
-        expected: Option<(u64, i64)>,
+        expected: Option<StampTuple>,
     ) -> PyResult<Bound<'py, PyDict>> {
-        let expected = expected.map(|(size, mtime_ns)| Stamp { size, mtime_ns });
+        let expected = expected.map(stamp_of);
         let inputs = parse_inputs(inputs)?;
         // SAFETY: see tensor_views; `featstore.store` holds the tensors during this call.
         let views = unsafe { tensor_views(&tensors)? };
@@ -555,8 +607,8 @@ impl PyStore {
             .py_err()?;
         let d = PyDict::new(py);
         d.set_item("path", w.path.into_os_string())?;
-        d.set_item("source", (w.source.size, w.source.mtime_ns))?;
-        d.set_item("entry", (w.entry.size, w.entry.mtime_ns))?;
+        d.set_item("source", stamp_tuple(w.source))?;
+        d.set_item("entry", stamp_tuple(w.entry))?;
         d.set_item("racy", w.racy)?;
         d.set_item("check_first", w.check_first)?;
         d.set_item("bytes", w.bytes)?;
@@ -569,7 +621,7 @@ impl PyStore {
         // header and may digest the source, releases it.
         let entry = match self.inner.open_known(&rel).py_err()? {
             Some(e) => Some(e),
-            None => py.detach(|| self.inner.open_checked(&rel)).py_err()?,
+            None => fork::detached(py, || self.inner.open_checked(&rel)).py_err()?,
         };
         match entry {
             Some(e) => Ok(Some(tensors_of(py, &e)?)),
@@ -604,7 +656,7 @@ impl PyStore {
                 per_item * rels.len() as u64
             )));
         }
-        let results = py.detach(|| {
+        let results = fork::detached(py, || {
             // SAFETY: the caller passes the data pointer of a contiguous tensor of nbytes bytes
             // that it holds, and nothing else writes, for the duration of this call.
             // An empty tensor's data pointer may be null, which no slice may hold.
@@ -621,7 +673,7 @@ impl PyStore {
 
     /// Removes `rel`'s entry; True if a file was removed.
     fn remove(&self, py: Python<'_>, rel: PathBuf) -> PyResult<bool> {
-        py.detach(|| self.inner.remove(&rel)).py_err()
+        fork::detached(py, || self.inner.remove(&rel)).py_err()
     }
 
     /// Manifest index records `(rel, [source size, mtime_ns, entry size, mtime_ns, racy])` of the
@@ -653,6 +705,30 @@ impl PyStore {
     }
 }
 
+/// Removes the file at `path` if it is still the one judged (`identity`, the stamp a check
+/// returned); False, and nothing removed, when another file is there now or none is.
+#[pyfunction]
+fn remove_judged(py: Python<'_>, path: PathBuf, identity: StampTuple) -> PyResult<bool> {
+    fork::detached(py, || {
+        featstore_core::judged::remove_judged(&path, stamp_of(identity))
+    })
+    .py_err()
+}
+
+/// Moves the file at `path` to `dest` if it is still the one judged; False otherwise.
+#[pyfunction]
+fn move_judged(
+    py: Python<'_>,
+    path: PathBuf,
+    dest: PathBuf,
+    identity: StampTuple,
+) -> PyResult<bool> {
+    fork::detached(py, || {
+        featstore_core::judged::move_judged(&path, &dest, stamp_of(identity))
+    })
+    .py_err()
+}
+
 /// The threads featstore uses by default (one per core).
 #[pyfunction]
 fn default_threads() -> usize {
@@ -670,6 +746,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
             .collect::<Vec<_>>(),
     )?;
     error::register(m)?;
+    fork::install();
     m.add("DEFAULT_EXTENSIONS", scan::DEFAULT_EXTENSIONS.to_vec())?;
     m.add("RACY_WINDOW_NS", featstore_core::store::RACY_WINDOW_NS)?;
     m.add_class::<Progress>()?;
@@ -680,6 +757,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
         wrap_pyfunction!(scan_sources, m)?,
         wrap_pyfunction!(stamp_key, m)?,
         wrap_pyfunction!(file_digest, m)?,
+        wrap_pyfunction!(bytes_digest, m)?,
         wrap_pyfunction!(file_digests, m)?,
         wrap_pyfunction!(legacy_sha256_key, m)?,
         wrap_pyfunction!(legacy_sha256_keys, m)?,
@@ -694,6 +772,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
         wrap_pyfunction!(append_journal, m)?,
         wrap_pyfunction!(merge_journals, m)?,
         wrap_pyfunction!(default_threads, m)?,
+        wrap_pyfunction!(remove_judged, m)?,
+        wrap_pyfunction!(move_judged, m)?,
     ] {
         m.add_function(f)?;
     }

@@ -14,6 +14,9 @@ pub struct PyCheck {
     pub state: String,
     pub entry: OsString,
     pub reason: String,
+    /// The judged entry file's stamp `(size, mtime_ns, ino, ctime_ns)`, or None when there is
+    /// no such file: destructive commands pass it back so that only that very file is touched.
+    pub identity: Option<(u64, i64, u64, i64)>,
 }
 
 impl From<Check> for PyCheck {
@@ -22,6 +25,7 @@ impl From<Check> for PyCheck {
             state: c.state.name().to_string(),
             entry: c.entry.into_os_string(),
             reason: c.reason,
+            identity: c.identity.map(|s| (s.size, s.mtime_ns, s.ino, s.ctime_ns)),
         }
     }
 }
@@ -33,6 +37,7 @@ impl PyCheck {
             state: format!("error: {error}"),
             entry: OsString::new(),
             reason: String::new(),
+            identity: None,
         }
     }
 }
@@ -49,47 +54,50 @@ impl PyCheck {
 
 /// One line of the manifest's index: a source whose entry is valid, with the stamps that vouch
 /// for it. `check_first`: the stamps alone do not (racy, or extra inputs): check in full first.
-#[pyclass(module = "featstore._core", name = "IndexRecord", frozen, get_all)]
+#[pyclass(module = "featstore._core", name = "IndexRecord", frozen)]
 pub struct PyIndexRecord {
-    pub source: OsString,
-    pub size: u64,
-    pub mtime_ns: i64,
-    pub entry_size: u64,
-    pub entry_mtime_ns: i64,
-    pub check_first: bool,
+    source: PathBuf,
+    record: manifest::IndexRecord,
 }
 
 impl PyIndexRecord {
-    pub fn new(source: PathBuf, rec: manifest::IndexRecord) -> Self {
-        PyIndexRecord {
-            source: source.into_os_string(),
-            size: rec.source.size,
-            mtime_ns: rec.source.mtime_ns,
-            entry_size: rec.entry.size,
-            entry_mtime_ns: rec.entry.mtime_ns,
-            check_first: rec.racy,
-        }
+    pub fn new(source: PathBuf, record: manifest::IndexRecord) -> Self {
+        PyIndexRecord { source, record }
     }
 }
 
 #[pymethods]
 impl PyIndexRecord {
-    /// The record as the manifest's JSON index stores it: `[size, mtime_ns, entry size, entry
-    /// mtime_ns, check_first as 0/1]`.
-    fn as_list(&self) -> (u64, i64, u64, i64, u8) {
+    /// The source, relative to the data root.
+    #[getter]
+    fn source(&self) -> OsString {
+        self.source.clone().into_os_string()
+    }
+
+    /// The source's stamp `(size, mtime_ns, ino, ctime_ns)` when the entry was judged.
+    #[getter]
+    fn stamp(&self) -> (u64, i64, u64, i64) {
+        let s = self.record.source;
+        (s.size, s.mtime_ns, s.ino, s.ctime_ns)
+    }
+
+    #[getter]
+    fn check_first(&self) -> bool {
+        self.record.racy
+    }
+
+    /// The index key and value as the manifest's JSON stores them (the Rust writer's format).
+    fn to_json(&self) -> (String, String) {
         (
-            self.size,
-            self.mtime_ns,
-            self.entry_size,
-            self.entry_mtime_ns,
-            self.check_first as u8,
+            manifest::path_to_json(&self.source),
+            self.record.to_json().to_string(),
         )
     }
 
     fn __repr__(&self) -> String {
         format!(
-            "IndexRecord(source={:?}, size={}, mtime_ns={}, entry_size={}, entry_mtime_ns={}, check_first={})",
-            self.source, self.size, self.mtime_ns, self.entry_size, self.entry_mtime_ns, self.check_first
+            "IndexRecord(source={:?}, {:?}, check_first={})",
+            self.source, self.record, self.record.racy
         )
     }
 }

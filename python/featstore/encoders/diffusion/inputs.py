@@ -7,6 +7,7 @@ import json
 import os
 from collections.abc import Iterator, Mapping
 
+from featstore.inputs import AbsentInput, FileInput, InputValue, Stamp, stamp_of
 from featstore.scan import DEFAULT_EXTENSIONS, scan
 
 
@@ -39,6 +40,9 @@ class JsonlField(Mapping[str, str]):
         self.root = os.path.abspath(os.fspath(root))
         self.field, self.image_field = field, image_field
         self._values: dict[str, tuple[str, str]] = {}
+        # Each .jsonl's stamp when it was read: entries record it, so a caption edited after the
+        # mapping was loaded makes the write (or a later lookup) refuse the old text's features.
+        self._stamps: dict[str, Stamp] = {}
         self.errors: list[tuple[str, str]] = []
         for rel in scan(self.root, extensions=["jsonl"]).paths:
             self._read(os.path.join(self.root, rel))
@@ -46,6 +50,7 @@ class JsonlField(Mapping[str, str]):
     def _read(self, jsonl: str) -> None:
         base = os.path.dirname(jsonl)
         try:
+            self._stamps[jsonl] = stamp_of(jsonl)
             with open(jsonl, encoding="utf-8") as f:
                 lines = f.readlines()
         except (UnicodeDecodeError, OSError) as exc:
@@ -105,6 +110,11 @@ class JsonlField(Mapping[str, str]):
         self[path]  # noqa: B018 (the KeyError with its message)
         return self._values[self._key(path)][1]
 
+    def jsonl_input(self, path: str | os.PathLike[str]) -> FileInput:
+        """The ``.jsonl`` file whose line lists ``path``, with its stamp when it was read."""
+        jsonl = self.jsonl_of(path)
+        return FileInput(jsonl, self._stamps[jsonl])
+
     def path_of(self, path: str | os.PathLike[str]) -> str:
         """The field's value as a path (relative to its jsonl's folder, else the root): a
         ``control_fn`` for :class:`VAEEncoder`."""
@@ -142,7 +152,16 @@ class ControlDir:
         return f"ControlDir({self.images_root!r}, {self.control_root!r})"
 
 
-# ----------------------------------------------------------------------------------- VAE
+def caption_inputs(path: str | os.PathLike[str]) -> dict[str, InputValue]:
+    """The caption file the rule chooses now, and (when it chose ``<name>.txt``) the preferred
+    ``<stem>.txt`` as a file that must stay absent: if it appears, the rule picks it and the
+    entry is stale."""
+    chosen = caption_path(path)
+    preferred = f"{os.path.splitext(os.fspath(path))[0]}.txt"
+    found: dict[str, InputValue] = {"caption": chosen}
+    if chosen != preferred:
+        found["caption_preferred"] = AbsentInput(preferred)
+    return found
 
 
 def caption_path(path: str | os.PathLike[str]) -> str:

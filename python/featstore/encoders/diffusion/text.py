@@ -10,9 +10,10 @@ from typing import Any
 import torch
 
 from featstore.encoders.base import digest_of, state_dict_digest, weights_digest
-from featstore.encoders.diffusion.inputs import JsonlField, caption_path
+from featstore.encoders.diffusion.inputs import JsonlField, caption_inputs, caption_path
 from featstore.encoders.diffusion.loading import _existing_dir, _public_config, _require
 from featstore.errors import CheckpointError
+from featstore.inputs import InputValue
 
 
 def tokenizer_digest(tokenizer: Any) -> str:
@@ -178,13 +179,14 @@ class TextEncoder:
         """The caption (precompute then calls :meth:`encode_items` with a list of them)."""
         return self.caption(path)
 
-    def inputs(self, rel: str, path: str) -> dict[str, str | bytes]:
-        """The caption file (``.txt``), or the caption's text and its ``.jsonl`` file."""
+    def inputs(self, rel: str, path: str) -> dict[str, InputValue]:
+        """The caption file (``.txt``; with the rule's preferred file that must stay absent), or
+        the caption's text and its ``.jsonl`` file (stamped when the mapping read it)."""
         if isinstance(self.captions, str):
-            return {"caption": caption_path(path)}
-        found: dict[str, str | bytes] = {"caption": self.caption(path).encode("utf-8")}
+            return caption_inputs(path)
+        found: dict[str, InputValue] = {"caption": self.caption(path).encode("utf-8")}
         if isinstance(self.captions, JsonlField):
-            found["captions_jsonl"] = self.captions.jsonl_of(path)
+            found["captions_jsonl"] = self.captions.jsonl_input(path)
         return found
 
     def estimate_entry_bytes(self) -> int:

@@ -12,6 +12,7 @@ import torch
 from featstore.encoders.base import digest_of, state_dict_digest, weights_digest
 from featstore.encoders.diffusion.loading import _existing_dir, _public_config, _require, load_image_uint8
 from featstore.errors import CheckpointError
+from featstore.inputs import InputValue
 
 OUTPUTS = ("mean_logvar", "mean", "sample")
 """VAE output modes: ``mean_logvar`` stores the latent distribution (``latent_mean``,
@@ -167,7 +168,7 @@ class VAEEncoder:
     def _image_of(self, path: str) -> str:
         return os.fspath(self.control_fn(path)) if self.control_fn is not None else path
 
-    def inputs(self, rel: str, path: str) -> dict[str, str | bytes]:
+    def inputs(self, rel: str, path: str) -> dict[str, InputValue]:
         """``{"control": control image path}`` with ``control_fn``, else nothing."""
         return {"control": self._image_of(path)} if self.control_fn is not None else {}
 

@@ -1,10 +1,10 @@
 //! The manifest index as this process sees it: seeding verdicts from a manifest, and the
 //! records of entries found or written valid.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use super::{racy_now, Known, State, Store};
-use crate::manifest::{IndexRecord, Manifest};
+use crate::manifest::{path_from_json, IndexRecord, Manifest};
 
 impl Store {
     pub(super) fn seed(&self, m: &Manifest) {
@@ -13,7 +13,7 @@ impl Store {
             // Racy records still need their digest check on first use (untrusted), but they tell
             // the dir layout where the entry is.
             {
-                let rel = PathBuf::from(rel);
+                let rel = path_from_json(rel);
                 let path = self.entry_path(&rel, r.source);
                 known.insert(
                     rel,

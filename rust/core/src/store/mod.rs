@@ -9,13 +9,15 @@
 mod index;
 mod read;
 mod validity;
+
+pub use validity::Depth;
 mod write;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde_json::Value;
@@ -99,15 +101,37 @@ pub struct Check {
     pub state: State,
     pub entry: PathBuf,
     pub reason: String,
+    /// The stamp of the entry file the verdict is about, as it was when judged (None when there
+    /// is no such file). Destructive commands act on that very file and no other.
+    pub identity: Option<Stamp>,
+}
+
+impl Check {
+    fn about(state: State, entry: PathBuf, reason: impl Into<String>) -> Check {
+        Check {
+            state,
+            entry,
+            reason: reason.into(),
+            identity: None,
+        }
+    }
 }
 
 /// An input of an entry besides its source.
 #[derive(Debug, Clone)]
 pub enum Input {
     /// A file (caption `.txt`, control image): recorded by stamp and digest, checked on lookup.
-    File { name: String, path: PathBuf },
+    /// `expected` is its stamp when the encoder read it: changed since, nothing is written.
+    File {
+        name: String,
+        path: PathBuf,
+        expected: Option<Stamp>,
+    },
     /// A text (a caption from a `.jsonl` field): recorded by digest.
     Text { name: String, text: Vec<u8> },
+    /// A file that must not exist for the entry to hold: one an input rule would prefer (the
+    /// caption rule takes `img.txt` over `img.png.txt`). Checked on lookup like any input.
+    Absent { name: String, path: PathBuf },
 }
 
 /// What [`Store::put`] wrote (the journal records it).
@@ -130,8 +154,9 @@ struct Known {
     /// entry was written for, which may be older than `source`).
     path: PathBuf,
     entry: Stamp,
-    /// Extra file inputs (absolute path, stamp when the entry was checked).
-    inputs: Vec<(PathBuf, Stamp)>,
+    /// Extra file inputs: absolute path and stamp when the entry was checked (None: a file
+    /// that must stay absent).
+    inputs: Vec<(PathBuf, Option<Stamp>)>,
     state: State,
     reason: String,
     /// False for racy manifest records: they locate the entry but still need a full check.
@@ -163,6 +188,44 @@ fn racy_now(source: Stamp) -> bool {
 pub struct Store {
     cfg: StoreConfig,
     known: RwLock<HashMap<PathBuf, Known>>,
+    /// Without a fingerprint (none given, no manifest), the first entry judged fixes the one
+    /// every later entry must carry: a store never serves two encoders' features side by side.
+    pinned: OnceLock<String>,
+}
+
+/// What is at an entry's path, from one `stat`.
+enum EntryFile {
+    Absent,
+    Regular(Stamp),
+    /// A FIFO, socket, device or directory: never opened (a FIFO would block), a counted miss.
+    Special(&'static str),
+    /// The name is longer than the file system allows (a long source name plus the suffix).
+    NameTooLong,
+}
+
+fn stat_entry(path: &Path) -> Result<EntryFile> {
+    match fs::metadata(path) {
+        Ok(m) if m.file_type().is_file() => Ok(EntryFile::Regular(Stamp::from_metadata(&m))),
+        Ok(m) => Ok(EntryFile::Special(entry::file_kind(&m.file_type()))),
+        Err(e) if e.kind() == ErrorKind::NotFound || e.kind() == ErrorKind::NotADirectory => {
+            Ok(EntryFile::Absent)
+        }
+        Err(e) if e.raw_os_error() == Some(ENAMETOOLONG) => Ok(EntryFile::NameTooLong),
+        Err(e) => Err(Error::io(path, e)),
+    }
+}
+
+/// Linux's errno for a file name over NAME_MAX.
+const ENAMETOOLONG: i32 = 36;
+
+/// Why an entry cannot live at `path`, and the fix.
+fn name_too_long(path: &Path) -> String {
+    let len = path.file_name().map_or(0, |n| n.len());
+    format!(
+        "the entry's file name would be {len} bytes, over the file system's limit of {}: keep \
+         entries in a cache directory instead (--cache-dir DIR, the dir layout names them by key)",
+        entry::NAME_MAX
+    )
 }
 
 fn now_ns() -> i64 {
@@ -183,10 +246,18 @@ fn stat_opt(path: &Path) -> Result<Option<Stamp>> {
 }
 
 fn recorded_stamp(meta: &BTreeMap<String, String>, prefix: &str) -> Option<Stamp> {
-    Some(Stamp {
-        size: meta.get(&format!("{prefix}.size"))?.parse().ok()?,
-        mtime_ns: meta.get(&format!("{prefix}.mtime_ns"))?.parse().ok()?,
-    })
+    let field = |name: &str| meta.get(&format!("{prefix}.{name}"));
+    let mut stamp = Stamp::sized(
+        field("size")?.parse().ok()?,
+        field("mtime_ns")?.parse().ok()?,
+    );
+    // Entries written before inodes and ctimes were recorded lack them: such a stamp never
+    // equals a file's, so the digest decides (and the refreshed header then has them).
+    if let (Some(ino), Some(ctime)) = (field("ino"), field("ctime_ns")) {
+        stamp.ino = ino.parse().ok()?;
+        stamp.ctime_ns = ctime.parse().ok()?;
+    }
+    Some(stamp)
 }
 
 impl Store {
@@ -206,6 +277,7 @@ impl Store {
         let store = Store {
             cfg,
             known: RwLock::new(HashMap::new()),
+            pinned: OnceLock::new(),
         };
         // Index records were valid for the manifest's fingerprint: trust them only for that one.
         if let Some(m) = manifest {
@@ -218,6 +290,26 @@ impl Store {
 
     pub fn config(&self) -> &StoreConfig {
         &self.cfg
+    }
+
+    /// Why an entry written with fingerprint `actual` is foreign here, or None when it is not.
+    fn foreign_reason(&self, actual: &str) -> Option<String> {
+        match &self.cfg.fingerprint {
+            Some(expected) if actual != expected => Some(format!(
+                "written by encoder fingerprint {actual:?}, this store expects {expected:?}"
+            )),
+            Some(_) => None,
+            None => {
+                let pinned = self.pinned.get_or_init(|| actual.to_string());
+                (actual != pinned).then(|| {
+                    format!(
+                        "written by encoder fingerprint {actual:?}, but this store read entries of \
+                         {pinned:?} first and no manifest records which is right: open the store \
+                         with fingerprint=... (or run `featstore precompute`, which writes a manifest)"
+                    )
+                })
+            }
+        }
     }
 
     fn manifest_path_of(cfg: &StoreConfig) -> PathBuf {

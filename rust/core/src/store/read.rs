@@ -49,10 +49,10 @@ impl Store {
     }
 
     /// Takes a header parsed now (not one validated before) for the entry `c` judged valid: checks
-    /// its fingerprint (the stamps may have come from a manifest index) and remembers it, so later
-    /// reads skip the parse. Only for the very file the check judged (not one renamed over it in
-    /// between), so the fast path never serves an unchecked file. False: another encoder's
-    /// entry, now settled as foreign.
+    /// its fingerprint and the path it was written for (the stamps may have come from a manifest
+    /// index) and remembers it, so later reads skip the parse. Only for the very file the check
+    /// judged (not one renamed over it in between), so the fast path never serves an unchecked
+    /// file. False: the header says no (foreign, or another path's entry), now settled so.
     fn adopt_header(
         &self,
         rel: &Path,
@@ -60,32 +60,20 @@ impl Store {
         id: entry::FileId,
         header: &Arc<entry::Header>,
     ) -> Result<bool> {
-        if let Some(expected) = &self.cfg.fingerprint {
-            let actual = header
-                .metadata
-                .get("fingerprint")
-                .map(String::as_str)
-                .unwrap_or("");
-            if actual != expected {
-                let reason = format!(
-                    "written by encoder fingerprint {actual:?}, this store expects {expected:?}"
-                );
-                let source = stat_opt(&self.cfg.root.join(rel))?.unwrap_or(Stamp {
-                    size: 0,
-                    mtime_ns: 0,
-                });
-                self.settle(rel, source, &c.entry, Vec::new(), State::Foreign, reason)?;
-                return Ok(false);
-            }
+        if let Some((state, reason)) = self.judge_header(rel, &header.metadata) {
+            let source = stat_opt(&self.cfg.root.join(rel))?.unwrap_or(Stamp::sized(0, 0));
+            self.settle(
+                rel,
+                source,
+                &c.entry,
+                Some(id.stamp),
+                Vec::new(),
+                state,
+                reason,
+            )?;
+            return Ok(false);
         }
-        let judged = |k: &&mut Known| {
-            k.path == c.entry
-                && k.entry
-                    == Stamp {
-                        size: id.size,
-                        mtime_ns: id.mtime_ns,
-                    }
-        };
+        let judged = |k: &&mut Known| k.path == c.entry && k.entry == id.stamp;
         let mut known = self.known.write().unwrap_or_else(|p| p.into_inner());
         if let Some(k) = known.get_mut(rel).filter(judged) {
             k.header = Some((id, Arc::clone(header)));
@@ -127,10 +115,8 @@ impl Store {
                     .adopt_header(rel, &c, id, &h)
                     .map_err(|e| e.to_string())?
                 {
-                    return Err(format!(
-                        "foreign: {} was written by another encoder fingerprint",
-                        c.entry.display()
-                    ));
+                    let c = self.check(rel).map_err(|e| e.to_string())?;
+                    return Err(format!("{}: {}", c.state.name(), c.reason));
                 }
                 h
             }

@@ -1,5 +1,6 @@
 //! Whether an entry may be served: the hot path on stamps, the full evaluation of a header
-//! (fingerprint, source stamp and digest, extra inputs), and remembering each verdict.
+//! (fingerprint, the path it was written for, source stamp and digest, extra inputs), and
+//! remembering each verdict together with the identity of the file it was reached for.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -10,44 +11,92 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use rayon::prelude::*;
 use serde_json::Value;
 
-use super::{racy_now, recorded_stamp, stat_opt, Check, Known, Layout, State, Store};
+use super::{
+    name_too_long, racy_now, recorded_stamp, stat_entry, stat_opt, Check, EntryFile, Known, Layout,
+    State, Store,
+};
 use crate::entry;
 use crate::error::{Error, Result};
 use crate::key::{file_digest, Stamp};
 use crate::pool;
 
+/// True when an entry written for `recorded` (relative to the root it was written under) is the
+/// entry of `here` (relative to this store's root): the same path, or the same file seen from a
+/// parent or a child root (per-GPU split roots share sidecar entries). A renamed or renumbered
+/// file differs in its last components, never only in a leading directory.
+fn same_source(recorded: &str, here: &str) -> bool {
+    let under = |long: &str, short: &str| {
+        long.len() > short.len()
+            && long.ends_with(short)
+            && long.as_bytes()[long.len() - short.len() - 1] == b'/'
+    };
+    recorded == here || under(recorded, here) || under(here, recorded)
+}
+
+/// Extra inputs as remembered for the hot path: path and stamp (None: must stay absent).
+type InputStamps = Vec<(PathBuf, Option<Stamp>)>;
+
+/// How hard a check looks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Depth {
+    /// Stamps decide; a changed stamp falls to the digest (lookups, `status`, `gc`).
+    Stamps,
+    /// Every source and file input is digested whatever its stamp, and nothing remembered is
+    /// trusted (`verify`, which reads every entry in full anyway).
+    Digests,
+}
+
 impl Store {
     /// The state of `rel`'s entry. Errors only for I/O failures other than "not found" (a
     /// permission error on the source, say); every problem with the entry itself is a state.
     pub fn check(&self, rel: &Path) -> Result<Check> {
+        self.check_at(rel, Depth::Stamps)
+    }
+
+    /// [`Store::check`] at the given depth.
+    pub fn check_at(&self, rel: &Path, depth: Depth) -> Result<Check> {
         let src = self.cfg.root.join(rel);
         let Some(src_stamp) = stat_opt(&src)? else {
             return self.check_without_source(rel);
         };
         let entry = self.entry_path(rel, src_stamp);
-        let Some(entry_stamp) = stat_opt(&entry)? else {
-            return self.check_without_entry(rel, src_stamp, entry);
+        let entry_stamp = match stat_entry(&entry)? {
+            EntryFile::Regular(stamp) => stamp,
+            EntryFile::Absent => return self.check_without_entry(rel, src_stamp, entry, depth),
+            EntryFile::NameTooLong => {
+                let why = name_too_long(&entry);
+                return Ok(Check::about(State::Missing, entry, why));
+            }
+            EntryFile::Special(kind) => {
+                let why = format!(
+                    "not a regular file ({kind}): featstore never writes one there; remove it and recompute"
+                );
+                return Ok(Check::about(State::Corrupt, entry, why));
+            }
         };
-        if let Some(k) = self.recall(rel) {
-            if k.hot()
-                && k.source == src_stamp
-                && k.path == entry
-                && k.entry == entry_stamp
-                && self.inputs_unchanged(&k.inputs)?
-            {
-                return Ok(Check {
-                    state: k.state,
-                    entry,
-                    reason: k.reason,
-                });
+        if depth == Depth::Stamps {
+            if let Some(k) = self.recall(rel) {
+                if k.hot()
+                    && k.source == src_stamp
+                    && k.path == entry
+                    && k.entry == entry_stamp
+                    && self.inputs_unchanged(&k.inputs)?
+                {
+                    return Ok(Check {
+                        state: k.state,
+                        entry,
+                        reason: k.reason,
+                        identity: Some(k.entry),
+                    });
+                }
             }
         }
-        self.evaluate(rel, src_stamp, &entry, &entry)
+        self.evaluate(rel, src_stamp, &entry, &entry, depth)
     }
 
-    pub(super) fn inputs_unchanged(&self, inputs: &[(PathBuf, Stamp)]) -> Result<bool> {
+    pub(super) fn inputs_unchanged(&self, inputs: &[(PathBuf, Option<Stamp>)]) -> Result<bool> {
         for (path, stamp) in inputs {
-            if stat_opt(path)? != Some(*stamp) {
+            if stat_opt(path)? != *stamp {
                 return Ok(false);
             }
         }
@@ -56,112 +105,130 @@ impl Store {
 
     fn check_without_source(&self, rel: &Path) -> Result<Check> {
         let entry = match (&self.cfg.layout, self.recall(rel)) {
-            (Layout::Sidecar, _) => Some(self.entry_path(
-                rel,
-                Stamp {
-                    size: 0,
-                    mtime_ns: 0,
-                },
-            )),
+            (Layout::Sidecar, _) => Some(self.entry_path(rel, Stamp::sized(0, 0))),
             (Layout::Dir { .. }, Some(k)) => Some(k.path),
             (Layout::Dir { .. }, None) => None,
         };
-        if let Some(entry) = entry {
-            if stat_opt(&entry)?.is_some() {
-                return Ok(Check {
-                    state: State::Orphan,
-                    entry,
-                    reason: format!(
-                        "the source {} no longer exists",
-                        self.cfg.root.join(rel).display()
-                    ),
-                });
-            }
-            return Ok(Check {
-                state: State::Missing,
+        let Some(entry) = entry else {
+            return Ok(Check::about(
+                State::Missing,
+                PathBuf::new(),
+                "neither the source nor an entry exists",
+            ));
+        };
+        match stat_entry(&entry)? {
+            EntryFile::Regular(stamp) => Ok(Check {
+                state: State::Orphan,
+                reason: format!(
+                    "the source {} no longer exists",
+                    self.cfg.root.join(rel).display()
+                ),
                 entry,
-                reason: "neither the source nor an entry exists".into(),
-            });
+                identity: Some(stamp),
+            }),
+            _ => Ok(Check::about(
+                State::Missing,
+                entry,
+                "neither the source nor an entry exists",
+            )),
         }
-        Ok(Check {
-            state: State::Missing,
-            entry: PathBuf::new(),
-            reason: "neither the source nor an entry exists".into(),
-        })
     }
 
-    fn check_without_entry(&self, rel: &Path, src_stamp: Stamp, entry: PathBuf) -> Result<Check> {
+    fn check_without_entry(
+        &self,
+        rel: &Path,
+        src_stamp: Stamp,
+        entry: PathBuf,
+        depth: Depth,
+    ) -> Result<Check> {
         // Dir layout: the key follows the stamp, so a touched source looks for its entry under a
         // new name. The old one (known from the manifest or an earlier look) may still be valid.
         if let (Layout::Dir { .. }, Some(k)) = (&self.cfg.layout, self.recall(rel)) {
             if k.path != entry {
-                match stat_opt(&k.path)? {
+                if let EntryFile::Regular(es) = stat_entry(&k.path)? {
                     // Judged before with these very stamps (a stale entry): no second digest.
-                    Some(es) if k.hot() && k.source == src_stamp && k.entry == es => {
+                    if depth == Depth::Stamps && k.hot() && k.source == src_stamp && k.entry == es {
                         return Ok(Check {
                             state: k.state,
                             entry: k.path,
                             reason: k.reason,
+                            identity: Some(es),
                         });
                     }
-                    Some(_) => return self.evaluate(rel, src_stamp, &k.path, &entry),
-                    None => {}
+                    return self.evaluate(rel, src_stamp, &k.path, &entry, depth);
                 }
             }
         }
         if let Some(legacy) = self.legacy_path(rel) {
-            if let Some(ls) = stat_opt(&legacy)? {
-                return Ok(if ls.mtime_ns >= src_stamp.mtime_ns {
-                    Check { state: State::Legacy, entry: legacy, reason: "old-format cache (torch pickle); readable, `featstore migrate` converts it".into() }
+            if let EntryFile::Regular(ls) = stat_entry(&legacy)? {
+                let (state, why) = if ls.mtime_ns >= src_stamp.mtime_ns {
+                    (State::Legacy, "old-format cache (torch pickle); readable, `featstore migrate` converts it")
                 } else {
-                    Check { state: State::Stale, entry: legacy, reason: "old-format cache is older than its image: the image was edited after caching".into() }
+                    (State::Stale, "old-format cache is older than its image: the image was edited after caching")
+                };
+                return Ok(Check {
+                    identity: Some(ls),
+                    ..Check::about(state, legacy, why)
                 });
             }
         }
-        Ok(Check {
-            state: State::Missing,
-            entry,
-            reason: "no entry".into(),
-        })
+        Ok(Check::about(State::Missing, entry, "no entry"))
     }
 
     /// Full evaluation of the entry found at `found` (opens its header); `wanted` is where it
     /// belongs for the source's current stamp (differs from `found` only in the dir layout).
-    fn evaluate(&self, rel: &Path, src_stamp: Stamp, found: &Path, wanted: &Path) -> Result<Check> {
+    fn evaluate(
+        &self,
+        rel: &Path,
+        src_stamp: Stamp,
+        found: &Path,
+        wanted: &Path,
+        depth: Depth,
+    ) -> Result<Check> {
         let src = self.cfg.root.join(rel);
-        let verdict = |state: State, reason: String| {
-            Ok(Check {
-                state,
-                entry: found.to_path_buf(),
-                reason,
-            })
-        };
-        let header = match entry::read_header(found) {
+        let (header, identity) = match entry::read_header_stamped(found) {
             Ok(h) => h,
             Err(Error::Corrupt { reason, .. }) => {
-                return self.settle(rel, src_stamp, found, Vec::new(), State::Corrupt, reason)
+                let identity = match stat_entry(found)? {
+                    EntryFile::Regular(stamp) => Some(stamp),
+                    _ => None,
+                };
+                return self.settle(
+                    rel,
+                    src_stamp,
+                    found,
+                    identity,
+                    Vec::new(),
+                    State::Corrupt,
+                    reason,
+                );
             }
             Err(e) if e.is_io_kind(ErrorKind::NotFound) => {
-                return verdict(State::Missing, "entry vanished while being checked".into())
+                return Ok(Check::about(
+                    State::Missing,
+                    found.to_path_buf(),
+                    "entry vanished while being checked",
+                ))
             }
             Err(e) => return Err(e),
         };
-        let meta = &header.metadata;
-        if let Some(expected) = &self.cfg.fingerprint {
-            let actual = meta.get("fingerprint").map(String::as_str).unwrap_or("");
-            if actual != expected {
-                let reason = format!(
-                    "written by encoder fingerprint {actual:?}, this store expects {expected:?}"
-                );
-                return self.settle(rel, src_stamp, found, Vec::new(), State::Foreign, reason);
-            }
-        }
-        let Some(recorded) = recorded_stamp(meta, "source") else {
-            return self.settle(
+        let verdict = |state: State, reason: String| {
+            self.settle(
                 rel,
                 src_stamp,
                 found,
+                Some(identity),
                 Vec::new(),
+                state,
+                reason,
+            )
+        };
+        let meta = &header.metadata;
+        if let Some((state, reason)) = self.judge_header(rel, meta) {
+            return verdict(state, reason);
+        }
+        let Some(recorded) = recorded_stamp(meta, "source") else {
+            return verdict(
                 State::Corrupt,
                 "no source stamp in the entry's metadata".into(),
             );
@@ -169,60 +236,99 @@ impl Store {
         let mut refreshed = false;
         let mut reason = String::new();
         let racy = meta.get("racy").is_some_and(|r| r == "1");
-        if recorded != src_stamp || racy {
+        if recorded != src_stamp || racy || depth == Depth::Digests {
             // Compare bytes, not stamps: a copy, a touch or a restore keeps the bytes.
             let digest = file_digest(&src)?;
             if meta.get("source.blake3") != Some(&digest) {
-                let reason = if recorded == src_stamp {
-                    "the source was edited within the timestamp granularity of its caching (same size and mtime, different bytes)".to_string()
+                let reason = if recorded.same_key_fields(&src_stamp) {
+                    "the source's bytes changed but its size and mtime did not (an edit within the timestamp granularity, a restored mtime, or another file renamed onto this name)".to_string()
                 } else {
                     format!(
                         "the source changed: size {} -> {}, mtime_ns {} -> {}",
                         recorded.size, src_stamp.size, recorded.mtime_ns, src_stamp.mtime_ns
                     )
                 };
-                return self.settle(rel, src_stamp, found, Vec::new(), State::Stale, reason);
+                return verdict(State::Stale, reason);
             }
-            refreshed = recorded != src_stamp || !racy_now(src_stamp);
-            reason = if recorded != src_stamp {
-                "source touched but unchanged: stamp refreshed".into()
-            } else {
-                String::new()
-            };
+            refreshed = recorded != src_stamp || (racy && !racy_now(src_stamp));
+            if recorded != src_stamp {
+                reason = "source touched, copied or moved but unchanged: stamp refreshed".into();
+            }
         }
-        let inputs = match self.check_inputs(meta)? {
+        let inputs = match self.check_inputs(meta, depth)? {
             Ok(inputs) => inputs,
-            Err(why) => return self.settle(rel, src_stamp, found, Vec::new(), State::Stale, why),
+            Err(why) => return verdict(State::Stale, why),
         };
-        let mut at = found.to_path_buf();
         if refreshed || found != wanted {
-            // Record the new stamp (and clear the racy mark once past the window) so other
-            // processes skip the digest. Best effort: a read-only cache still serves the entry.
-            let still_racy = racy_now(src_stamp);
-            let update = |m: &mut BTreeMap<String, String>| {
-                m.insert("source.size".into(), src_stamp.size.to_string());
-                m.insert("source.mtime_ns".into(), src_stamp.mtime_ns.to_string());
-                m.insert("racy".into(), if still_racy { "1" } else { "0" }.into());
-            };
-            let moved_dir_ok = match wanted.parent() {
-                Some(parent) if found != wanted => fs::create_dir_all(parent).is_ok(),
-                _ => true,
-            };
-            if moved_dir_ok && entry::rewrite_metadata_to(found, wanted, update, false).is_ok() {
-                if found != wanted {
-                    let _ = fs::remove_file(found);
-                }
-                at = wanted.to_path_buf();
+            if let Some(at) = self.refresh(found, wanted, identity, src_stamp) {
+                // The file just written is the one judged valid (same data, our header).
+                let written = match stat_entry(&at)? {
+                    EntryFile::Regular(stamp) => Some(stamp),
+                    _ => None,
+                };
+                return self.settle(rel, src_stamp, &at, written, inputs, State::Valid, reason);
             }
         }
-        self.settle(rel, src_stamp, &at, inputs, State::Valid, reason)
+        self.settle(
+            rel,
+            src_stamp,
+            found,
+            Some(identity),
+            inputs,
+            State::Valid,
+            reason,
+        )
     }
 
-    /// Checks an entry's extra file inputs; `Ok(Err(why))` when one changed.
+    /// What a header alone says against serving it for `rel`: another encoder's entry
+    /// (foreign), or one written for another path (stale: a renamed or renumbered file, or a
+    /// sidecar moved with it, never gets another file's entry). None: nothing against it.
+    pub(super) fn judge_header(
+        &self,
+        rel: &Path,
+        meta: &BTreeMap<String, String>,
+    ) -> Option<(State, String)> {
+        let actual = meta.get("fingerprint").map(String::as_str).unwrap_or("");
+        if let Some(reason) = self.foreign_reason(actual) {
+            return Some((State::Foreign, reason));
+        }
+        let here = rel.to_string_lossy();
+        let written_for = meta.get("source").filter(|s| !same_source(s, &here))?;
+        Some((
+            State::Stale,
+            format!("the entry was written for {written_for}, not {here} (a renamed or renumbered source never gets another file's entry)"),
+        ))
+    }
+
+    /// Records the source's new stamp in the entry (and clears the racy mark once past the
+    /// window) so other processes skip the digest; in the dir layout the entry is written under
+    /// its new key. The file judged (`identity`) is only ever read, never removed: another data
+    /// root sharing the cache (a copy of the dataset) may still use it. Best effort: a read-only
+    /// cache still serves the entry. Returns where the refreshed entry is.
+    fn refresh(&self, found: &Path, wanted: &Path, identity: Stamp, src: Stamp) -> Option<PathBuf> {
+        let still_racy = racy_now(src);
+        let update = |m: &mut BTreeMap<String, String>| {
+            m.insert("source.size".into(), src.size.to_string());
+            m.insert("source.mtime_ns".into(), src.mtime_ns.to_string());
+            m.insert("source.ino".into(), src.ino.to_string());
+            m.insert("source.ctime_ns".into(), src.ctime_ns.to_string());
+            m.insert("racy".into(), if still_racy { "1" } else { "0" }.into());
+        };
+        if found != wanted {
+            fs::create_dir_all(wanted.parent()?).ok()?;
+        }
+        match entry::rewrite_metadata_to(found, wanted, identity, update, false) {
+            Ok(true) => Some(wanted.to_path_buf()),
+            _ => None,
+        }
+    }
+
+    /// Checks an entry's extra inputs; `Ok(Err(why))` when one changed.
     fn check_inputs(
         &self,
         meta: &BTreeMap<String, String>,
-    ) -> Result<std::result::Result<Vec<(PathBuf, Stamp)>, String>> {
+        depth: Depth,
+    ) -> Result<std::result::Result<InputStamps, String>> {
         let Some(raw) = meta.get("inputs") else {
             return Ok(Ok(Vec::new()));
         };
@@ -241,41 +347,55 @@ impl Store {
                 continue;
             }
             let abs = self.cfg.root.join(path);
-            let recorded = Stamp {
-                size: item.get("size").and_then(Value::as_u64).unwrap_or(u64::MAX),
-                mtime_ns: item
-                    .get("mtime_ns")
-                    .and_then(Value::as_i64)
-                    .unwrap_or(i64::MIN),
-            };
-            let Some(now) = stat_opt(&abs)? else {
+            let now = stat_opt(&abs)?;
+            if item.get("absent").and_then(Value::as_bool) == Some(true) {
+                if now.is_some() {
+                    return Ok(Err(format!(
+                        "input {name}: {} now exists and its rule prefers it to the file the entry was computed from",
+                        abs.display()
+                    )));
+                }
+                out.push((abs, None));
+                continue;
+            }
+            let Some(now) = now else {
                 return Ok(Err(format!(
                     "input {name} ({}) no longer exists",
                     abs.display()
                 )));
             };
-            if now != recorded {
+            let field = |k: &str| item.get(k).and_then(Value::as_i64);
+            let recorded = Stamp {
+                size: item.get("size").and_then(Value::as_u64).unwrap_or(u64::MAX),
+                mtime_ns: field("mtime_ns").unwrap_or(i64::MIN),
+                ino: item.get("ino").and_then(Value::as_u64).unwrap_or(0),
+                ctime_ns: field("ctime_ns").unwrap_or(0),
+            };
+            if now != recorded || depth == Depth::Digests {
                 let digest = file_digest(&abs)?;
                 if item.get("blake3").and_then(Value::as_str) != Some(digest.as_str()) {
                     return Ok(Err(format!("input {name} ({}) changed", abs.display())));
                 }
             }
-            out.push((abs, now));
+            out.push((abs, Some(now)));
         }
         Ok(Ok(out))
     }
 
-    /// Remembers a verdict (keyed by the stamps it was reached with) and returns it.
+    /// Remembers a verdict, keyed by the stamps it was reached with and the identity of the
+    /// entry file it is about, and returns it.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn settle(
         &self,
         rel: &Path,
         src_stamp: Stamp,
         entry: &Path,
-        inputs: Vec<(PathBuf, Stamp)>,
+        identity: Option<Stamp>,
+        inputs: InputStamps,
         state: State,
         reason: String,
     ) -> Result<Check> {
-        if let Some(entry_stamp) = stat_opt(entry)? {
+        if let Some(entry_stamp) = identity {
             self.remember(
                 rel,
                 Known {
@@ -296,6 +416,7 @@ impl Store {
             state,
             entry: entry.to_path_buf(),
             reason,
+            identity,
         })
     }
 
@@ -304,6 +425,7 @@ impl Store {
     pub fn check_many(
         &self,
         rels: &[PathBuf],
+        depth: Depth,
         threads: Option<usize>,
         progress: &AtomicU64,
     ) -> Vec<Result<Check>> {
@@ -311,7 +433,7 @@ impl Store {
             rels.par_iter()
                 .map(|r| {
                     progress.fetch_add(1, Ordering::Relaxed);
-                    self.check(r)
+                    self.check_at(r, depth)
                 })
                 .collect()
         })
@@ -328,6 +450,7 @@ mod tests {
     use std::path::{Path, PathBuf};
     use std::time::{Duration, SystemTime};
 
+    use super::Depth;
     use crate::entry::{Dtype, ReadMode, TensorData};
     use crate::error::Error;
     use crate::key::Stamp;
@@ -455,8 +578,224 @@ mod tests {
         let c = s.check(Path::new("a.png")).unwrap();
         assert_eq!(c.state, State::Valid);
         assert_ne!(c.entry, old);
-        assert!(c.entry.exists() && !old.exists());
+        // The entry under the old key stays: a copy of the dataset sharing the cache may use it.
+        assert!(c.entry.exists() && old.exists());
         assert_eq!(state(&fresh, "a.png"), State::Valid);
+    }
+
+    #[test]
+    fn a_copy_sharing_the_cache_never_destroys_the_original_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = dir.path().join("cache");
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        fs::create_dir_all(&a).unwrap();
+        write_aged(&a.join("x.png"), b"image", 3600);
+        let layout = Layout::Dir { cache_dir: cache };
+        let original = store(&a, layout.clone(), "fp");
+        put(&original, "x.png");
+        // `cp -r` (new mtime) and `cp -a` (same mtime, new inode and ctime).
+        fs::create_dir_all(&b).unwrap();
+        write_aged(&b.join("x.png"), b"image", 60);
+        let copy = store(&b, layout.clone(), "fp");
+        // The copy's store learns the original's key from the same rel path only through a
+        // manifest; here it simply misses, and writing it leaves the original alone.
+        put(&copy, "x.png");
+        assert_eq!(state(&copy, "x.png"), State::Valid);
+        assert_eq!(state(&store(&a, layout, "fp"), "x.png"), State::Valid);
+        assert_eq!(state(&original, "x.png"), State::Valid);
+    }
+
+    #[test]
+    fn a_file_renamed_onto_an_old_name_with_equal_size_and_mtime_is_stale() {
+        // Renumbered frames: 001 -> 000 after 000 was deleted; whole-second mtimes, equal sizes.
+        for layout in [
+            Layout::Sidecar,
+            Layout::Dir {
+                cache_dir: PathBuf::from("cache"),
+            },
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let layout = match layout {
+                Layout::Dir { .. } => Layout::Dir {
+                    cache_dir: dir.path().join("cache"),
+                },
+                l => l,
+            };
+            let root = dir.path().join("data");
+            fs::create_dir_all(&root).unwrap();
+            let when = SystemTime::UNIX_EPOCH + Duration::from_secs(1_600_000_000);
+            for (name, bytes) in [("000.bmp", b"frame-0"), ("001.bmp", b"frame-1")] {
+                fs::write(root.join(name), bytes).unwrap();
+                File::options()
+                    .write(true)
+                    .open(root.join(name))
+                    .unwrap()
+                    .set_modified(when)
+                    .unwrap();
+            }
+            let s = store(&root, layout.clone(), "fp");
+            put(&s, "000.bmp");
+            put(&s, "001.bmp");
+            fs::remove_file(root.join("000.bmp")).unwrap();
+            fs::rename(root.join("001.bmp"), root.join("000.bmp")).unwrap();
+            for st in [&s, &store(&root, layout.clone(), "fp")] {
+                let c = st.check(Path::new("000.bmp")).unwrap();
+                assert_eq!(c.state, State::Stale, "{layout:?}: {}", c.reason);
+            }
+        }
+    }
+
+    #[test]
+    fn a_sidecar_moved_with_its_source_is_not_served_under_the_new_name() {
+        let dir = tempfile::tempdir().unwrap();
+        write_aged(&dir.path().join("a.png"), b"image", 3600);
+        let s = store(dir.path(), Layout::Sidecar, "fp");
+        let entry = put(&s, "a.png");
+        fs::rename(dir.path().join("a.png"), dir.path().join("b.png")).unwrap();
+        fs::rename(&entry, dir.path().join("b.png.f.safetensors")).unwrap();
+        let c = store(dir.path(), Layout::Sidecar, "fp")
+            .check(Path::new("b.png"))
+            .unwrap();
+        assert_eq!(c.state, State::Stale);
+        assert!(c.reason.contains("written for a.png"), "{}", c.reason);
+    }
+
+    #[test]
+    fn a_fifo_where_the_entry_belongs_is_a_corrupt_miss_found_without_blocking() {
+        let dir = tempfile::tempdir().unwrap();
+        write_aged(&dir.path().join("a.png"), b"image", 3600);
+        let fifo = dir.path().join("a.png.f.safetensors");
+        let c_path = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a valid NUL-terminated path; mkfifo only creates a file.
+        assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o644) }, 0);
+        let s = store(dir.path(), Layout::Sidecar, "fp");
+        let c = s.check(Path::new("a.png")).unwrap();
+        assert_eq!(c.state, State::Corrupt);
+        assert!(c.reason.contains("FIFO"), "{}", c.reason);
+        assert!(s.open_valid(Path::new("a.png")).unwrap().is_none());
+        assert!(crate::entry::read_header(&fifo).is_err());
+        fs::remove_file(&fifo).unwrap();
+        fs::create_dir(&fifo).unwrap();
+        assert_eq!(state(&s, "a.png"), State::Corrupt);
+    }
+
+    #[test]
+    fn a_sidecar_name_over_the_limit_is_a_miss_and_a_write_error_that_names_the_fix() {
+        let dir = tempfile::tempdir().unwrap();
+        let name = format!("{}.png", "x".repeat(245));
+        write_aged(&dir.path().join(&name), b"image", 3600);
+        let s = store(dir.path(), Layout::Sidecar, "fp");
+        let c = s.check(Path::new(&name)).unwrap();
+        assert_eq!(c.state, State::Missing);
+        assert!(c.reason.contains("--cache-dir"), "{}", c.reason);
+        let meta = Default::default();
+        let err = s
+            .put(Path::new(&name), &tensor(), &meta, &[], false, None)
+            .unwrap_err();
+        assert!(
+            matches!(err, Error::NameTooLong { .. }) && err.to_string().contains("--cache-dir"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_file_the_input_rule_would_prefer_makes_the_entry_stale() {
+        let dir = tempfile::tempdir().unwrap();
+        write_aged(&dir.path().join("a.png"), b"image", 3600);
+        write_aged(&dir.path().join("a.png.txt"), b"a cat", 3600);
+        let s = store(dir.path(), Layout::Sidecar, "fp");
+        let inputs = [
+            Input::File {
+                name: "caption".into(),
+                path: PathBuf::from("a.png.txt"),
+                expected: None,
+            },
+            Input::Absent {
+                name: "caption".into(),
+                path: PathBuf::from("a.txt"),
+            },
+        ];
+        let meta = Default::default();
+        s.put(Path::new("a.png"), &tensor(), &meta, &inputs, false, None)
+            .unwrap();
+        assert_eq!(state(&s, "a.png"), State::Valid);
+        write_aged(&dir.path().join("a.txt"), b"a dog", 60);
+        let c = s.check(Path::new("a.png")).unwrap();
+        assert_eq!(c.state, State::Stale);
+        assert!(c.reason.contains("a.txt"), "{}", c.reason);
+    }
+
+    #[test]
+    fn an_input_changed_after_the_encoder_read_it_writes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        write_aged(&dir.path().join("a.png"), b"image", 3600);
+        let caption = dir.path().join("a.txt");
+        write_aged(&caption, b"a cat", 3600);
+        let read_at = Stamp::of(&caption).unwrap();
+        write_aged(&caption, b"a dog", 60);
+        let s = store(dir.path(), Layout::Sidecar, "fp");
+        let inputs = [Input::File {
+            name: "caption".into(),
+            path: PathBuf::from("a.txt"),
+            expected: Some(read_at),
+        }];
+        let meta = Default::default();
+        let err = s
+            .put(Path::new("a.png"), &tensor(), &meta, &inputs, false, None)
+            .unwrap_err();
+        assert!(matches!(err, Error::SourceChanged { .. }), "{err}");
+        assert_eq!(state(&s, "a.png"), State::Missing);
+    }
+
+    #[test]
+    fn without_a_fingerprint_the_first_entry_read_fixes_it() {
+        let dir = tempfile::tempdir().unwrap();
+        write_aged(&dir.path().join("a.png"), b"image a", 3600);
+        write_aged(&dir.path().join("b.png"), b"image b", 3600);
+        put(&store(dir.path(), Layout::Sidecar, "one"), "a.png");
+        put(&store(dir.path(), Layout::Sidecar, "two"), "b.png");
+        let any = Store::open(StoreConfig {
+            root: dir.path().to_path_buf(),
+            feature: "f".into(),
+            layout: Layout::Sidecar,
+            fingerprint: None,
+            legacy_suffix: None,
+            read_mode: ReadMode::Map,
+        })
+        .unwrap();
+        assert_eq!(state(&any, "a.png"), State::Valid);
+        let c = any.check(Path::new("b.png")).unwrap();
+        assert_eq!(c.state, State::Foreign, "{}", c.reason);
+    }
+
+    #[test]
+    fn a_digest_check_finds_what_unchanged_stamps_hide() {
+        let dir = tempfile::tempdir().unwrap();
+        write_aged(&dir.path().join("a.png"), b"image", 3600);
+        let s = store(dir.path(), Layout::Sidecar, "fp");
+        let entry = put(&s, "a.png");
+        // The recorded digest no longer matches the bytes while every stamp does (what a
+        // same-size edit that restores the mtime within one ctime tick would look like).
+        let judged = Stamp::of(&entry).unwrap();
+        let wrong = |m: &mut std::collections::BTreeMap<String, String>| {
+            m.insert("source.blake3".into(), "0".repeat(64));
+        };
+        assert!(crate::entry::rewrite_metadata_to(&entry, &entry, judged, wrong, false).unwrap());
+        let fresh = store(dir.path(), Layout::Sidecar, "fp");
+        assert_eq!(
+            fresh
+                .check_at(Path::new("a.png"), Depth::Stamps)
+                .unwrap()
+                .state,
+            State::Valid
+        );
+        assert_eq!(
+            fresh
+                .check_at(Path::new("a.png"), Depth::Digests)
+                .unwrap()
+                .state,
+            State::Stale
+        );
     }
 
     #[test]
@@ -502,6 +841,7 @@ mod tests {
         let inputs = [Input::File {
             name: "caption".into(),
             path: PathBuf::from("a.txt"),
+            expected: None,
         }];
         let meta = Default::default();
         s.put(Path::new("a.png"), &tensor(), &meta, &inputs, false, None)

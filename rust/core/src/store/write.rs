@@ -3,14 +3,54 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::ErrorKind;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde_json::{json, Value};
 
-use super::{now_ns, racy_now, stat_opt, Input, Known, Layout, State, Store, Written};
+use super::{
+    name_too_long, now_ns, racy_now, stat_opt, Input, Known, Layout, State, Store, Written,
+};
 use crate::entry::{self, TensorData};
 use crate::error::{Error, IoContext, Result};
 use crate::key::{file_digest, Stamp};
+
+/// The stamp and digest of an input as the encoder read it: `expected` is its stamp then (taken
+/// before reading); if it changed since, or changes while the digest is computed, the features
+/// belong to other bytes and nothing may be written.
+fn stamped_digest(path: &Path, name: &str, expected: Option<Stamp>) -> Result<(Stamp, String)> {
+    let before = Stamp::of(path)?;
+    if let Some(seen) = expected {
+        if seen != before {
+            let what = if name == "source" {
+                "after it was read for encoding".to_string()
+            } else {
+                format!("(input {name}) after the encoder read it")
+            };
+            return Err(Error::SourceChanged {
+                path: path.to_path_buf(),
+                what: format!(
+                    "{what} (size {} -> {}, mtime_ns {} -> {}); its features were not stored, \
+                     run again to encode the new version",
+                    seen.size, before.size, seen.mtime_ns, before.mtime_ns
+                ),
+            });
+        }
+    }
+    let digest = file_digest(path)?;
+    if Stamp::of(path)? != before {
+        return Err(Error::SourceChanged {
+            path: path.to_path_buf(),
+            what: "while its entry was being written; write it again".into(),
+        });
+    }
+    Ok((before, digest))
+}
+
+/// An input's record in the entry's `inputs` metadata.
+fn stamp_record(name: &str, path: &str, stamp: Stamp, digest: &str) -> Value {
+    json!({"name": name, "path": path, "size": stamp.size, "mtime_ns": stamp.mtime_ns,
+           "ino": stamp.ino, "ctime_ns": stamp.ctime_ns, "blake3": digest})
+}
 
 impl Store {
     /// Writes the entry of `rel` atomically and remembers it as valid.
@@ -33,50 +73,45 @@ impl Store {
         expected: Option<Stamp>,
     ) -> Result<Written> {
         let src = self.cfg.root.join(rel);
-        let before = Stamp::of(&src)?;
-        if let Some(seen) = expected {
-            if seen != before {
-                return Err(Error::SourceChanged {
-                    path: src,
-                    what: format!(
-                        "after it was read for encoding (size {} -> {}, mtime_ns {} -> {}); \
-                         its features were not stored, run again to encode the new version",
-                        seen.size, before.size, seen.mtime_ns, before.mtime_ns
-                    ),
-                });
-            }
-        }
-        let digest = file_digest(&src)?;
-        if Stamp::of(&src)? != before {
-            return Err(Error::SourceChanged {
-                path: src,
-                what: "while its entry was being written; write it again".into(),
+        let path = self.entry_path(rel, Stamp::of(&src)?);
+        if path.file_name().map_or(0, |n| n.len()) > entry::NAME_MAX {
+            return Err(Error::NameTooLong {
+                path: path.clone(),
+                why: name_too_long(&path),
             });
         }
+        let (before, digest) = stamped_digest(&src, "source", expected)?;
         let racy = racy_now(before);
         let rel_str = rel.to_string_lossy().into_owned();
-        let mut input_records = vec![
-            json!({"name": "source", "path": rel_str, "size": before.size, "mtime_ns": before.mtime_ns, "blake3": digest}),
-        ];
+        let mut input_records = vec![stamp_record("source", &rel_str, before, &digest)];
         let mut known_inputs = Vec::new();
         for input in inputs {
             match input {
-                Input::File { name, path } => {
-                    let abs = if path.is_absolute() {
-                        path.clone()
-                    } else {
-                        self.cfg.root.join(path)
-                    };
-                    let stamp = Stamp::of(&abs)?;
-                    let shown = abs
-                        .strip_prefix(&self.cfg.root)
-                        .map(|p| p.to_path_buf())
-                        .unwrap_or_else(|_| abs.clone());
-                    input_records.push(json!({"name": name, "path": shown.to_string_lossy(), "size": stamp.size, "mtime_ns": stamp.mtime_ns, "blake3": file_digest(&abs)?}));
-                    known_inputs.push((abs, stamp));
+                Input::File {
+                    name,
+                    path,
+                    expected,
+                } => {
+                    let abs = self.abs(path);
+                    let (stamp, digest) = stamped_digest(&abs, name, *expected)?;
+                    let shown = self.shown(&abs);
+                    input_records.push(stamp_record(name, &shown, stamp, &digest));
+                    known_inputs.push((abs, Some(stamp)));
                 }
                 Input::Text { name, text } => input_records
                     .push(json!({"name": name, "blake3": crate::key::bytes_digest(text)})),
+                Input::Absent { name, path } => {
+                    let abs = self.abs(path);
+                    if stat_opt(&abs)?.is_some() {
+                        return Err(Error::SourceChanged {
+                            path: abs,
+                            what: format!("appeared while the entry was computed (the rule of input {name} now prefers it); write it again"),
+                        });
+                    }
+                    input_records
+                        .push(json!({"name": name, "path": self.shown(&abs), "absent": true}));
+                    known_inputs.push((abs, None));
+                }
             }
         }
         let mut meta = user_meta.clone();
@@ -89,6 +124,8 @@ impl Store {
             ("source", rel_str),
             ("source.size", before.size.to_string()),
             ("source.mtime_ns", before.mtime_ns.to_string()),
+            ("source.ino", before.ino.to_string()),
+            ("source.ctime_ns", before.ctime_ns.to_string()),
             ("source.blake3", digest),
             ("inputs", Value::Array(input_records).to_string()),
             ("racy", if racy { "1" } else { "0" }.to_string()),
@@ -97,17 +134,18 @@ impl Store {
         for (k, v) in reserved {
             meta.insert(k.to_string(), v);
         }
+        // The key follows the stamp the digest was taken with (equal to the one above unless the
+        // source changed in between, which `stamped_digest` refused).
         let path = self.entry_path(rel, before);
         if let Some(parent) = path.parent() {
             fs::create_dir_all(parent).at(parent)?;
         }
         let bytes = entry::write_entry(&path, tensors, &meta, durable)?;
         let entry_stamp = Stamp::of(&path)?;
-        if let (Layout::Dir { .. }, Some(old)) = (&self.cfg.layout, self.recall(rel)) {
-            if old.path != path {
-                let _ = fs::remove_file(&old.path);
-            }
-        }
+        // An entry under this source's earlier key (dir layout) is left alone: another data root
+        // sharing the cache (a copy of the dataset) may still use it; `featstore gc` removes
+        // entries no source claims.
+        //
         // A racy entry is checked again (digest included) on every use, here as in other
         // processes, until a check outside the window: an edit that keeps the stamp may follow.
         self.remember(
@@ -135,6 +173,22 @@ impl Store {
         })
     }
 
+    fn abs(&self, path: &Path) -> PathBuf {
+        if path.is_absolute() {
+            path.to_path_buf()
+        } else {
+            self.cfg.root.join(path)
+        }
+    }
+
+    /// `abs` relative to the data root when inside it (entries stay valid when the root moves).
+    fn shown(&self, abs: &Path) -> String {
+        abs.strip_prefix(&self.cfg.root)
+            .unwrap_or(abs)
+            .to_string_lossy()
+            .into_owned()
+    }
+
     /// Removes the entry of `rel` (at its current and last known key); true if one was removed.
     pub fn remove(&self, rel: &Path) -> Result<bool> {
         let mut candidates = Vec::new();
@@ -145,13 +199,7 @@ impl Store {
             candidates.push(k.path);
         }
         if self.cfg.layout == Layout::Sidecar {
-            candidates.push(self.entry_path(
-                rel,
-                Stamp {
-                    size: 0,
-                    mtime_ns: 0,
-                },
-            ));
+            candidates.push(self.entry_path(rel, Stamp::sized(0, 0)));
         }
         let mut removed = false;
         for c in candidates {

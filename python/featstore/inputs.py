@@ -1,0 +1,58 @@
+"""What an entry was computed from besides its source, as the encoder read it.
+
+An encoder's optional ``inputs(rel, path)`` names them: a path (a caption ``.txt``, a control
+image), ``bytes`` (a caption's text), a :class:`FileInput` (a path with the stamp taken when it
+was read) or an :class:`AbsentInput` (a file the input rule would prefer, which must not appear).
+:func:`as_read` stamps the files *before* the encoder reads them, so that a write can refuse
+features of a file edited in between (DESIGN.md, "Invariants").
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+#: A file's stamp: ``(size, mtime_ns, ino, ctime_ns)`` from one ``stat``.
+Stamp = tuple[int, int, int, int]
+
+
+def stamp_of(path: str | os.PathLike[str]) -> Stamp:
+    """The stamp of the file at ``path`` (following symlinks)."""
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns
+
+
+@dataclass(frozen=True)
+class FileInput:
+    """An input file as the encoder read it: ``stamp`` (taken *before* reading it) makes the
+    write refuse features of a file edited meanwhile."""
+
+    path: str | os.PathLike[str]
+    stamp: Stamp | None = None
+
+
+@dataclass(frozen=True)
+class AbsentInput:
+    """A file that must not exist for the entry to hold: one the input rule would prefer (the
+    caption rule takes ``img.txt`` over ``img.png.txt``). If it appears, the entry is stale."""
+
+    path: str | os.PathLike[str]
+
+
+#: An input's value: a path (stamped and digested when the entry is written), a
+#: :class:`FileInput`, an :class:`AbsentInput`, or ``bytes`` (a text, recorded by digest).
+InputValue = str | os.PathLike[str] | bytes | FileInput | AbsentInput
+
+
+def as_read(inputs: Mapping[str, InputValue], root: str) -> dict[str, InputValue]:
+    """``inputs`` with every file stamped now: call it before the encoder reads them. Relative
+    paths are relative to ``root``."""
+    out: dict[str, InputValue] = {}
+    for name, value in inputs.items():
+        if isinstance(value, (str, os.PathLike)):
+            value = FileInput(value)
+        if isinstance(value, FileInput) and value.stamp is None:
+            value = FileInput(value.path, stamp_of(os.path.join(root, os.fspath(value.path))))
+        out[name] = value
+    return out
