@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 #: A file's stamp: ``(size, mtime_ns, ino, ctime_ns)`` from one ``stat``.
 Stamp = tuple[int, int, int, int]
@@ -56,3 +57,16 @@ def as_read(inputs: Mapping[str, InputValue], root: str) -> dict[str, InputValue
             value = FileInput(value.path, stamp_of(os.path.join(root, os.fspath(value.path))))
         out[name] = value
     return out
+
+
+def to_core(name: str, value: InputValue) -> tuple[Any, ...]:
+    """An input as the core takes it: ``("file", path, stamp)``, ``("text", bytes)``, ``("absent", path)``."""
+    if isinstance(value, bytes):
+        return ("text", value)
+    if isinstance(value, FileInput):
+        return ("file", os.fspath(value.path), value.stamp)
+    if isinstance(value, AbsentInput):
+        return ("absent", os.fspath(value.path))
+    if isinstance(value, (str, os.PathLike)):
+        return ("file", os.fspath(value), None)
+    raise TypeError(f"input {name!r}: a path, FileInput, AbsentInput or bytes, not {type(value).__name__}")

@@ -15,19 +15,20 @@ mark (as for per-image entries).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import re
-import time
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from featstore import _core
-from featstore.errors import CorruptEntryError, FeatstoreError
+from featstore.errors import CorruptEntryError
+from featstore.members import changed as members_changed
+from featstore.members import clear_racy_mark
+from featstore.members import record as record_members
 from featstore.vocabulary import ENTRY_EXTENSION
 
 if TYPE_CHECKING:
@@ -119,62 +120,23 @@ def put_set(store: FeatureStore, paths: Sequence[str | os.PathLike[str]], tensor
 
     The metadata records every member (path, stamp, digest), the fingerprint and the set size.
     ``expected`` holds the members' stamps when they were read for encoding: if one
-    changed since, :class:`FeatstoreError` is raised and nothing is written.
+    changed since, :class:`SourceChangedError` is raised and nothing is written.
     """
     from featstore._torch import to_raw
 
     rels = [store.rel(p) for p in paths]
     if not rels:
         raise ValueError("a frame set needs at least one source")
-    before = [os.stat(os.path.join(store.data_root, r)) for r in rels]
-    if expected is not None:
-        for r, st, seen in zip(rels, before, expected, strict=True):
-            # ``seen`` is (size, mtime_ns) or the full stamp (size, mtime_ns, ino, ctime_ns).
-            if (st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)[:len(seen)] != tuple(seen):
-                raise FeatstoreError(f"{r} changed after it was read for encoding; its set was not stored, "
-                                     "run again to encode the new version")
-    digests = _core.file_digests([os.path.join(store.data_root, r) for r in rels])
-    members = [{"path": r, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "ino": st.st_ino,
-                "ctime_ns": st.st_ctime_ns, "blake3": d}
-               for r, st, d in zip(rels, before, digests, strict=True)]
+    recorded, is_racy = record_members(store.data_root, rels, expected)
     path = set_entry_path(store, rels)
     meta = dict(metadata or {})
     meta.update({"feature": store.feature, "fingerprint": store.fingerprint or "", "kind": "frame-set",
-                 "frames": str(len(rels)), "members": json.dumps(members),
-                 "racy": "1" if _racy([st.st_mtime_ns for st in before]) else "0"})
+                 "frames": str(len(rels)), "members": json.dumps(recorded), "racy": "1" if is_racy else "0"})
     raw, keep = to_raw(tensors)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     _core.write_entry(path, raw, meta, durable)
     del keep
     return path
-
-
-def _racy(mtimes_ns: Sequence[int]) -> bool:
-    """True while a same-size edit of a file with one of these mtimes could keep its stamp."""
-    return time.time_ns() - max(mtimes_ns, default=0) <= _core.RACY_WINDOW_NS
-
-
-def _members_changed(store: FeatureStore, meta: Mapping[str, str]) -> bool | None:
-    """Whether a member's bytes differ from those the set was computed from: True (or when they
-    cannot be compared), False when digests were compared and all match, None when every
-    member's full stamp (size, mtime, inode, ctime) is the recorded one and the entry is not
-    racy. The key holds only sizes and mtimes: a frame renamed onto a member's name with the
-    same size and mtime (renumbered frames) has another inode and ctime, so it is digested."""
-    try:
-        members = json.loads(meta["members"])
-        paths = [os.path.join(store.data_root, m["path"]) for m in members]
-        recorded = [m["blake3"] for m in members]
-        stamps = [(m["size"], m["mtime_ns"], m.get("ino"), m.get("ctime_ns")) for m in members]
-    except (KeyError, TypeError, ValueError):
-        return True  # an entry whose members cannot be checked is not served
-    try:
-        now = [(st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns) for st in map(os.stat, paths)]
-    except OSError:
-        return True
-    if meta.get("racy") != "1" and now == stamps:
-        return None
-    digests = _core.file_digests(list[str | os.PathLike[str]](paths))
-    return digests != recorded
 
 
 def set_state(store: FeatureStore, paths: Sequence[str | os.PathLike[str]]) -> str:
@@ -194,7 +156,7 @@ def set_state(store: FeatureStore, paths: Sequence[str | os.PathLike[str]]) -> s
         return "corrupt"
     if store.fingerprint and meta.get("fingerprint") != store.fingerprint:
         return "foreign"
-    return "stale" if _members_changed(store, meta) else "valid"
+    return "stale" if members_changed(store.data_root, meta) else "valid"
 
 
 def get_set(store: FeatureStore, paths: Sequence[str | os.PathLike[str]], *, device: Any = None,
@@ -216,29 +178,12 @@ def get_set(store: FeatureStore, paths: Sequence[str | os.PathLike[str]], *, dev
         return None
     from featstore._torch import from_capsules
 
-    changed = _members_changed(store, meta)
+    changed = members_changed(store.data_root, meta)
     if changed:
         return None
-    if changed is False and not _racy([m["mtime_ns"] for m in json.loads(meta["members"])]):
-        _clear_racy_mark(path)
+    if changed is False:
+        clear_racy_mark(path, meta)
     return from_capsules(capsules, device, dtype)
-
-
-def _clear_racy_mark(path: str) -> None:
-    """Rewrites a racy set entry whose members were just verified outside the window with the
-    mark cleared: no later edit can keep their stamps, so lookups stop digesting them. Best
-    effort (a read-only cache still serves the entry)."""
-    import torch
-
-    from featstore._torch import to_raw
-
-    with contextlib.suppress(OSError, FeatstoreError):
-        capsules, meta, _ = _core.read_entry(path, pread=True)  # the file as it is now
-        if meta.get("racy") != "1":
-            return
-        raw, keep = to_raw({name: torch.from_dlpack(c) for name, c in capsules})
-        _core.write_entry(path, raw, {**meta, "racy": "0"})
-        del keep
 
 
 @dataclass
@@ -314,8 +259,8 @@ def judge_set_entry(store: FeatureStore, path: str, *, deep: bool = False) -> Se
     if moved and os.path.lexists(current):
         return SetVerdict(path, members, "stale", f"superseded: the set's current entry is {current}")
     paths: list[str | os.PathLike[str]] = [os.path.join(store.data_root, m) for m in members]
-    digests = (_core.file_digests(paths)
-               if moved or deep or meta.get("racy") == "1" or _members_changed(store, meta) is not None else None)
+    stamps_moved = members_changed(store.data_root, meta) is not None
+    digests = _core.file_digests(paths) if moved or deep or meta.get("racy") == "1" or stamps_moved else None
     if digests is not None:
         changed = [m for m, now, (_, _, _, then) in zip(members, digests, recorded, strict=True) if now != then]
         if changed:

@@ -15,7 +15,7 @@ import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from featstore import _core, explain, manifest, sets
+from featstore import _core, explain, history, manifest, sets
 from featstore.compat import load_legacy_sidecar
 from featstore.errors import (
     BatchReadError,
@@ -26,7 +26,7 @@ from featstore.errors import (
     StaleEntryError,
     TensorNameError,
 )
-from featstore.inputs import AbsentInput, FileInput, InputValue, Stamp
+from featstore.inputs import InputValue, Stamp, to_core
 from featstore.progress import run_with_progress
 from featstore.status import Status, count_states
 from featstore.vocabulary import (
@@ -42,19 +42,6 @@ from featstore.vocabulary import (
 
 if TYPE_CHECKING:
     import torch
-
-def _core_input(name: str, value: InputValue) -> tuple[Any, ...]:
-    """An input as the core takes it: ``("file", path, stamp)``, ``("text", bytes)``, ``("absent", path)``."""
-    if isinstance(value, bytes):
-        return ("text", value)
-    if isinstance(value, FileInput):
-        return ("file", os.fspath(value.path), value.stamp)
-    if isinstance(value, AbsentInput):
-        return ("absent", os.fspath(value.path))
-    if isinstance(value, (str, os.PathLike)):
-        return ("file", os.fspath(value), None)
-    raise TypeError(f"input {name!r}: a path, FileInput, AbsentInput or bytes, not {type(value).__name__}")
-
 
 _TORCH_HELPERS: Any = None
 _FROM_DLPACK: Any = None
@@ -389,7 +376,7 @@ class FeatureStore:
             if not isinstance(k, str) or not isinstance(v, str):
                 raise TypeError(f"metadata must map str to str, got {k!r}: {type(v).__name__}")
             meta[k] = v
-        extra = [(name, _core_input(name, v)) for name, v in (inputs or {}).items()]
+        extra = [(name, to_core(name, v)) for name, v in (inputs or {}).items()]
         try:
             written = self._core.put(rel, raw, meta, extra, durable, expected)
         except OSError as exc:
@@ -518,6 +505,25 @@ class FeatureStore:
         """The tensors of a frame set's entry, zero-copy, or None unless it is valid for these
         members as they are now, in this order."""
         return sets.get_set(self, paths, device=device, dtype=dtype)
+
+    def put_history(self, frames: Sequence[str | os.PathLike[str]], tensors: Mapping[str, torch.Tensor], *,
+                    expected: Sequence[Sequence[int]] | None = None, metadata: Mapping[str, str] | None = None,
+                    durable: bool = False) -> str:
+        """Writes the entry of a history: an ordered list of frames whose last frame's features
+        (given every frame before it) ``tensors`` hold (see :mod:`featstore.history`); returns
+        its path. ``expected``: the frames' stamps when they were read for encoding."""
+        return history.put_history(self, frames, tensors, expected=expected, metadata=metadata, durable=durable)
+
+    def get_history(self, frames: Sequence[str | os.PathLike[str]], *, device: Any = None,
+                    dtype: Any = None) -> dict[str, torch.Tensor] | None:
+        """The tensors of a history's entry, zero-copy, or None unless it is valid for these
+        frames as they are now, in this order."""
+        return history.get_history(self, frames, device=device, dtype=dtype)
+
+    def history_state(self, frames: Sequence[str | os.PathLike[str]]) -> str:
+        """The state of a history's entry: one of :data:`STATES` (``missing`` also when a frame
+        is gone)."""
+        return history.history_state(self, frames)
 
     def remove(self, path: str | os.PathLike[str]) -> bool:
         """Removes the entry of ``path`` (never the source, never a legacy file); True if a file
