@@ -101,7 +101,10 @@ def test_ctrl_c_stops_cleanly_and_a_rerun_continues(tmp_path):
     env = {**os.environ, "PYTHONPATH": TESTS + os.pathsep + os.environ.get("PYTHONPATH", ""), "TOY_DELAY": "0.2"}
     proc = subprocess.Popen([sys.executable, "-m", "featstore.cli", "precompute", root, "--encoder",
                              "toy_encoders:make_slow", "--batch-size", "2", "--num-workers", "0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            # A shell's background job inherits SIGINT as ignored (so would this
+                            # child): give it the default disposition, as a terminal's Ctrl-C has.
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 60
     while time.time() < deadline and not any(
             os.path.exists(os.path.join(root, r + ".toy.safetensors")) for r in rels):

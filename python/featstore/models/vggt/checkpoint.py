@@ -31,8 +31,8 @@ _HEAD_PREFIXES = {
     "enable_track": "track_head.",
 }
 _HOW_TO_GET = (
-    "download the VGGT-1B checkpoint (model.pt or model.safetensors) and pass its path with "
-    "--vggt-model-path or the VGGT_MODEL_PATH environment variable"
+    "download the VGGT-1B checkpoint (model.pt of the Hugging Face model facebook/VGGT-1B) and pass "
+    "its path with --vggt-model-path or the VGGT_MODEL_PATH environment variable"
 )
 _EXAMPLES = 5
 
@@ -116,10 +116,7 @@ class _Checkpoint:
                 f"cannot read VGGT checkpoint {path}: permission denied; check its mode"
             ) from exc
         except Exception as exc:  # the readers raise many types for a damaged file
-            raise CheckpointError(
-                f"cannot read VGGT checkpoint {path}: {type(exc).__name__}: {exc}. The file is damaged, "
-                f"incomplete or not a state dict; download it again ({_HOW_TO_GET})"
-            ) from exc
+            raise CheckpointError(self._damaged(exc)) from exc
 
     def _open_safetensors(self, files: Iterable[Path]) -> None:
         from safetensors import safe_open
@@ -143,20 +140,22 @@ class _Checkpoint:
 
     def _open_torch(self) -> None:
         try:
-            # mmap: tensors stay backed by the file until they are moved or cast.
-            loaded = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as exc:
-            if "mmap" not in str(exc):
-                raise
-            # Files saved with the legacy (non-zip) serialization cannot be mapped.
-            loaded = torch.load(self.path, map_location="cpu", weights_only=True)
+            try:
+                # mmap: tensors stay backed by the file until they are moved or cast.
+                loaded = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as exc:
+                if "mmap" not in str(exc):
+                    raise
+                # Files saved with the legacy (non-zip) serialization cannot be mapped.
+                loaded = torch.load(self.path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as exc:
-            if "weights only" not in str(exc).lower():
+            # Refused objects name a GLOBAL (a class, a function); garbage fails otherwise.
+            if "weights only" not in str(exc).lower() or "global" not in str(exc).lower():
                 raise
             raise CheckpointError(
-                f"cannot load VGGT checkpoint {self.path} safely: it holds objects other than tensors "
-                f"({exc}). featstore loads plain state dicts only (torch.load(weights_only=True)); "
-                "re-save it with torch.save(model.state_dict(), path)"
+                f"cannot load VGGT checkpoint {self.path} safely: it holds objects other than tensors. "
+                "featstore loads plain state dicts only, never code from a file: re-save it with "
+                "torch.save(model.state_dict(), path), or use the published model.pt of facebook/VGGT-1B"
             ) from exc
         state = _unwrap_state_dict(loaded)
         if state is None:
@@ -166,6 +165,16 @@ class _Checkpoint:
             )
         self._tensors = state
         self.shapes = {k: tuple(v.shape) for k, v in state.items()}
+
+    def _damaged(self, exc: BaseException) -> str:
+        """featstore's fix first, then torch's reason without its advice to load with
+        ``weights_only=False`` (that would run code from the file)."""
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        reason = next((line for line in lines if "weights_only" not in line and "re-running" not in line.lower()),
+                      "")
+        reason = f"{type(exc).__name__}: {reason}" if reason else type(exc).__name__
+        return (f"cannot read VGGT checkpoint {self.path}: the file is damaged or not a PyTorch checkpoint; "
+                f"{_HOW_TO_GET} (download it again if it was cut short). torch said: {reason[:300]}")
 
     def tensor(self, key: str) -> torch.Tensor:
         """Read one tensor (on the CPU; mapped rather than copied for ``.pt`` files)."""
