@@ -16,10 +16,18 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} PB"
 
 
-def error_lines(errors: Sequence[tuple[str, str]], what: str, limit: int = 10) -> list[str]:
-    """The report lines of paths that could not be handled: a count, then the first ``limit``."""
+def count(n: int, one: str, many: str | None = None) -> str:
+    """``n`` and the noun in the right number: ``"1 file"``, ``"2 files"``, ``"1,000 entries"``."""
+    return f"{n:,} {one if n == 1 else (many or one + 's')}"
+
+
+def error_lines(errors: Sequence[tuple[str, str]], what: str, what_many: str | None = None,
+                limit: int = 10) -> list[str]:
+    """The report lines of paths that could not be handled: a count, then the first ``limit``.
+    ``what`` is said of one path, ``what_many`` of several (default: ``what`` as given)."""
     more = f" (first {limit}):" if len(errors) > limit else ":"
-    return [f"{len(errors):,} {what}{more}", *(f"  {p}: {why}" for p, why in errors[:limit])]
+    said = what if len(errors) == 1 or what_many is None else what_many
+    return [f"{len(errors):,} {said}{more}", *(f"  {p}: {why}" for p, why in errors[:limit])]
 
 
 def timestamp(ns: int) -> str:

@@ -12,6 +12,7 @@ group, one line here).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
@@ -60,6 +61,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args, parser))
+    except BrokenPipeError:
+        # The reader went away (`featstore status ... | head`): not an error of ours. Point stdout
+        # at /dev/null so that the interpreter's final flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except DataRootError as exc:
         print(f"featstore {args.command}: error: {exc}", file=sys.stderr)
         return 2

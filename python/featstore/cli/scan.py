@@ -70,6 +70,6 @@ def cmd_scan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             doc["manifest"] = store.write_manifest(status, found.paths)
             lines.append(f"manifest written: {doc['manifest']}")
     if found.errors:
-        lines.extend(error_lines(found.errors, "paths could not be scanned"))
+        lines.extend(error_lines(found.errors, "path could not be scanned", "paths could not be scanned"))
     emit(args, doc, "\n".join(lines))
-    return 0
+    return 1 if found.errors else 0

@@ -132,7 +132,7 @@ class GcReport:
         for p, why in self.skipped[:limit]:
             lines.append(f"  left alone {shown(self.base, p)}: {why}")
         if self.errors:
-            lines.extend(error_lines(self.errors, "paths could not be checked"))
+            lines.extend(error_lines(self.errors, "path could not be checked", "paths could not be checked"))
         return "\n".join(lines)
 
 

@@ -68,7 +68,7 @@ class StatusReport:
         if counts.get("stale") or counts.get("orphan") or counts.get("foreign"):
             lines.append("`featstore gc --dry-run` lists what can be removed")
         if st.errors:
-            lines.extend(error_lines(st.errors, "sources could not be checked"))
+            lines.extend(error_lines(st.errors, "source could not be checked", "sources could not be checked"))
         return "\n".join(lines)
 
 
