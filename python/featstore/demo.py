@@ -85,6 +85,8 @@ def run_demo(directory: str | None = None, *, images: int = 24, say: Any = print
     say(f"   (these images are ~{os.path.getsize(paths[1]) // 1000} KB; the SHA256 scheme's cost grows with "
         "the image size, featstore's does not)")
     training = _train_epoch(store, paths, say)
+    kept = "it stays for you to look at" if directory else "a temporary directory: remove it when done"
+    say(f"Everything is in {root} ({kept}; `featstore status {data}` shows its entries).")
     return {"directory": root, "data_root": data, "first_run": first, "rerun_planned": again["planned"],
             "after_edit_written": third["written"], "states": status.counts,
             "lookup_us": {"featstore": ours * 1e6, "legacy_sha256": theirs * 1e6, "exists": bare * 1e6},

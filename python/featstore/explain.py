@@ -182,7 +182,9 @@ def explain(store: FeatureStore, path: str | os.PathLike[str]) -> Explanation:
     if store.layout == "dir" and src_st is not None:
         details.append(("key", _core.stamp_key(os.fsencode(rel), src_st.st_size, src_st.st_mtime_ns)[:32]))
     advice = {
-        "missing": "compute it with `featstore precompute`",
+        "missing": "compute it with `featstore precompute`" if src_st is not None else
+                   f"there is no source {src}: check the path (relative to the data root {store.data_root}, "
+                   "or absolute inside it)",
         "legacy": "`featstore migrate` converts old-format files",
     }.get(state, MISS_ADVICE.get(state, ""))
     if state == "stale" and legacy:

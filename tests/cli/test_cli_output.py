@@ -34,3 +34,11 @@ def test_scan_exits_1_when_a_listed_path_is_missing(tmp_path, capsys):
     assert main(["scan", root, "--files-from", str(listed)]) == 1
     assert "1 path could not be scanned" in capsys.readouterr().out
     os.remove(listed)
+
+
+def test_explain_on_a_source_that_does_not_exist_says_so_not_precompute(tmp_path, capsys):
+    root = str(tmp_path / "data")
+    make_image_tree(root, 2, size=16)
+    assert main(["explain", "--data-root", root, "--feature", "vggt", "scene000/no_such.jpg"]) == 1
+    out = capsys.readouterr().out
+    assert "there is no source" in out and "featstore precompute" not in out
