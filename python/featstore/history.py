@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import struct
 import warnings
 from collections.abc import Mapping, Sequence
@@ -26,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from featstore import _core
 from featstore.errors import CorruptEntryError
 from featstore.members import changed as members_changed
-from featstore.members import clear_racy_mark
+from featstore.members import clear_racy_mark, keyed_files
 from featstore.members import record as record_members
 from featstore.vocabulary import ENTRY_EXTENSION
 
@@ -37,7 +36,6 @@ if TYPE_CHECKING:
 
 _DOMAIN = b"featstore-history-v1\0"
 _KIND = "history"
-_ENTRY_FILE = re.compile(r"^[0-9a-f]{32}\." + ENTRY_EXTENSION + "$")
 
 
 def _member(rel: str, size: int, mtime_ns: int) -> bytes:
@@ -194,10 +192,32 @@ def get_history(store: FeatureStore, paths: Sequence[str | os.PathLike[str]], *,
 
 def history_entry_files(store: FeatureStore) -> list[str]:
     """Every history entry file of the feature, sorted."""
-    base = os.path.join(store.state_dir, _KIND)
-    found: list[str] = []
-    for directory, _, files in os.walk(base):
-        parent = os.path.basename(directory)
-        found.extend(os.path.join(directory, f) for f in files
-                     if _ENTRY_FILE.match(f) and f[:2] == parent and os.path.dirname(directory) == base)
-    return sorted(found)
+    return keyed_files(os.path.join(store.state_dir, _KIND))
+
+
+@dataclass(frozen=True)
+class HistoryMode:
+    """A feature precomputed (or lazily cached) as histories, as its manifest records it.
+
+    Attributes
+    ----------
+    jsonl : str or None
+        The ``.jsonl`` field whose lists are the samples' histories (None: not recorded, so the
+        expected histories are unknown and only the entry files can be judged).
+    """
+
+    jsonl: str | None = None
+
+
+def recorded_history(store: FeatureStore) -> HistoryMode | None:
+    """The history mode the feature's manifest records (a true ``history`` field, and the
+    ``jsonl`` field the lists came from), or None (per image, frame sets, or no manifest)."""
+    text = _core.read_manifest(store.manifest_path)
+    try:
+        doc = json.loads(text) if text else None
+    except ValueError:
+        return None
+    if not isinstance(doc, dict) or not doc.get("history"):
+        return None
+    jsonl = doc.get("jsonl")
+    return HistoryMode(jsonl if isinstance(jsonl, str) and jsonl else None)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -20,6 +21,9 @@ from typing import Any
 from featstore import _core
 from featstore.errors import FeatstoreError, SourceChangedError
 from featstore.inputs import Stamp
+from featstore.vocabulary import ENTRY_EXTENSION
+
+_KEYED_FILE = re.compile(r"^[0-9a-f]{32}\." + ENTRY_EXTENSION + "$")
 
 
 def record(root: str, rels: Sequence[str], expected: Sequence[Sequence[int]] | None = None
@@ -89,3 +93,14 @@ def clear_racy_mark(path: str, meta: Mapping[str, str]) -> None:
         raw, keep = to_raw({name: torch.from_dlpack(c) for name, c in capsules})
         _core.write_entry(path, raw, {**now, "racy": "0"})
         del keep
+
+
+def keyed_files(base: str) -> list[str]:
+    """Every entry file named by key under ``base`` (``<base>/<key[:2]>/<key[:32]>.safetensors``),
+    sorted: the frame sets' or histories' entries of a feature."""
+    found: list[str] = []
+    for directory, _, files in os.walk(base):
+        parent = os.path.basename(directory)
+        found.extend(os.path.join(directory, f) for f in files
+                     if _KEYED_FILE.match(f) and f[:2] == parent and os.path.dirname(directory) == base)
+    return sorted(found)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -27,9 +26,8 @@ from typing import TYPE_CHECKING, Any
 from featstore import _core
 from featstore.errors import CorruptEntryError
 from featstore.members import changed as members_changed
-from featstore.members import clear_racy_mark
+from featstore.members import clear_racy_mark, keyed_files
 from featstore.members import record as record_members
-from featstore.vocabulary import ENTRY_EXTENSION
 
 if TYPE_CHECKING:
     import torch
@@ -37,7 +35,6 @@ if TYPE_CHECKING:
     from featstore.store import FeatureStore
 
 _SET_DOMAIN = b"featstore-set-v1\0"
-_SET_FILE = re.compile(r"^[0-9a-f]{32}\." + ENTRY_EXTENSION + "$")
 
 
 @dataclass(frozen=True)
@@ -212,13 +209,7 @@ class SetVerdict:
 def set_entry_files(store: FeatureStore) -> list[str]:
     """Every frame-set entry file of the feature (``<state dir>/sets/<key[:2]>/<key32>.safetensors``),
     sorted."""
-    base = os.path.join(store.state_dir, "sets")
-    found: list[str] = []
-    for directory, _, files in os.walk(base):
-        parent = os.path.basename(directory)
-        found.extend(os.path.join(directory, f) for f in files
-                     if _SET_FILE.match(f) and f[:2] == parent and os.path.dirname(directory) == base)
-    return sorted(found)
+    return keyed_files(os.path.join(store.state_dir, "sets"))
 
 
 def judge_set_entry(store: FeatureStore, path: str, *, deep: bool = False) -> SetVerdict:
