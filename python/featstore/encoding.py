@@ -8,6 +8,7 @@ takes its stamp *before* reading, so a writer can refuse features of a source ed
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -63,6 +64,28 @@ def encode_batch(enc: Encoder, dev: torch.device, batch: torch.Tensor | list[Any
         else:
             raw = enc.encode(batch.to(dev, non_blocking=True).float().div_(255))
         outputs = check_outputs(raw, len(batch), enc.name)
+        return {k: v.detach().to("cpu") for k, v in outputs.items()}
+
+
+def encode_histories(enc: Encoder, dev: torch.device, batch: torch.Tensor,
+                     lengths: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
+    """The encoder's history outputs for one batch of lists, checked and on the CPU: ``batch`` is
+    uint8 ``[B, T, 3, H, W]`` (``B`` lists of ``T`` frames, oldest first); every output is
+    ``[B, T, ...]``, index ``k`` the prefix of length ``k + 1``. ``lengths``: the prefix lengths
+    read (passed on when the encoder's ``encode_history`` takes them). Runs under
+    ``inference_mode``."""
+    caps = capabilities(enc)
+    with torch.inference_mode():
+        floats = batch.to(dev, non_blocking=True).float().div_(255)
+        if caps.history_lengths and lengths is not None:
+            raw = enc.encode_history(floats, lengths=lengths)  # type: ignore[attr-defined]
+        else:
+            raw = enc.encode_history(floats)  # type: ignore[attr-defined]
+        outputs = check_outputs(raw, len(batch), enc.name)
+        for k, v in outputs.items():
+            if v.dim() < 2 or v.shape[1] != batch.shape[1]:
+                raise TypeError(f"encoder {enc.name!r}: encode_history output {k!r} must be [B, T, ...] with "
+                                f"T={batch.shape[1]}, got {tuple(v.shape)}")
         return {k: v.detach().to("cpu") for k, v in outputs.items()}
 
 

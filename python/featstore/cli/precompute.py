@@ -32,6 +32,7 @@ def register(sub: Subcommands) -> None:
                "  torchrun --nproc_per_node 8 -m featstore.cli precompute /data/train   # one rank per GPU\n"
                "  featstore precompute /data/train --shard 0/4   # ... and 1/4, 2/4, 3/4 anywhere\n"
                "  featstore precompute /data/train --encoder mypkg.enc:make --feature dino\n"
+               "  featstore precompute /data/r2r --jsonl images --history --history-window 8 48   # JanusVLN\n"
                "environment: " + ", ".join(env.PRECOMPUTE_VARIABLES),
         formatter_class=argparse.RawDescriptionHelpFormatter)
     add_data_root(p)
@@ -51,6 +52,24 @@ def register(sub: Subcommands) -> None:
     g.add_argument("--frames-per-set", "--frames_per_set", dest="frames_per_set", type=at_least(1), default=1,
                    metavar="N",
                    help="frames encoded together (default 1: every image alone, valid for single-frame use only)")
+    h = p.add_argument_group(
+        "history (JanusVLN-style causal streaming)",
+        "For vision-language navigation models of the JanusVLN family, which feed a sample's frames to VGGT one at "
+        "a time with a key/value cache (each frame attends to itself and the frames before it) and read the last "
+        "frame's features. Per-image entries and frame sets are not what those models compute.")
+    h.add_argument("--history", action="store_true",
+                   help="read each .jsonl line's list (--jsonl FIELD) as one sample's ordered history, oldest first; "
+                        "stream each longest list once and store, for every prefix some sample names, the last "
+                        "frame's features given that prefix (T frame passes for a T-step episode with every step a "
+                        "sample, instead of T(T+1)/2); read them with FeatureStore.get_history(frames)")
+    h.add_argument("--history-window", "--history_window", dest="history_window", type=at_least(0), nargs=2,
+                   default=None, metavar=("START", "RECENT"),
+                   help="key/value cache window: keep the first START and the last RECENT frames (JanusVLN evaluates "
+                        "with 8 48); default: every earlier frame")
+    h.add_argument("--reverse-frames", "--reverse_frames", dest="reverse_frames", action="store_true",
+                   help="feed each history last to first (JanusVLN's reference_frame other than 'first'); an entry "
+                        "then holds the list's first frame, fed last, given the whole list. No prefix shares a "
+                        "pass: each sample of n frames costs n frame passes")
     g.add_argument("--random-weights", action="store_true",
                    help="a tiny VGGT with random weights instead of a checkpoint (trying featstore; features "
                         "mean nothing)")
@@ -71,7 +90,8 @@ def register(sub: Subcommands) -> None:
                    default=None, help="skip images whose entry is valid (default: on, or $SKIP_EXISTING)")
     r.add_argument("--overwrite", action="store_true", help="recompute every selected image")
     r.add_argument("--start-idx", "--start_idx", dest="start_idx", type=int, default=None, metavar="I",
-                   help="first index of the sorted source list (of the frame sets with --frames-per-set)")
+                   help="first index of the sorted source list (of the frame sets with --frames-per-set, of the "
+                        "longest lists with --history)")
     r.add_argument("--end-idx", "--end_idx", dest="end_idx", type=int, default=None, metavar="J",
                    help="end index (exclusive) of that list; before --start-idx is a usage error")
     r.add_argument("--shard", default=None, metavar="I/N", help="every N-th source starting at I")
@@ -115,14 +135,28 @@ def cmd_precompute(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
 def _encoder_options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str, Any]:
     """The built-in VGGT encoder's options from the flags; none for other encoders, where a
     VGGT-only flag given a value is a usage error."""
+    if (args.history_window is not None or args.reverse_frames) and not args.history:
+        parser.error("--history-window and --reverse-frames apply to history mode: add --history")
+    if args.history and args.jsonl is None:
+        parser.error("--history reads each sample's history from a .jsonl list: add --jsonl FIELD, the field of each "
+                     "line that lists the sample's frames, oldest first (e.g. --jsonl images)")
+    if args.history and args.frames_per_set != 1:
+        parser.error("--history and --frames-per-set exclude each other: a history is encoded causally frame by "
+                     "frame, a frame set bidirectionally; choose one")
     if args.encoder != "vggt":
         if args.frames_per_set != 1:
             parser.error("--frames-per-set applies to the vggt encoder")
+        if args.history_window is not None or args.reverse_frames:
+            parser.error("--history-window and --reverse-frames apply to the vggt encoder (another encoder's "
+                         "history mode is its own encode_history)")
         return {}
     import torch  # here, not at the top: torch stays out of the CLI's start-up
 
     options: dict[str, Any] = {"model_path": args.vggt_model_path, "layers": tuple(args.layers),
                                "tokens": args.tokens, "mode": args.mode, "frames_per_set": args.frames_per_set}
+    if args.history:
+        options.update({"history": True, "window": tuple(args.history_window) if args.history_window else None,
+                        "reverse": args.reverse_frames})
     if args.dtype:
         options["dtype"] = getattr(torch, _DTYPES[args.dtype])
     if args.random_weights:
@@ -141,7 +175,9 @@ def _summary_text(s: dict[str, Any], *, dry_run: bool) -> str:
     lines = [f"featstore precompute: feature {s['feature']} with {what} on {s['device']}"]
     est = s["estimated_bytes"]
     sets = s.get("unit") == "sets"
+    history = s.get("history")
     found = (f"{s['sets']:,} frame sets ({s['sources']:,} frames, up to {s['frames_per_set']} per set)" if sets
+             else f"{s['selected']:,} samples ({s['lists']:,} longest lists, {s['sources']:,} frames)" if history
              else f"{s['sources']:,} sources")
     lines.append(f"plan: {s['selected']:,} of {found} selected, {s['skipped']:,} already valid, "
                  f"{s['planned']:,} to compute" + (f", about {human_bytes(est)}" if est is not None else "")
@@ -156,8 +192,12 @@ def _summary_text(s: dict[str, Any], *, dry_run: bool) -> str:
         stages = s.get("stage_seconds", {})
         total = sum(stages.values()) or 1.0
         rate = (f"{s['sets_per_second']} sets/s, {s['images_per_second']} frames/s" if sets
+                else f"{s['samples_per_second']} samples/s, {s['frame_passes_per_second']} frame passes/s" if history
                 else f"{s['images_per_second']} images/s")
-        what_written = f"{s['written']:,} sets ({s['frames_written']:,} frames)" if sets else f"{s['written']:,}"
+        what_written = (f"{s['written']:,} sets ({s['frames_written']:,} frames)" if sets
+                        else f"{s['written']:,} samples ({s['frame_passes']:,} frame passes over "
+                             f"{s['planned_lists']:,} lists)" if history
+                        else f"{s['written']:,}")
         lines.append(f"done: {what_written} written ({human_bytes(s['bytes_written'])}), {s['failed']:,} failed in "
                      f"{s['seconds']:.1f} s ({rate}); main-process time: "
                      + ", ".join(f"{k} {100 * v / total:.0f}%" for k, v in stages.items()))

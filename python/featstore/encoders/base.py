@@ -20,12 +20,29 @@ and may have any of these (:func:`capabilities` says which; nothing else asks ``
                                                 # image: a batch is the list of items
     encode_sets(batch) -> dict[str, Tensor]     # frame sets: uint8-derived float [B, S, 3, H, W]
     frames_per_set: int                         # > 1: sources are encoded in ordered sets
+    encode_history(batch, lengths=None)         # histories, causally: batch is uint8-derived float
+        -> dict[str, Tensor]                    # [B, T, 3, H, W] on the device, in [0, 1], B lists
+                                                # of T frames oldest first; every output is
+                                                # [B, T, ...], index k the features of the prefix
+                                                # of length k + 1 (its last frame given frames
+                                                # 0..k), in the per-image features' token/layer
+                                                # selection and dtype. ``lengths`` (optional
+                                                # parameter): the prefix lengths the caller reads;
+                                                # other rows may be left zero
+    history: bool                               # False: an encoder that has encode_history still
+                                                # encodes per image (VGGTEncoder's default)
+    frame_passes: int                           # frames fed through the model so far (a history
+                                                # encoder counts them; precompute reports them)
     estimate_entry_bytes() -> int               # bytes of one entry, for the dry-run plan
+
+A history encoder computes every prefix of a list in one causal pass when it can (T frame passes
+for T prefixes; precompute writes one entry per prefix a sample names).
 """
 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 from collections.abc import Mapping
@@ -61,11 +78,19 @@ class Capabilities:
     encode_sets: bool
     estimate_entry_bytes: bool
     frames_per_set: int
+    encode_history: bool = False
+    history_lengths: bool = False
+    frame_passes: bool = False
 
     @property
     def items(self) -> bool:
         """``preprocess`` gives items (captions) that ``encode_items`` takes as a list, not images."""
         return self.encode_items
+
+    @property
+    def history(self) -> bool:
+        """Sources are encoded as ordered histories (``encode_history``), one entry per prefix."""
+        return self.encode_history
 
 
 def capabilities(encoder: Any) -> Capabilities:
@@ -73,10 +98,22 @@ def capabilities(encoder: Any) -> Capabilities:
     def has(name: str) -> bool:
         return callable(getattr(encoder, name, None))
 
+    history = has("encode_history") and bool(getattr(encoder, "history", True))
     return Capabilities(to=has("to"), describe=has("describe"), inputs=has("inputs"),
                         encode_items=has("encode_items"), encode_sets=has("encode_sets"),
                         estimate_entry_bytes=has("estimate_entry_bytes"),
-                        frames_per_set=int(getattr(encoder, "frames_per_set", 1)))
+                        frames_per_set=int(getattr(encoder, "frames_per_set", 1)), encode_history=history,
+                        history_lengths=history and _takes(encoder.encode_history, "lengths"),
+                        frame_passes=isinstance(getattr(encoder, "frame_passes", None), int))
+
+
+def _takes(method: Any, parameter: str) -> bool:
+    """Whether ``method`` accepts the keyword ``parameter`` (an optional parameter of the protocol)."""
+    try:
+        params = inspect.signature(method).parameters
+    except (TypeError, ValueError):
+        return False
+    return parameter in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
 def digest_of(*parts: Any) -> str:

@@ -15,8 +15,9 @@ The engine keeps the device busy:
 5. **compact** the journals into the manifest at the end (:mod:`.manifest`).
 
 A CUDA out-of-memory error halves the batch and retries; an undecodable image is recorded as
-failed and the run goes on. A unit of work is a :class:`~.items.WorkItem`: one source, or a
-frame set encoded together.
+failed and the run goes on. A unit of work is a :class:`~.items.WorkItem`: one source, a
+frame set encoded together, or a history streamed once for the entries of all its prefixes that
+samples name (out-of-memory then halves the lists streamed together).
 """
 
 from __future__ import annotations
@@ -26,13 +27,13 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from featstore.pipeline.items import WorkItem, frame_sets
+from featstore.pipeline.items import WorkItem, frame_sets, histories
 from featstore.pipeline.planning import make_plan
 from featstore.pipeline.run import run_plan
 from featstore.pipeline.selection import distributed_rank, parse_shard, select
 from featstore.pipeline.summary import plan_summary, run_summary
 
-__all__ = ["precompute", "select", "parse_shard", "distributed_rank", "frame_sets", "WorkItem"]
+__all__ = ["precompute", "select", "parse_shard", "distributed_rank", "frame_sets", "histories", "WorkItem"]
 
 
 def precompute(data_root: str | os.PathLike[str], *, encoder: Any = "vggt", feature: str | None = None,
@@ -88,7 +89,11 @@ def precompute(data_root: str | os.PathLike[str], *, encoder: Any = "vggt", feat
         scripts did); the encoder's own weights are part of the encoder.
     encoder_options : dict, optional
         Options of the ``vggt`` encoder (``model_path``, ``layers``, ``tokens``, ``dtype``,
-        ``mode``, ``random_weights_seed``).
+        ``mode``, ``random_weights_seed``, ``frames_per_set``, and for history mode ``history``,
+        ``window``, ``reverse``). History mode (an encoder with ``encode_history``) reads each
+        ``jsonl`` line's list as one sample's history, streams each longest list once and writes
+        an entry for every prefix a sample names; the summary counts samples and
+        ``frame_passes``.
 
     Returns
     -------
@@ -107,7 +112,7 @@ def precompute(data_root: str | os.PathLike[str], *, encoder: Any = "vggt", feat
     outcome = run_plan(plan, num_workers=num_workers, durable=durable)
     summary["manifest"] = outcome.manifest
     summary.update(run_summary(outcome.counts, time.perf_counter() - t_start, outcome.interrupted,
-                               frames_per_set=plan.caps.frames_per_set))
+                               frames_per_set=plan.caps.frames_per_set, history=plan.caps.history))
     if outcome.interrupted:
         raise KeyboardInterrupt(summary)
     return summary

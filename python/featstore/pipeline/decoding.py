@@ -43,8 +43,32 @@ def _decode_set(encoder: Encoder, root: str, item: WorkItem) -> Decoded:
         return None, f"{type(exc).__name__}: {exc}", None
 
 
+def _decode_history(encoder: Encoder, root: str, item: WorkItem) -> Decoded:
+    """``[T, 3, H, W]`` as for a set, but a frame that cannot be decoded only cuts the list there:
+    the prefixes before it do not depend on it. Stamps: ``(the decoded frames' stamps, the bad
+    frame's error or None)``; the writer writes the prefixes the decoded frames cover and fails
+    the others."""
+    frames: list[torch.Tensor] = []
+    stamps = []
+    error = None
+    for rel in item.paths:
+        frame, err, stamp = decode_source(encoder, os.path.join(root, rel))
+        if err is not None:
+            error = f"frame {rel}: {err}"
+            break
+        frames.append(frame)
+        stamps.append(stamp)
+    if len(frames) < item.lengths[0]:
+        return None, error, None
+    try:
+        return stack_uint8_images(frames), None, (tuple(stamps), error)
+    except Exception as exc:
+        return None, f"{type(exc).__name__}: {exc}", None
+
+
 # How each kind's sources become one decoded item (see items.py).
-_DECODERS: dict[Kind, Callable[[Encoder, str, WorkItem], Decoded]] = {"image": _decode_image, "set": _decode_set}
+_DECODERS: dict[Kind, Callable[[Encoder, str, WorkItem], Decoded]] = {"image": _decode_image, "set": _decode_set,
+                                                                       "history": _decode_history}
 
 
 class DecodeDataset(torch.utils.data.Dataset):

@@ -1,29 +1,31 @@
-"""Work items: what precompute plans, decodes, encodes and writes as one entry.
+"""Work items: what precompute plans, decodes, encodes and writes together.
 
-A work item is one source (kind ``"image"``: the entry is the source's own) or an ordered list of
+A work item is one source (kind ``"image"``: the entry is the source's own), an ordered list of
 sources encoded together (kind ``"set"``: one entry for the whole frame set, see
-:mod:`featstore.sets`). Each stage looks up what a kind means to it in a table of its own
-(planning: how states are judged; decoding: how members become one tensor; writing: which entry
-is written and what the journal records), so a new kind (``"history"``: the last frame's features
-given the whole list, DESIGN.md "History entries") is a row in each table, not a branch in a loop.
+:mod:`featstore.sets`), or the longest of some samples' histories (kind ``"history"``: one causal
+pass over the list writes an entry for every prefix a sample names, the last frame's features
+given the prefix; DESIGN.md "History entries"). Each stage looks up what a kind means to it in a
+table of its own (planning: how states are judged; decoding: how members become one tensor;
+writing: which entries are written and what the journal records), so a kind is a row in each
+table, not a branch in a loop.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from featstore.encoders import Capabilities
 from featstore.sets import group_frames
 
-Kind = Literal["image", "set"]
+Kind = Literal["image", "set", "history"]
 
-# What a progress bar counts for each kind.
-_UNITS: dict[str, str] = {"image": "img", "set": "set"}
+# What a progress bar counts for each kind: entries written (a history item writes several).
+_UNITS: dict[str, str] = {"image": "img", "set": "set", "history": "sample"}
 
-# What reports call the items of each kind (plural).
-_NOUNS: dict[str, str] = {"image": "images", "set": "sets"}
+# What reports call the entries of each kind (plural).
+_NOUNS: dict[str, str] = {"image": "images", "set": "sets", "history": "samples"}
 
 # Kinds whose entries the manifest's per-source index holds (one source, one entry); a set's
 # entry is keyed by all its members and documented by its journal line only.
@@ -32,18 +34,23 @@ _INDEXED: frozenset[str] = frozenset({"image"})
 
 @dataclass(frozen=True)
 class WorkItem:
-    """One unit of precompute work: the sources (relative paths, in order) of one entry.
+    """One unit of precompute work: the sources (relative paths, in order) encoded together.
 
     Attributes
     ----------
-    kind : {"image", "set"}
-        What entry the sources make (see the module's docstring).
+    kind : {"image", "set", "history"}
+        What entries the sources make (see the module's docstring).
     paths : tuple of str
-        The sources: one for an image, the ordered members of a frame set.
+        The sources: one for an image, the ordered members of a frame set, a history's frames
+        (oldest first) up to its longest prefix written.
+    lengths : tuple of int
+        History only: the prefix lengths (ascending, 1..len(paths)) whose entries are written,
+        each a sample's whole history; empty for the other kinds.
     """
 
     kind: Kind
     paths: tuple[str, ...]
+    lengths: tuple[int, ...] = ()
 
     @classmethod
     def image(cls, rel: str) -> WorkItem:
@@ -55,16 +62,47 @@ class WorkItem:
         """The work item of an ordered set of sources encoded together."""
         return cls("set", tuple(members))
 
+    @classmethod
+    def history(cls, frames: Sequence[str], lengths: Sequence[int]) -> WorkItem:
+        """The work item of a history streamed once: ``frames`` oldest first, and the prefix
+        lengths whose entries it writes (the list is cut after the longest)."""
+        wanted = tuple(sorted(set(int(n) for n in lengths)))
+        if not wanted or wanted[0] < 1 or wanted[-1] > len(frames):
+            raise ValueError(f"prefix lengths must be in 1..{len(frames)}, got {list(lengths)}")
+        return cls("history", tuple(frames[:wanted[-1]]), wanted)
+
     @property
     def name(self) -> str:
         """The item in messages, the journal and the manifest's failures: its source, or its
-        members joined by '+'."""
+        members joined by '+' (a long history by its first and last frame)."""
+        if self.kind == "history" and len(self.paths) > 3:
+            return f"{self.paths[0]}+...+{self.paths[-1]} ({len(self.paths)} frames)"
         return "+".join(self.paths)
 
     @property
     def unit(self) -> str:
-        """What a progress bar counts: ``"img"`` or ``"set"``."""
+        """What a progress bar counts: ``"img"``, ``"set"`` or ``"sample"``."""
         return _UNITS[self.kind]
+
+    @property
+    def entries(self) -> int:
+        """Entries the item writes: one, or one per prefix length of a history."""
+        return len(self.lengths) if self.kind == "history" else 1
+
+    def prefix(self, length: int) -> tuple[str, ...]:
+        """The frames of the history prefix of ``length`` (a sample's whole history)."""
+        return self.paths[:length]
+
+    def needing(self, flags: Sequence[bool]) -> WorkItem | None:
+        """The item reduced to the entries that ``flags`` (one per entry, in order) mark as
+        needing work, or None when none does. A history keeps the frames up to its longest
+        such prefix: a prefix's features never depend on later frames."""
+        if len(flags) != self.entries:
+            raise ValueError(f"{len(flags)} flags for the {self.entries} entries of {self.name}")
+        if self.kind != "history":
+            return self if flags[0] else None
+        lengths = [n for n, f in zip(self.lengths, flags, strict=True) if f]
+        return WorkItem.history(self.paths, lengths) if lengths else None
 
     @property
     def indexed(self) -> bool:
@@ -74,12 +112,47 @@ class WorkItem:
 
 def kind_for(caps: Capabilities) -> Kind:
     """The kind of work item an encoder with these capabilities takes."""
+    if caps.history:
+        return "history"
     return "image" if caps.frames_per_set == 1 else "set"
 
 
 def noun(kind: Kind) -> str:
-    """What reports call items of a kind: ``"images"`` or ``"sets"``."""
+    """What reports call the entries of a kind: ``"images"``, ``"sets"`` or ``"samples"``."""
     return _NOUNS[kind]
+
+
+def histories(lists: Sequence[Sequence[str]]) -> list[WorkItem]:
+    """The work items of history mode: one per list that no other list extends, writing the
+    entries of every distinct list that is a prefix of it (itself included).
+
+    A list that prefixes several longer ones is covered by the longest of them (the first such
+    in input order on a tie). Items come in the order their longest list first appears.
+    """
+    distinct = list(dict.fromkeys(tuple(x) for x in lists if x))
+    first_seen = {x: i for i, x in enumerate(distinct)}
+    # Longest first: the first list to pass through a trie node is the longest through it, so a
+    # list ending at an existing node is a prefix of that node's owner. A trie keeps this linear
+    # in the frames named (comparing lists pairwise would be quadratic in the lists).
+    trie: dict[str, Any] = {}
+    lengths: dict[tuple[str, ...], list[int]] = {}
+    for frames in sorted(distinct, key=lambda x: (-len(x), first_seen[x])):
+        node, owner = trie, None
+        for frame in frames:
+            child = node.get(frame)
+            if child is None:
+                owner = owner or frames
+                child = node[frame] = {_OWNER: owner}
+            node = child
+        root = owner or node[_OWNER]
+        if root is frames:
+            lengths[frames] = []
+        lengths[root].append(len(frames))
+    return [WorkItem.history(frames, lengths[frames]) for frames in sorted(lengths, key=first_seen.__getitem__)]
+
+
+# The key under which a trie node names its longest list (not a path: paths never hold NUL).
+_OWNER = "\0owner"
 
 
 def frame_sets(jsonl_sets: Sequence[Sequence[str]], paths: Sequence[str], frames: int) -> list[tuple[str, ...]]:
@@ -91,6 +164,9 @@ def frame_sets(jsonl_sets: Sequence[Sequence[str]], paths: Sequence[str], frames
 def work_items(paths: Sequence[str], jsonl_sets: Sequence[Sequence[str]], caps: Capabilities) -> list[WorkItem]:
     """Every work item of a scan (its sorted ``paths`` and ``.jsonl`` lists) for an encoder with
     these capabilities, in order."""
-    if kind_for(caps) == "image":
+    kind = kind_for(caps)
+    if kind == "history":
+        return histories(jsonl_sets)
+    if kind == "image":
         return [WorkItem.image(p) for p in paths]
     return [WorkItem.frame_set(members) for members in frame_sets(jsonl_sets, paths, caps.frames_per_set)]

@@ -1,8 +1,9 @@
 """The journal: one append-only file of progress lines per process of a run.
 
-Each line records one entry written (``ok`` for a source, ``set`` for a frame set) or one item
-failed; the manifest is compacted from the journals at the end (:mod:`.manifest`). An entry's line
-is appended only after the entry is durable, so a killed run's journal names only whole entries.
+Each line records one entry written (``ok`` for a source, ``set`` for a frame set, ``history``
+for a history prefix) or one item failed; the manifest is compacted from the journals at the end
+(:mod:`.manifest`). An entry's line is appended only after the entry is durable, so a killed run's
+journal names only whole entries.
 """
 
 from __future__ import annotations
@@ -45,6 +46,12 @@ def set_record(members: Sequence[str], entry: str) -> Record:
     """The line of a frame set's entry: sets are not in the per-source index, the line documents
     the write."""
     return {"op": "set", "members": [path_to_json(m) for m in members], "entry": path_to_json(entry)}
+
+
+def history_record(frames: Sequence[str], entry: str) -> Record:
+    """The line of a history's entry: like sets, histories are not in the per-source index; the
+    line documents the write (the history's length, its last frame and the entry)."""
+    return {"op": "history", "frames": len(frames), "last": path_to_json(frames[-1]), "entry": path_to_json(entry)}
 
 
 def failed_record(store: FeatureStore, name: str, reason: str) -> Record:

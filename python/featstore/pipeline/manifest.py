@@ -14,6 +14,7 @@ from featstore import _core
 from featstore.encoders import describe
 from featstore.lock import lock_dir, lock_is_held
 from featstore.pipeline.planning import Plan
+from featstore.pipeline.summary import history_mode
 
 
 def finish_manifest(plan: Plan) -> str | None:
@@ -29,9 +30,11 @@ def finish_manifest(plan: Plan) -> str | None:
             return None  # a shard still running merges when it finishes
     fields = store.manifest_fields(total_images=len(plan.found.paths))
     # Described again: a loaded encoder may name more (its model class) than the planned one did.
-    # The frame-set mode, so that status, verify and gc group the sources as this run did.
-    fields.update({"encoder": describe(plan.encoder), "frames_per_set": plan.caps.frames_per_set,
-                   "jsonl": plan.jsonl})
+    # The frame-set or history mode, so that status, verify and gc group the sources as this run
+    # did (history: {"window": [start, recent] or null, "order": "forward" or "reverse"}).
+    description = describe(plan.encoder)
+    fields.update({"encoder": description, "frames_per_set": plan.caps.frames_per_set, "jsonl": plan.jsonl,
+                   "history": history_mode(description) if plan.caps.history else None})
     weights = plan.description.get("model_path")
     if weights:
         fields["vggt_model_path" if plan.description.get("name") == "vggt" else "weights_path"] = weights

@@ -15,7 +15,7 @@ import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -23,6 +23,7 @@ import torch
 from featstore import _core, env
 from featstore.encoders import Capabilities, Encoder, capabilities, describe, resolve_encoder
 from featstore.errors import FeatstoreError
+from featstore.history import history_state
 from featstore.pipeline.items import Kind, WorkItem, kind_for, work_items
 from featstore.pipeline.selection import check_range, distributed_rank, parse_shard, select
 from featstore.scan import ScanResult, nothing_found, scan
@@ -52,9 +53,10 @@ class Plan:
     found : ScanResult
         Every source of the scan.
     items, states : list
-        The work items this process selected, and the state of each one's entry.
+        The work items this process selected, and the state of each one's entry (of a history,
+        ``valid`` when every prefix entry is, else the first other state of its prefixes).
     todo : list of WorkItem
-        The items to compute, in order.
+        The items to compute, in order (a history reduced to the prefixes needing work).
     plan_seconds : float
         Seconds spent judging states.
     target_dir : str
@@ -70,6 +72,9 @@ class Plan:
         from its lists).
     total_items : int
         Work items of the whole scan, before any range, shard or rank selection.
+    entry_states : list of tuple of str
+        The state of every entry each selected item writes (one for an image or a set, one per
+        prefix of a history); empty when it equals ``states``.
     """
 
     store: FeatureStore
@@ -92,6 +97,11 @@ class Plan:
     model_path: str | None
     jsonl: str | None = None
     total_items: int = 0
+    entry_states: list[tuple[str, ...]] = field(default_factory=list)
+
+    def states_of_entries(self) -> list[str]:
+        """The state of every entry of the selected items, in order (samples in history mode)."""
+        return [s for states in self.entry_states for s in states] if self.entry_states else list(self.states)
 
     def skipped_valid(self) -> list[WorkItem]:
         """The selected items left alone because their entry is valid."""
@@ -132,24 +142,33 @@ def make_plan(data_root: str | os.PathLike[str], *, encoder: Any, feature: str |
     if len(found) == 0:
         raise nothing_found(found, extensions=extensions, jsonl=jsonl, files_from=files_from)
     caps = capabilities(enc)
+    if caps.history and not found.sets:
+        raise FeatstoreError(f"history mode reads each sample's history from a .jsonl list, and none was found "
+                             f"under {store.data_root}: pass jsonl=FIELD (--jsonl FIELD), the field of each line "
+                             "that lists the sample's frames, oldest first")
     every = work_items(found.paths, found.sets, caps)
     mine = select(every, start_idx=start_idx, end_idx=end_idx, shard=shard_spec, rank=rank)
     t_plan = time.perf_counter()
-    states = item_states(store, mine)
+    per_entry = entry_states(store, mine)
+    states = [_item_state(s) for s in per_entry]
     if caps.inputs:
         states = _inputs_now(store, enc, mine, states)
+        per_entry = [(s,) for s in states]
     redo = overwrite or not skip_existing
-    todo = [item for item, s in zip(mine, states, strict=True) if redo or _needs_work(s)]
+    todo = [narrowed for item, entries in zip(mine, per_entry, strict=True)
+            if (narrowed := item.needing([redo or _needs_work(s) for s in entries])) is not None]
     plan_seconds = time.perf_counter() - t_plan
 
     target_dir = store.cache_dir or store.data_root
-    per_entry = _ESTIMATES[kind_for(caps)](store, enc, caps, mine, states)
+    entry_bytes = _ESTIMATES[kind_for(caps)](store, enc, caps, mine, states)
+    planned_entries = sum(item.entries for item in todo)
     return Plan(store=store, encoder=enc, caps=caps, description=describe(enc), device=device,
                 batch_size=batch_size, rank=rank, shard=shard_spec, progress=show, found=found, items=mine,
                 states=states, todo=todo, plan_seconds=plan_seconds, target_dir=target_dir,
                 free_bytes=_free_bytes(target_dir),
-                estimated_bytes=per_entry * len(todo) if per_entry is not None else None, model_path=model_path,
-                jsonl=jsonl, total_items=len(every))
+                estimated_bytes=entry_bytes * planned_entries if entry_bytes is not None else None,
+                model_path=model_path, jsonl=jsonl, total_items=len(every),
+                entry_states=per_entry if caps.history else [])
 
 
 def _open_encoder(spec: Any, device: str, options: dict[str, Any] | None) -> Encoder:
@@ -190,13 +209,13 @@ def check_device(device: str, *, given_by: str = "--device") -> str:
     return device
 
 
-def item_states(store: FeatureStore, items: Sequence[WorkItem]) -> list[str]:
-    """The state of each item's entry, in order; each kind's items are judged together (sources
-    in parallel, in Rust)."""
+def entry_states(store: FeatureStore, items: Sequence[WorkItem]) -> list[tuple[str, ...]]:
+    """The state of every entry each item writes, in order (one per prefix length of a history);
+    each kind's items are judged together (sources in parallel, in Rust)."""
     by_kind: dict[Kind, list[int]] = defaultdict(list)
     for i, item in enumerate(items):
         by_kind[item.kind].append(i)
-    states = [""] * len(items)
+    states: list[tuple[str, ...]] = [()] * len(items)
     for kind, indices in by_kind.items():
         judged = _STATES[kind](store, [items[i] for i in indices])
         for i, state in zip(indices, judged, strict=True):
@@ -204,12 +223,21 @@ def item_states(store: FeatureStore, items: Sequence[WorkItem]) -> list[str]:
     return states
 
 
-def _image_states(store: FeatureStore, items: Sequence[WorkItem]) -> list[str]:
-    return store.states([item.paths[0] for item in items])
+def _item_state(entries: Sequence[str]) -> str:
+    """An item's state from its entries': ``valid`` when all are, else the first other one."""
+    return next((s for s in entries if s != "valid"), "valid")
 
 
-def _set_states(store: FeatureStore, items: Sequence[WorkItem]) -> list[str]:
-    return [set_state(store, list(item.paths)) for item in items]
+def _image_states(store: FeatureStore, items: Sequence[WorkItem]) -> list[tuple[str, ...]]:
+    return [(s,) for s in store.states([item.paths[0] for item in items])]
+
+
+def _set_states(store: FeatureStore, items: Sequence[WorkItem]) -> list[tuple[str, ...]]:
+    return [(set_state(store, list(item.paths)),) for item in items]
+
+
+def _history_states(store: FeatureStore, items: Sequence[WorkItem]) -> list[tuple[str, ...]]:
+    return [tuple(history_state(store, item.prefix(n)) for n in item.lengths) for item in items]
 
 
 def _inputs_now(store: FeatureStore, enc: Encoder, items: Sequence[WorkItem], states: list[str]) -> list[str]:
@@ -264,9 +292,16 @@ def _set_entry_bytes(store: FeatureStore, enc: Encoder, caps: Capabilities, item
     return int(enc.estimate_entry_bytes()) * caps.frames_per_set  # type: ignore[attr-defined]
 
 
-_StatesOf = Callable[[FeatureStore, Sequence[WorkItem]], list[str]]
+def _history_entry_bytes(store: FeatureStore, enc: Encoder, caps: Capabilities, items: Sequence[WorkItem],
+                         states: Sequence[str]) -> int | None:
+    """The encoder's estimate of one frame's entry: a history entry holds its last frame's."""
+    return int(enc.estimate_entry_bytes()) if caps.estimate_entry_bytes else None  # type: ignore[attr-defined]
+
+
+_StatesOf = Callable[[FeatureStore, Sequence[WorkItem]], list[tuple[str, ...]]]
 _EntryBytes = Callable[[FeatureStore, Encoder, Capabilities, Sequence[WorkItem], Sequence[str]], int | None]
 
 # How each kind's entries are judged, and how big one is (see items.py).
-_STATES: dict[Kind, _StatesOf] = {"image": _image_states, "set": _set_states}
-_ESTIMATES: dict[Kind, _EntryBytes] = {"image": _image_entry_bytes, "set": _set_entry_bytes}
+_STATES: dict[Kind, _StatesOf] = {"image": _image_states, "set": _set_states, "history": _history_states}
+_ESTIMATES: dict[Kind, _EntryBytes] = {"image": _image_entry_bytes, "set": _set_entry_bytes,
+                                       "history": _history_entry_bytes}

@@ -1,7 +1,8 @@
 """The stream that keeps the device busy: decode in workers, batch, encode, write behind.
 
 Decoded items are grouped into batches of equal shape ("crop" preprocessing gives varying
-heights; items for ``encode_items`` all go in one group) and each full group is encoded at once;
+heights; items for ``encode_items`` all go in one group; histories stream together only with
+lists of the same length and frame shape) and each full group is encoded at once;
 the writer thread stores the previous batch meanwhile. An item that cannot be decoded is recorded
 as failed and the stream goes on.
 """
@@ -49,8 +50,8 @@ def stream(plan: Plan, *, num_workers: int | None, durable: bool, counts: Counts
                            pin_memory=dev.type == "cuda")
     writer = Writer(store, journal, durable, counts)
     encoder = BatchEncoder(enc, dev, writer, counts, plan.batch_size)
-    bar = tqdm(total=len(todo), desc=f"precompute {store.feature}", unit=todo[0].unit if todo else "img",
-               file=sys.stderr, disable=not plan.progress, dynamic_ncols=True)
+    bar = tqdm(total=sum(item.entries for item in todo), desc=f"precompute {store.feature}",
+               unit=todo[0].unit if todo else "img", file=sys.stderr, disable=not plan.progress, dynamic_ncols=True)
     try:
         _batch_and_encode(loader, todo, writer, encoder, counts, bar, items_mode=plan.caps.items)
     finally:
@@ -68,16 +69,18 @@ def _batch_and_encode(loader: Iterable[tuple[int, Any, str | None, Any]], todo: 
     def flush(key: tuple[int, ...]) -> None:
         members = groups.pop(key)
         batch = [x for _, x in members] if items_mode else torch.stack([x for _, x in members])
-        encoder.encode([todo[i] for i, _ in members], batch)
-        bar.update(len(members))
-        bar.set_postfix(written=counts.written, failed=counts.failed, refresh=False)
+        items = [todo[i] for i, _ in members]
+        encoder.encode(items, batch)
+        bar.update(sum(item.entries for item in items))
+        extra = {"frame_passes": counts.frame_passes} if items[0].kind == "history" else {}
+        bar.set_postfix(written=counts.written, failed=counts.failed, **extra, refresh=False)
 
     t_wait = time.perf_counter()
     for index, decoded, error, stamp in loader:
         counts.stage_seconds["decode_wait"] += time.perf_counter() - t_wait
         if decoded is None:
             writer.fail(todo[index], error or "cannot decode")
-            bar.update(1)
+            bar.update(todo[index].entries)
         else:
             key = () if items_mode else tuple(decoded.shape)
             groups[key].append((index, decoded))

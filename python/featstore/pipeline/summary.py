@@ -21,6 +21,7 @@ class Counts:
 
     written: int = 0
     frames: int = 0  # the images the written entries hold: one each, or a frame set's members
+    frame_passes: int = 0  # history mode: frames fed through the model (a T-frame list streamed: T)
     failed: int = 0
     bytes: int = 0
     failures: list[tuple[str, str]] = field(default_factory=list)
@@ -29,32 +30,49 @@ class Counts:
 
 def plan_summary(plan: Plan, *, dry_run: bool) -> dict[str, Any]:
     """The summary of a plan (all of it for ``dry_run``). ``selected``, ``planned`` and
-    ``skipped`` count work items: images, or frame sets (``unit``); ``sources`` counts the files
-    found, and in set mode ``sets`` all the sets they make."""
+    ``skipped`` count entries: images, frame sets, or samples in history mode (``unit``);
+    ``sources`` counts the files found, in set mode ``sets`` all the sets they make, and in
+    history mode ``history`` the mode and ``lists`` the longest lists streamed (``planned_lists``
+    of them this run)."""
     store, shard, rank = plan.store, plan.shard, plan.rank
     counts_by_state: dict[str, int] = defaultdict(int)
-    for s in plan.states:
+    for s in plan.states_of_entries():
         counts_by_state["error" if check_error(s) is not None else s] += 1
     frames = plan.caps.frames_per_set
+    history = history_mode(plan.description) if plan.caps.history else None
+    selected = sum(item.entries for item in plan.items)
+    planned = sum(item.entries for item in plan.todo)
     return {
         "data_root": store.data_root, "feature": store.feature, "layout": store.layout, "cache_dir": store.cache_dir,
         "fingerprint": store.requested_fingerprint, "encoder": plan.description, "device": plan.device,
-        "sources": len(plan.found), "selected": len(plan.items), "planned": len(plan.todo),
-        "skipped": len(plan.items) - len(plan.todo), "states": dict(counts_by_state),
+        "sources": len(plan.found), "selected": selected, "planned": planned,
+        "skipped": selected - planned, "states": dict(counts_by_state),
         "estimated_bytes": plan.estimated_bytes, "free_bytes": plan.free_bytes,
         "plan_seconds": round(plan.plan_seconds, 3), "dry_run": dry_run, "scan_errors": len(plan.found.errors),
         "shard": f"{shard[0]}/{shard[1]}" if shard else None,
         "rank": f"{rank[0]}/{rank[1]}" if rank[1] > 1 else None, "frames_per_set": frames,
-        "model_path": plan.model_path, "note": _note(frames), "unit": noun(kind_for(plan.caps)),
+        "model_path": plan.model_path, "note": _history_note(history) if history else _note(frames),
+        "unit": noun(kind_for(plan.caps)),
         **({"sets": plan.total_items} if frames > 1 else {}),
+        **({"history": history, "lists": plan.total_items, "planned_lists": len(plan.todo)} if history else {}),
     }
 
 
-def run_summary(counts: Counts, seconds: float, interrupted: bool, *, frames_per_set: int = 1) -> dict[str, Any]:
+def history_mode(description: dict[str, Any]) -> dict[str, Any]:
+    """The history mode an encoder description (``describe()``) records: ``{"window": [start,
+    recent] or None, "order": "forward" or "reverse"}`` (what the summary and the manifest say)."""
+    window = description.get("window")
+    return {"window": list(window) if window else None,
+            "order": "reverse" if description.get("reverse") else "forward"}
+
+
+def run_summary(counts: Counts, seconds: float, interrupted: bool, *, frames_per_set: int = 1,
+                history: bool = False) -> dict[str, Any]:
     """The summary of a run (added to the plan's) from its counts and its length in seconds.
     ``written`` and ``failed`` count entries: images, or frame sets of up to ``frames_per_set``
     frames (then ``frames_written`` and ``sets_per_second`` too; ``images_per_second`` counts
-    the frames)."""
+    the frames), or samples in ``history`` mode (then ``frame_passes``, the frames fed through
+    the model, and ``samples_per_second`` and ``frame_passes_per_second``)."""
 
     def rate(n: int) -> float | None:
         return round(n / seconds, 2) if seconds > 0 else None
@@ -68,7 +86,25 @@ def run_summary(counts: Counts, seconds: float, interrupted: bool, *, frames_per
     }
     if frames_per_set > 1:
         done.update({"frames_written": counts.frames, "sets_per_second": rate(counts.written)})
+    if history:
+        done.update({"frame_passes": counts.frame_passes, "samples_per_second": rate(counts.written),
+                     "frame_passes_per_second": rate(counts.frame_passes)})
     return done
+
+
+def _history_note(history: dict[str, Any]) -> str:
+    """What history entries are valid for."""
+    window = history["window"]
+    how = (f"a key/value window of the first {window[0]} and last {window[1]} frames" if window
+           else "every earlier frame")
+    if history["order"] == "reverse":
+        order = "last to first (each sample its own pass)"
+        held = "the features of the frame fed last (the list's first)"
+    else:
+        order, held = "oldest first (one pass per longest list)", "the last frame's features"
+    return (f"history: each sample's frames (a .jsonl list) are streamed causally, {order}, each attending to "
+            f"{how}; an entry holds {held} given the sample's whole history (JanusVLN-style models); read them with "
+            "FeatureStore.get_history(frames)")
 
 
 def _note(frames: int) -> str:

@@ -12,12 +12,14 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from featstore.errors import FeatstoreError
+from featstore.history import put_history
 from featstore.pipeline import journal as journal_lines
 from featstore.pipeline.items import Kind, WorkItem
 from featstore.pipeline.summary import Counts
@@ -49,12 +51,30 @@ def _write_set(store: FeatureStore, item: WorkItem, tensors: Mapping[str, torch.
     return [Written(path, os.path.getsize(path), journal_lines.set_record(item.paths, path))]
 
 
-# How each kind's entries are written (see items.py): a list, as one causal pass over a history
-# may write an entry per prefix. ``expected`` is what the decoder read (see decoding.py): the
-# source's stamp and its other inputs as stamped before reading, or the members' stamps, so
-# features of an input edited since are never stored.
-_WriteEntries = Callable[[FeatureStore, WorkItem, Mapping[str, torch.Tensor], Any], list[Written]]
-_WRITERS: dict[Kind, _WriteEntries] = {"image": _write_image, "set": _write_set}
+def _write_history(store: FeatureStore, item: WorkItem, tensors: Mapping[str, torch.Tensor],
+                   expected: Any) -> Iterator[Written]:
+    """One entry per prefix length, shortest first: row ``n - 1`` of each ``[T, ...]`` output is
+    the prefix of length ``n``. A prefix that fails (a frame edited since it was read, or one that
+    could not be decoded) stops the longer ones, which hold the same frame; the shorter ones are
+    already written. ``expected``: ``(the decoded frames' stamps, the error of the frame after
+    them or None)``."""
+    stamps, error = expected if expected is not None else (None, None)
+    for n in item.lengths:
+        if stamps is not None and n > len(stamps):
+            raise FeatstoreError(f"{error}; the samples whose history holds it got no entry")
+        prefix = item.prefix(n)
+        path = put_history(store, prefix, {k: v[n - 1] for k, v in tensors.items()},
+                           expected=stamps[:n] if stamps is not None else None)
+        yield Written(path, os.path.getsize(path), journal_lines.history_record(prefix, path))
+
+
+# How each kind's entries are written (see items.py): an iterable, as one causal pass over a
+# history writes an entry per prefix (each yielded as soon as it is on disk, so a failure later
+# in the item keeps it). ``expected`` is what the decoder read (see decoding.py): the source's
+# stamp and its other inputs as stamped before reading, or the members' stamps, so features of
+# an input edited since are never stored.
+_WriteEntries = Callable[[FeatureStore, WorkItem, Mapping[str, torch.Tensor], Any], Iterable[Written]]
+_WRITERS: dict[Kind, _WriteEntries] = {"image": _write_image, "set": _write_set, "history": _write_history}
 
 
 class Writer:
@@ -69,7 +89,8 @@ class Writer:
     durable : bool
         fsync entries (and their directories) before journaling them.
     counts : Counts
-        Tallies written, failed and bytes, and the seconds spent writing.
+        Tallies written and failed entries (samples of a history item), bytes, and the seconds
+        spent writing.
     """
 
     def __init__(self, store: FeatureStore, journal: str, durable: bool, counts: Counts) -> None:
@@ -119,13 +140,16 @@ class Writer:
         else:
             written: list[Written] = []
             for i, item in enumerate(items):
+                done = 0
                 try:
-                    written.extend(_WRITERS[item.kind](self.store, item, {k: v[i] for k, v in outputs.items()},
-                                                       self.expected.pop(item, None)))
+                    for w in _WRITERS[item.kind](self.store, item, {k: v[i] for k, v in outputs.items()},
+                                                 self.expected.pop(item, None)):
+                        written.append(w)
+                        done += 1
                 except Exception as exc:  # one bad item is recorded; the run goes on
                     if _fatal(exc):
                         raise
-                    self._failed(item, exc, records)
+                    self._failed(item, exc, records, entries=item.entries - done)
             if self.durable:
                 _fsync_all([w.path for w in written])
             for w in written:
@@ -136,12 +160,14 @@ class Writer:
         journal_lines.append(self.journal, records, durable=self.durable)
         self.counts.stage_seconds["write"] += time.perf_counter() - t0
 
-    def _failed(self, item: WorkItem, why: str | BaseException, records: list[journal_lines.Record]) -> None:
-        """Counts a failed item and journals it: the manifest lists it."""
+    def _failed(self, item: WorkItem, why: str | BaseException, records: list[journal_lines.Record], *,
+                entries: int | None = None) -> None:
+        """Counts a failed item's ``entries`` that were not written (default: all of them) and
+        journals it: the manifest lists it."""
         if isinstance(why, BaseException):
             why = (f"source disappeared: {why}" if isinstance(why, FileNotFoundError)
                    else f"{type(why).__name__}: {why}")
-        self.counts.failed += 1
+        self.counts.failed += item.entries if entries is None else entries
         self.counts.failures.append((item.name, why))
         records.append(journal_lines.failed_record(self.store, item.name, why))
 
