@@ -55,3 +55,32 @@ class LoggedFactory:
         with open(self.log, "a") as f:
             f.write(f"{os.getpid()} built\n")
         return Logged(self.log)
+
+
+class Histories:
+    """A base dataset whose samples are histories: ``{"frames": [absolute paths], "index": i}``."""
+
+    def __init__(self, root: str, lists: list[list[str]]) -> None:
+        self.root, self.lists = root, lists
+
+    def __len__(self) -> int:
+        return len(self.lists)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"frames": [os.path.join(self.root, f) for f in self.lists[i]], "index": i}
+
+
+def frames_of(sample: dict) -> list[str]:
+    return sample["frames"]
+
+
+class CausalFactory:
+    """A zero-argument factory of a logging :class:`toy_encoders.CausalMean` (picklable)."""
+
+    def __init__(self, log: str) -> None:
+        self.log = log
+
+    def __call__(self):
+        from toy_encoders import CausalMean
+
+        return CausalMean(self.log)

@@ -162,3 +162,42 @@ class CaptionLength:
 
     def encode_items(self, items: list[str]) -> dict[str, torch.Tensor]:
         return {"features": torch.tensor([[len(t), ord(t[0]) if t else 0] for t in items], dtype=torch.float32)}
+
+
+class CausalMean(MeanColor):
+    """A toy history encoder: frame k's features are its own 4x4 pooled colors and the mean of
+    those of frames 0..k (causal: never a later frame). ``encode_history(batch [B, T, 3, H, W])``
+    returns ``features`` ``[B, T, 96]``; it counts its calls and the frames fed, and with ``log``
+    appends ``pid history B T`` per call (counted across processes)."""
+
+    name = "toy"
+
+    def __init__(self, log: str | None = None) -> None:
+        super().__init__()
+        self.log = log
+        self.history_calls = 0
+        self.frames_fed = 0
+
+    def fingerprint(self) -> str:
+        return "toy-history-v1"
+
+    def encode(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"features": self.encode_history(batch[:, None])["features"][:, 0]}
+
+    def encode_history(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        b, t = batch.shape[:2]
+        self.history_calls += 1
+        self.frames_fed += b * t
+        if self.log is not None:
+            with open(self.log, "a") as f:
+                f.write(f"{os.getpid()} history {b} {t}\n")
+        own = F.adaptive_avg_pool2d(batch.flatten(0, 1), 4).flatten(1).view(b, t, -1)
+        past = own.cumsum(1) / torch.arange(1, t + 1, dtype=own.dtype).view(1, t, 1)
+        return {"features": torch.cat([own, past], dim=2)}
+
+
+def causal_mean_features(root: str, frames: list[str]) -> torch.Tensor:
+    """What :class:`CausalMean` gives for the history ``frames`` (its last frame's row)."""
+    enc = CausalMean()
+    batch = torch.stack([enc.preprocess(os.path.join(root, f)) for f in frames])[None].float() / 255
+    return enc.encode_history(batch)["features"][0, -1]

@@ -29,11 +29,11 @@ class Status:
         The fingerprint entries were checked against.
     errors : list of (str, str)
         Sources that could not be checked, with the reason.
-    unit : {"sources", "sets"}
-        What the counts count: per-image entries, or frame sets (the feature's manifest records a
-        frame-set mode; see :func:`featstore.ops.status`).
+    unit : {"sources", "sets", "histories"}
+        What the counts count: per-image entries, frame sets (the feature's manifest records a
+        frame-set mode), or histories, one per sample (see :func:`featstore.ops.status`).
     frames : int or None
-        With frame sets: the frames (images) the sets are made of.
+        With frame sets or histories: the frames (images) they are made of.
     frames_per_set : int
         With frame sets: the most frames one set holds.
     """
@@ -53,14 +53,15 @@ class Status:
 
     @property
     def sources(self) -> int:
-        """Sources that exist: the counts of every state but ``orphan``, or with frame sets the frames."""
-        if self.unit == "sets" and self.frames is not None:
+        """Sources that exist: the counts of every state but ``orphan``, or with frame sets and
+        histories the frames."""
+        if self.unit in ("sets", "histories") and self.frames is not None:
             return self.frames
         return self.items
 
     @property
     def items(self) -> int:
-        """What the counts count (sources, or frame sets) that exists: every state but ``orphan``."""
+        """What the counts count (sources, frame sets, histories) that exists: every state but ``orphan``."""
         return sum(n for s, n in self.counts.items() if s != "orphan")
 
     def to_dict(self) -> dict[str, Any]:
@@ -69,6 +70,8 @@ class Status:
                "errors": [list(e) for e in self.errors], "unit": self.unit}
         if self.unit == "sets":
             doc.update({"sets": self.items, "frames": self.frames, "frames_per_set": self.frames_per_set})
+        elif self.unit == "histories":
+            doc.update({"histories": self.items, "frames": self.frames})
         return doc
 
 

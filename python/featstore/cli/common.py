@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from featstore import env
 from featstore.errors import DataRootError
+from featstore.history import recorded_history
 from featstore.scan import ScanResult, nothing_found, scan
 from featstore.sets import recorded_mode
 from featstore.store import FeatureStore
@@ -117,12 +118,13 @@ def find_sources(args: argparse.Namespace, store: FeatureStore | None, *, allow_
                  root: str = "") -> ScanResult:
     """Scans the store's data root (or ``root`` without a store) for the sources the options
     select; finding none is an error unless ``allow_empty``. Without --jsonl, a feature whose
-    frame sets came from a ``.jsonl`` field (its manifest says so) is scanned with that field."""
+    frame sets or histories came from a ``.jsonl`` field (its manifest says so) is scanned with that
+    field."""
     skip = store.cache_dir if store is not None else None
     where = store.data_root if store is not None else root
     jsonl = args.jsonl
     if jsonl is None and store is not None:
-        mode = recorded_mode(store)
+        mode = recorded_mode(store) or recorded_history(store)
         jsonl = mode.jsonl if mode is not None else None
     found = scan(where, extensions=args.ext, jsonl=jsonl, follow_symlinks=args.follow_symlinks,
                  files_from=args.files_from, skip_dirs=[skip] if skip else [], threads=args.threads, progress=None)

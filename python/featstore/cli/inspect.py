@@ -36,7 +36,8 @@ def register(sub: Subcommands) -> None:
                     "(another encoder fingerprint), orphan (the source is gone), legacy (old .vggt_cache.pt).\n"
                     "Costs two stats per source; sources in the feature's manifest index open no entry. Finding "
                     "corrupt entries needs `featstore verify`, which reads them all. Writes nothing. A feature "
-                    "precomputed in frame sets (--frames-per-set N, recorded in its manifest) is counted in sets.\n"
+                    "precomputed in frame sets (--frames-per-set N, recorded in its manifest) is counted in sets, one "
+                    "precomputed as histories (--history) in histories, one per sample.\n"
                     "Exit code 1 when some sources could not be checked.",
         epilog="example:\n  featstore status /data --feature vggt\n  featstore status /data --feature pixel_latent "
                "--cache-dir /cache --json")
@@ -53,9 +54,15 @@ def register(sub: Subcommands) -> None:
                     "for a foreign entry both fingerprints; for a corrupt one the parse error.\n"
                     "PATH is relative to the data root, or absolute, or relative to the working directory when it "
                     "exists there. Without --data-root the root is found from the feature's manifest.\n"
+                    "--history: the PATHs are one history, oldest frame first (a sample of a causal model): say "
+                    "why its history entry hits or misses, which frame changed or is gone, and the longest prefix "
+                    "that is cached.\n"
                     "Exit code 0 when every lookup hits, 1 when one misses.",
-        epilog="example:\n  featstore explain scene001/img_0001.jpg --data-root /data --feature vggt")
+        epilog="example:\n  featstore explain scene001/img_0001.jpg --data-root /data --feature vggt\n"
+               "  featstore explain --history ep1/000.jpg ep1/001.jpg ep1/002.jpg --data-root /data --feature vggt")
     p.add_argument("paths", nargs="+", metavar="PATH", help="a source image (or several)")
+    p.add_argument("--history", action="store_true",
+                   help="the PATHs are one history, oldest frame first: explain its history entry")
     p.add_argument("--data-root", "--data_root", dest="data_root_flag", metavar="DIR",
                    help="the dataset directory (default: $DATA_ROOT, else found from the manifest)")
     add_feature(p, required=True)
@@ -84,13 +91,11 @@ def cmd_explain(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     store = open_store(args, root)
     if why:
         print(f"featstore explain: data root {store.data_root} ({why})", file=sys.stderr)
-    found = []
-    for p in args.paths:
-        # Relative to the data root, as in the API; else, when it exists there, to the working
-        # directory (a deleted source is still named relative to the root).
-        if not os.path.isabs(p) and not os.path.lexists(os.path.join(store.data_root, p)) and os.path.lexists(p):
-            p = os.path.abspath(p)
-        found.append(explain.explain(store, p))
+    # Relative to the data root, as in the API; else, when it exists there, to the working
+    # directory (a deleted source is still named relative to the root).
+    paths = [os.path.abspath(p) if not os.path.isabs(p) and not os.path.lexists(os.path.join(store.data_root, p))
+             and os.path.lexists(p) else p for p in args.paths]
+    found = [ops.explain_history(store, paths)] if args.history else [explain.explain(store, p) for p in paths]
     emit(args, {"data_root": store.data_root, "explanations": [e.to_dict() for e in found]},
          "\n".join(e.text() for e in found))
     return 0 if all(e.hit for e in found) else 1

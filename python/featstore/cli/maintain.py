@@ -46,7 +46,8 @@ def register(sub: Subcommands) -> None:
         "gc", help="remove orphaned, stale and foreign entries and leftover temporary files",
         formatter_class=ParagraphFormatter,
         description="Remove this feature's orphaned entries (source gone), stale entries (an input changed), "
-                    "foreign entries (another fingerprint; keep some with --keep-fingerprint) and temporary files "
+                    "foreign entries (another fingerprint; keep some with --keep-fingerprint), frame-set and history "
+                    "entries whose frames are gone or changed, and temporary files "
                     "left by interrupted writes. Only files named like this feature's entries whose header says "
                     "they are featstore entries, and featstore's own .<name>.<random>.tmp files, are ever removed: "
                     "never a source, never a legacy file (see migrate), never a corrupt entry (see verify "

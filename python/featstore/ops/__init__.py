@@ -9,6 +9,8 @@ One module per command, over one survey of a feature's entries:
 - :mod:`~featstore.ops.files`: where a feature's files live and which are featstore's (the one
   place that decides what may be removed or moved)
 - :mod:`~featstore.ops.survey`: every source checked, and the entries no source claims
+- :mod:`~featstore.ops.histories`: history entries judged, and the histories the samples name
+  counted; :mod:`~featstore.ops.history_explanation`: ``explain --history``
 - :mod:`~featstore.ops.status_report`, :mod:`~featstore.ops.verification` (and the quarantine),
   :mod:`~featstore.ops.gc`, :mod:`~featstore.ops.migrate` (with :mod:`~featstore.ops.migrate_report`
   and :mod:`~featstore.ops.legacy_caches`), :mod:`~featstore.ops.benchmark`
@@ -21,6 +23,7 @@ package at start-up.
 
 from featstore.ops.benchmark import BenchReport, BenchRow, bench
 from featstore.ops.gc import DEFAULT_MIN_TMP_AGE_S, GcItem, GcReport, WrongDataRootError, execute_gc, plan_gc
+from featstore.ops.history_explanation import HistoryExplanation, explain_history
 from featstore.ops.journals import merge_leftover_journals
 from featstore.ops.migrate import execute_migrate, plan_migrate
 from featstore.ops.migrate_report import MigrateItem, MigrateReport
@@ -35,6 +38,7 @@ __all__ = [
     "EntryReport",
     "GcItem",
     "GcReport",
+    "HistoryExplanation",
     "MigrateItem",
     "MigrateReport",
     "StatusReport",
@@ -43,6 +47,7 @@ __all__ = [
     "bench",
     "execute_gc",
     "execute_migrate",
+    "explain_history",
     "merge_leftover_journals",
     "plan_gc",
     "plan_migrate",

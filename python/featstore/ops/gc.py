@@ -44,7 +44,7 @@ class GcItem:
     bytes : int
         Its size.
     source : str
-        Its source, relative to the data root ('' for temporary files and frame sets).
+        Its source, relative to the data root ('' for temporary files, frame sets and histories).
     identity : (int, int, int, int) or None
         The stamp ``(size, mtime_ns, ino, ctime_ns)`` of the file judged: only that file is
         removed (None: it changed while being judged, so it is left alone).

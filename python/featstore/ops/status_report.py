@@ -9,6 +9,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from featstore.fmt import error_lines
+from featstore.history import recorded_history
+from featstore.ops.files import feature_files
+from featstore.ops.histories import counted_histories, judge_histories
 from featstore.ops.survey import frame_set_groups, judge_sets
 from featstore.scan import scan
 from featstore.sets import group_states, recorded_mode
@@ -44,16 +47,20 @@ class StatusReport:
     def text(self) -> str:
         st = self.status
         counts = st.counts
-        what = (f"{st.items:,} frame sets of up to {st.frames_per_set} frames ({st.sources:,} frames); counts are "
-                "sets" if st.unit == "sets" else f"{st.sources:,} sources")
+        what = {"sets": f"{st.items:,} frame sets of up to {st.frames_per_set} frames ({st.sources:,} frames); "
+                        "counts are sets",
+                "histories": f"{st.items:,} histories, one per sample ({st.sources:,} frames); counts are "
+                             "histories"}.get(st.unit, f"{st.sources:,} sources")
         lines = [f"feature {st.feature} under {st.data_root} ({st.layout} layout, fingerprint "
                  f"{st.fingerprint or 'any'}): {what}"]
-        hidden_at_zero = ("corrupt", "legacy") if st.unit == "sets" else ("corrupt",)  # sets have no legacy
+        grouped = st.unit in ("sets", "histories")
+        hidden_at_zero = ("corrupt", "legacy") if grouped else ("corrupt",)  # sets and histories have no legacy
         for s in STATES:
             if s not in hidden_at_zero or counts.get(s):
                 lines.append(f"  {s:8} {counts.get(s, 0):>10,}")
-        if st.unit == "sets":
-            lines.append(f"checked in {self.seconds:.2f} s; frame sets have no index: each set entry's header was read")
+        if grouped:
+            noun = "frame sets" if st.unit == "sets" else "history entries"
+            lines.append(f"checked in {self.seconds:.2f} s; {noun} have no index: each entry's header was read")
         elif self.manifest:
             lines.append(f"checked in {self.seconds:.2f} s; sources indexed by {self.manifest} opened no entry")
         else:
@@ -79,7 +86,11 @@ def status(store: FeatureStore, sources: Sequence[str] | None = None, *, lists: 
 
     When the feature's manifest records a frame-set mode (``precompute --frames-per-set N``), the
     counts are of frame sets (``Status.unit``): each set the sources make, as precompute grouped
-    them, by its entry's state, and the set entries whose members are gone as ``orphan``.
+    them, by its entry's state, and the set entries whose members are gone as ``orphan``. When
+    its entries are histories (``precompute --jsonl FIELD --history``, or lazy training with
+    ``history_fn``), the counts are of histories: each distinct list of the recorded field by
+    its entry's state (every history entry file by its verdict where the lists are unknown),
+    and the history entries whose frames are gone as ``orphan``.
 
     Parameters
     ----------
@@ -95,7 +106,8 @@ def status(store: FeatureStore, sources: Sequence[str] | None = None, *, lists: 
         Progress bar on stderr for long checks (None: when it lasts over half a second).
     """
     t0 = time.perf_counter()
-    st = _set_status(store, sources, lists, threads) or store.status(sources, threads=threads, progress=progress)
+    st = (_set_status(store, sources, lists, threads) or _history_status(store, sources, lists, threads)
+          or store.status(sources, threads=threads, progress=progress))
     seconds = time.perf_counter() - t0
     manifest = store.manifest_path if os.path.exists(store.manifest_path) else None
     return StatusReport(st, seconds, manifest, store.journal_paths())
@@ -127,3 +139,30 @@ def _set_status(store: FeatureStore, sources: Sequence[str] | None, lists: Seque
     return Status(counts=counts, feature=store.feature, layout=store.layout, data_root=store.data_root,
                   fingerprint=store.fingerprint, errors=errors + unreadable, unit="sets", frames=len(framed),
                   frames_per_set=mode.frames)
+
+
+def _history_status(store: FeatureStore, sources: Sequence[str] | None, lists: Sequence[Sequence[str]] | None,
+                    threads: int | None) -> Status | None:
+    """The counts per state of the histories the samples name, when the feature's entries are
+    histories (see :mod:`featstore.ops.histories`; else None)."""
+    mode = recorded_history(store)
+    verdicts, unreadable = judge_histories(store, deep=False, threads=threads)
+    if mode is None and not verdicts:
+        return None
+    errors: list[tuple[str, str]] = []
+    if sources is None:
+        found = scan(store.data_root, jsonl=mode.jsonl if mode else None,
+                     skip_dirs=[store.cache_dir] if store.cache_dir else (), threads=threads, progress=False)
+        sources, lists, errors = found.paths, found.sets, list(found.errors)
+    image_entries = mode is None and bool(feature_files(store)[0])  # only asked without a recorded mode
+    counted = counted_histories(store, [store.rel(s) for s in sources], verdicts, lists=lists or None,
+                                image_entries=image_entries)
+    if counted is None:
+        return None
+    states, frames = counted
+    counts = dict.fromkeys(STATES, 0)
+    for state in states:
+        counts[state] += 1
+    counts["orphan"] = sum(v.state == "orphan" for v in verdicts)
+    return Status(counts=counts, feature=store.feature, layout=store.layout, data_root=store.data_root,
+                  fingerprint=store.fingerprint, errors=errors + unreadable, unit="histories", frames=frames)

@@ -1,6 +1,6 @@
 """The survey status, verify and gc share: every source checked, the entry files no source
 claims (orphans, superseded entries) found by walking this feature's files, and every frame-set
-entry judged from the members it records."""
+and history entry judged from the members it records."""
 
 from __future__ import annotations
 
@@ -13,7 +13,9 @@ from typing import Any
 
 from featstore import _core
 from featstore.errors import CorruptEntryError, FeatstoreError
+from featstore.history import HistoryVerdict
 from featstore.ops.files import Identity, feature_files, file_identity, file_size, read_judged
+from featstore.ops.histories import counted_histories, judge_histories
 from featstore.scan import scan
 from featstore.sets import (
     SetMode,
@@ -60,7 +62,7 @@ class EntryReport:
     reason: str = ""
     bytes: int = 0
     unclaimed: bool = False  # found by walking, not through a source's check
-    members: tuple[str, ...] = ()  # a frame set's members, in order (its ``source`` is '')
+    members: tuple[str, ...] = ()  # a frame set's members or a history's frames, in order (``source`` is '')
     identity: Identity | None = None
     keep: str = ""
 
@@ -91,6 +93,9 @@ class Survey:
     sets : int or None
         With a frame-set mode recorded: the frame sets the sources make (``missing`` counts
         those without an entry, not frames).
+    histories : int or None
+        When the entries are histories (see :mod:`featstore.ops.histories`): the histories
+        counted (``missing`` counts those without an entry, not frames).
     """
 
     reports: list[EntryReport]
@@ -98,6 +103,7 @@ class Survey:
     temps: list[str]
     errors: list[tuple[str, str]]
     sets: int | None = None
+    histories: int | None = None
 
     def counts(self) -> dict[str, int]:
         """Entries per state, and sources without one under ``missing``."""
@@ -185,7 +191,17 @@ def survey(store: FeatureStore, rels: Sequence[str], *, deep: bool, threads: int
     if grouped is not None:  # a frame without an entry of its own is no miss: its set may be
         groups = grouped[1]
         sets, missing = len(groups), group_states(store, groups, verdicts).count("missing")
-    return Survey(sorted(by_path.values(), key=lambda r: r.path), missing, sorted(temps), errors, sets)
+    history_ids: dict[str, Identity | None] = {}
+    judged, history_errors = judge_histories(store, deep=deep, threads=threads, identities=history_ids)
+    errors.extend(history_errors)
+    for h in judged:
+        if h.state == "orphan" or not h.members or all(m in in_scope for m in h.members):
+            by_path[h.path] = history_report(h, history_ids.get(h.path))
+    histories = None
+    counted = counted_histories(store, rels, judged, image_entries=bool(entries))
+    if counted is not None:  # frames have no entries of their own: count the histories instead
+        histories, missing = len(counted[0]), counted[0].count("missing")
+    return Survey(sorted(by_path.values(), key=lambda r: r.path), missing, sorted(temps), errors, sets, histories)
 
 
 def frame_set_groups(store: FeatureStore, rels: Sequence[str], lists: Sequence[Sequence[str]] | None = None
@@ -238,6 +254,15 @@ def set_report(v: SetVerdict, identity: Identity | None = None) -> EntryReport:
     """The report of a judged frame-set entry (a valid one filed under older stamps is listed as
     unclaimed: kept, never removed); ``identity`` is that of the file judged."""
     what = f"frame set {'+'.join(v.members)}" if v.members else "frame set"
+    reason = f"{what}: {v.reason}" if v.reason else what
+    return EntryReport(v.path, "", v.state, reason, file_size(v.path), unclaimed=bool(v.reason), members=v.members,
+                       identity=identity)
+
+
+def history_report(v: HistoryVerdict, identity: Identity | None = None) -> EntryReport:
+    """The report of a judged history entry (a valid one filed under older stamps is listed as
+    unclaimed: kept, never removed); ``identity`` is that of the file judged."""
+    what = f"history {' > '.join(v.members)}" if v.members else "history"
     reason = f"{what}: {v.reason}" if v.reason else what
     return EntryReport(v.path, "", v.state, reason, file_size(v.path), unclaimed=bool(v.reason), members=v.members,
                        identity=identity)

@@ -56,6 +56,7 @@ class VerifyReport:
     base: str = ""
     sets: int | None = None  # with a frame-set mode: the sets the sources make (``missing`` counts sets)
     kept: list[tuple[str, str]] = field(default_factory=list)
+    histories: int | None = None  # when the entries are histories: those counted (``missing`` counts them)
 
     @property
     def ok(self) -> bool:
@@ -69,11 +70,13 @@ class VerifyReport:
                 "quarantined": [list(q) for q in self.quarantined], "quarantine_dir": self.quarantine_dir,
                 "kept": [list(k) for k in self.kept],
                 "errors": [list(e) for e in self.errors], "seconds": round(self.seconds, 3), "ok": self.ok,
-                **({"sets": self.sets, "unit": "sets"} if self.sets is not None else {})}
+                **({"sets": self.sets, "unit": "sets"} if self.sets is not None else {}),
+                **({"histories": self.histories, "unit": "histories"} if self.histories is not None else {})}
 
     def text(self) -> str:
-        found = f"{self.sources:,} frames in {self.sets:,} frame sets" if self.sets is not None \
-            else f"{self.sources:,} sources"
+        found = (f"{self.sources:,} frames in {self.sets:,} frame sets" if self.sets is not None
+                 else f"{self.sources:,} frames, {self.histories:,} histories" if self.histories is not None
+                 else f"{self.sources:,} sources")
         lines = [f"verified feature {self.feature} under {self.data_root} ({self.layout} layout): "
                  f"{found}, {self.entries:,} entries read in full "
                  f"({human_bytes(self.bytes)}) in {self.seconds:.2f} s",
@@ -103,7 +106,8 @@ def verify(store: FeatureStore, sources: Sequence[str], *, quarantine_bad: bool 
     in range, no overlaps), its data checked against ``data.blake3``, its fingerprint, source
     stamp (digest when the stamp moved) and extra inputs compared, the manifest's index
     notwithstanding. Legacy sidecars are unpickled with ``weights_only=True``. Entries whose
-    source is gone are reported as orphans.
+    source is gone are reported as orphans. Frame-set and history entries are judged from the
+    members they record, every member digested.
 
     Parameters
     ----------
@@ -127,7 +131,7 @@ def verify(store: FeatureStore, sources: Sequence[str], *, quarantine_bad: bool 
     moved = quarantine(store, problems, kept=kept) if quarantine_bad and problems else []
     return VerifyReport(store.feature, store.layout, store.data_root, len(sources), found.counts(), len(read),
                         sum(r.bytes for r in read), problems, moved, quarantine_dir(store) if moved else None,
-                        found.errors, time.perf_counter() - t0, base_dir(store), found.sets, kept)
+                        found.errors, time.perf_counter() - t0, base_dir(store), found.sets, kept, found.histories)
 
 
 def _read_in_full(store: FeatureStore, found: Survey, threads: int | None, progress: bool | None) -> None:

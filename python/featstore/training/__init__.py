@@ -17,6 +17,11 @@ An encoder on a GPU runs in the main process only, because CUDA cannot be used i
 worker: workers hand the miss on, and :meth:`CachedDataset.fill` (which
 :meth:`CachedDataset.loader` calls on every batch) encodes a batch's misses together.
 
+History entries: with ``history_fn=lambda s: s["images"]`` a sample's features are the entry of
+its history (its frames, oldest first; :mod:`featstore.history`), read with the same stable batch
+keys; a miss is computed with the encoder's ``encode_history``, one causal pass per longest list
+of the batch, and lazy mode writes the entry of every missing prefix that pass went through.
+
 Fast batches: with a batch size, the DataLoader hands a batch's indices to ``__getitems__``,
 which reads each fixed-shape tensor of all the batch's entries into one tensor with
 :meth:`FeatureStore.read_batch` (parallel ``pread`` without the GIL, into shared memory in a
@@ -27,7 +32,8 @@ Modules: :mod:`~featstore.training.dataset` (the samples), :mod:`~featstore.trai
 (the DataLoader and its hand-off to the main process), :mod:`~featstore.training.reading` (entries
 into samples and batches), :mod:`~featstore.training.buffers` (where batches are read to),
 :mod:`~featstore.training.batching` (:func:`collate`), :mod:`~featstore.training.live` (computing
-misses), :mod:`~featstore.training.arguments` (the switches), :mod:`~featstore.training.report`
+misses), :mod:`~featstore.training.history_reading` and :mod:`~featstore.training.live_history`
+(the same for history entries), :mod:`~featstore.training.arguments` (the switches), :mod:`~featstore.training.report`
 (the start line, warnings).
 """
 

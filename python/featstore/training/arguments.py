@@ -37,7 +37,7 @@ class CacheArguments:
 
 
 def settle_modes(base: Sized, store: Any, *, path_fn: Any, paths: Sized | None, encoder: Any, mode: str,
-                 use_cache: bool, on_miss: str | None) -> tuple[str, str]:
+                 use_cache: bool, on_miss: str | None, history_fn: Any = None) -> tuple[str, str]:
     """The ``(mode, on_miss)`` a :class:`CachedDataset` runs with, after checking its arguments
     together; a combination that cannot work is a ``ValueError`` saying what to pass."""
     if not use_cache:
@@ -53,8 +53,12 @@ def settle_modes(base: Sized, store: Any, *, path_fn: Any, paths: Sized | None, 
     if encoder is None and (mode == "lazy" or on_miss == "compute"):
         raise ValueError(f"mode {mode!r} with on_miss {on_miss!r} computes misses: pass encoder= (an encoder, "
                          "an nn.Module, or a zero-argument factory of one)")
-    if path_fn is None and paths is None:
-        raise ValueError("name each sample's source: pass path_fn=(sample -> path) or paths=[...]")
+    if history_fn is not None and (path_fn is not None or paths is not None):
+        raise ValueError("history_fn names each sample's frames (its history entry is served): pass it instead of "
+                         "path_fn or paths, not with them")
+    if path_fn is None and paths is None and history_fn is None:
+        raise ValueError("name each sample's source: pass path_fn=(sample -> path) or paths=[...], or "
+                         "history_fn=(sample -> list of frames) for history entries")
     if paths is not None and len(paths) != len(base):
         raise ValueError(f"paths has {len(paths)} sources but the dataset has {len(base)} samples")
     if store is None and mode != "off":

@@ -44,7 +44,7 @@ def collate(samples: list[dict[str, Any]], *, pad: Iterable[str] = ()) -> dict[s
             joined = _rows_of_one_tensor(values)
             if joined is None and all(isinstance(v, torch.Tensor) for v in values):
                 _one_shape(key, values)
-            batch[key] = joined if joined is not None else torch.utils.data.default_collate(values)
+            batch[key] = joined if joined is not None else _default_collate(values)
         elif all(v is _ABSENT or isinstance(v, torch.Tensor) for v in values):
             batch[key] = _stack_with_zeros(key, values)
         else:
@@ -95,6 +95,17 @@ def _rows_of_one_tensor(values: list[Any]) -> torch.Tensor | None:
                 or not v.is_contiguous()):
             return None
     return tensor_on(storage, first.dtype, (len(values), *first.shape))
+
+
+def _default_collate(values: list[Any]) -> Any:
+    """torch's ``default_collate``, except that lists it cannot batch (a history's frame paths,
+    of another length in each sample) stay a list with one item per sample."""
+    try:
+        return torch.utils.data.default_collate(values)
+    except RuntimeError:
+        if any(isinstance(v, torch.Tensor) for v in values):
+            raise
+        return list(values)
 
 
 def _one_shape(key: str, tensors: list[Any]) -> None:

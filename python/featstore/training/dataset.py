@@ -14,9 +14,11 @@ from featstore.store import FeatureStore
 from featstore.training.arguments import settle_modes, use_cache_default
 from featstore.training.batching import HANDOFF, collate, put_row
 from featstore.training.buffers import BatchBuffers
+from featstore.training.history_reading import HistoryReader
 from featstore.training.live import LiveEncoder, source_path
+from featstore.training.live_history import HistoryComputer
 from featstore.training.loader import CachedLoader, HandOnToFill
-from featstore.training.reading import EntryReader
+from featstore.training.reading import EntryReader, Source
 from featstore.training.report import WarnOnce, log_start_line, start_line
 
 
@@ -34,6 +36,12 @@ class CachedDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
     paths : sequence of str, optional
         The sources in dataset order, instead of ``path_fn``; also lets the start log line count
         exactly what is cached.
+    history_fn : callable, optional
+        ``history_fn(sample) -> list of str``: the sample's history, its frames oldest first
+        (instead of ``path_fn``). The sample's features are then its history entry
+        (:meth:`FeatureStore.get_history`: the last frame's features given every frame before
+        it), and misses are computed with the encoder's ``encode_history``, one causal pass per
+        longest list; lazy mode writes the entry of every prefix that pass went through.
     encoder : encoder, nn.Module or zero-argument factory, optional
         Computes misses. A factory is called on the first miss only (in each process that meets
         one), so a fully cached run never loads the encoder.
@@ -70,28 +78,30 @@ class CachedDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
     """
 
     def __init__(self, base: Any, store: FeatureStore | None, *, path_fn: Callable[[Any], str] | None = None,
-                 paths: Sequence[str] | None = None, encoder: Any = None, mode: str = "read",
-                 use_cache: bool | None = None, on_miss: str | None = None, device: str = "cpu",
-                 encode_in_workers: bool | None = None, pad: Iterable[str] = (), pin_memory: bool = False,
-                 log_start: bool = True) -> None:
+                 paths: Sequence[str] | None = None, history_fn: Callable[[Any], Sequence[str]] | None = None,
+                 encoder: Any = None, mode: str = "read", use_cache: bool | None = None, on_miss: str | None = None,
+                 device: str = "cpu", encode_in_workers: bool | None = None, pad: Iterable[str] = (),
+                 pin_memory: bool = False, log_start: bool = True) -> None:
         if use_cache is None:
             use_cache = use_cache_default()
         self.switched_off = not use_cache
-        self.mode, self.on_miss = settle_modes(base, store, path_fn=path_fn, paths=paths, encoder=encoder,
-                                               mode=mode, use_cache=use_cache, on_miss=on_miss)
+        self.mode, self.on_miss = settle_modes(base, store, path_fn=path_fn, paths=paths, history_fn=history_fn,
+                                               encoder=encoder, mode=mode, use_cache=use_cache, on_miss=on_miss)
         self.base = base
         self.data_root = store.data_root if store is not None else None
         # Off means off: not even a reference that could be used by accident.
         self.store = store if self.mode != "off" else None
         self.path_fn = path_fn
         self.paths = list(paths) if paths is not None else None
+        self.history_fn = history_fn
         self.device = device
         self.encode_in_workers = (torch.device(device).type == "cpu") if encode_in_workers is None \
             else encode_in_workers
         self.pad = tuple(pad)
         self._buffers = BatchBuffers(pin_memory)
-        self._reader = EntryReader(self.pad, self._buffers)
+        self._reader = (HistoryReader if history_fn is not None else EntryReader)(self.pad, self._buffers)
         self._live = LiveEncoder(encoder, device=device, data_root=self.data_root, total_images=len(base))
+        self._histories = HistoryComputer(self._live) if history_fn is not None else None
         self._warn_once = WarnOnce()
         # True in the workers of loader(), which calls fill() on every batch in the main
         # process: samples then hand their reads and GPU misses on to it.
@@ -144,7 +154,7 @@ class CachedDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
     def describe(self) -> str:
         """The start log line: what is on, and how much is cached."""
         return start_line(self.store, paths=self.paths, mode=self.mode, switched_off=self.switched_off,
-                          on_miss=self.on_miss)
+                          on_miss=self.on_miss, histories=self.history_fn is not None)
 
     def _load(self, indices: list[int]) -> list[dict[str, Any]]:
         samples = []
@@ -156,7 +166,7 @@ class CachedDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
             misses = list(range(len(samples)))
         elif self._main_fills:  # fill() reads the hits, all of a batch at once
             misses = []
-            for j, state in enumerate(self.store.states(sources, threads=1)):
+            for j, state in enumerate(self._reader.states(self.store, sources)):
                 if state in ("valid", "legacy"):
                     samples[j][HANDOFF] = ("read", sources[j])
                 else:
@@ -170,12 +180,17 @@ class CachedDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
             self._miss(samples, sources, misses)
         return samples
 
-    def _source(self, index: int, sample: dict[str, Any]) -> str:
-        path = self.paths[index] if self.paths is not None else self.path_fn(sample)  # type: ignore[misc]
+    def _source(self, index: int, sample: dict[str, Any]) -> Source:
+        """What names the sample's entry: its source, or with ``history_fn`` the tuple of its frames."""
+        if self.history_fn is not None:
+            return tuple(self._path(p) for p in self.history_fn(sample))
+        return self._path(self.paths[index] if self.paths is not None else self.path_fn(sample))  # type: ignore[misc]
+
+    def _path(self, path: str | os.PathLike[str]) -> str:
         path = os.fspath(path)
         return self.store.rel(path) if self.store is not None else source_path(self.data_root, path)
 
-    def _miss(self, samples: list[dict[str, Any]], sources: list[str], rows: list[int]) -> None:
+    def _miss(self, samples: list[dict[str, Any]], sources: list[Source], rows: list[int]) -> None:
         if self.on_miss != "compute":
             self._unresolved([sources[j] for j in rows])
             return
@@ -191,12 +206,15 @@ class CachedDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
             samples[j].update(tensors)
             samples[j]["cached"] = cached
 
-    def _unresolved(self, sources: Sequence[str]) -> None:
+    def _unresolved(self, sources: Sequence[Source]) -> None:
         """Misses with ``on_miss`` skip (the samples get zeros) or error."""
         if self.on_miss == "error":
             assert self.store is not None
+            first = sources[0]
+            what = (f"the history of {len(first)} frames ending in {source_path(self.data_root, first[-1])}"
+                    if isinstance(first, tuple) else source_path(self.data_root, first))
             raise StaleEntryError(f"{len(sources)} sample(s) have no valid {self.store.feature} entry, e.g. "
-                                  f"{source_path(self.data_root, sources[0])} ({self.store.state(sources[0])}); "
+                                  f"{what} ({self._reader.states(self.store, [first])[0]}); "
                                   "run `featstore precompute`, or use mode='lazy' or on_miss='compute'")
 
     def fill(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -248,9 +266,9 @@ class CachedDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
                 self._reader.zeros_into_sample(batch)
         return batch
 
-    def _fill_sample(self, sample: dict[str, Any], what: str, source: str) -> dict[str, Any]:
+    def _fill_sample(self, sample: dict[str, Any], what: str, source: Source) -> dict[str, Any]:
         """:meth:`fill` of one uncollated sample."""
-        tensors = self.store.get(source) if what == "read" and self.store is not None else None
+        tensors = self._reader.get(self.store, source) if what == "read" and self.store is not None else None
         if tensors is None:
             sample["cached"] = False
             if self.on_miss != "compute":
@@ -260,15 +278,17 @@ class CachedDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
         sample.update(tensors)
         return sample
 
-    def compute(self, sources: Sequence[str]) -> list[tuple[dict[str, torch.Tensor], bool]]:
-        """The features of ``sources`` (store-relative or absolute paths) and whether each came
-        from the cache after all. Lazy mode claims the entries first: a worker or rank that meets
-        an entry another one is computing waits, then reads it; the rest are encoded in one
-        batch and written atomically."""
+    def compute(self, sources: Sequence[Source]) -> list[tuple[dict[str, torch.Tensor], bool]]:
+        """The features of ``sources`` (store-relative or absolute paths; with ``history_fn``,
+        tuples of frames) and whether each came from the cache after all. Lazy mode claims the
+        entries first: a worker or rank that meets an entry another one is computing waits, then
+        reads it; the rest are encoded in one batch and written atomically."""
         if self.mode != "lazy" and not sources:
             return []
         # Building the encoder may give the store the encoder's fingerprint: before any lookup.
         enc, self.store = self._live.encoder(self.store)
+        if self._histories is not None:
+            return self._histories.compute(enc, self.store, sources, lazy=self.mode == "lazy")
         if self.mode != "lazy":
             return [(t, False) for t in self._live.encode(enc, sources)]
         assert self.store is not None

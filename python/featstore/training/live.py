@@ -150,20 +150,21 @@ class LiveEncoder:
             store.write(source, tensors, inputs=inputs, expected=stamp)
             if not self._manifest_checked:
                 self._manifest_checked = True
-                self._ensure_manifest(store)
+                self.ensure_manifest(store)
         except (OSError, FeatstoreError) as exc:
             self._warn_once(f"write:{type(exc).__name__}",
                             f"featstore: could not store the lazily computed entry of {path}: {exc}. "
                             "Training goes on with the computed features; further such failures are not reported")
 
-    def _ensure_manifest(self, store: FeatureStore) -> None:
+    def ensure_manifest(self, store: FeatureStore, **mode: Any) -> None:
         """Gives a feature cached only lazily a manifest recording the encoder's fingerprint, so
         that a later run with another encoder configuration is told, instead of being served
-        these entries by a store that checks no fingerprint."""
+        these entries by a store that checks no fingerprint. ``mode``: fields saying how entries
+        are grouped (``history=True``), so that status, verify and gc count them that way."""
         # The core, not FeatureStore.write_manifest: that one records counts and an index from a
         # status of every source, which a training step has not made; this records the store's
         # description only, and only where no manifest exists.
         if _core.read_manifest(store.manifest_path) is None:
             os.makedirs(os.path.dirname(store.manifest_path), exist_ok=True)
-            fields = store.manifest_fields(total_images=self.total_images)
+            fields = {**store.manifest_fields(total_images=self.total_images), **mode}
             _core.write_manifest(store.manifest_path, json.dumps(fields))

@@ -23,6 +23,10 @@ from featstore.vocabulary import ENTRY_EXTENSION, LEGACY_SIDECAR_SUFFIX, sidecar
 #: name -> (dtype, shape) of an entry's tensors.
 Layout = dict[str, tuple[torch.dtype, tuple[int, ...]]]
 
+#: What names a sample's entry: its source path (store-relative), or for history entries the
+#: tuple of its frames (see :mod:`featstore.training.history_reading`).
+Source = Any
+
 
 class EntryReader:
     """Reads a :class:`CachedDataset`'s entries.
@@ -81,7 +85,7 @@ class EntryReader:
             else:
                 batch[name] = self.buffers.take(rows, dtype, shape).zero_()
 
-    def into_samples(self, store: FeatureStore, samples: list[dict[str, Any]], sources: list[str], *,
+    def into_samples(self, store: FeatureStore, samples: list[dict[str, Any]], sources: list[Source], *,
                      zeros: bool = False) -> list[int]:
         """Adds the cached tensors to the samples (rows of one batch tensor per name, which
         :func:`collate` passes on); returns the rows that missed. With ``zeros`` a missed row
@@ -97,7 +101,7 @@ class EntryReader:
             each = sorted(failed)
         misses = []
         for j in each:
-            found = store.get(sources[j])
+            found = self.get(store, sources[j])
             if found is None:
                 misses.append(j)
             else:
@@ -108,8 +112,8 @@ class EntryReader:
                 self.zeros_into_sample(samples[j])
         return misses
 
-    def into_batch(self, store: FeatureStore, batch: dict[str, Any], reads: list[tuple[int, str]],
-                   rows: int) -> list[tuple[int, str]]:
+    def into_batch(self, store: FeatureStore, batch: dict[str, Any], reads: list[tuple[int, Source]],
+                   rows: int) -> list[tuple[int, Source]]:
         """Reads the entries of ``reads`` (row, source) into the collated ``batch`` of ``rows``
         rows; returns those that missed."""
         each = reads
@@ -120,7 +124,7 @@ class EntryReader:
             each = [reads[i] for i in sorted(failed)]
         missed = []
         for j, source in each:
-            found = store.get(source)
+            found = self.get(store, source)
             if found is None:
                 missed.append((j, source))
                 continue
@@ -128,7 +132,15 @@ class EntryReader:
                 put_row(batch, name, j, t, rows, padded=name in self.pad)
         return missed
 
-    def fixed_layout(self, store: FeatureStore, sources: Sequence[str]) -> Layout | None:
+    def get(self, store: FeatureStore, source: Source) -> dict[str, torch.Tensor] | None:
+        """One sample's entry, or None on a miss."""
+        return store.get(source)
+
+    def states(self, store: FeatureStore, sources: Sequence[Source]) -> list[str]:
+        """The state of each sample's entry (two ``stat`` s each, nothing opened)."""
+        return store.states(sources, threads=1)
+
+    def fixed_layout(self, store: FeatureStore, sources: Sequence[Source]) -> Layout | None:
         """The dtype and shape of each fixed-shape tensor of the entries, from the first valid
         entry's header (then remembered)."""
         if self.layout is None:
@@ -137,7 +149,7 @@ class EntryReader:
                 self.layout = {n: spec for n, spec in layout.items() if n not in self.pad}
         return self.layout
 
-    def _read_fixed(self, store: FeatureStore, sources: Sequence[str], fixed: Layout
+    def _read_fixed(self, store: FeatureStore, sources: Sequence[Source], fixed: Layout
                     ) -> tuple[dict[str, torch.Tensor], set[int]]:
         """One ``read_batch`` per tensor into a batch tensor; returns them and the rows that
         could not be read (another shape, a legacy entry, a miss): those rows hold nothing."""

@@ -16,14 +16,17 @@ log = logging.getLogger("featstore")
 
 
 def start_line(store: FeatureStore | None, *, paths: Sequence[str] | None, mode: str, switched_off: bool,
-               on_miss: str) -> str:
+               on_miss: str, histories: bool = False) -> str:
     """The start log line: what is on, and how much is cached (counted among ``paths`` when
-    given, else taken from the manifest)."""
+    given, else taken from the manifest; with ``histories`` not counted: judging a history entry
+    costs a ``stat`` per frame, so ``featstore status`` counts them)."""
     if store is None:
         why = "use_cache=False" if switched_off else "mode off"
         then = "features are computed live" if on_miss == "compute" else "samples come without features"
         return f"feature cache disabled ({why}): {then}"
-    if paths is not None:
+    if histories:
+        cached = "history entries (one per sample's frames; `featstore status` counts them)"
+    elif paths is not None:
         valid = store.states(paths).count("valid")
         cached = f"{valid:,} of {len(paths):,} cached"
     else:
