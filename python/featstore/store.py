@@ -15,19 +15,16 @@ import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from featstore import _core, explain, history, manifest, sets
+from featstore import _core, batches, explain, history, manifest, sets
 from featstore.compat import load_legacy_sidecar
 from featstore.errors import (
-    BatchReadError,
     CorruptEntryError,
     DataRootError,
-    PathOutsideRootError,
     ReadOnlyDataRootError,
-    StaleEntryError,
-    TensorNameError,
 )
 from featstore.inputs import InputValue, Stamp, to_core
 from featstore.progress import run_with_progress
+from featstore.roots import SourceNames
 from featstore.status import Status, count_states
 from featstore.vocabulary import (
     ENTRY_EXTENSION,
@@ -142,9 +139,7 @@ class FeatureStore:
                                  pread=read_mode == "pread")
         if fingerprint is None and self._core.fingerprint is None:
             manifest.check_fingerprint_field(self.manifest_path)  # a number or a list must not mean "any"
-        self._prefix = root.rstrip(os.sep) + os.sep
-        # Other spellings of the root found so far (through a symlink to it, or its real path).
-        self._aliases: list[str] = []
+        self._root = SourceNames(root)
         self.stats: dict[str, int] = {"hits": 0, "misses": 0, UNREADABLE: 0,
                                       **{s: 0 for s in STATES if s != "valid"}}
         self._warned: set[str] = set()
@@ -182,53 +177,9 @@ class FeatureStore:
         return os.fspath(self._core.manifest_path)
 
     def rel(self, path: str | os.PathLike[str]) -> str:
-        """The path of a source relative to the data root (absolute paths must lie inside it)."""
-        p = os.fspath(path)
-        if isinstance(p, bytes):
-            p = os.fsdecode(p)
-        if p.startswith(self._prefix):
-            p = p[len(self._prefix):]
-        elif os.path.isabs(p):
-            inside = self._under_root(p)
-            if inside is None:
-                raise PathOutsideRootError(f"{p} is outside the data root {self.data_root}; "
-                                           "open a store on a root that contains it")
-            p = inside
-        # Only spellings that normalize to another path pay for normpath (keys hash the bytes).
-        if p.startswith(("./", "..")) or "/." in p or "//" in p or p.endswith("/"):
-            norm = os.path.normpath(p)
-            if norm == ".." or norm.startswith("../"):
-                raise PathOutsideRootError(f"{path} is outside the data root {self.data_root}")
-            p = norm
-        return p
-
-    def _under_root(self, p: str) -> str | None:
-        """``p`` relative to the root when one of its parent directories is the root under another
-        name (a symlinked root, or the root's real path), else None. Such a spelling is remembered,
-        so later paths pay a string comparison."""
-        for alias in self._aliases:
-            if p.startswith(alias):
-                return p[len(alias):]
-        try:
-            root = os.stat(self.data_root)
-        except OSError:
-            return None
-        d = os.path.dirname(p)
-        while True:
-            try:
-                st = os.stat(d)
-                same = (st.st_dev, st.st_ino) == (root.st_dev, root.st_ino)
-            except OSError:
-                same = False
-            if same:
-                alias = d.rstrip(os.sep) + os.sep
-                if len(self._aliases) < 8:
-                    self._aliases.append(alias)
-                return p[len(alias):]
-            parent = os.path.dirname(d)
-            if parent == d:
-                return None
-            d = parent
+        """The path of a source relative to the data root (absolute paths must lie inside it,
+        also when reached through a symlink to the root)."""
+        return self._root.rel(path)
 
     def entry_path(self, path: str | os.PathLike[str]) -> str:
         """Where the entry of ``path`` is (or would be written) for the source as it is now."""
@@ -424,50 +375,15 @@ class FeatureStore:
         StaleEntryError
             No source in the batch has a valid entry to take the shape from.
         """
-        import torch  # here, not at the top: `import featstore` does not import torch
-
-        from featstore._torch import TORCH_TO_SAFETENSORS
-
         rels = [self.rel(p) for p in paths]
-        if out is None:
-            seen: dict[str, Any] = {}  # the first valid entry's tensors, when none has ``name``
-            layout = None
-            for rel, lay in zip(rels, map(self.entry_layout, rels), strict=True):
-                if lay and name in lay:
-                    layout = lay[name]
-                    break
-                if lay and not seen:
-                    seen = {"source": rel, "names": list(lay)}
-            if layout is None:
-                if seen:
-                    raise TensorNameError(self._no_tensor(name, seen["source"], seen["names"]))
-                raise StaleEntryError(f"none of the {len(rels)} sources has a valid entry with a tensor {name!r} "
-                                      f"(feature {self.feature}); run `featstore precompute` first")
-            out = torch.empty((len(rels), *layout[1]), dtype=layout[0], pin_memory=pin_memory)
-        elif out.device.type != "cpu" or not out.is_contiguous() or out.shape[0] != len(rels):
-            raise ValueError(f"out must be a contiguous CPU tensor with {len(rels)} rows, got {tuple(out.shape)} "
-                             f"on {out.device}")
-        dtype = TORCH_TO_SAFETENSORS.get(out.dtype)
-        if dtype is None:
-            raise ValueError(f"out has dtype {out.dtype}, which entries cannot hold; use one of "
-                             f"{', '.join(str(d).replace('torch.', '') for d in TORCH_TO_SAFETENSORS)}")
-        errors = self._core.read_batch(rels, name, dtype, list(out.shape[1:]), out.data_ptr(),
+        out = batches.checked_out(self, rels, name, out, pin_memory=pin_memory)
+        errors = self._core.read_batch(rels, name, batches.core_dtype(out), list(out.shape[1:]), out.data_ptr(),
                                        out.numel() * out.element_size(), threads)
         failed = [(i, rels[i], why) for i, why in enumerate(errors) if why is not None]
         if failed:
-            i, rel, why = failed[0]
-            lay = self.entry_layout(rel)
-            if lay and name not in lay:  # a valid entry without the tensor: a misspelled name
-                raise TensorNameError(self._no_tensor(name, rel, list(lay)))
-            raise BatchReadError(f"{len(failed)} of {len(rels)} entries were not read into the batch, e.g. "
-                                 f"{rel} (slot {i}): {why}", failed, out)
+            raise batches.read_failure(self, rels, name, failed, out)
         self.stats["hits"] += len(rels)
         return out
-
-    def _no_tensor(self, name: str, rel: str, names: Sequence[str]) -> str:
-        """The message for a tensor name the entries do not hold."""
-        return (f"no tensor {name!r} in the {self.feature} entries: the valid entry of {rel} holds "
-                f"{', '.join(repr(n) for n in sorted(names))}; read one of those")
 
     def entry_layout(self, path: str | os.PathLike[str]) -> dict[str, tuple[torch.dtype, tuple[int, ...]]] | None:
         """The dtype and shape of each tensor in the valid entry of ``path`` (from its header;
