@@ -209,6 +209,15 @@ def test_kill_midway_leaves_complete_entries_and_a_rerun_finishes(tmp_path):
     assert all(store.state(r) == "valid" for r in rels)
 
 
+def _free_port() -> int:
+    """A port nobody listens on now: two test runs at once must not share a rendezvous."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def test_torchrun_two_ranks_split_the_work_and_rank0_merges(tmp_path):
     root = str(tmp_path / "data")
     rels = make_image_tree(root, 10, size=32)
@@ -220,7 +229,7 @@ def test_torchrun_two_ranks_split_the_work_and_rank0_merges(tmp_path):
         f"s = precompute({root!r}, encoder='toy_encoders:make_toy', num_workers=0, progress=False)\n"
         "print('RESULT', os.environ['RANK'], json.dumps({'written': s['written'], 'rank': s['rank']}))\n")
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "--master_port", "29517", str(script)], capture_output=True, text=True, timeout=120)
+                          "--master_port", str(_free_port()), str(script)], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     results = {line.split()[1]: json.loads(line.split(" ", 2)[2]) for line in out.stdout.splitlines()
                if line.startswith("RESULT")}
