@@ -2,7 +2,8 @@
 
 The old scripts' variables keep working (``DATA_ROOT``, ``VGGT_MODEL_PATH``, ``BATCH_SIZE``,
 ``DEVICE``, ``SKIP_EXISTING``, ``USE_VGGT_CACHE``, ``VGGT_CACHE_DIR``); torchrun's ``RANK`` and
-``WORLD_SIZE`` say which rank this process is. A value that cannot mean what it is for is an
+``WORLD_SIZE`` say which rank this process is; ``FEATSTORE_LOG_EVERY`` spaces precompute's
+progress lines in log files. A value that cannot mean what it is for is an
 error naming the variable, never a silent default.
 """
 
@@ -11,7 +12,8 @@ from __future__ import annotations
 import os
 
 #: The variables ``featstore precompute`` reads, for its ``--help``.
-PRECOMPUTE_VARIABLES = ("DATA_ROOT", "VGGT_MODEL_PATH", "BATCH_SIZE", "DEVICE", "SKIP_EXISTING", "VGGT_CACHE_DIR")
+PRECOMPUTE_VARIABLES = ("DATA_ROOT", "VGGT_MODEL_PATH", "BATCH_SIZE", "DEVICE", "SKIP_EXISTING", "VGGT_CACHE_DIR",
+                        "FEATSTORE_LOG_EVERY")
 
 #: The switches that turn the training cache off, most specific first.
 USE_CACHE_VARIABLES = ("FEATSTORE_USE_CACHE", "USE_VGGT_CACHE")
@@ -63,6 +65,22 @@ def batch_size(default: int) -> int:
         return int(value)
     except ValueError:
         raise ValueError(f"BATCH_SIZE={os.environ['BATCH_SIZE']!r} is not a whole number") from None
+
+
+def log_every(default: float) -> float:
+    """``$FEATSTORE_LOG_EVERY``: seconds between the progress lines precompute writes when stderr
+    is not a terminal (a log file); 0 turns them off. Else ``default``."""
+    value = _text("FEATSTORE_LOG_EVERY")
+    if value is None:
+        return default
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds >= 0:
+        raise ValueError(f"FEATSTORE_LOG_EVERY={os.environ['FEATSTORE_LOG_EVERY']!r} is not a number of seconds "
+                         "(e.g. 30; 0 turns the progress lines off)")
+    return seconds
 
 
 def device() -> str | None:

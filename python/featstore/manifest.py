@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from featstore import _core
 from featstore.errors import ManifestError
-from featstore.vocabulary import sidecar_suffix
+from featstore.vocabulary import is_feature_name, sidecar_suffix
 
 if TYPE_CHECKING:  # the store writes its manifest through this module
     from featstore.status import Status
@@ -91,3 +91,17 @@ def indexed_sources(store: FeatureStore) -> list[str]:
 def journal_paths(manifest_path: str) -> list[str]:
     """The per-rank journals beside a manifest (``<manifest>.rank<R>-of-<N>.jsonl``), sorted."""
     return sorted(glob.glob(glob.escape(manifest_path) + ".rank*-of-*.jsonl"))
+
+
+def manifest_features(data_root: str, cache_dir: str | None = None) -> list[str]:
+    """The features that have a manifest, sorted: ``<root>/<feature>_cache_manifest.json`` (the
+    sidecar layout), or ``<cache_dir>/<feature>/manifest.json`` (the dir layout) when
+    ``cache_dir`` is given."""
+    if cache_dir is not None:
+        found = [os.path.basename(os.path.dirname(p)) for p in glob.glob(os.path.join(glob.escape(cache_dir), "*",
+                                                                                        "manifest.json"))]
+    else:
+        suffix = "_cache_manifest.json"
+        found = [os.path.basename(p)[:-len(suffix)] for p in glob.glob(os.path.join(glob.escape(data_root),
+                                                                                     "*" + suffix))]
+    return sorted(f for f in found if is_feature_name(f))

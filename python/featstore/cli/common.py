@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 import textwrap
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -12,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from featstore import env
 from featstore.errors import DataRootError
 from featstore.history import recorded_history
+from featstore.manifest import manifest_features
 from featstore.scan import ScanResult, nothing_found, scan
 from featstore.sets import recorded_mode
 from featstore.store import FeatureStore
@@ -46,6 +49,15 @@ class ParagraphFormatter(argparse.HelpFormatter):
                          for line in text.splitlines())
 
 
+def command_parser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    """The parser of ``command`` under the top-level ``parser`` (a handler gets the top-level one),
+    so that ``parser.error`` shows the command's usage; ``parser`` itself when it has none."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) and command in action.choices:
+            return action.choices[command]  # type: ignore[no-any-return]
+    return parser
+
+
 def add_data_root(p: argparse.ArgumentParser) -> None:
     """DATA_ROOT, positional or as --data-root / --data_root (the old scripts' flag)."""
     p.add_argument("data_root", nargs="?", metavar="DATA_ROOT",
@@ -53,10 +65,13 @@ def add_data_root(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-root", "--data_root", dest="data_root_flag", metavar="DIR", help=argparse.SUPPRESS)
 
 
-def add_feature(p: argparse.ArgumentParser, required: bool, default: str | None = None) -> None:
-    """The "feature" group: which feature's entries, where they are, which fingerprint."""
+def add_feature(p: argparse.ArgumentParser, required: bool, default: str | None = None,
+                note: str | None = None) -> None:
+    """The "feature" group: which feature's entries, where they are, which fingerprint. ``note``
+    says what happens without --feature (default: said from ``required`` and ``default``)."""
     g = p.add_argument_group("feature")
-    note = "" if required else f" (default: {default})" if default else " (counts entry states)"
+    if note is None:
+        note = "" if required else f" (default: {default})" if default else " (counts entry states)"
     g.add_argument("--feature", required=required, metavar="F", default=default,
                    help="feature name, e.g. vggt, pixel_latent" + note)
     g.add_argument("--layout", choices=("sidecar", "dir"), default=None,
@@ -105,6 +120,24 @@ def cache_dir(args: argparse.Namespace, feature: str | None) -> str | None:
     if args.layout == "dir" and directory is None:
         raise DataRootError("--layout dir needs --cache-dir DIR (where the entries go)")
     return directory
+
+
+def only_feature(args: argparse.Namespace, root: str, command: str) -> str:
+    """--feature, else the one feature with a manifest under ``root`` (or --cache-dir), said on
+    stderr; a DataRootError naming the features found (or that none was) otherwise."""
+    if args.feature:
+        return str(args.feature)
+    directory = args.cache_dir
+    features = manifest_features(os.path.abspath(root), os.path.abspath(directory) if directory else None)
+    where = directory or root
+    if len(features) == 1:
+        print(f"featstore {command}: --feature {features[0]} (the only feature with a manifest in {where})",
+              file=sys.stderr)
+        return features[0]
+    if not features:
+        raise DataRootError(f"no feature has a manifest in {where}: pass --feature F (e.g. --feature vggt)")
+    raise DataRootError(f"{len(features)} features have a manifest in {where} ({', '.join(features)}): "
+                        "pass --feature F with one of them")
 
 
 def open_store(args: argparse.Namespace, root: str) -> FeatureStore:

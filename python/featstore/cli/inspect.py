@@ -20,6 +20,7 @@ from featstore.cli.common import (
     data_root,
     emit,
     find_sources,
+    only_feature,
     open_store,
 )
 from featstore.errors import DataRootError
@@ -43,7 +44,7 @@ def register(sub: Subcommands) -> None:
                "--cache-dir /cache --json")
     add_data_root(p)
     add_sources(p)
-    add_feature(p, required=True)
+    add_feature(p, required=False, note=" (default: the feature, when the root has one manifest)")
     add_json(p)
     p.set_defaults(func=cmd_status)
 
@@ -72,7 +73,9 @@ def register(sub: Subcommands) -> None:
 
 def cmd_status(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """Counts entry states, first merging journals an interrupted precompute left."""
-    store = open_store(args, data_root(args, parser))
+    root = data_root(args, parser)
+    args.feature = only_feature(args, root, "status")
+    store = open_store(args, root)
     merged = ops.merge_leftover_journals(store)
     if merged:
         print(f"featstore status: merged {merged} journal(s) left by an earlier run into {store.manifest_path}",

@@ -8,8 +8,17 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from featstore import env
-from featstore.cli.common import add_data_root, add_json, add_sources, at_least, cache_dir, data_root, emit
-from featstore.fmt import human_bytes
+from featstore.cli.common import (
+    add_data_root,
+    add_json,
+    add_sources,
+    at_least,
+    cache_dir,
+    command_parser,
+    data_root,
+    emit,
+)
+from featstore.fmt import count, error_lines, human_bytes
 
 if TYPE_CHECKING:
     from featstore.cli.common import Subcommands
@@ -98,8 +107,22 @@ def register(sub: Subcommands) -> None:
     r.add_argument("--dry-run", action="store_true", help="print the plan (counts, bytes, free space) and stop")
     r.add_argument("--force", action="store_true", help="start even if the estimate exceeds the free space")
     r.add_argument("--no-durable", action="store_true", help="do not fsync entries (faster, less safe on power loss)")
+    r.add_argument("--log-every", "--log_every", dest="log_every", type=_seconds, default=None, metavar="SECONDS",
+                   help="when stderr is not a terminal (nohup, Slurm), a progress line every SECONDS: done/total, "
+                        "rate, ETA, failures (default $FEATSTORE_LOG_EVERY or 30; 0: none); a bar on a terminal")
     add_json(p, "print the summary as JSON")
     p.set_defaults(func=cmd_precompute)
+
+
+def _seconds(text: str) -> float:
+    """An argparse type: a number of seconds, 0 or more."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be 0 (no progress lines) or more seconds, got {text}")
+    return value
 
 
 def cmd_precompute(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -108,6 +131,7 @@ def cmd_precompute(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
     # --help start without it.
     from featstore.pipeline import parse_shard, precompute
 
+    parser = command_parser(parser, "precompute")  # usage errors show this command's usage
     root = data_root(args, parser)
     try:  # checked before anything loads: a typo should not cost a model load
         parse_shard(args.shard)
@@ -122,14 +146,27 @@ def cmd_precompute(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
                        start_idx=args.start_idx, end_idx=args.end_idx, shard=args.shard, files_from=args.files_from,
                        extensions=args.ext, jsonl=args.jsonl, dry_run=args.dry_run, force=args.force,
                        durable=not args.no_durable, progress=None if not args.json else False,
-                       encoder_options=options, model_path=args.model_path)
+                       encoder_options=options, model_path=args.model_path, log_every=args.log_every,
+                       on_plan=None if args.json else _print_plan)
     except KeyboardInterrupt as exc:
         done = exc.args[0] if exc.args and isinstance(exc.args[0], dict) else {}
         print(f"featstore precompute: interrupted after {done.get('written', 0)} entries; every entry on disk is "
               "complete, and a rerun continues where this one stopped", file=sys.stderr)
         return 130
-    emit(args, s, _summary_text(s, dry_run=args.dry_run))
-    return 1 if s.get("failed") else 0
+    emit(args, s, _result_text(s, dry_run=args.dry_run))  # the plan's lines came out before the work
+    if s["scan_errors"]:
+        what = f"the files listed in {args.files_from}" if args.files_from else "the scan"
+        for line in error_lines([tuple(e) for e in s["unscanned"]], f"path of {what} could not be read",
+                                f"paths of {what} could not be read"):
+            print(f"featstore precompute: {line}", file=sys.stderr)
+        print("featstore precompute: fix or remove those paths (exit code 1)"
+              if args.files_from else "featstore precompute: those paths were skipped (exit code 1)", file=sys.stderr)
+    return 1 if s.get("failed") or s["scan_errors"] else 0
+
+
+def _print_plan(s: dict[str, Any]) -> None:
+    """Prints the plan's lines, flushed, before any work: a log file shows them while the run goes on."""
+    print(_plan_text(s), flush=True)
 
 
 def _encoder_options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str, Any]:
@@ -167,11 +204,17 @@ def _encoder_options(args: argparse.Namespace, parser: argparse.ArgumentParser) 
 def _summary_text(s: dict[str, Any], *, dry_run: bool) -> str:
     """The run summary ``precompute`` returns, as lines for a person: what ran where, the plan,
     and what was done."""
+    return _plan_text(s) + "\n" + _result_text(s, dry_run=dry_run)
+
+
+def _plan_text(s: dict[str, Any]) -> str:
+    """What will run where, and the plan: what is found, selected, valid, to compute, replaced."""
     enc = s["encoder"]
     what = (f"{enc.get('name')} ({'TINY VGGT WITH RANDOM WEIGHTS: meaningless features, for trying featstore'})"
             if enc.get("random_weights") else
-            f"{enc.get('name')} ({enc.get('model_path')}, layers {enc.get('layers')}, {enc.get('tokens')} tokens, "
-            f"{enc.get('dtype')}, {enc.get('mode')})" if enc.get("name") == "vggt" else enc.get("name"))
+            f"{enc.get('name')} ({enc.get('model_path') or 'no weights given'}, layers {enc.get('layers')}, "
+            f"{enc.get('tokens')} tokens, {enc.get('dtype')}, {enc.get('mode')})" if enc.get("name") == "vggt"
+            else enc.get("name"))
     lines = [f"featstore precompute: feature {s['feature']} with {what} on {s['device']}"]
     est = s["estimated_bytes"]
     sets = s.get("unit") == "sets"
@@ -180,10 +223,31 @@ def _summary_text(s: dict[str, Any], *, dry_run: bool) -> str:
              else f"{s['selected']:,} samples ({s['lists']:,} longest lists, {s['sources']:,} frames)" if history
              else f"{s['sources']:,} sources")
     lines.append(f"plan: {s['selected']:,} of {found} selected, {s['skipped']:,} already valid, "
-                 f"{s['planned']:,} to compute" + (f", about {human_bytes(est)}" if est is not None else "")
+                 f"{s['planned']:,} to compute" + (f", about {human_bytes(est)} ({_estimate_from(s)})"
+                                                   if est is not None else "")
                  + f" ({human_bytes(s['free_bytes'])} free); planned in {1000 * s['plan_seconds']:.0f} ms")
+    if s.get("weights_unchecked"):
+        lines.append("weights not given: not checked, nothing loaded (a dry run needs none); states are judged "
+                     "against the fingerprint in the manifest, or any; a real run needs --vggt-model-path PATH")
+    if s.get("replaced"):
+        lines.append(f"note: {_replaced(s)} will be replaced")
     if enc.get("name") == "vggt":
         lines.append(f"note: {s['note']}")
+    return "\n".join(lines)
+
+
+def _replaced(s: dict[str, Any]) -> str:
+    """What a run replaces: the entries of another encoder configuration (foreign)."""
+    other = s.get("replaced_fingerprint")
+    return (f"{count(s['replaced'], 'entry', 'entries')} of another encoder configuration (fingerprint "
+            f"{other or 'another'}, this run {s.get('fingerprint') or 'unknown'})")
+
+
+def _result_text(s: dict[str, Any], *, dry_run: bool) -> str:
+    """What was done (or, for a dry run, that nothing was)."""
+    sets = s.get("unit") == "sets"
+    history = s.get("history")
+    lines: list[str] = []
     if dry_run:
         lines.append("dry run: nothing loaded, nothing written")
     elif s["planned"] == 0:
@@ -203,6 +267,16 @@ def _summary_text(s: dict[str, Any], *, dry_run: bool) -> str:
                      + ", ".join(f"{k} {100 * v / total:.0f}%" for k, v in stages.items()))
         for rel, why in s["failures"][:10]:
             lines.append(f"  failed {rel}: {why}")
+        if s.get("replaced"):
+            lines.append(f"{_replaced(s)} were replaced")
     if s.get("manifest"):
         lines.append(f"manifest: {s['manifest']}")
     return "\n".join(lines)
+
+
+def _estimate_from(s: dict[str, Any]) -> str:
+    """Where the size estimate came from, said with it."""
+    if s.get("estimate_from") == "entries":
+        n = min(s["skipped"], 16)
+        return f"estimate: mean of {n:,} written entries" if n else "estimate: mean size of written entries"
+    return "estimate: the encoder's upper bound, no entry written yet"

@@ -70,6 +70,9 @@ class VGGTEncoder:
         Feed each history last to first (JanusVLN's ``reference_frame`` other than
         ``"first"``): the stored features are then those of the list's *first* frame, fed last,
         given the whole list. History mode only.
+    require_weights : bool
+        False (a dry run): no weights path is not an error; :meth:`fingerprint` then raises
+        :class:`CheckpointError` (a path given must still exist).
     frame_passes : int
         (Attribute.) Frames fed through the aggregator by :meth:`encode_history` so far, over
         all sequences of every batch: what a history precompute costs.
@@ -88,16 +91,20 @@ class VGGTEncoder:
                  tokens: str = "patch", dtype: torch.dtype | None = None, mode: str = "crop",
                  config: dict[str, Any] | None = None, random_weights_seed: int | None = None,
                  device: torch.device | str | None = None, frames_per_set: int = 1, history: bool = False,
-                 window: Sequence[int] | None = None, reverse: bool = False) -> None:
+                 window: Sequence[int] | None = None, reverse: bool = False, require_weights: bool = True) -> None:
         if random_weights_seed is None:
+            from_flag = bool(model_path)  # else from the environment: the message names which
             model_path = model_path or env.vggt_model_path()
-            if not model_path:
+            if not model_path and require_weights:
                 raise CheckpointError("no VGGT weights given: pass --vggt-model-path PATH (or set VGGT_MODEL_PATH) "
                                       "to the downloaded VGGT-1B checkpoint")
-            model_path = os.path.abspath(os.fspath(model_path))
-            if not os.path.exists(model_path):
-                raise CheckpointError(f"VGGT_MODEL_PATH not found: {model_path} does not exist; point "
-                                      "--vggt-model-path to the VGGT-1B model file or its directory")
+            if model_path:
+                model_path = os.path.abspath(os.fspath(model_path))
+                if not os.path.exists(model_path):
+                    shown = (f"--vggt-model-path {model_path} (model_path)" if from_flag
+                             else f"$VGGT_MODEL_PATH={model_path}")
+                    raise CheckpointError(f"VGGT weights not found: {shown} does not exist; point it to the VGGT-1B "
+                                          "model file (model.pt or .safetensors) or its directory")
         if tokens not in ("patch", "all"):
             raise ValueError(f"tokens must be 'patch' or 'all', got {tokens!r}")
         if mode not in ("crop", "pad"):
@@ -139,6 +146,9 @@ class VGGTEncoder:
 
     def fingerprint(self) -> str:
         if self._fingerprint is None:
+            if self.random_weights_seed is None and not self.model_path:
+                raise CheckpointError("no VGGT weights given, so no fingerprint: pass --vggt-model-path PATH (or set "
+                                      "VGGT_MODEL_PATH) to the downloaded VGGT-1B checkpoint")
             weights = (f"random-seed-{self.random_weights_seed}" if self.random_weights_seed is not None
                        else weights_digest(self.model_path))  # type: ignore[arg-type]
             # History settings join the digest only in history mode: per-image and frame-set

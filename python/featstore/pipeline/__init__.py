@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from featstore.pipeline.items import WorkItem, frame_sets, histories
@@ -44,7 +44,8 @@ def precompute(data_root: str | os.PathLike[str], *, encoder: Any = "vggt", feat
                files_from: str | os.PathLike[str] | None = None, extensions: Sequence[str] | None = None,
                jsonl: str | None = None, dry_run: bool = False, force: bool = False, durable: bool = True,
                progress: bool | None = None, encoder_options: dict[str, Any] | None = None,
-               model_path: str | None = None) -> dict[str, Any]:
+               model_path: str | None = None, log_every: float | None = None,
+               on_plan: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Computes and stores an encoder's features for every source under ``data_root``.
 
     Parameters
@@ -77,13 +78,23 @@ def precompute(data_root: str | os.PathLike[str], *, encoder: Any = "vggt", feat
     extensions, jsonl
         What to scan (see :func:`featstore.scan`).
     dry_run : bool
-        Plan only: counts, estimated bytes, free space. Nothing is loaded or written.
+        Plan only: counts, estimated bytes, free space. Nothing is loaded or written; the
+        ``vggt`` encoder needs no weights (a path given must exist; without one, states are
+        judged against the manifest's fingerprint and the summary says the weights were not
+        checked).
     force : bool
         Start even when the estimate says the disk is too small.
     durable : bool
         fsync entries (in batches) before recording them in the journal.
     progress : bool, optional
-        Progress bar on stderr (default: when stderr is a terminal).
+        Progress bar on stderr (default: when stderr is a terminal; when it is not, a progress
+        line every ``log_every`` seconds). False: nothing.
+    log_every : float, optional
+        Seconds between progress lines when stderr is not a terminal (default
+        ``$FEATSTORE_LOG_EVERY`` or 30; 0: none).
+    on_plan : callable, optional
+        Called with the plan's half of the summary before any work starts (the command line
+        prints the plan first, so a log file shows it while the run goes on).
     model_path : str, optional
         The model the features are for (recorded in the manifest as ``model_path``, as the old
         scripts did); the encoder's own weights are part of the encoder.
@@ -104,8 +115,11 @@ def precompute(data_root: str | os.PathLike[str], *, encoder: Any = "vggt", feat
     plan = make_plan(data_root, encoder=encoder, feature=feature, layout=layout, cache_dir=cache_dir, device=device,
                      batch_size=batch_size, skip_existing=skip_existing, overwrite=overwrite, start_idx=start_idx,
                      end_idx=end_idx, shard=shard, files_from=files_from, extensions=extensions, jsonl=jsonl,
-                     progress=progress, encoder_options=encoder_options, model_path=model_path)
+                     progress=progress, encoder_options=encoder_options, model_path=model_path,
+                     log_every=log_every, dry_run=dry_run)
     summary = plan_summary(plan, dry_run=dry_run)
+    if on_plan is not None:
+        on_plan(dict(summary))
     if dry_run:
         return summary
     plan.check_space(force)

@@ -22,12 +22,12 @@ import torch
 
 from featstore import _core, env
 from featstore.encoders import Capabilities, Encoder, capabilities, describe, resolve_encoder
-from featstore.errors import FeatstoreError
+from featstore.errors import CheckpointError, FeatstoreError
 from featstore.history import history_state
 from featstore.pipeline.items import Kind, WorkItem, kind_for, work_items
 from featstore.pipeline.selection import check_range, distributed_rank, parse_shard, select
 from featstore.scan import ScanResult, nothing_found, scan
-from featstore.sets import set_state
+from featstore.sets import set_entry_path, set_state
 from featstore.store import FeatureStore
 from featstore.vocabulary import TODO_STATES, check_error
 
@@ -50,6 +50,13 @@ class Plan:
         The torchrun ``(rank, world)`` and the ``(I, N)`` of ``--shard`` (or None).
     progress : bool
         Whether bars are shown on stderr.
+    log_every : float
+        Seconds between progress lines on stderr when it is not a terminal (0: none).
+    unchecked : str or None
+        Why the encoder has no fingerprint (a dry run without weights); None when it has one.
+    estimate_from : str or None
+        Where ``estimated_bytes`` came from: ``entries`` (the mean size of entries already
+        written), ``encoder`` (its upper bound), None (no estimate).
     found : ScanResult
         Every source of the scan.
     items, states : list
@@ -98,6 +105,9 @@ class Plan:
     jsonl: str | None = None
     total_items: int = 0
     entry_states: list[tuple[str, ...]] = field(default_factory=list)
+    log_every: float = 0.0
+    unchecked: str | None = None
+    estimate_from: str | None = None
 
     def states_of_entries(self) -> list[str]:
         """The state of every entry of the selected items, in order (samples in history mode)."""
@@ -121,7 +131,8 @@ def make_plan(data_root: str | os.PathLike[str], *, encoder: Any, feature: str |
               skip_existing: bool | None, overwrite: bool, start_idx: int | None, end_idx: int | None,
               shard: str | tuple[int, int] | None, files_from: str | os.PathLike[str] | None,
               extensions: Sequence[str] | None, jsonl: str | None, progress: bool | None,
-              encoder_options: dict[str, Any] | None, model_path: str | None) -> Plan:
+              encoder_options: dict[str, Any] | None, model_path: str | None, log_every: float | None = None,
+              dry_run: bool = False) -> Plan:
     """The plan of :func:`featstore.pipeline.precompute` (see it for the parameters)."""
     shard_spec = parse_shard(shard)  # a bad spec fails before anything loads
     check_range(start_idx, end_idx)
@@ -130,11 +141,23 @@ def make_plan(data_root: str | os.PathLike[str], *, encoder: Any, feature: str |
     if batch_size < 1:
         raise ValueError(f"batch size must be at least 1, got {batch_size}")
     skip_existing = env.skip_existing() if skip_existing is None else skip_existing
-    enc = _open_encoder(encoder, device, encoder_options)
-    store = FeatureStore(data_root, feature or enc.name, layout=layout, cache_dir=cache_dir,
-                         fingerprint=enc.fingerprint())
+    enc = _open_encoder(encoder, device, encoder_options, dry_run=dry_run)
+    fingerprint: str | None = None
+    unchecked = None
+    try:
+        fingerprint = enc.fingerprint()
+    except CheckpointError as exc:
+        if not dry_run:
+            raise
+        # A dry run loads nothing, so it needs no weights: entries are judged against the
+        # manifest's fingerprint (or any), and the summary says the weights were not checked.
+        unchecked = str(exc)
+    store = FeatureStore(data_root, feature or enc.name, layout=layout, cache_dir=cache_dir, fingerprint=fingerprint)
     rank = distributed_rank()
     show = sys.stderr.isatty() if progress is None else progress
+    log_seconds = env.log_every(30.0) if log_every is None else log_every
+    if log_seconds < 0:
+        raise ValueError(f"log_every must be 0 (no progress lines) or more seconds, got {log_seconds}")
 
     found = scan(store.data_root, extensions=extensions, jsonl=jsonl, files_from=files_from,
                  skip_dirs=[store.cache_dir] if store.cache_dir else (), progress=show)
@@ -160,7 +183,7 @@ def make_plan(data_root: str | os.PathLike[str], *, encoder: Any, feature: str |
     plan_seconds = time.perf_counter() - t_plan
 
     target_dir = store.cache_dir or store.data_root
-    entry_bytes = _ESTIMATES[kind_for(caps)](store, enc, caps, mine, states)
+    entry_bytes, estimate_from = _ESTIMATES[kind_for(caps)](store, enc, caps, mine, states)
     planned_entries = sum(item.entries for item in todo)
     return Plan(store=store, encoder=enc, caps=caps, description=describe(enc), device=device,
                 batch_size=batch_size, rank=rank, shard=shard_spec, progress=show, found=found, items=mine,
@@ -168,13 +191,17 @@ def make_plan(data_root: str | os.PathLike[str], *, encoder: Any, feature: str |
                 free_bytes=_free_bytes(target_dir),
                 estimated_bytes=entry_bytes * planned_entries if entry_bytes is not None else None,
                 model_path=model_path, jsonl=jsonl, total_items=len(every),
-                entry_states=per_entry if caps.history else [])
+                entry_states=per_entry if caps.history else [],
+                log_every=log_seconds if progress is None and not show else 0.0, unchecked=unchecked,
+                estimate_from=estimate_from)
 
 
-def _open_encoder(spec: Any, device: str, options: dict[str, Any] | None) -> Encoder:
+def _open_encoder(spec: Any, device: str, options: dict[str, Any] | None, *, dry_run: bool) -> Encoder:
     if spec == "vggt":
-        # The default stored dtype depends on the device (bf16 on GPUs that support it).
-        return resolve_encoder(spec, **{"device": device, **(options or {})})
+        # The default stored dtype depends on the device (bf16 on GPUs that support it); a dry
+        # run loads nothing, so it needs no weights.
+        return resolve_encoder(spec, **{"device": device, **(options or {}),
+                                        **({"require_weights": False} if dry_run else {})})
     return resolve_encoder(spec)
 
 
@@ -271,35 +298,51 @@ def _free_bytes(target_dir: str) -> int:
     return shutil.disk_usage(probe).free
 
 
+#: Bytes of one entry and where the number came from (``entries`` or ``encoder``).
+Estimate = tuple[int | None, str | None]
+
+
+def _mean_size(paths: Sequence[str]) -> int | None:
+    """The mean size in bytes of the files among ``paths`` that exist (None: none does)."""
+    sizes = []
+    for path in paths:
+        with contextlib.suppress(OSError):
+            sizes.append(os.path.getsize(path))
+    return int(sum(sizes) / len(sizes)) if sizes else None
+
+
+def _encoder_bytes(enc: Encoder, caps: Capabilities, frames: int = 1) -> Estimate:
+    """The encoder's upper bound of one entry of ``frames`` frames, if it has one."""
+    if not caps.estimate_entry_bytes:
+        return None, None
+    return int(enc.estimate_entry_bytes()) * frames, "encoder"  # type: ignore[attr-defined]
+
+
 def _image_entry_bytes(store: FeatureStore, enc: Encoder, caps: Capabilities, items: Sequence[WorkItem],
-                       states: Sequence[str]) -> int | None:
+                       states: Sequence[str]) -> Estimate:
     """The mean size of up to 16 valid entries, else the encoder's estimate."""
     valid = [item.paths[0] for item, s in zip(items, states, strict=True) if s == "valid"][:16]
-    sizes = []
-    for rel in valid:
-        with contextlib.suppress(OSError):
-            sizes.append(os.path.getsize(store.entry_path(rel)))
-    if sizes:
-        return int(sum(sizes) / len(sizes))
-    return int(enc.estimate_entry_bytes()) if caps.estimate_entry_bytes else None  # type: ignore[attr-defined]
+    mean = _mean_size([store.entry_path(rel) for rel in valid])
+    return (mean, "entries") if mean is not None else _encoder_bytes(enc, caps)
 
 
 def _set_entry_bytes(store: FeatureStore, enc: Encoder, caps: Capabilities, items: Sequence[WorkItem],
-                     states: Sequence[str]) -> int | None:
-    """The encoder's estimate of one frame's entry, times the frames of a set."""
-    if not caps.estimate_entry_bytes:
-        return None
-    return int(enc.estimate_entry_bytes()) * caps.frames_per_set  # type: ignore[attr-defined]
+                     states: Sequence[str]) -> Estimate:
+    """The mean size of up to 16 valid set entries, else the encoder's estimate of one frame's
+    entry times the frames of a set."""
+    valid = [item.paths for item, s in zip(items, states, strict=True) if s == "valid"][:16]
+    mean = _mean_size([set_entry_path(store, list(paths)) for paths in valid])
+    return (mean, "entries") if mean is not None else _encoder_bytes(enc, caps, caps.frames_per_set)
 
 
 def _history_entry_bytes(store: FeatureStore, enc: Encoder, caps: Capabilities, items: Sequence[WorkItem],
-                         states: Sequence[str]) -> int | None:
+                         states: Sequence[str]) -> Estimate:
     """The encoder's estimate of one frame's entry: a history entry holds its last frame's."""
-    return int(enc.estimate_entry_bytes()) if caps.estimate_entry_bytes else None  # type: ignore[attr-defined]
+    return _encoder_bytes(enc, caps)
 
 
 _StatesOf = Callable[[FeatureStore, Sequence[WorkItem]], list[tuple[str, ...]]]
-_EntryBytes = Callable[[FeatureStore, Encoder, Capabilities, Sequence[WorkItem], Sequence[str]], int | None]
+_EntryBytes = Callable[[FeatureStore, Encoder, Capabilities, Sequence[WorkItem], Sequence[str]], Estimate]
 
 # How each kind's entries are judged, and how big one is (see items.py).
 _STATES: dict[Kind, _StatesOf] = {"image": _image_states, "set": _set_states, "history": _history_states}

@@ -10,21 +10,21 @@ as failed and the stream goes on.
 from __future__ import annotations
 
 import os
-import sys
 import time
 from collections import defaultdict
 from collections.abc import Iterable
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
+from featstore.fmt import age, human_bytes
 from featstore.pipeline.decoding import decode_loader
 from featstore.pipeline.encoding import BatchEncoder
 from featstore.pipeline.items import WorkItem
 from featstore.pipeline.planning import Plan
 from featstore.pipeline.summary import Counts
 from featstore.pipeline.writing import Writer
+from featstore.progress import counter
 
 
 def stream(plan: Plan, *, num_workers: int | None, durable: bool, counts: Counts, journal: str) -> None:
@@ -50,14 +50,19 @@ def stream(plan: Plan, *, num_workers: int | None, durable: bool, counts: Counts
                            pin_memory=dev.type == "cuda")
     writer = Writer(store, journal, durable, counts)
     encoder = BatchEncoder(enc, dev, writer, counts, plan.batch_size)
-    bar = tqdm(total=sum(item.entries for item in todo), desc=f"precompute {store.feature}",
-               unit=todo[0].unit if todo else "img", file=sys.stderr, disable=not plan.progress, dynamic_ncols=True)
+    # A bar on a terminal; in a log file (stderr not a terminal) a line every plan.log_every seconds.
+    show = True if plan.progress else None if plan.log_every > 0 else False
+    bar = counter(sum(item.entries for item in todo), f"precompute {store.feature}", show=show,
+                  every=plan.log_every, unit=todo[0].unit if todo else "img", duration=age)
     try:
         _batch_and_encode(loader, todo, writer, encoder, counts, bar, items_mode=plan.caps.items)
     finally:
-        bar.close()
-        writer.close()
-        torch.set_num_threads(threads_before)
+        try:
+            writer.close()
+        finally:  # the last line counts what the writer finished
+            bar.set_postfix(written=counts.written, failed=counts.failed, refresh=False)
+            bar.close()
+            torch.set_num_threads(threads_before)
 
 
 def _batch_and_encode(loader: Iterable[tuple[int, Any, str | None, Any]], todo: list[WorkItem], writer: Writer,
@@ -72,7 +77,10 @@ def _batch_and_encode(loader: Iterable[tuple[int, Any, str | None, Any]], todo: 
         items = [todo[i] for i, _ in members]
         encoder.encode(items, batch)
         bar.update(sum(item.entries for item in items))
-        extra = {"frame_passes": counts.frame_passes} if items[0].kind == "history" else {}
+        extra: dict[str, Any] = {"frame_passes": counts.frame_passes} if items[0].kind == "history" else {}
+        if counts.written:  # the real outputs so far say what the whole run will take
+            total = counts.bytes / counts.written * bar.total
+            extra["size"] = f"{human_bytes(counts.bytes)} (about {human_bytes(total)} in all, estimated)"
         bar.set_postfix(written=counts.written, failed=counts.failed, **extra, refresh=False)
 
     t_wait = time.perf_counter()

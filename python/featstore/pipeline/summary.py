@@ -10,6 +10,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
+from featstore import _core
 from featstore.pipeline.items import kind_for, noun
 from featstore.pipeline.planning import Plan
 from featstore.vocabulary import check_error
@@ -33,7 +34,12 @@ def plan_summary(plan: Plan, *, dry_run: bool) -> dict[str, Any]:
     ``skipped`` count entries: images, frame sets, or samples in history mode (``unit``);
     ``sources`` counts the files found, in set mode ``sets`` all the sets they make, and in
     history mode ``history`` the mode and ``lists`` the longest lists streamed (``planned_lists``
-    of them this run)."""
+    of them this run). ``replaced`` counts the planned entries of another encoder configuration
+    (``foreign``; ``replaced_fingerprint`` is one's fingerprint), ``unscanned`` lists the first 100
+    paths the scan could not read (``scan_errors`` counts them all), ``weights_unchecked`` says why
+    a dry run has no fingerprint (None when it has one) and ``estimate_from`` where
+    ``estimated_bytes`` came from (``entries``: the mean size of entries already written;
+    ``encoder``: the encoder's upper bound)."""
     store, shard, rank = plan.store, plan.shard, plan.rank
     counts_by_state: dict[str, int] = defaultdict(int)
     for s in plan.states_of_entries():
@@ -42,7 +48,12 @@ def plan_summary(plan: Plan, *, dry_run: bool) -> dict[str, Any]:
     history = history_mode(plan.description) if plan.caps.history else None
     selected = sum(item.entries for item in plan.items)
     planned = sum(item.entries for item in plan.todo)
+    replaced = counts_by_state.get("foreign", 0)
     return {
+        "replaced": replaced, "replaced_fingerprint": _foreign_fingerprint(plan) if replaced else None,
+        "weights_unchecked": plan.unchecked,
+        "unscanned": [list(e) for e in plan.found.errors[:100]],
+        "estimate_from": plan.estimate_from,
         "data_root": store.data_root, "feature": store.feature, "layout": store.layout, "cache_dir": store.cache_dir,
         "fingerprint": store.requested_fingerprint, "encoder": plan.description, "device": plan.device,
         "sources": len(plan.found), "selected": selected, "planned": planned,
@@ -56,6 +67,19 @@ def plan_summary(plan: Plan, *, dry_run: bool) -> dict[str, Any]:
         **({"sets": plan.total_items} if frames > 1 else {}),
         **({"history": history, "lists": plan.total_items, "planned_lists": len(plan.todo)} if history else {}),
     }
+
+
+def _foreign_fingerprint(plan: Plan) -> str | None:
+    """The fingerprint of the first foreign entry of a selected image (None for sets and histories,
+    or when it cannot be read): what a changed configuration replaces."""
+    for item, state in zip(plan.items, plan.states, strict=True):
+        if state == "foreign" and item.kind == "image":
+            try:
+                meta, _, _ = _core.read_header(plan.store.check(item.paths[0]).entry)
+            except Exception:  # unreadable now: the count alone still says it
+                return None
+            return meta.get("fingerprint")
+    return None
 
 
 def history_mode(description: dict[str, Any]) -> dict[str, Any]:
