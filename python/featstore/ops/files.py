@@ -16,7 +16,8 @@ import errno
 import os
 import re
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 from featstore import _core
@@ -77,6 +78,32 @@ def read_judged(path: str, read: Callable[[str], T]) -> tuple[T, Identity | None
     got = read(path)
     after = file_identity(path)
     return got, (before if before is not None and before == after else None)
+
+
+def judge_files(paths: Sequence[str], judge: Callable[[str], T], *, threads: int | None,
+                identities: dict[str, Identity | None] | None = None) -> tuple[list[T], list[tuple[str, str]]]:
+    """``judge(path)`` of every file (in parallel, each through :func:`read_judged`) and the files
+    that could not be read, with why; ``identities`` receives the identity of each file judged
+    (None: it changed meanwhile, so nothing may act on its verdict)."""
+    def one(path: str) -> tuple[T, Identity | None] | str:
+        try:
+            return read_judged(path, judge)
+        except OSError as exc:
+            return str(exc)
+
+    verdicts: list[T] = []
+    errors: list[tuple[str, str]] = []
+    if not paths:
+        return verdicts, errors
+    with ThreadPoolExecutor(max_workers=threads or _core.default_threads()) as pool:
+        for path, got in zip(paths, pool.map(one, paths), strict=True):
+            if isinstance(got, str):
+                errors.append((path, got))
+            else:
+                verdicts.append(got[0])
+                if identities is not None:
+                    identities[path] = got[1]
+    return verdicts, errors
 
 
 def gone_or_kept(path: str) -> str:

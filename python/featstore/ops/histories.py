@@ -13,9 +13,7 @@ from __future__ import annotations
 import os
 from collections import defaultdict
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 
-from featstore import _core
 from featstore.history import (
     HistoryVerdict,
     history_entry_files,
@@ -23,7 +21,7 @@ from featstore.history import (
     judge_history_entry,
     recorded_history,
 )
-from featstore.ops.files import Identity, read_judged
+from featstore.ops.files import Identity, judge_files
 from featstore.scan import scan
 from featstore.store import FeatureStore
 
@@ -37,27 +35,8 @@ def judge_histories(store: FeatureStore, *, deep: bool, threads: int | None,
     """Every history entry file of the feature judged (in parallel), and those that could not be
     read; ``identities`` receives the identity of each file judged (None: it changed meanwhile).
     ``deep`` digests every frame whatever its stamp (verify)."""
-    paths = history_entry_files(store)
-    if not paths:
-        return [], []
-
-    def judge(path: str) -> tuple[HistoryVerdict, Identity | None] | str:
-        try:
-            return read_judged(path, lambda p: judge_history_file(store, p, deep=deep))
-        except OSError as exc:
-            return str(exc)
-
-    verdicts: list[HistoryVerdict] = []
-    errors: list[tuple[str, str]] = []
-    with ThreadPoolExecutor(max_workers=threads or _core.default_threads()) as pool:
-        for path, got in zip(paths, pool.map(judge, paths), strict=True):
-            if isinstance(got, str):
-                errors.append((path, got))
-            else:
-                verdicts.append(got[0])
-                if identities is not None:
-                    identities[path] = got[1]
-    return verdicts, errors
+    return judge_files(history_entry_files(store), lambda p: judge_history_file(store, p, deep=deep),
+                       threads=threads, identities=identities)
 
 
 def judge_history_file(store: FeatureStore, path: str, *, deep: bool = False) -> HistoryVerdict:

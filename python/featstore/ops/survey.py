@@ -7,14 +7,13 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 from featstore import _core
 from featstore.errors import CorruptEntryError, FeatstoreError
 from featstore.history import HistoryVerdict
-from featstore.ops.files import Identity, feature_files, file_identity, file_size, read_judged
+from featstore.ops.files import Identity, feature_files, file_identity, file_size, judge_files
 from featstore.ops.histories import counted_histories, judge_histories
 from featstore.scan import scan
 from featstore.sets import (
@@ -227,27 +226,8 @@ def judge_sets(store: FeatureStore, *, deep: bool, threads: int | None,
                ) -> tuple[list[SetVerdict], list[tuple[str, str]]]:
     """Every frame-set entry file of the feature judged (in parallel), and those that could not be
     read; ``identities`` receives the identity of each file judged (None: it changed meanwhile)."""
-    paths = set_entry_files(store)
-    if not paths:
-        return [], []
-
-    def judge(path: str) -> tuple[SetVerdict, Identity | None] | str:
-        try:
-            return read_judged(path, lambda p: judge_set_entry(store, p, deep=deep))
-        except OSError as exc:
-            return str(exc)
-
-    verdicts: list[SetVerdict] = []
-    errors: list[tuple[str, str]] = []
-    with ThreadPoolExecutor(max_workers=threads or _core.default_threads()) as pool:
-        for path, got in zip(paths, pool.map(judge, paths), strict=True):
-            if isinstance(got, str):
-                errors.append((path, got))
-            else:
-                verdicts.append(got[0])
-                if identities is not None:
-                    identities[path] = got[1]
-    return verdicts, errors
+    return judge_files(set_entry_files(store), lambda p: judge_set_entry(store, p, deep=deep),
+                       threads=threads, identities=identities)
 
 
 def set_report(v: SetVerdict, identity: Identity | None = None) -> EntryReport:
