@@ -3,15 +3,34 @@ made after the first valid entry's layout) and the errors a user can act on."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from featstore.errors import BatchReadError, StaleEntryError, TensorNameError
+from featstore import _core
+from featstore.errors import BatchReadError, CorruptEntryError, StaleEntryError, TensorNameError
 
 if TYPE_CHECKING:  # the store reads batches through this module
     import torch
 
     from featstore.store import FeatureStore
+
+
+def entry_layout(store: FeatureStore, path: str | os.PathLike[str]) -> dict[str, tuple[Any, tuple[int, ...]]] | None:
+    """:meth:`FeatureStore.entry_layout`: each tensor's torch dtype and shape in the valid entry
+    of ``path``, from its header (nothing mapped), or None when there is no valid entry."""
+    from featstore._torch import SAFETENSORS_TO_TORCH  # imports torch: not at `import featstore`
+
+    check = store.check(path)
+    if check.state != "valid":
+        return None
+    try:
+        _, tensors, _ = _core.read_header(check.entry)
+    except (CorruptEntryError, FileNotFoundError):
+        return None  # replaced or removed since the check
+    # A dtype torch cannot hold (float8) gives no layout: read_batch then finds no entry to use.
+    return {name: (SAFETENSORS_TO_TORCH[dt], tuple(shape)) for name, dt, shape, _, _ in tensors
+            if dt in SAFETENSORS_TO_TORCH}
 
 
 def checked_out(store: FeatureStore, rels: Sequence[str], name: str, out: torch.Tensor | None, *,

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import struct
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -25,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from featstore import _core
 from featstore.errors import CorruptEntryError
 from featstore.members import changed as members_changed
-from featstore.members import clear_racy_mark, keyed_files
+from featstore.members import clear_racy_mark, keyed_files, open_keyed
 from featstore.members import record as record_members
 from featstore.vocabulary import ENTRY_EXTENSION
 
@@ -177,12 +176,12 @@ def get_history(store: FeatureStore, paths: Sequence[str | os.PathLike[str]], *,
     rels = [store.rel(p) for p in paths]
     try:
         path = history_entry_path(store, rels)
-        capsules, meta, _ = _core.read_entry(path, pread=store.read_mode == "pread")
     except FileNotFoundError:
         return None
-    except CorruptEntryError as exc:
-        warnings.warn(f"featstore: corrupt history entry: {exc}; recompute it", stacklevel=3)
+    opened = open_keyed(path, pread=store.read_mode == "pread", what="history")
+    if opened is None:
         return None
+    capsules, meta = opened
     verdict = judge_history_entry(store, path, meta=meta)
     if verdict.state != "valid" or verdict.members != tuple(rels):
         return None

@@ -15,11 +15,12 @@ import json
 import os
 import re
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from featstore import _core
-from featstore.errors import FeatstoreError, SourceChangedError
+from featstore.errors import CorruptEntryError, FeatstoreError, SourceChangedError
 from featstore.inputs import Stamp
 from featstore.vocabulary import ENTRY_EXTENSION
 
@@ -104,3 +105,16 @@ def keyed_files(base: str) -> list[str]:
         found.extend(os.path.join(directory, f) for f in files
                      if _KEYED_FILE.match(f) and f[:2] == parent and os.path.dirname(directory) == base)
     return sorted(found)
+
+
+def open_keyed(path: str, *, pread: bool, what: str) -> tuple[list[tuple[str, Any]], dict[str, str]] | None:
+    """The tensors (DLPack capsules) and metadata of the key-named entry at ``path``, or None when
+    there is none; a damaged one is a miss with a warning naming ``what`` it is."""
+    try:
+        capsules, meta, _ = _core.read_entry(path, pread=pread)
+    except FileNotFoundError:
+        return None
+    except CorruptEntryError as exc:
+        warnings.warn(f"featstore: corrupt {what} entry: {exc}; recompute it", stacklevel=4)
+        return None
+    return capsules, meta

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from featstore import _core
 from featstore.errors import CorruptEntryError
 from featstore.members import changed as members_changed
-from featstore.members import clear_racy_mark, keyed_files
+from featstore.members import clear_racy_mark, keyed_files, open_keyed
 from featstore.members import record as record_members
 
 if TYPE_CHECKING:
@@ -163,14 +163,12 @@ def get_set(store: FeatureStore, paths: Sequence[str | os.PathLike[str]], *, dev
     rels = [store.rel(p) for p in paths]
     try:
         path = set_entry_path(store, rels)
-        capsules, meta, _ = _core.read_entry(path, pread=store.read_mode == "pread")
     except FileNotFoundError:
         return None
-    except CorruptEntryError as exc:
-        import warnings
-
-        warnings.warn(f"featstore: corrupt frame-set entry: {exc}; recompute it", stacklevel=3)
+    opened = open_keyed(path, pread=store.read_mode == "pread", what="frame-set")
+    if opened is None:
         return None
+    capsules, meta = opened
     if store.fingerprint and meta.get("fingerprint") != store.fingerprint:
         return None
     from featstore._torch import from_capsules

@@ -10,7 +10,6 @@ from __future__ import annotations
 import errno
 import os
 import shutil
-import stat
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -42,19 +41,6 @@ if TYPE_CHECKING:
 
 _TORCH_HELPERS: Any = None
 _FROM_DLPACK: Any = None
-
-
-def _not_a_regular_file(exc: OSError) -> bool:
-    """Whether an OS error of a read came from an entry path that is not a regular file (a
-    directory, FIFO, socket, device): such an entry is a counted miss, any other error is raised."""
-    if isinstance(exc, IsADirectoryError):
-        return True
-    if not exc.filename:
-        return False
-    try:
-        return not stat.S_ISREG(os.stat(exc.filename).st_mode)
-    except OSError:
-        return False
 
 
 def _load_from_dlpack() -> Any:
@@ -257,11 +243,6 @@ class FeatureStore:
         except (CorruptEntryError, PermissionError) as exc:
             self._miss(rel, "corrupt" if isinstance(exc, CorruptEntryError) else UNREADABLE, "", str(exc))
             return None
-        except OSError as exc:
-            if not _not_a_regular_file(exc):
-                raise
-            self._miss(rel, "corrupt", os.fspath(exc.filename), f"the entry path is not a regular file ({exc})")
-            return None
         if capsules is None:
             # Off the hot path: one full check says why, and finds a legacy sidecar.
             c = self._core.check(rel)
@@ -388,22 +369,7 @@ class FeatureStore:
     def entry_layout(self, path: str | os.PathLike[str]) -> dict[str, tuple[torch.dtype, tuple[int, ...]]] | None:
         """The dtype and shape of each tensor in the valid entry of ``path`` (from its header;
         nothing is mapped), or None when there is no valid entry."""
-        from featstore._torch import SAFETENSORS_TO_TORCH  # imports torch: not at import featstore
-
-        try:
-            c = self._core.check(self.rel(path))
-            if c.state != "valid":
-                return None
-            _, tensors, _ = _core.read_header(c.entry)
-        except (CorruptEntryError, FileNotFoundError):
-            return None  # replaced or removed since the check
-        except OSError as exc:
-            if _not_a_regular_file(exc):
-                return None  # a directory or other special file where the entry should be: no entry
-            raise
-        # A dtype torch cannot hold (float8) gives no layout: read_batch then finds no entry to use.
-        return {name: (SAFETENSORS_TO_TORCH[dt], tuple(shape)) for name, dt, shape, _, _ in tensors
-                if dt in SAFETENSORS_TO_TORCH}
+        return batches.entry_layout(self, path)
 
     def with_fingerprint(self, fingerprint: str) -> FeatureStore:
         """The same store checking (and writing) entries against ``fingerprint``."""

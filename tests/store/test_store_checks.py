@@ -43,17 +43,15 @@ def test_other_os_errors_of_a_read_are_not_masked(root, monkeypatch):
         store.get(rels[0])
 
 
-def test_an_is_a_directory_error_from_the_core_is_a_counted_miss(root, monkeypatch):
-    """Whatever the core makes of a directory at the entry path, get counts a miss."""
+def test_an_entry_replaced_by_a_directory_after_it_was_served_is_a_counted_miss(root):
+    """The core judges what is at the entry path (a directory, a FIFO: never opened blocking);
+    an entry served before and then replaced is a corrupt miss, not an error."""
     r, rels = root
     store = FeatureStore(r, "f", fingerprint="fp")
-    entry = os.path.join(r, rels[2] + ".f.safetensors")
+    entry = store.put(rels[2], {"features": torch.ones(3)})
+    assert store.get(rels[2]) is not None
+    os.remove(entry)
     os.makedirs(entry)
-
-    def is_a_directory(rel):
-        raise IsADirectoryError(21, "Is a directory", entry)
-
-    monkeypatch.setattr(store, "_core", _Wrap(store._core, read=is_a_directory))
     with pytest.warns(UserWarning, match="corrupt"):
         assert store.get(rels[2]) is None
     assert store.stats["corrupt"] == 1
