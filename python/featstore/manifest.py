@@ -8,6 +8,7 @@ featstore's (format, feature, layout, fingerprint, counts per state, version, ti
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -15,7 +16,7 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from featstore import _core
+from featstore import _core, shapes
 from featstore.errors import ManifestError
 from featstore.vocabulary import is_feature_name, sidecar_suffix
 
@@ -35,6 +36,8 @@ def write_manifest(store: FeatureStore, status: Status, sources: Iterable[str],
     old = json.loads(_core.read_manifest(path) or "{}")
     doc: dict[str, Any] = {k: v for k, v in old.items() if k not in ("index", "failures", "format")}
     doc.update(store_fields(store, total_images=status.sources))
+    if old.get("fingerprint") != doc.get("fingerprint"):
+        doc.pop("tensors", None)  # the shapes of another encoder configuration's entries
     doc["counts"] = dict(status.counts)
     doc.update(fields or {})
     doc["failures"] = old.get("failures", {})
@@ -80,12 +83,64 @@ def check_fingerprint_field(path: str) -> None:
         "open the store with it (FeatureStore(..., fingerprint=FP), --fingerprint FP)")
 
 
+def read_document(path: str) -> dict[str, Any]:
+    """The manifest at ``path`` as a dict ({} when there is none)."""
+    text = _core.read_manifest(path)
+    doc = json.loads(text) if text else {}
+    return doc if isinstance(doc, dict) else {}
+
+
+def recorded_shapes(store: FeatureStore) -> shapes.Shapes | None:
+    """The shapes of the feature's entries as precompute summed them up in the manifest
+    (``"tensors"``, see :mod:`featstore.shapes`), when the manifest is for the store's
+    fingerprint; None when there is no such summary."""
+    doc = read_document(store.manifest_path)
+    if not doc or doc.get("fingerprint") != store.fingerprint:
+        return None
+    return shapes.from_json(doc.get("tensors"))
+
+
 def indexed_sources(store: FeatureStore) -> list[str]:
     """The sources the manifest's index lists (valid when it was written), in its order; [] without
     a manifest or index."""
     text = _core.read_manifest(store.manifest_path)
     index = json.loads(text).get("index") if text else None
     return list(index) if isinstance(index, dict) else []
+
+
+def shape_log_path(journal: str) -> str:
+    """Where the process writing ``journal`` sums up its entries' shapes:
+    ``<manifest>.rank<R>-of-<N>.shapes.json`` beside ``<manifest>.rank<R>-of-<N>.jsonl``."""
+    return journal.removesuffix(".jsonl") + ".shapes.json"
+
+
+def merge_journals(store: FeatureStore, fields: Mapping[str, Any] | None = None) -> int:
+    """Merges the journals beside the manifest into it (the core does; ``fields`` override the
+    manifest's), with the processes' shape summaries joined into ``"tensors"``: the old summary
+    when it is for the same fingerprint, plus every summary of that fingerprint. Returns the
+    number of journals merged. The caller holds the feature's lock."""
+    fields = dict(fields or {})
+    doc = read_document(store.manifest_path)
+    fingerprint = fields.get("fingerprint", doc.get("fingerprint"))
+    logs = sorted(glob.glob(glob.escape(store.manifest_path) + ".rank*-of-*.shapes.json"))
+    merged: shapes.Shapes = {}
+    if doc.get("fingerprint") == fingerprint:
+        merged.update(shapes.from_json(doc.get("tensors")) or {})
+    for path in logs:
+        try:
+            with open(path, encoding="utf-8") as f:
+                log = json.load(f)
+        except (OSError, ValueError):
+            continue  # a summary torn by a crash of a featstore older than its atomic write
+        if isinstance(log, dict) and log.get("fingerprint") == fingerprint:
+            shapes.merge(merged, shapes.from_json(log.get("tensors")) or {})
+    # Always set: a summary of another fingerprint's entries must not outlive them.
+    fields["tensors"] = shapes.to_json(merged) if merged else None
+    journals, *_ = _core.merge_journals(store.manifest_path, json.dumps(fields))
+    for path in logs:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+    return journals
 
 
 def journal_paths(manifest_path: str) -> list[str]:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from featstore import _core
 from featstore.errors import LockHeldError, ReadOnlyDataRootError
 from featstore.lock import maintenance_lock
+from featstore.manifest import merge_journals
 from featstore.store import FeatureStore
 
 
@@ -17,7 +17,7 @@ def merge_leftover_journals(store: FeatureStore) -> int:
         return 0
     try:
         with maintenance_lock(store, "merge journals"):
-            journals, *_ = _core.merge_journals(store.manifest_path)
+            journals = merge_journals(store)
     except (LockHeldError, ReadOnlyDataRootError, PermissionError):
         return 0
     return journals

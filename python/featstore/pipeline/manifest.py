@@ -7,12 +7,11 @@ left. The caller holds the run's lock, so no other run appends to a journal bein
 
 from __future__ import annotations
 
-import json
 import os
 
-from featstore import _core
 from featstore.encoders import describe
 from featstore.lock import lock_dir, lock_is_held
+from featstore.manifest import merge_journals
 from featstore.pipeline.planning import Plan
 from featstore.pipeline.summary import history_mode
 
@@ -40,5 +39,5 @@ def finish_manifest(plan: Plan) -> str | None:
         fields["vggt_model_path" if plan.description.get("name") == "vggt" else "weights_path"] = weights
     if plan.model_path:
         fields["model_path"] = plan.model_path
-    _core.merge_journals(store.manifest_path, json.dumps(fields))
+    merge_journals(store, fields)
     return store.manifest_path

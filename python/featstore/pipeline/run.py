@@ -14,10 +14,12 @@ from dataclasses import dataclass
 import torch
 
 from featstore.lock import run_lock
+from featstore.manifest import recorded_shapes
 from featstore.pipeline.journal import journal_path, journal_unindexed
 from featstore.pipeline.manifest import finish_manifest
 from featstore.pipeline.planning import Plan
 from featstore.pipeline.selection import join_process_group
+from featstore.pipeline.shape_log import ShapeLog
 from featstore.pipeline.streaming import stream
 from featstore.pipeline.summary import Counts
 
@@ -42,9 +44,15 @@ def run_plan(plan: Plan, *, num_workers: int | None, durable: bool) -> Outcome:
             stack.enter_context(run_lock(store, plan.shard))
         os.makedirs(os.path.dirname(store.manifest_path), exist_ok=True)
         journal_unindexed(store, plan.skipped_valid(), journal)
+        shape_log = ShapeLog(store, journal)
+        if recorded_shapes(store) is None:
+            # Entries of this encoder from before the manifest summed up their shapes: read
+            # their headers once, so the summary covers every entry, not only this run's.
+            shape_log.observe_entries(store, plan.skipped_valid())
         if plan.todo:
             try:
-                stream(plan, num_workers=num_workers, durable=durable, counts=counts, journal=journal)
+                stream(plan, num_workers=num_workers, durable=durable, counts=counts, journal=journal,
+                       shape_log=shape_log)
             except KeyboardInterrupt:
                 interrupted = True
         if join_process_group(plan.rank[1]):

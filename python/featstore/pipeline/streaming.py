@@ -22,16 +22,19 @@ from featstore.pipeline.decoding import decode_loader
 from featstore.pipeline.encoding import BatchEncoder
 from featstore.pipeline.items import WorkItem
 from featstore.pipeline.planning import Plan
+from featstore.pipeline.shape_log import ShapeLog
 from featstore.pipeline.summary import Counts
 from featstore.pipeline.writing import Writer
 from featstore.progress import counter
 
 
-def stream(plan: Plan, *, num_workers: int | None, durable: bool, counts: Counts, journal: str) -> None:
+def stream(plan: Plan, *, num_workers: int | None, durable: bool, counts: Counts, journal: str,
+           shape_log: ShapeLog) -> None:
     """Computes and writes the entries of ``plan.todo``, tallying in ``counts``.
 
     ``num_workers`` decoding processes (None: one per core on the CPU, cores - 1 with a GPU, at
-    most 8); entries are fsynced in batches when ``durable``.
+    most 8); entries are fsynced in batches when ``durable``; ``shape_log`` records the shapes
+    of what is written.
     """
     store, enc, todo = plan.store, plan.encoder, plan.todo
     dev = torch.device(plan.device)
@@ -48,7 +51,7 @@ def stream(plan: Plan, *, num_workers: int | None, durable: bool, counts: Counts
         torch.set_num_threads(max(1, cores - num_workers))
     loader = decode_loader(enc, store.data_root, todo, batch_size=plan.batch_size, num_workers=num_workers,
                            pin_memory=dev.type == "cuda")
-    writer = Writer(store, journal, durable, counts)
+    writer = Writer(store, journal, durable, counts, shape_log)
     encoder = BatchEncoder(enc, dev, writer, counts, plan.batch_size)
     # A bar on a terminal; in a log file (stderr not a terminal) a line every plan.log_every seconds.
     show = True if plan.progress else None if plan.log_every > 0 else False

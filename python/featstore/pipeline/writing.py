@@ -22,6 +22,7 @@ from featstore.errors import FeatstoreError
 from featstore.history import put_history
 from featstore.pipeline import journal as journal_lines
 from featstore.pipeline.items import Kind, WorkItem
+from featstore.pipeline.shape_log import ShapeLog
 from featstore.pipeline.summary import Counts
 from featstore.sets import put_set
 from featstore.store import FeatureStore
@@ -91,10 +92,13 @@ class Writer:
     counts : Counts
         Tallies written and failed entries (samples of a history item), bytes, and the seconds
         spent writing.
+    shape_log : ShapeLog
+        Records the shapes of the entries, before they are written.
     """
 
-    def __init__(self, store: FeatureStore, journal: str, durable: bool, counts: Counts) -> None:
+    def __init__(self, store: FeatureStore, journal: str, durable: bool, counts: Counts, shape_log: ShapeLog) -> None:
         self.store, self.journal, self.durable, self.counts = store, journal, durable, counts
+        self.shape_log = shape_log
         self.queue: queue.Queue[Any] = queue.Queue(maxsize=4)
         # What each item's decoder read (stamps, inputs), set by the main loop before submitting.
         self.expected: dict[WorkItem, Any] = {}
@@ -138,6 +142,7 @@ class Writer:
         if isinstance(outputs, str):  # a failure reason, from fail()
             self._failed(items[0], outputs, records)
         else:
+            self.shape_log.observe_outputs(items, outputs)
             written: list[Written] = []
             for i, item in enumerate(items):
                 done = 0

@@ -8,6 +8,9 @@ from typing import Any
 
 import torch
 
+from featstore import shapes
+from featstore.manifest import recorded_shapes
+from featstore.store import FeatureStore
 from featstore.training.buffers import tensor_on
 
 #: The key under which a sample hands work on to :meth:`CachedDataset.fill` in the main process:
@@ -50,6 +53,35 @@ def collate(samples: list[dict[str, Any]], *, pad: Iterable[str] = ()) -> dict[s
         else:
             batch[key] = [None if v is _ABSENT else v for v in values]
     return batch
+
+
+def settle_pad(pad: str | Iterable[str], store: FeatureStore | None) -> tuple[str, ...]:
+    """The tensors a dataset pads, checked against the shapes precompute recorded in the manifest
+    (:func:`featstore.manifest.recorded_shapes`) so that a tensor that cannot be batched is found
+    when the dataset is built, not in the middle of an epoch.
+
+    ``"auto"`` pads every tensor whose entries differ in the length of their first axis only
+    (VGGT's "crop" preprocessing of images with other aspect ratios); a list pads those named.
+    Without a recorded summary (entries from ``put`` or a lazy run only), ``"auto"`` pads nothing
+    and a batch with unequal shapes raises the collate error that names the fix.
+    """
+    recorded = recorded_shapes(store) if store is not None else None
+    if isinstance(pad, str):
+        if pad != "auto":
+            raise ValueError(f"pad must be 'auto' or a list of tensor names, got {pad!r}")
+        names = tuple(shapes.padded_names(recorded)) if recorded else ()
+    else:
+        names = tuple(pad)
+    problems = shapes.unbatchable(recorded, names) if recorded else {}
+    if problems:
+        assert store is not None
+        listed = "; ".join(f"{name!r}: {why}" for name, why in sorted(problems.items()))
+        raise ValueError(
+            f"the {store.feature} entries cannot be batched ({listed}; recorded in {store.manifest_path}). "
+            "Tensors that differ only in their first axis are padded with a mask by pad='auto' (the default) or "
+            "by naming them in pad=[...]; for the others, precompute with preprocessing that gives every image "
+            "the same size (VGGT: --mode pad; VAE: image_size=(W, H)), or iterate with batch_size=1")
+    return names
 
 
 def put_row(batch: dict[str, Any], name: str, row: int, t: torch.Tensor, rows: int, *, padded: bool) -> None:
@@ -109,10 +141,11 @@ def _default_collate(values: list[Any]) -> Any:
 
 
 def _one_shape(key: str, tensors: list[Any]) -> None:
-    shapes = {tuple(v.shape) for v in tensors}
-    if len(shapes) != 1:
-        raise ValueError(f"collate: tensor {key!r} has shapes {sorted(shapes)} in one batch; name it in pad= "
-                         "(CachedDataset(..., pad=[...])) to pad it with a mask")
+    seen = {tuple(v.shape) for v in tensors}
+    if len(seen) != 1:
+        raise ValueError(f"collate: tensor {key!r} has shapes {sorted(seen)} in one batch; name it in pad= "
+                         "(CachedDataset(..., pad=[...])) to pad it with a mask, or precompute with preprocessing "
+                         "that gives every image the same size (VGGT: --mode pad)")
 
 
 def _stack_with_zeros(key: str, values: list[Any]) -> torch.Tensor:

@@ -12,7 +12,7 @@ import torch
 from featstore.errors import StaleEntryError
 from featstore.store import FeatureStore
 from featstore.training.arguments import settle_modes, use_cache_default
-from featstore.training.batching import HANDOFF, collate, put_row
+from featstore.training.batching import HANDOFF, collate, put_row, settle_pad
 from featstore.training.buffers import BatchBuffers
 from featstore.training.history_reading import HistoryReader
 from featstore.training.live import LiveEncoder, source_path
@@ -58,9 +58,11 @@ class CachedDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
         Whether DataLoader workers compute misses themselves; otherwise they hand them on to the
         main process, which encodes each batch's misses in one call (:meth:`fill`). Default: on
         the CPU they do; a GPU encoder runs in the main process only.
-    pad : iterable of str
-        Variable-length tensors (e.g. ``prompt_embed``) that :meth:`collate` pads to the longest
-        in the batch along their first axis, adding ``<name>_mask``.
+    pad : "auto" or iterable of str
+        Variable-length tensors that :meth:`collate` pads to the longest in the batch along their
+        first axis, adding ``<name>_mask`` (bool, True where real). ``"auto"`` (default): those
+        whose entries differ in that length, as precompute recorded in the manifest (VGGT features
+        of images with other aspect ratios, prompt embeddings of other lengths).
     pin_memory : bool
         Read batches into pinned memory when loading in the main process.
     log_start : bool
@@ -75,12 +77,15 @@ class CachedDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
     ------
     StaleEntryError
         ``on_miss="skip"`` and the feature has no valid entry to learn the shapes from.
+    ValueError
+        The manifest records entries that cannot be batched even padded (shapes that differ
+        beyond their first axis, or in the first axis of a tensor ``pad`` leaves out).
     """
 
     def __init__(self, base: Any, store: FeatureStore | None, *, path_fn: Callable[[Any], str] | None = None,
                  paths: Sequence[str] | None = None, history_fn: Callable[[Any], Sequence[str]] | None = None,
                  encoder: Any = None, mode: str = "read", use_cache: bool | None = None, on_miss: str | None = None,
-                 device: str = "cpu", encode_in_workers: bool | None = None, pad: Iterable[str] = (),
+                 device: str = "cpu", encode_in_workers: bool | None = None, pad: str | Iterable[str] = "auto",
                  pin_memory: bool = False, log_start: bool = True) -> None:
         if use_cache is None:
             use_cache = use_cache_default()
@@ -97,7 +102,7 @@ class CachedDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
         self.device = device
         self.encode_in_workers = (torch.device(device).type == "cpu") if encode_in_workers is None \
             else encode_in_workers
-        self.pad = tuple(pad)
+        self.pad = settle_pad(pad, self.store)
         self._buffers = BatchBuffers(pin_memory)
         self._reader = (HistoryReader if history_fn is not None else EntryReader)(self.pad, self._buffers)
         self._live = LiveEncoder(encoder, device=device, data_root=self.data_root, total_images=len(base))
@@ -153,8 +158,9 @@ class CachedDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
 
     def describe(self) -> str:
         """The start log line: what is on, and how much is cached."""
-        return start_line(self.store, paths=self.paths, mode=self.mode, switched_off=self.switched_off,
+        line = start_line(self.store, paths=self.paths, mode=self.mode, switched_off=self.switched_off,
                           on_miss=self.on_miss, histories=self.history_fn is not None)
+        return f"{line}, padded {', '.join(self.pad)}" if self.pad and self.store is not None else line
 
     def _load(self, indices: list[int]) -> list[dict[str, Any]]:
         samples = []

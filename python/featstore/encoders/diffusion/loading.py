@@ -42,7 +42,6 @@ def _existing_dir(path: str | os.PathLike[str], subfolder: str | None, what: str
     return root
 
 
-# ----------------------------------------------------------------------------------- images
 def load_image_uint8(path: str | os.PathLike[str], image_size: tuple[int, int] | None = None,
                      multiple: int = 8) -> torch.Tensor:
     """One image as uint8 ``[3, H, W]``, the way diffusion pipelines load it.
@@ -103,6 +102,3 @@ def load_image_uint8(path: str | os.PathLike[str], image_size: tuple[int, int] |
     if (left, top, out_w, out_h) != (0, 0, w, h):
         img = img.crop((left, top, left + out_w, top + out_h))
     return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
-
-
-# ----------------------------------------------------------------------------------- sources

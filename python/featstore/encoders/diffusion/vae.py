@@ -228,6 +228,3 @@ class VAEEncoder:
                 v = v.float()
                 latents[k] = v + 2 * torch.log(scale.abs()) if k == "latent_logvar" else (v - shift) * scale
         return {k: v.to(self.dtype) for k, v in latents.items()}
-
-
-# ----------------------------------------------------------------------------------- text
