@@ -51,9 +51,11 @@ def read_inputs(encoder: Encoder, rel: str, root: str) -> tuple[dict[str, InputV
         return None, f"{type(exc).__name__}: {exc}"
 
 
-def encode_batch(enc: Encoder, dev: torch.device, batch: torch.Tensor | list[Any]) -> dict[str, torch.Tensor]:
+def encode_batch(enc: Encoder, dev: torch.device, batch: torch.Tensor | list[Any]
+                 ) -> dict[str, torch.Tensor | list[torch.Tensor]]:
     """The encoder's outputs for one batch, checked and on the CPU: ``batch`` is uint8 images
-    ``[B, 3, H, W]``, frame sets ``[B, S, 3, H, W]``, or a list of items for ``encode_items``.
+    ``[B, 3, H, W]``, frame sets ``[B, S, 3, H, W]``, or a list of items for ``encode_items``
+    (whose outputs may be lists of one tensor per item).
     Runs under ``inference_mode``: the outputs are inference tensors (clone them before autograd
     sees them)."""
     with torch.inference_mode():
@@ -64,7 +66,8 @@ def encode_batch(enc: Encoder, dev: torch.device, batch: torch.Tensor | list[Any
         else:
             raw = enc.encode(batch.to(dev, non_blocking=True).float().div_(255))
         outputs = check_outputs(raw, len(batch), enc.name)
-        return {k: v.detach().to("cpu") for k, v in outputs.items()}
+        return {k: [t.detach().to("cpu") for t in v] if isinstance(v, list) else v.detach().to("cpu")
+                for k, v in outputs.items()}
 
 
 def encode_histories(enc: Encoder, dev: torch.device, batch: torch.Tensor,

@@ -27,10 +27,16 @@ def stamp_of(path: str | os.PathLike[str]) -> Stamp:
 @dataclass(frozen=True)
 class FileInput:
     """An input file as the encoder read it: ``stamp`` (taken *before* reading it) makes the
-    write refuse features of a file edited meanwhile."""
+    write refuse features of a file edited meanwhile.
+
+    ``shared``: a file many entries each read one part of (a ``.jsonl`` of captions), whose part
+    the entry also records as a text. Any edit of the file makes the entry stale on lookup;
+    precompute then refreshes, without encoding, the entries whose own part is unchanged
+    (:mod:`featstore.pipeline.refresh`)."""
 
     path: str | os.PathLike[str]
     stamp: Stamp | None = None
+    shared: bool = False
 
 
 @dataclass(frozen=True)
@@ -54,7 +60,7 @@ def as_read(inputs: Mapping[str, InputValue], root: str) -> dict[str, InputValue
         if isinstance(value, (str, os.PathLike)):
             value = FileInput(value)
         if isinstance(value, FileInput) and value.stamp is None:
-            value = FileInput(value.path, stamp_of(os.path.join(root, os.fspath(value.path))))
+            value = FileInput(value.path, stamp_of(os.path.join(root, os.fspath(value.path))), value.shared)
         out[name] = value
     return out
 

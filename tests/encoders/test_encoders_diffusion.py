@@ -273,7 +273,8 @@ def test_captions_and_control_images_from_jsonl_fields(tmp_path, text_parts):
     flipped = direct_latent_dist(tiny_vae(), controls[0]).mean[0]
     assert torch.allclose(FeatureStore(root, "control_latent").get(rels[0])["latent"], flipped, atol=1e-5)
 
-    # Editing a caption in one .jsonl makes the entries it lists stale, and only those.
+    # Editing a caption in one .jsonl makes the entries it lists stale on lookup, and only those;
+    # precompute recomputes the entry of the edited line and refreshes the others.
     jsonl = os.path.join(root, "scene000", "train.jsonl")
     with open(jsonl) as f:
         text = f.read()
@@ -283,7 +284,9 @@ def test_captions_and_control_images_from_jsonl_fields(tmp_path, text_parts):
     listed = [r for r in rels if r.startswith("scene000")]
     assert all(store.state(r) == ("stale" if r in listed else "valid") for r in rels)
     again = run(root, TextEncoder(*text_parts, max_length=8, captions=JsonlField(root, "prompt")), jsonl="image")
-    assert again["planned"] == len(listed) and again["written"] == len(listed)
+    assert (again["planned"], again["to_refresh"]) == (1, len(listed) - 1)
+    assert (again["written"], again["refreshed"]) == (1, len(listed) - 1)
+    assert all(FeatureStore(root, "prompt_embed").state(r) == "valid" for r in rels)
 
 
 def test_text_encoder_from_directories_and_its_fingerprint(tmp_path, text_parts):

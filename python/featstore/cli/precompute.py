@@ -18,13 +18,12 @@ from featstore.cli.common import (
     data_root,
     emit,
 )
+from featstore.cli.pipeline_args import DTYPES, add_pipeline_arguments, pipeline_encoder
 from featstore.fmt import count, error_lines, human_bytes
 
 if TYPE_CHECKING:
     from featstore.cli.common import Subcommands
 
-_DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16",
-           "fp32": "float32", "float32": "float32"}
 
 
 def register(sub: Subcommands) -> None:
@@ -42,6 +41,8 @@ def register(sub: Subcommands) -> None:
                "  featstore precompute /data/train --shard 0/4   # ... and 1/4, 2/4, 3/4 anywhere\n"
                "  featstore precompute /data/train --encoder mypkg.enc:make --feature dino\n"
                "  featstore precompute /data/r2r --jsonl images --history --history-window 8 48   # JanusVLN\n"
+               "  featstore precompute /data/edit --pipeline /models/Qwen-Image-Edit --part prompt --control-dir "
+               "/data/control\n"
                "environment: " + ", ".join(env.PRECOMPUTE_VARIABLES),
         formatter_class=argparse.RawDescriptionHelpFormatter)
     add_data_root(p)
@@ -55,7 +56,7 @@ def register(sub: Subcommands) -> None:
     g.add_argument("--layers", type=int, nargs="+", default=[-2], metavar="L",
                    help="VGGT aggregator layers to store (default -2: layer 22, read by JanusVLN-style models)")
     g.add_argument("--tokens", choices=("patch", "all"), default="patch", help="patch tokens only (default) or all")
-    g.add_argument("--dtype", choices=sorted(_DTYPES), default=None,
+    g.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="stored dtype (default: bf16 where the GPU supports it, fp16 on other GPUs, fp32 on CPU)")
     g.add_argument("--mode", choices=("crop", "pad"), default="crop", help="VGGT preprocessing (default crop)")
     g.add_argument("--frames-per-set", "--frames_per_set", dest="frames_per_set", type=at_least(1), default=1,
@@ -82,6 +83,7 @@ def register(sub: Subcommands) -> None:
     g.add_argument("--random-weights", action="store_true",
                    help="a tiny VGGT with random weights instead of a checkpoint (trying featstore; features "
                         "mean nothing)")
+    add_pipeline_arguments(p)
     f = p.add_argument_group("where")
     f.add_argument("--feature", default=None, metavar="F", help="feature name (default: the encoder's, e.g. vggt)")
     f.add_argument("--layout", choices=("sidecar", "dir"), default=None,
@@ -137,10 +139,12 @@ def cmd_precompute(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
         parse_shard(args.shard)
     except ValueError as exc:
         parser.error(str(exc))
-    directory = cache_dir(args, args.feature or args.encoder)
-    options = _encoder_options(args, parser)
+    encoder = pipeline_encoder(args, parser, root)
+    options = _encoder_options(args, parser) if encoder is None else {}
+    directory = cache_dir(args, args.feature or (encoder.name if encoder is not None else args.encoder))
     try:
-        s = precompute(root, encoder=args.encoder, feature=args.feature, layout=args.layout or "sidecar",
+        s = precompute(root, encoder=encoder if encoder is not None else args.encoder, feature=args.feature,
+                       layout=args.layout or "sidecar",
                        cache_dir=directory, device=args.device, batch_size=args.batch_size,
                        num_workers=args.num_workers, skip_existing=args.skip_existing, overwrite=args.overwrite,
                        start_idx=args.start_idx, end_idx=args.end_idx, shard=args.shard, files_from=args.files_from,
@@ -195,7 +199,7 @@ def _encoder_options(args: argparse.Namespace, parser: argparse.ArgumentParser) 
         options.update({"history": True, "window": tuple(args.history_window) if args.history_window else None,
                         "reverse": args.reverse_frames})
     if args.dtype:
-        options["dtype"] = getattr(torch, _DTYPES[args.dtype])
+        options["dtype"] = getattr(torch, DTYPES[args.dtype])
     if args.random_weights:
         options["random_weights_seed"] = 0
     return options
@@ -226,6 +230,9 @@ def _plan_text(s: dict[str, Any]) -> str:
                  f"{s['planned']:,} to compute" + (f", about {human_bytes(est)} ({_estimate_from(s)})"
                                                    if est is not None else "")
                  + f" ({human_bytes(s['free_bytes'])} free); planned in {1000 * s['plan_seconds']:.0f} ms")
+    if s.get("to_refresh"):
+        lines.append(f"plan: {count(s['to_refresh'], 'entry', 'entries')} to refresh: only their .jsonl changed (on "
+                     "other lines); rewritten with their own tensors, not computed")
     if s.get("weights_unchecked"):
         lines.append("weights not given: not checked, nothing loaded (a dry run needs none); states are judged "
                      "against the fingerprint in the manifest, or any; a real run needs --vggt-model-path PATH")
@@ -251,7 +258,8 @@ def _result_text(s: dict[str, Any], *, dry_run: bool) -> str:
     if dry_run:
         lines.append("dry run: nothing loaded, nothing written")
     elif s["planned"] == 0:
-        lines.append("nothing to do: every selected entry is valid")
+        lines.append(f"refreshed {s['refreshed']:,}; nothing to compute" if s.get("refreshed")
+                     else "nothing to do: every selected entry is valid")
     else:
         stages = s.get("stage_seconds", {})
         total = sum(stages.values()) or 1.0
@@ -265,6 +273,8 @@ def _result_text(s: dict[str, Any], *, dry_run: bool) -> str:
         lines.append(f"done: {what_written} written ({human_bytes(s['bytes_written'])}), {s['failed']:,} failed in "
                      f"{s['seconds']:.1f} s ({rate}); main-process time: "
                      + ", ".join(f"{k} {100 * v / total:.0f}%" for k, v in stages.items()))
+        if s.get("refreshed"):
+            lines.append(f"refreshed {s['refreshed']:,} (their .jsonl changed on other lines)")
         for rel, why in s["failures"][:10]:
             lines.append(f"  failed {rel}: {why}")
         if s.get("replaced"):

@@ -4,8 +4,9 @@
 - ``module:callable``: a user factory returning an encoder or an ``nn.Module`` (see
   :func:`resolve_encoder`);
 - diffusion (:mod:`featstore.encoders.diffusion`, loaded on first use so that importing this
-  package imports neither diffusers nor transformers): :class:`VAEEncoder` (``pixel_latent``,
-  ``control_latent``), :class:`TextEncoder` (``prompt_embed``), :class:`JsonlField`,
+  package imports neither diffusers nor transformers): :class:`PipelineEncoder` (a diffusers
+  pipeline's own ``encode_prompt`` and VAE: ``prompt_embed``, ``pixel_latent``,
+  ``control_latent``), :class:`VAEEncoder`, :class:`TextEncoder`, :class:`JsonlField`,
   :class:`ControlDir`.
 """
 
@@ -39,7 +40,7 @@ def resolve_encoder(spec: object, **vggt_options: object) -> Encoder:
     return as_encoder(spec)
 
 
-_DIFFUSION = ("VAEEncoder", "TextEncoder", "JsonlField", "ControlDir")
+_DIFFUSION = ("PipelineEncoder", "VAEEncoder", "TextEncoder", "JsonlField", "ControlDir")
 
 
 def __getattr__(name: str) -> Any:

@@ -17,7 +17,9 @@ and may have any of these (:func:`capabilities` says which; nothing else asks ``
                                                 # control image: paths; a caption text: bytes),
                                                 # recorded in the entry and checked on lookup
     encode_items(items) -> dict[str, Tensor]    # preprocess returns an item (a caption), not an
-                                                # image: a batch is the list of items
+                                                # image: a batch is the list of items; an output
+                                                # may be a list of one tensor per item instead
+                                                # (ragged: each entry gets its own shape)
     encode_sets(batch) -> dict[str, Tensor]     # frame sets: uint8-derived float [B, S, 3, H, W]
     frames_per_set: int                         # > 1: sources are encoded in ordered sets
     encode_history(batch, lengths=None)         # histories, causally: batch is uint8-derived float
@@ -189,14 +191,17 @@ def describe(encoder: Any) -> dict[str, Any]:
     return {"name": getattr(encoder, "name", type(encoder).__name__), "class": type(encoder).__qualname__}
 
 
-def check_outputs(outputs: Any, batch_size: int, encoder_name: str) -> Mapping[str, torch.Tensor]:
-    """Validates what ``encode`` returned: a dict of tensors with the batch as first axis."""
+def check_outputs(outputs: Any, batch_size: int, encoder_name: str) -> Mapping[str, Any]:
+    """Validates what ``encode`` returned: a dict of tensors with the batch as first axis, or of
+    lists with one tensor per item (ragged outputs, e.g. unpadded prompt embeddings)."""
     if isinstance(outputs, torch.Tensor):
         outputs = {"features": outputs}
     if not isinstance(outputs, Mapping) or not outputs:
         raise TypeError(f"encoder {encoder_name!r}: encode() must return a dict of tensors, "
                         f"got {type(outputs).__name__}")
     for k, v in outputs.items():
+        if isinstance(v, list) and len(v) == batch_size and all(isinstance(t, torch.Tensor) for t in v):
+            continue
         if not isinstance(v, torch.Tensor) or v.dim() == 0 or v.shape[0] != batch_size:
             shape = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
             raise TypeError(f"encoder {encoder_name!r}: output {k!r} must have the batch ({batch_size}) as its "

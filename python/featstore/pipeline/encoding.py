@@ -20,7 +20,7 @@ from featstore.encoders import Encoder, capabilities
 from featstore.encoding import encode_batch, encode_histories, is_out_of_memory
 from featstore.pipeline.items import WorkItem
 from featstore.pipeline.summary import Counts
-from featstore.pipeline.writing import Writer
+from featstore.pipeline.writing import Outputs, Writer
 
 
 class BatchEncoder:
@@ -55,6 +55,7 @@ class BatchEncoder:
         t0 = time.perf_counter()
         history = items[0].kind == "history"
         passes_before = self._passes()
+        outputs: Outputs
         try:
             if history:
                 assert isinstance(batch, torch.Tensor)

@@ -24,7 +24,9 @@ from featstore import _core, env
 from featstore.encoders import Capabilities, Encoder, capabilities, describe, resolve_encoder
 from featstore.errors import CheckpointError, FeatstoreError
 from featstore.history import history_state
+from featstore.inputs import FileInput
 from featstore.pipeline.items import Kind, WorkItem, kind_for, work_items
+from featstore.pipeline.refresh import refreshable
 from featstore.pipeline.selection import check_range, distributed_rank, parse_shard, select
 from featstore.scan import ScanResult, nothing_found, scan
 from featstore.sets import set_entry_path, set_state
@@ -64,6 +66,9 @@ class Plan:
         ``valid`` when every prefix entry is, else the first other state of its prefixes).
     todo : list of WorkItem
         The items to compute, in order (a history reduced to the prefixes needing work).
+    refresh : list of WorkItem
+        Stale items that only a shared input (a ``.jsonl`` edited on another line) made stale:
+        rewritten with the same tensors, not computed (:mod:`.refresh`).
     plan_seconds : float
         Seconds spent judging states.
     target_dir : str
@@ -108,6 +113,7 @@ class Plan:
     log_every: float = 0.0
     unchecked: str | None = None
     estimate_from: str | None = None
+    refresh: list[WorkItem] = field(default_factory=list)
 
     def states_of_entries(self) -> list[str]:
         """The state of every entry of the selected items, in order (samples in history mode)."""
@@ -178,8 +184,12 @@ def make_plan(data_root: str | os.PathLike[str], *, encoder: Any, feature: str |
         states = _inputs_now(store, enc, mine, states)
         per_entry = [(s,) for s in states]
     redo = overwrite or not skip_existing
+    refresh = refreshable(store, enc, mine, states) if caps.inputs and not redo else []
     todo = [narrowed for item, entries in zip(mine, per_entry, strict=True)
             if (narrowed := item.needing([redo or _needs_work(s) for s in entries])) is not None]
+    if refresh:
+        refreshed = set(refresh)
+        todo = [item for item in todo if item not in refreshed]
     plan_seconds = time.perf_counter() - t_plan
 
     target_dir = store.cache_dir or store.data_root
@@ -193,7 +203,7 @@ def make_plan(data_root: str | os.PathLike[str], *, encoder: Any, feature: str |
                 model_path=model_path, jsonl=jsonl, total_items=len(every),
                 entry_states=per_entry if caps.history else [],
                 log_every=log_seconds if progress is None and not show else 0.0, unchecked=unchecked,
-                estimate_from=estimate_from)
+                estimate_from=estimate_from, refresh=refresh)
 
 
 def _open_encoder(spec: Any, device: str, options: dict[str, Any] | None, *, dry_run: bool) -> Encoder:
@@ -270,8 +280,9 @@ def _history_states(store: FeatureStore, items: Sequence[WorkItem]) -> list[tupl
 def _inputs_now(store: FeatureStore, enc: Encoder, items: Sequence[WorkItem], states: list[str]) -> list[str]:
     """``states`` with ``stale`` for each valid entry whose inputs differ from what the encoder
     would read now: another set of inputs (the caption rule now picks another file, captions
-    moved from ``.txt`` files to a ``.jsonl``), or a text input (a caption given as text) with
-    another digest. Lookups compare recorded files themselves; texts only the planner can."""
+    moved from ``.txt`` files to a ``.jsonl``), a text input (a caption given as text) with
+    another digest, or a file input taken from another path (a ``.jsonl`` line now naming another
+    control image). Lookups compare recorded files themselves; texts and paths only the planner can."""
     out = list(states)
     for i, (item, state) in enumerate(zip(items, states, strict=True)):
         if state != "valid" or item.kind != "image":
@@ -286,9 +297,22 @@ def _inputs_now(store: FeatureStore, enc: Encoder, items: Sequence[WorkItem], st
             continue
         texts_differ = any(isinstance(v, bytes) and recorded.get(name, {}).get("blake3") != _core.bytes_digest(v)
                            for name, v in now.items())
-        if set(now) != set(recorded) or texts_differ:
+        # A file input the encoder would now take from elsewhere (a .jsonl line naming another
+        # control image): the recorded file may be unchanged, but it is not the input any more.
+        moved = any(isinstance(v, (str, os.PathLike, FileInput)) and name in recorded and
+                    _recorded_path(store, recorded[name]) != _now_path(store, v) for name, v in now.items())
+        if set(now) != set(recorded) or texts_differ or moved:
             out[i] = "stale"
     return out
+
+
+def _recorded_path(store: FeatureStore, record: dict[str, Any]) -> str:
+    return os.path.normpath(os.path.join(store.data_root, str(record.get("path", ""))))
+
+
+def _now_path(store: FeatureStore, value: Any) -> str:
+    return os.path.normpath(os.path.join(store.data_root, os.fspath(value.path if isinstance(value, FileInput)
+                                                                   else value)))
 
 
 def _free_bytes(target_dir: str) -> int:

@@ -8,6 +8,7 @@ is still journaled and merged before the interrupt is reported.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from dataclasses import dataclass
 
@@ -15,9 +16,12 @@ import torch
 
 from featstore.lock import run_lock
 from featstore.manifest import recorded_shapes
+from featstore.pipeline import journal as journal_lines
+from featstore.pipeline.items import WorkItem
 from featstore.pipeline.journal import journal_path, journal_unindexed
 from featstore.pipeline.manifest import finish_manifest
 from featstore.pipeline.planning import Plan
+from featstore.pipeline.refresh import refresh
 from featstore.pipeline.selection import join_process_group
 from featstore.pipeline.shape_log import ShapeLog
 from featstore.pipeline.streaming import stream
@@ -49,6 +53,8 @@ def run_plan(plan: Plan, *, num_workers: int | None, durable: bool) -> Outcome:
             # Entries of this encoder from before the manifest summed up their shapes: read
             # their headers once, so the summary covers every entry, not only this run's.
             shape_log.observe_entries(store, plan.skipped_valid())
+        if plan.refresh:
+            plan = dataclasses.replace(plan, todo=plan.todo + refresh_entries(plan, journal, counts))
         if plan.todo:
             try:
                 stream(plan, num_workers=num_workers, durable=durable, counts=counts, journal=journal,
@@ -60,3 +66,18 @@ def run_plan(plan: Plan, *, num_workers: int | None, durable: bool) -> Outcome:
         # Still under the lock: no other run of the feature appends to a journal being merged.
         manifest = finish_manifest(plan)
     return Outcome(counts=counts, interrupted=interrupted, manifest=manifest)
+
+
+def refresh_entries(plan: Plan, journal: str, counts: Counts) -> list[WorkItem]:
+    """Refreshes the planned entries (see :mod:`.refresh`) and journals them; returns the items
+    that no longer qualify (an input changed since planning), to be computed instead."""
+    records, left = [], []
+    for item in plan.refresh:
+        record = refresh(plan.store, plan.encoder, item)
+        if record is None:
+            left.append(item)
+        else:
+            records.append(record)
+    journal_lines.append(journal, records)
+    counts.refreshed += len(records)
+    return left

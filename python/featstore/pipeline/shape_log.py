@@ -31,15 +31,19 @@ class ShapeLog:
         self.fingerprint = store.fingerprint
         self.shapes: shapes.Shapes = {}
 
-    def observe_outputs(self, items: Sequence[WorkItem], outputs: Mapping[str, torch.Tensor]) -> None:
-        """Adds a batch's outputs (the batch is their first axis; a history item's outputs also
-        have one row per prefix) and saves the file when they add a shape."""
+    def observe_outputs(self, items: Sequence[WorkItem], outputs: Mapping[str, torch.Tensor | list[torch.Tensor]]
+                        ) -> None:
+        """Adds a batch's outputs (the batch is their first axis, or a list of one tensor per item;
+        a history item's outputs also have one row per prefix) and saves the file when they add a
+        shape."""
         changed = False
         for i, item in enumerate(items):
-            skip = 2 if item.kind == "history" else 1
-            changed |= shapes.observe(self.shapes, ((name, TORCH_TO_SAFETENSORS[t.dtype], t.shape[skip:])
-                                                    for name, t in outputs.items() if t.dim() >= skip and
-                                                    len(t) > i))
+            # The entry's tensor: row i (a history's rows are its prefixes: one more axis).
+            rows = {name: t[i] for name, t in outputs.items() if len(t) > i}
+            if item.kind == "history":
+                rows = {name: t[0] for name, t in rows.items() if t.dim() > 0 and len(t)}
+            changed |= shapes.observe(self.shapes, ((name, TORCH_TO_SAFETENSORS[t.dtype], t.shape)
+                                                    for name, t in rows.items()))
         if changed:
             self.save()
 

@@ -24,6 +24,7 @@ class Counts:
     frames: int = 0  # the images the written entries hold: one each, or a frame set's members
     frame_passes: int = 0  # history mode: frames fed through the model (a T-frame list streamed: T)
     failed: int = 0
+    refreshed: int = 0  # entries rewritten with their own tensors after a shared input changed elsewhere
     bytes: int = 0
     failures: list[tuple[str, str]] = field(default_factory=list)
     stage_seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
@@ -39,7 +40,8 @@ def plan_summary(plan: Plan, *, dry_run: bool) -> dict[str, Any]:
     paths the scan could not read (``scan_errors`` counts them all), ``weights_unchecked`` says why
     a dry run has no fingerprint (None when it has one) and ``estimate_from`` where
     ``estimated_bytes`` came from (``entries``: the mean size of entries already written;
-    ``encoder``: the encoder's upper bound)."""
+    ``encoder``: the encoder's upper bound). ``to_refresh`` counts the stale entries that only a
+    shared input made stale (a ``.jsonl`` edited on other lines): rewritten, not computed."""
     store, shard, rank = plan.store, plan.shard, plan.rank
     counts_by_state: dict[str, int] = defaultdict(int)
     for s in plan.states_of_entries():
@@ -56,7 +58,7 @@ def plan_summary(plan: Plan, *, dry_run: bool) -> dict[str, Any]:
         "estimate_from": plan.estimate_from,
         "data_root": store.data_root, "feature": store.feature, "layout": store.layout, "cache_dir": store.cache_dir,
         "fingerprint": store.requested_fingerprint, "encoder": plan.description, "device": plan.device,
-        "sources": len(plan.found), "selected": selected, "planned": planned,
+        "sources": len(plan.found), "selected": selected, "planned": planned, "to_refresh": len(plan.refresh),
         "skipped": selected - planned, "states": dict(counts_by_state),
         "estimated_bytes": plan.estimated_bytes, "free_bytes": plan.free_bytes,
         "plan_seconds": round(plan.plan_seconds, 3), "dry_run": dry_run, "scan_errors": len(plan.found.errors),
@@ -102,7 +104,8 @@ def run_summary(counts: Counts, seconds: float, interrupted: bool, *, frames_per
         return round(n / seconds, 2) if seconds > 0 else None
 
     done = {
-        "written": counts.written, "failed": counts.failed, "bytes_written": counts.bytes,
+        "written": counts.written, "failed": counts.failed, "refreshed": counts.refreshed,
+        "bytes_written": counts.bytes,
         "failures": [list(f) for f in counts.failures[:100]], "seconds": round(seconds, 3),
         "images_per_second": rate(counts.frames),
         "stage_seconds": {k: round(v, 3) for k, v in counts.stage_seconds.items()},

@@ -27,6 +27,10 @@ from featstore.pipeline.summary import Counts
 from featstore.sets import put_set
 from featstore.store import FeatureStore
 
+#: A batch's outputs by name: one tensor with the batch as its first axis, or (ragged outputs of
+#: ``encode_items``) a list of one tensor per item.
+Outputs = Mapping[str, "torch.Tensor | list[torch.Tensor]"]
+
 
 @dataclass(frozen=True)
 class Written:
@@ -106,7 +110,7 @@ class Writer:
         self.thread = threading.Thread(target=self._run, name="featstore-writer", daemon=True)
         self.thread.start()
 
-    def submit(self, items: list[WorkItem], outputs: dict[str, torch.Tensor]) -> None:
+    def submit(self, items: list[WorkItem], outputs: Outputs) -> None:
         """Queues a batch's outputs (the batch is their first axis) for ``items``; raises what
         an earlier write raised."""
         if self.error is not None:
@@ -136,7 +140,7 @@ class Writer:
             except BaseException as exc:  # surfaced to the main thread on the next submit/close
                 self.error = exc
 
-    def _write(self, items: list[WorkItem], outputs: dict[str, torch.Tensor] | str) -> None:
+    def _write(self, items: list[WorkItem], outputs: Outputs | str) -> None:
         t0 = time.perf_counter()
         records: list[journal_lines.Record] = []
         if isinstance(outputs, str):  # a failure reason, from fail()

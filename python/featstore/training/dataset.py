@@ -67,6 +67,10 @@ class CachedDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
         Read batches into pinned memory when loading in the main process.
     log_start : bool
         Log one line saying what is on (``feature cache enabled: feature vggt, ...``).
+    cached_key : str
+        The key saying whether a sample's features came from the cache. Datasets serving several
+        features wrap each other (``CachedDataset(CachedDataset(base, latents, ...), prompts,
+        ...)``): give each its own key (``"pixel_latent_cached"``) so none overwrites another's.
 
     Each returned sample is the base sample plus the entry's tensors under their names and
     ``cached``: True when the features came from the cache (False when computed live, or zeros
@@ -86,7 +90,7 @@ class CachedDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
                  paths: Sequence[str] | None = None, history_fn: Callable[[Any], Sequence[str]] | None = None,
                  encoder: Any = None, mode: str = "read", use_cache: bool | None = None, on_miss: str | None = None,
                  device: str = "cpu", encode_in_workers: bool | None = None, pad: str | Iterable[str] = "auto",
-                 pin_memory: bool = False, log_start: bool = True) -> None:
+                 pin_memory: bool = False, log_start: bool = True, cached_key: str = "cached") -> None:
         if use_cache is None:
             use_cache = use_cache_default()
         self.switched_off = not use_cache
@@ -103,6 +107,7 @@ class CachedDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
         self.encode_in_workers = (torch.device(device).type == "cpu") if encode_in_workers is None \
             else encode_in_workers
         self.pad = settle_pad(pad, self.store)
+        self.cached_key = cached_key
         self._buffers = BatchBuffers(pin_memory)
         self._reader = (HistoryReader if history_fn is not None else EntryReader)(self.pad, self._buffers)
         self._live = LiveEncoder(encoder, device=device, data_root=self.data_root, total_images=len(base))
@@ -135,8 +140,12 @@ class CachedDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
         return self._load(list(indices))
 
     def collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
-        """:func:`collate` with this dataset's padded tensors."""
-        return collate(samples, pad=self.pad)
+        """:func:`collate` with this dataset's padded tensors (and those of the datasets it wraps)."""
+        pad, inner = list(self.pad), self.base
+        while isinstance(inner, CachedDataset):
+            pad += inner.pad
+            inner = inner.base
+        return collate(samples, pad=pad)
 
     def loader(self, *, prefetch: int = 2, **dataloader_args: Any) -> CachedLoader:
         """A ``DataLoader`` over this dataset (``dataloader_args`` are its own) whose batches get
@@ -181,7 +190,7 @@ class CachedDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
             misses = self._reader.into_samples(self.store, samples, sources, zeros=self.on_miss == "skip")
         missed = set(misses)
         for j, sample in enumerate(samples):
-            sample["cached"] = j not in missed
+            sample[self.cached_key] = j not in missed
         if misses:
             self._miss(samples, sources, misses)
         return samples
@@ -210,7 +219,7 @@ class CachedDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
             return
         for j, (tensors, cached) in zip(rows, self.compute([sources[j] for j in rows]), strict=True):
             samples[j].update(tensors)
-            samples[j]["cached"] = cached
+            samples[j][self.cached_key] = cached
 
     def _unresolved(self, sources: Sequence[Source]) -> None:
         """Misses with ``on_miss`` skip (the samples get zeros) or error."""
@@ -247,7 +256,7 @@ class CachedDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
         if not misses:
             return self._zeros_for_misses(batch)
         for j, _ in misses:
-            batch["cached"][j] = False
+            batch[self.cached_key][j] = False
         if self.on_miss != "compute":
             self._unresolved([source for _, source in misses])
             for j, _ in misses:  # rows a failed batch read left undefined
@@ -258,14 +267,14 @@ class CachedDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
         for (j, _), (tensors, cached) in zip(misses, self.compute([s for _, s in misses]), strict=True):
             for name, t in tensors.items():
                 put_row(batch, name, j, t, rows, padded=name in self.pad)
-            batch["cached"][j] = cached
+            batch[self.cached_key][j] = cached
         return batch
 
     def _zeros_for_misses(self, batch: dict[str, Any]) -> dict[str, Any]:
         """With skipped misses, adds zeros for the tensors no row of ``batch`` (a collated batch,
         or one sample) has, so that its keys and shapes never depend on which rows hit."""
         if self.on_miss == "skip" and self._reader.shapes is not None:
-            cached = batch.get("cached")
+            cached = batch.get(self.cached_key)
             if isinstance(cached, torch.Tensor) and cached.dim() == 1:
                 self._reader.zeros_into_batch(batch, len(cached))
             elif isinstance(cached, bool):
@@ -276,11 +285,11 @@ class CachedDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
         """:meth:`fill` of one uncollated sample."""
         tensors = self._reader.get(self.store, source) if what == "read" and self.store is not None else None
         if tensors is None:
-            sample["cached"] = False
+            sample[self.cached_key] = False
             if self.on_miss != "compute":
                 self._unresolved([source])
                 return sample
-            tensors, sample["cached"] = self.compute([source])[0]
+            tensors, sample[self.cached_key] = self.compute([source])[0]
         sample.update(tensors)
         return sample
 

@@ -1,6 +1,9 @@
 """Encoders for diffusion fine-tuning: VAE latents of images and control images, and embeddings
 of captions.
 
+- :class:`PipelineEncoder`: one part of a diffusers pipeline (Qwen-Image, Qwen-Image-Edit, SD 1.5,
+  SDXL, Flux, Wan): its own ``encode_prompt`` (``prompt_embed``) or its VAE (``pixel_latent``,
+  ``control_latent``); the families are described in :mod:`.families`;
 - :class:`VAEEncoder`: a diffusers VAE (``AutoencoderKL``, or ``AutoencoderKLQwenImage`` /
   ``AutoencoderKLWan`` for Qwen-Image); feature ``pixel_latent``, or ``control_latent`` when it
   reads each source's control image (``control_fn``);
@@ -28,8 +31,9 @@ loaded from a directory. Weights are only ever read from local directories, neve
 
 from featstore.encoders.diffusion.inputs import ControlDir, JsonlField, caption_path
 from featstore.encoders.diffusion.loading import load_image_uint8
+from featstore.encoders.diffusion.pipeline import PARTS, PipelineEncoder
 from featstore.encoders.diffusion.text import TextEncoder, tokenizer_digest
 from featstore.encoders.diffusion.vae import OUTPUTS, VAEEncoder
 
-__all__ = ["OUTPUTS", "ControlDir", "JsonlField", "TextEncoder", "VAEEncoder", "caption_path", "load_image_uint8",
-           "tokenizer_digest"]
+__all__ = ["OUTPUTS", "PARTS", "ControlDir", "JsonlField", "PipelineEncoder", "TextEncoder", "VAEEncoder",
+           "caption_path", "load_image_uint8", "tokenizer_digest"]

@@ -111,9 +111,11 @@ class JsonlField(Mapping[str, str]):
         return self._values[self._key(path)][1]
 
     def jsonl_input(self, path: str | os.PathLike[str]) -> FileInput:
-        """The ``.jsonl`` file whose line lists ``path``, with its stamp when it was read."""
+        """The ``.jsonl`` file whose line lists ``path``, with its stamp when it was read, as a
+        shared input: the entry also records its own line's text, so precompute refreshes the
+        entries of unchanged lines after an edit of another (see :class:`FileInput`)."""
         jsonl = self.jsonl_of(path)
-        return FileInput(jsonl, self._stamps[jsonl])
+        return FileInput(jsonl, self._stamps[jsonl], shared=True)
 
     def path_of(self, path: str | os.PathLike[str]) -> str:
         """The field's value as a path (relative to its jsonl's folder, else the root): a

@@ -29,6 +29,19 @@ def _public_config(config: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in dict(config).items() if not str(k).startswith("_")}
 
 
+def folder_digest(path: str) -> str:
+    """Digest of every file under a small folder (a tokenizer's or processor's: vocabularies,
+    merges, sentencepiece models, configs), by relative name and content."""
+    from featstore import _core
+
+    parts = []
+    for d, _, files in sorted(os.walk(path)):
+        for f in sorted(files):
+            full = os.path.join(d, f)
+            parts.append((os.path.relpath(full, path), _core.file_digest(full)))
+    return repr(sorted(parts))
+
+
 def _existing_dir(path: str | os.PathLike[str], subfolder: str | None, what: str) -> str:
     root = os.path.abspath(os.fspath(path))
     where = os.path.join(root, subfolder) if subfolder else root

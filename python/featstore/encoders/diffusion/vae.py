@@ -66,6 +66,9 @@ class VAEEncoder:
         Stored dtype (default float32; latents are small).
     seed : int
         Seed of the ``sample`` output.
+    multiple : int
+        Without ``image_size``, images are center-cropped to sides that are multiples of this
+        (8: the VAE's downsampling; 16 where the transformer packs 2x2 latents).
 
     Notes
     -----
@@ -77,13 +80,14 @@ class VAEEncoder:
                  image_size: tuple[int, int] | None = None, name: str = "pixel_latent",
                  scaling: str | tuple[float, float] = "none",
                  control_fn: Callable[[str], str | os.PathLike[str]] | None = None, subfolder: str | None = None,
-                 torch_dtype: torch.dtype | None = None, dtype: torch.dtype = torch.float32, seed: int = 0) -> None:
+                 torch_dtype: torch.dtype | None = None, dtype: torch.dtype = torch.float32, seed: int = 0,
+                 multiple: int = 8) -> None:
         if output not in OUTPUTS:
             raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
         if image_size is not None:
             image_size = (int(image_size[0]), int(image_size[1]))
-            if min(image_size) <= 0 or image_size[0] % 8 or image_size[1] % 8:
-                raise ValueError(f"image_size {image_size} must be (width, height) in pixels, multiples of 8")
+            if min(image_size) <= 0 or image_size[0] % multiple or image_size[1] % multiple:
+                raise ValueError(f"image_size {image_size} must be (width, height) in pixels, multiples of {multiple}")
         if isinstance(scaling, str):
             if scaling not in ("none", "config"):
                 raise ValueError(f"scaling must be 'none', 'config' or (scale, shift), got {scaling!r}")
@@ -110,6 +114,7 @@ class VAEEncoder:
         self.torch_dtype = torch_dtype
         self.dtype = dtype
         self.seed = seed
+        self.multiple = int(multiple)
         self._device: torch.device | None = None
         self._generator: torch.Generator | None = None
         self._fingerprint: str | None = None
@@ -128,7 +133,8 @@ class VAEEncoder:
             self._fingerprint = digest_of(
                 "featstore-vae-encoder-v1", weights, self._model_class(), self._config, self.output,
                 self.image_size, self.scaling, str(self.torch_dtype), str(self.dtype),
-                self.control_fn is not None, self.seed if self.output == "sample" else None)
+                self.control_fn is not None, self.seed if self.output == "sample" else None,
+                *([self.multiple] if self.multiple != 8 else []))  # 8: as before the option existed
         return self._fingerprint
 
     def describe(self) -> dict[str, Any]:
@@ -163,7 +169,7 @@ class VAEEncoder:
 
     def preprocess(self, path: str) -> torch.Tensor:
         """The source image, or its control image with ``control_fn``: uint8 ``[3, H, W]``."""
-        return load_image_uint8(self._image_of(path), self.image_size)
+        return load_image_uint8(self._image_of(path), self.image_size, self.multiple)
 
     def _image_of(self, path: str) -> str:
         return os.fspath(self.control_fn(path)) if self.control_fn is not None else path
