@@ -1,5 +1,5 @@
 """PipelineEncoder (issue 15): each family's cached entries equal what its own pipeline computes
-when called directly (tiny random pipelines built offline, tests/encoders/tiny_pipelines.py), an
+when called directly (tiny random pipelines built offline, featstore.examples.pipelines), an
 edited caption, control image or .jsonl line makes exactly the right entries stale, and the CLI
 caches the diffusion users' four tensors."""
 
@@ -9,22 +9,20 @@ import contextlib
 import io
 import json
 import os
-import sys
 
 import pytest
 import torch
 from conftest import age, cli
 from PIL import Image
 
+import featstore
+from featstore.encoders import PipelineEncoder
+from featstore.encoders.diffusion import ControlDir, JsonlField, load_image_uint8
+from featstore.encoders.diffusion.families import family_of, qwen_edit_prompt_image
+
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
-sys.path.insert(0, os.path.dirname(__file__))
-import tiny_pipelines  # noqa: E402
-
-import featstore  # noqa: E402
-from featstore.encoders import PipelineEncoder  # noqa: E402
-from featstore.encoders.diffusion import ControlDir, JsonlField, load_image_uint8  # noqa: E402
-from featstore.encoders.diffusion.families import family_of, qwen_edit_prompt_image  # noqa: E402
+from featstore.examples import pipelines as tiny_pipelines  # noqa: E402
 
 CAPTIONS = ["a red cat sits on the mat", "two dogs", "a small house under a blue sky with trees and a road"]
 

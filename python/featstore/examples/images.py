@@ -1,18 +1,15 @@
-"""Generated example data: image trees for the README's first command, tests and benchmarks.
-
-Run ``python -m featstore.examples DIR [--count N]`` to make a small tree of JPEGs and PNGs.
-"""
+"""Generated image trees: noise JPEGs and PNGs in scene folders, of one size or of mixed sizes."""
 
 from __future__ import annotations
 
-import argparse
 import os
 
 import numpy as np
 
 
 def make_image_tree(root: str | os.PathLike[str], count: int = 24, *, scenes: int = 3, size: int = 96,
-                    target_bytes: int | None = None, seed: int = 0, png_every: int = 5) -> list[str]:
+                    target_bytes: int | None = None, seed: int = 0, png_every: int = 5,
+                    mixed_sizes: bool = False) -> list[str]:
     """Writes ``count`` images under ``root/scene###/`` and returns their relative paths.
 
     Parameters
@@ -30,6 +27,9 @@ def make_image_tree(root: str | os.PathLike[str], count: int = 24, *, scenes: in
         Seed of the pixel noise (same seed, same bytes).
     png_every : int
         Every n-th image is a PNG (0: JPEGs only).
+    mixed_sizes : bool
+        Cycle through landscape, portrait and square images of about ``size`` pixels (as photos
+        of a real dataset come): VGGT's "crop" preprocessing then gives them other token counts.
     """
     from PIL import Image
 
@@ -42,21 +42,12 @@ def make_image_tree(root: str | os.PathLike[str], count: int = 24, *, scenes: in
         os.makedirs(os.path.join(root, scene), exist_ok=True)
         ext = "png" if png_every and i % png_every == png_every - 1 else "jpg"
         rel = f"{scene}/img_{i:05d}.{ext}"
-        pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+        w, h = _SHAPES[i % len(_SHAPES)](size) if mixed_sizes else (size, size)
+        pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
         Image.fromarray(pixels).save(os.path.join(root, rel), quality=95)
         rels.append(rel)
     return sorted(rels)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description="Write a small example image tree.")
-    parser.add_argument("root")
-    parser.add_argument("--count", type=int, default=24)
-    parser.add_argument("--size", type=int, default=96)
-    args = parser.parse_args()
-    rels = make_image_tree(args.root, args.count, size=args.size)
-    print(f"wrote {len(rels)} images under {os.path.abspath(args.root)}")
-
-
-if __name__ == "__main__":
-    main()
+# (width, height) of the mixed sizes: 4:3, 3:4, square, 16:9.
+_SHAPES = (lambda s: (s, s * 3 // 4), lambda s: (s * 3 // 4, s), lambda s: (s, s), lambda s: (s, s * 9 // 16))

@@ -12,6 +12,7 @@ import string
 from collections import Counter
 from collections.abc import Iterable
 from itertools import pairwise
+from typing import Any
 
 # Words every tokenizer knows as whole tokens (anything else still tokenizes, as characters / bytes).
 WORDS = (
@@ -135,7 +136,8 @@ def clip_tokenizer(pad_token: str = "<|endoftext|>"):
     from transformers import CLIPTokenizer
 
     vocab, merges = _clip_vocab()
-    return CLIPTokenizer(vocab=dict(vocab), merges=list(merges), pad_token=pad_token, model_max_length=77)
+    return CLIPTokenizer(vocab=dict(vocab), merges=list(merges), pad_token=pad_token,  # type: ignore[arg-type]
+                         model_max_length=77)
 
 
 def _qwen_templates() -> list[str]:
@@ -146,7 +148,8 @@ def _qwen_templates() -> list[str]:
     from diffusers import QwenImageEditPipeline, QwenImagePipeline
 
     texts = []
-    for cls in (QwenImagePipeline, QwenImageEditPipeline):
+    classes: tuple[Any, ...] = (QwenImagePipeline, QwenImageEditPipeline)
+    for cls in classes:
         names = list(inspect.signature(cls.__init__).parameters)[1:]
         texts.append(cls(**dict.fromkeys(names)).prompt_template_encode)
     return texts

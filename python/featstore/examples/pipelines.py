@@ -1,4 +1,5 @@
-"""Tiny, random, offline diffusers pipelines for encoder tests (importable as `tiny_pipelines`).
+"""Tiny, random, offline diffusers pipelines: for the tests of PipelineEncoder, the README's diffusion quick
+start (``python -m featstore.examples pipeline qwen_image_edit DIR``) and benchmarks.
 
 Each family's pipeline is built from seeded random weights and tokenizers made here from a small vocabulary,
 so nothing is downloaded; once torch/diffusers/transformers are imported, a build + save_pretrained +
@@ -24,7 +25,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from tiny_tokenizers import clip_tokenizer, qwen_token_ids, qwen_tokenizer, t5_tokenizer
+
+from featstore.examples.tokenizers import clip_tokenizer, qwen_token_ids, qwen_tokenizer, t5_tokenizer
 
 FAMILIES = ("sd15", "sdxl", "flux", "qwen_image", "qwen_image_edit", "wan")
 
