@@ -304,3 +304,76 @@ def test_cli_usage_errors_for_pipeline_flags(pipelines, tmp_path):
     path = _pipeline(pipelines, "sd15")
     assert "reads no control images" in _usage_error("precompute", root, "--pipeline", path, "--part", "latent",
                                                      "--control-dir", str(tmp_path))
+
+
+def test_a_loaded_pipeline_gives_the_same_entries_and_the_prompt_part_loads_no_transformer(pipelines, tmp_path):
+    path = _pipeline(pipelines, "sdxl")
+    root = str(tmp_path / "data")
+    rels = _data(root)
+    from_dir = PipelineEncoder(path, "prompt")
+    from_dir.to("cpu")
+    assert from_dir.pipe.transformer is None if hasattr(from_dir.pipe, "transformer") else True
+    assert getattr(from_dir.pipe, "unet", None) is None and getattr(from_dir.pipe, "vae", None) is None
+    featstore.precompute(root, encoder=from_dir, progress=False)
+    loaded = PipelineEncoder(_loaded(path), "prompt", name="prompt_loaded")
+    featstore.precompute(root, encoder=loaded, progress=False)
+    a, b = featstore.FeatureStore(root, "prompt_embed"), featstore.FeatureStore(root, "prompt_loaded")
+    for rel in rels:
+        for name in ("prompt_embed", "pooled_prompt_embed"):
+            assert torch.equal(a.get(rel)[name], b.get(rel)[name])
+
+
+def test_max_length_pads_with_the_mask_and_never_truncates(pipelines, tmp_path):
+    path = _pipeline(pipelines, "qwen_image")
+    root = str(tmp_path / "data")
+    rels = _data(root)
+    featstore.precompute(root, encoder=PipelineEncoder(path, "prompt", max_length=64), progress=False)
+    store = featstore.FeatureStore(root, "prompt_embed")
+    pipe = _loaded(path)
+    for rel, caption in zip(rels, CAPTIONS, strict=True):
+        got, want = store.get(rel), _direct_prompt(pipe, "qwen_image", caption, None)
+        n = want["prompt_embed"].shape[0]
+        assert got["prompt_embed"].shape[0] == 64 and int(got["prompt_embeds_mask"].sum()) == n
+        assert torch.equal(got["prompt_embed"][:n], want["prompt_embed"]) and not got["prompt_embed"][n:].any()
+    # Too short for a caption: the run stops with the fix (a setting, not one bad image).
+    with pytest.raises(ValueError, match="more than max_length=4; raise max_length .*never truncated"):
+        featstore.precompute(root, encoder=PipelineEncoder(path, "prompt", max_length=4, name="short"),
+                             progress=False)
+
+
+def test_the_fingerprint_follows_the_components_and_the_library_version(pipelines, tmp_path, monkeypatch):
+    import shutil
+
+    import diffusers
+
+    path = _pipeline(pipelines, "sd15")
+    copy = str(tmp_path / "copy")
+    shutil.copytree(path, copy)
+    base = PipelineEncoder(copy, "prompt").fingerprint()
+    assert PipelineEncoder(copy, "prompt").fingerprint() == base
+    assert PipelineEncoder(copy, "latent").fingerprint() != base
+    with open(os.path.join(copy, "tokenizer", "special_tokens_map.json"), "a") as f:
+        f.write("\n")  # a tokenizer file changed: another fingerprint
+    changed = PipelineEncoder(copy, "prompt").fingerprint()
+    assert changed != base
+    monkeypatch.setattr(diffusers, "__version__", "0.0.1")
+    assert PipelineEncoder(copy, "prompt").fingerprint() != changed
+
+
+def test_the_cli_takes_captions_from_a_jsonl_field(pipelines, tmp_path):
+    path = _pipeline(pipelines, "flux")
+    root = str(tmp_path / "data")
+    rels = _data(root)
+    for rel in rels:
+        os.remove(os.path.join(root, os.path.splitext(rel)[0] + ".txt"))
+    with open(os.path.join(root, "meta.jsonl"), "w") as f:
+        for rel, caption in zip(rels, CAPTIONS, strict=True):
+            f.write(json.dumps({"image": rel, "prompt": caption}) + "\n")
+    rc, _, err = cli("precompute", root, "--pipeline", path, "--part", "prompt", "--jsonl", "image",
+                     "--captions", "prompt", "--max-sequence-length", "32")
+    assert rc == 0, err
+    got = featstore.FeatureStore(root, "prompt_embed").get(rels[2])
+    with torch.no_grad():
+        e, pooled, _ = _loaded(path).encode_prompt(prompt=CAPTIONS[2], prompt_2=None, device=torch.device("cpu"),
+                                                   max_sequence_length=32)
+    assert torch.equal(got["prompt_embed"], e[0]) and torch.equal(got["pooled_prompt_embed"], pooled[0])
