@@ -25,15 +25,7 @@ MIXED_DTYPES = "mixed"
 
 def observe(shapes: Shapes, tensors: Iterable[tuple[str, str, Sequence[int]]]) -> bool:
     """Adds one entry's ``(name, dtype, shape)`` triples to ``shapes``; True when that changed it."""
-    changed = False
-    for name, dtype, shape in tensors:
-        seen = (dtype, tuple(int(n) for n in shape))
-        old = shapes.get(name)
-        new = seen if old is None else _join(old, seen)
-        if new != old:
-            shapes[name] = new
-            changed = True
-    return changed
+    return merge(shapes, {name: (dtype, tuple(int(n) for n in shape)) for name, dtype, shape in tensors})
 
 
 def merge(into: Shapes, other: Mapping[str, Summary]) -> bool:

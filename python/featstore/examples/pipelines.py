@@ -114,32 +114,19 @@ _LATENTS_MEAN = [0.25, -0.5, 0.75, -1.0]  # non-trivial, so a missing (x - mean)
 _LATENTS_STD = [2.0, 0.5, 1.5, 4.0]
 
 
-def _vae_qwen(seed: int):
-    """AutoencoderKLQwenImage, z_dim 4, three spatial downsamplings (x8) like the real one."""
-    from diffusers import AutoencoderKLQwenImage
+def _video_vae(seed: int, class_name: str):
+    """AutoencoderKLQwenImage or AutoencoderKLWan (the same architecture): z_dim 4, three spatial
+    downsamplings (x8) and two temporal ones, like the real ones."""
+    import diffusers
 
+    cls = getattr(diffusers, class_name)
     return _seeded(
         seed,
-        lambda: AutoencoderKLQwenImage(
+        lambda: cls(
             base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1, temperal_downsample=[False, True, True],
             latents_mean=_LATENTS_MEAN, latents_std=_LATENTS_STD,
         ),
     )  # fmt: skip
-
-
-def _vae_wan(seed: int):
-    """AutoencoderKLWan, z_dim 4, x8 spatial / x4 temporal like Wan 2.1's."""
-    from diffusers import AutoencoderKLWan
-
-    return _seeded(
-        seed,
-        lambda: AutoencoderKLWan(
-            base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1, temperal_downsample=[False, True, True],
-            latents_mean=_LATENTS_MEAN, latents_std=_LATENTS_STD,
-        ),
-    )  # fmt: skip
-
-
 
 
 def _sd15(seed: int):
@@ -281,7 +268,7 @@ def _qwen_image(seed: int, edit: bool = False):
     tokenizer = qwen_tokenizer()
     components = dict(
         scheduler=FlowMatchEulerDiscreteScheduler(),
-        vae=_vae_qwen(seed),
+        vae=_video_vae(seed, "AutoencoderKLQwenImage"),
         text_encoder=_qwen_vl(seed, len(tokenizer)),
         tokenizer=tokenizer,
         transformer=_qwen_transformer(seed),
@@ -306,7 +293,7 @@ def _wan(seed: int):
     return WanPipeline(
         tokenizer=tokenizer,
         text_encoder=_t5_encoder(seed, len(tokenizer), umt5=True),
-        vae=_vae_wan(seed),
+        vae=_video_vae(seed, "AutoencoderKLWan"),
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
         transformer=transformer,
     )
