@@ -377,3 +377,23 @@ def test_the_cli_takes_captions_from_a_jsonl_field(pipelines, tmp_path):
         e, pooled, _ = _loaded(path).encode_prompt(prompt=CAPTIONS[2], prompt_2=None, device=torch.device("cpu"),
                                                    max_sequence_length=32)
     assert torch.equal(got["prompt_embed"], e[0]) and torch.equal(got["pooled_prompt_embed"], pooled[0])
+
+
+def test_encoders_pickle_for_spawned_workers_without_their_weights(pipelines, tmp_path):
+    import pickle
+
+    path = _pipeline(pipelines, "qwen_image_edit")
+    root, control = str(tmp_path / "data"), str(tmp_path / "control")
+    rels = _data(root, control)
+    for part in ("prompt", "control_latent"):
+        enc = PipelineEncoder(path, part, control_fn=ControlDir(root, control))
+        enc.to("cpu")
+        copy = pickle.loads(pickle.dumps(enc))
+        assert type(copy) is type(enc) and copy.fingerprint() == enc.fingerprint()
+        assert getattr(copy, "pipe", None) is None
+        first = os.path.join(root, rels[0])
+        a, b = enc.preprocess(first), copy.preprocess(first)
+        if part == "prompt":
+            assert a[0] == b[0] and a[1].tobytes() == b[1].tobytes()
+        else:
+            assert torch.equal(a, b)

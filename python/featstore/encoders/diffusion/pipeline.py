@@ -93,9 +93,16 @@ class PipelineEncoder:
     them, because a new version may encode differently.
     """
 
-    def __new__(cls, pipeline: Any, part: str, **options: Any) -> PipelineEncoder:
-        # The prompt part takes captions, not images: its own class has encode_items.
+    def __new__(cls, pipeline: Any = None, part: str | None = None, **options: Any) -> PipelineEncoder:
+        # The prompt part takes captions, not images: its own class has encode_items. (Unpickling
+        # calls __new__ with the subclass and no arguments.)
         return super().__new__(_PromptPart if cls is PipelineEncoder and part == "prompt" else cls)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        if self.pipeline_path is not None:
+            state["pipe"] = None  # DataLoader workers only preprocess; the directory reloads it
+        return state
 
     def __init__(self, pipeline: Any, part: str, *, name: str | None = None,
                  captions: str | Mapping[str, str] = "txt", control_fn: Callable[[str], Any] | None = None,
