@@ -274,6 +274,8 @@ def test_the_cli_caches_the_four_tensors_of_a_qwen_image_edit_dataset(pipelines,
     lengths = [prompts.get(p)["prompt_embed"].shape[0] for p in batch["image"]]
     assert batch["prompt_embed"].shape[:2] == (3, max(lengths)) and len(set(lengths)) > 1
     assert batch["prompt_embeds_mask"].tolist() == [[1] * n + [0] * (max(lengths) - n) for n in lengths]
+    assert torch.equal(batch["prompt_embed_mask"], batch["prompt_embeds_mask"].bool())
+    assert "prompt_embeds_mask_mask" not in batch  # a mask is padded, not given a mask of its own
     latents = featstore.FeatureStore(root, "pixel_latent")
     for row, p in enumerate(batch["image"]):
         assert torch.equal(batch["pixel_latent"][row], latents.get(p)["pixel_latent"])

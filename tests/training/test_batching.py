@@ -44,3 +44,22 @@ def test_padded_collate_pads_variable_length_entries_with_a_mask(data):
 def test_a_batch_mixing_shapes_without_pad_says_how_to_fix_it():
     with pytest.raises(ValueError, match="pad="):
         collate([{"x": torch.zeros(2), "cached": True}, {"cached": False}, {"x": torch.zeros(3), "cached": True}])
+
+
+def test_a_padded_mask_is_padded_with_zeros_and_gets_no_mask_of_its_own():
+    samples = [{"e": torch.ones(n, 2), "e_mask_ids": torch.ones(n, dtype=torch.int64),
+                "prompt_embeds_mask": torch.ones(n, dtype=torch.int64)} for n in (2, 3)]
+    batch = collate(samples, pad=["e", "prompt_embeds_mask", "e_mask_ids"])
+    assert batch["prompt_embeds_mask"].tolist() == [[1, 1, 0], [1, 1, 1]]
+    assert "prompt_embeds_mask_mask" not in batch
+    assert batch["e_mask"].tolist() == [[True, True, False], [True, True, True]]
+    assert "e_mask_ids_mask" in batch  # not named like a mask: it gets one
+
+
+def test_a_miss_filled_in_the_main_process_keeps_a_padded_mask_unmasked(data):
+    from featstore.training.batching import put_row
+
+    batch = {"prompt_embeds_mask": torch.tensor([[1, 0]]).repeat(2, 1), "cached": torch.tensor([True, False])}
+    put_row(batch, "prompt_embeds_mask", 1, torch.ones(3, dtype=torch.int64), 2, padded=True)
+    assert batch["prompt_embeds_mask"].tolist() == [[1, 0, 0], [1, 1, 1]]
+    assert set(batch) == {"prompt_embeds_mask", "cached"}

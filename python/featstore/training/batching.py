@@ -29,7 +29,8 @@ def collate(samples: list[dict[str, Any]], *, pad: Iterable[str] = ()) -> dict[s
     - Other tensors are stacked; rows of samples without them (``on_miss="skip"``) are zeros,
       and ``cached`` (a bool tensor) says which rows hold features.
     - Tensors named in ``pad`` are padded with zeros to the longest in the batch along their first
-      axis, with ``<name>_mask`` (bool ``[B, L]``, True where real).
+      axis, with ``<name>_mask`` (bool ``[B, L]``, True where real); a padded tensor that is a mask
+      itself (see :func:`mask_key`, e.g. ``prompt_embeds_mask``) is only padded with zeros.
     - Anything else goes through torch's ``default_collate``.
     """
     pad = set(pad)
@@ -42,7 +43,9 @@ def collate(samples: list[dict[str, Any]], *, pad: Iterable[str] = ()) -> dict[s
         if key == HANDOFF:
             batch[key] = [None if v is _ABSENT else v for v in values]
         elif key in pad:
-            batch[key], batch[f"{key}_mask"] = _pad_stack(key, values)
+            batch[key], mask = _pad_stack(key, values)
+            if (named := mask_key(key, batch[key].dtype)) is not None:
+                batch[named] = mask
         elif all(v is not _ABSENT for v in values):
             joined = _rows_of_one_tensor(values)
             if joined is None and all(isinstance(v, torch.Tensor) for v in values):
@@ -53,6 +56,14 @@ def collate(samples: list[dict[str, Any]], *, pad: Iterable[str] = ()) -> dict[s
         else:
             batch[key] = [None if v is _ABSENT else v for v in values]
     return batch
+
+
+def mask_key(name: str, dtype: torch.dtype) -> str | None:
+    """The key of a padded tensor's mask: ``<name>_mask``, or None for a tensor that is a mask
+    itself (an integer or bool tensor whose name ends in ``mask``, like Qwen-Image's
+    ``prompt_embeds_mask``): padded with zeros, it already says which positions are real."""
+    is_mask = name.endswith("mask") and not dtype.is_floating_point and not dtype.is_complex
+    return None if is_mask else f"{name}_mask"
 
 
 def settle_pad(pad: str | Iterable[str], store: FeatureStore | None) -> tuple[str, ...]:
@@ -94,11 +105,12 @@ def put_row(batch: dict[str, Any], name: str, row: int, t: torch.Tensor, rows: i
         _one_shape(name, [current[row], t])  # no broadcasting a [1, D] entry into a [T, D] row
         current[row] = t
         return
+    named = mask_key(name, t.dtype)
     if current is None:
         current = t.new_zeros((rows, t.shape[0], *t.shape[1:]))
         mask = torch.zeros((rows, t.shape[0]), dtype=torch.bool)
-    else:
-        mask = batch[f"{name}_mask"]
+    else:  # a mask tensor has no mask of its own: nothing to keep in step with it
+        mask = batch[named] if named is not None else torch.zeros(current.shape[:2], dtype=torch.bool)
     if t.shape[0] > current.shape[1]:  # longer than the batch so far: lengthen
         longer = current.new_zeros((rows, t.shape[0], *current.shape[2:]))
         longer[:, :current.shape[1]] = current
@@ -109,7 +121,9 @@ def put_row(batch: dict[str, Any], name: str, row: int, t: torch.Tensor, rows: i
     current[row, :t.shape[0]] = t
     mask[row].zero_()
     mask[row, :t.shape[0]] = True
-    batch[name], batch[f"{name}_mask"] = current, mask
+    batch[name] = current
+    if named is not None:
+        batch[named] = mask
 
 
 def _rows_of_one_tensor(values: list[Any]) -> torch.Tensor | None:

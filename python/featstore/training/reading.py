@@ -16,7 +16,7 @@ from featstore.compat import load_legacy_sidecar
 from featstore.errors import BatchReadError, CorruptEntryError, StaleEntryError
 from featstore.manifest import indexed_sources
 from featstore.store import FeatureStore
-from featstore.training.batching import put_row
+from featstore.training.batching import mask_key, put_row
 from featstore.training.buffers import BatchBuffers
 from featstore.vocabulary import ENTRY_EXTENSION, LEGACY_SIDECAR_SUFFIX, sidecar_suffix
 
@@ -81,7 +81,8 @@ class EntryReader:
                 continue
             if name in self.pad:
                 batch[name] = torch.zeros((rows, 0, *shape[1:]), dtype=dtype)
-                batch[f"{name}_mask"] = torch.zeros((rows, 0), dtype=torch.bool)
+                if (named := mask_key(name, dtype)) is not None:
+                    batch[named] = torch.zeros((rows, 0), dtype=torch.bool)
             else:
                 batch[name] = self.buffers.take(rows, dtype, shape).zero_()
 
