@@ -393,6 +393,7 @@ def test_encoders_pickle_for_spawned_workers_without_their_weights(pipelines, tm
         copy = pickle.loads(pickle.dumps(enc))
         assert type(copy) is type(enc) and copy.fingerprint() == enc.fingerprint()
         assert getattr(copy, "pipe", None) is None
+        assert copy._vae is None or copy._vae.model is None  # the VAE's weights stay behind too
         first = os.path.join(root, rels[0])
         a, b = enc.preprocess(first), copy.preprocess(first)
         if part == "prompt":

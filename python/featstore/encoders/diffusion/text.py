@@ -146,6 +146,13 @@ class TextEncoder:
                 "tokenizer": type(self.tokenizer).__name__, "max_length": self.max_length,
                 "hidden_state": self.hidden_state, "captions": source, "dtype": str(self.dtype).replace("torch.", "")}
 
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        if self.model_path is not None:
+            # A spawned DataLoader worker only preprocesses: it gets the directory, not the weights.
+            state["model"], state["_device"] = None, None
+        return state
+
     def to(self, device: torch.device | str) -> TextEncoder:
         """Loads the model directory (once) and moves the model to ``device``."""
         if self.model is None:

@@ -146,6 +146,13 @@ class VAEEncoder:
                 "control_fn": repr(self.control_fn) if self.control_fn is not None else None,
                 "config": self._config}
 
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        if self.model_path is not None:
+            # A spawned DataLoader worker only preprocesses: it gets the directory, not the weights.
+            state["model"], state["_device"] = None, None
+        return state
+
     def to(self, device: torch.device | str) -> VAEEncoder:
         """Loads the model directory (once) and moves the model to ``device``."""
         if self.model is None:
