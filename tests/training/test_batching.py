@@ -63,3 +63,27 @@ def test_a_miss_filled_in_the_main_process_keeps_a_padded_mask_unmasked(data):
     put_row(batch, "prompt_embeds_mask", 1, torch.ones(3, dtype=torch.int64), 2, padded=True)
     assert batch["prompt_embeds_mask"].tolist() == [[1, 0, 0], [1, 1, 1]]
     assert set(batch) == {"prompt_embeds_mask", "cached"}
+
+
+def test_stacked_datasets_are_all_read_in_the_main_process(data):
+    """One CachedDataset per feature, each wrapping the one before: the outermost loader hands
+    every dataset's reads on to the main process (one read_batch per tensor, pooled buffers)."""
+    root, rels, _ = data
+    precompute_some(root, rels)
+    other = FeatureStore(root, "other", fingerprint="other-v1")
+    for rel in rels:
+        other.put(rel, {"other": torch.full((3,), float(len(rel)))})
+    inner = CachedDataset(Images(root, rels), FeatureStore(root, "toy"), path_fn=source_of, log_start=False,
+                          cached_key="toy_cached")
+    outer = CachedDataset(inner, FeatureStore(root, "other", fingerprint="other-v1"), path_fn=source_of,
+                          log_start=False, cached_key="other_cached")
+    batches = list(outer.loader(batch_size=4, num_workers=2, prefetch=0))
+    assert sum(len(b["index"]) for b in batches) == len(rels)
+    for b in batches:
+        assert b["toy_cached"].all() and b["other_cached"].all()
+        assert not [k for k in b if k.startswith("_featstore_handoff")]
+        for j, i in enumerate(b["index"].tolist()):
+            torch.testing.assert_close(b["features"][j], expected_features(root, rels[i]))
+            assert b["other"][j].tolist() == [float(len(rels[i]))] * 3
+    # Both datasets' batch tensors came from their own pooled buffers in this process.
+    assert inner._buffers._pool and outer._buffers._pool

@@ -15,7 +15,8 @@ from featstore.training.buffers import tensor_on
 
 #: The key under which a sample hands work on to :meth:`CachedDataset.fill` in the main process:
 #: ``("read", source)`` (read there, into one reused batch buffer) or ``("encode", source)``.
-#: :func:`collate` passes it on as a list with one item (or None) per sample.
+#: :func:`collate` passes it on as a list with one item (or None) per sample. A dataset with
+#: another ``cached_key`` (one of a stack serving several features) uses ``HANDOFF:<cached_key>``.
 HANDOFF = "_featstore_handoff"
 
 _ABSENT = object()
@@ -40,7 +41,7 @@ def collate(samples: list[dict[str, Any]], *, pad: Iterable[str] = ()) -> dict[s
     batch: dict[str, Any] = {}
     for key in keys:
         values = [s.get(key, _ABSENT) for s in samples]
-        if key == HANDOFF:
+        if key == HANDOFF or key.startswith(HANDOFF + ":"):  # one per dataset of a stack
             batch[key] = [None if v is _ABSENT else v for v in values]
         elif key in pad:
             batch[key], mask = _pad_stack(key, values)

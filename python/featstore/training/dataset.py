@@ -108,6 +108,8 @@ class CachedDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
             else encode_in_workers
         self.pad = settle_pad(pad, self.store)
         self.cached_key = cached_key
+        # Where a sample hands its read on to fill(): one key per dataset of a stack.
+        self.handoff_key = HANDOFF if cached_key == "cached" else f"{HANDOFF}:{cached_key}"
         self._buffers = BatchBuffers(pin_memory)
         self._reader = (HistoryReader if history_fn is not None else EntryReader)(self.pad, self._buffers)
         self._live = LiveEncoder(encoder, device=device, data_root=self.data_root, total_images=len(base))
@@ -141,11 +143,7 @@ class CachedDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
 
     def collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         """:func:`collate` with this dataset's padded tensors (and those of the datasets it wraps)."""
-        pad, inner = list(self.pad), self.base
-        while isinstance(inner, CachedDataset):
-            pad += inner.pad
-            inner = inner.base
-        return collate(samples, pad=pad)
+        return collate(samples, pad=[name for ds in self._stack() for name in ds.pad])
 
     def loader(self, *, prefetch: int = 2, **dataloader_args: Any) -> CachedLoader:
         """A ``DataLoader`` over this dataset (``dataloader_args`` are its own) whose batches get
@@ -157,13 +155,24 @@ class CachedDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
         dataloader_args.setdefault("collate_fn", self.collate)
         dataloader_args["worker_init_fn"] = HandOnToFill(dataloader_args.get("worker_init_fn"), CachedDataset)
         if dataloader_args.get("pin_memory"):
-            self._buffers.pin_memory = True  # the features are read after the DataLoader pins the batch
+            for ds in self._stack():
+                ds._buffers.pin_memory = True  # the features are read after the DataLoader pins the batch
         return CachedLoader(torch.utils.data.DataLoader(self, **dataloader_args), self, prefetch)
 
     def hand_on_to_fill(self) -> None:
         """From now on this copy's samples hand their reads and GPU misses on to :meth:`fill` in
-        the main process (what :meth:`loader` makes its workers do)."""
-        self._main_fills = True
+        the main process (what :meth:`loader` makes its workers do), and so do those of the
+        datasets it wraps."""
+        for ds in self._stack():
+            ds._main_fills = True
+
+    def _stack(self) -> list[CachedDataset]:
+        """This dataset and the CachedDatasets it wraps, outermost first."""
+        stack, ds = [], self
+        while isinstance(ds, CachedDataset):
+            stack.append(ds)
+            ds = ds.base
+        return stack
 
     def describe(self) -> str:
         """The start log line: what is on, and how much is cached."""
@@ -183,7 +192,7 @@ class CachedDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
             misses = []
             for j, state in enumerate(self._reader.states(self.store, sources)):
                 if state in ("valid", "legacy"):
-                    samples[j][HANDOFF] = ("read", sources[j])
+                    samples[j][self.handoff_key] = ("read", sources[j])
                 else:
                     misses.append(j)
         else:
@@ -212,7 +221,7 @@ class CachedDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
         if not self.encode_in_workers and torch.utils.data.get_worker_info() is not None:
             # CUDA cannot run in a forked worker: the main process encodes these (fill).
             for j in rows:
-                samples[j][HANDOFF] = ("encode", sources[j])
+                samples[j][self.handoff_key] = ("encode", sources[j])
             if not self._main_fills:
                 self._warn_once("pending", "featstore: misses are encoded in the main process (a GPU encoder); "
                                 "iterate over dataset.loader(...), or call dataset.fill(batch) on each batch")
@@ -238,13 +247,15 @@ class CachedDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
         buffer, and encodes its misses in one encoder call (a GPU encoder), writing them in lazy
         mode. ``batch`` is a collated batch, or one sample; one with nothing handed on is
         returned as is."""
-        handoff = batch.pop(HANDOFF, None)
+        if isinstance(self.base, CachedDataset):  # the features of the datasets it wraps first
+            batch = self.base.fill(batch)
+        handoff = batch.pop(self.handoff_key, None)
         if handoff is None:
             return self._zeros_for_misses(batch)
         if isinstance(handoff, tuple):  # one sample (a DataLoader without a batch size)
             return self._zeros_for_misses(self._fill_sample(batch, *handoff))
         if not isinstance(handoff, list) or not all(h is None or isinstance(h, tuple) for h in handoff):
-            raise TypeError(f"the batch's {HANDOFF!r} is {type(handoff).__name__}, not the per-sample list "
+            raise TypeError(f"the batch's {self.handoff_key!r} is {type(handoff).__name__}, not the per-sample list "
                             "featstore.collate makes: a custom collate_fn must pass that key through (wrap "
                             "featstore.collate, or call it for the batch)")
         rows = len(handoff)
