@@ -400,3 +400,29 @@ def test_encoders_pickle_for_spawned_workers_without_their_weights(pipelines, tm
             assert a[0] == b[0] and a[1].tobytes() == b[1].tobytes()
         else:
             assert torch.equal(a, b)
+
+
+def test_a_missing_control_image_fails_only_its_item(pipelines, tmp_path):
+    path = _pipeline(pipelines, "qwen_image_edit")
+    root, control = str(tmp_path / "data"), str(tmp_path / "control")
+    rels = _data(root, control)
+    os.remove(os.path.join(control, rels[1]))
+    rc, out, err = cli("precompute", root, "--pipeline", path, "--part", "prompt", "--control-dir", control)
+    assert rc == 1 and "Traceback" not in err
+    assert f"no control image for {os.path.join(root, rels[1])}" in out + err
+    store = featstore.FeatureStore(root, "prompt_embed")
+    assert [store.state(r) for r in rels] == ["valid", "missing", "valid"]
+
+
+def test_a_pipeline_directory_without_a_component_names_it(pipelines, tmp_path):
+    import shutil
+
+    path = _pipeline(pipelines, "sd15")
+    copy = str(tmp_path / "copy")
+    shutil.copytree(path, copy)
+    shutil.rmtree(os.path.join(copy, "tokenizer"))
+    root = str(tmp_path / "data")
+    _data(root)
+    rc, _, err = cli("precompute", root, "--pipeline", copy, "--part", "prompt")
+    assert rc == 1 and "Traceback" not in err
+    assert f"pipeline {copy} has no tokenizer/ folder" in err
