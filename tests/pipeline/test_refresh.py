@@ -133,3 +133,23 @@ def test_overwrite_computes_everything(tmp_path):
     _write(root, rels, ["caption 0", "caption 1", "caption 2", "caption 3", "other 4"])
     s = _run(root, JsonlCaptions(root), overwrite=True)
     assert (s["written"], s["refreshed"], s["to_refresh"]) == (5, 0, 0)
+
+
+def test_an_entry_whose_data_rotted_is_computed_not_copied(tmp_path):
+    """Copying rotted bytes into a fresh entry would give them a fresh checksum, hiding the rot
+    from `featstore verify` for good: the refresh checks the data first."""
+    root, rels = _dataset(tmp_path)
+    _run(root, JsonlCaptions(root))
+    _write(root, rels, ["caption 0", "caption 1", "caption 2", "caption 3", "other 4"])
+    entry = featstore.FeatureStore(root, "caption").entry_path(rels[2])
+    with open(entry, "r+b") as f:
+        f.seek(-1, os.SEEK_END)
+        last = f.read(1)
+        f.seek(-1, os.SEEK_END)
+        f.write(bytes([last[0] ^ 0xFF]))
+    enc = JsonlCaptions(root)
+    s = _run(root, enc)
+    assert (s["written"], s["refreshed"]) == (2, 3)
+    assert sorted(enc.encoded) == ["caption 2", "other 4"]
+    store = featstore.FeatureStore(root, "caption")
+    assert store.get(rels[2])["features"].tolist() == [len("caption 2"), ord("c")]

@@ -23,6 +23,7 @@ from typing import Any
 from featstore import _core
 from featstore._torch import from_capsules
 from featstore.encoders import Encoder
+from featstore.errors import FeatstoreError
 from featstore.inputs import AbsentInput, FileInput, InputValue, Stamp, as_read, stamp_of
 from featstore.pipeline import journal as journal_lines
 from featstore.pipeline.items import WorkItem
@@ -32,33 +33,52 @@ from featstore.store import FeatureStore
 def refreshable(store: FeatureStore, enc: Encoder, items: Sequence[WorkItem], states: Sequence[str]
                 ) -> list[WorkItem]:
     """The stale items whose entry only a shared input (a ``.jsonl``) made stale: their own
-    inputs, as the encoder reads them now, are those the entry was computed from."""
+    inputs, as the encoder reads them now, are those the entry was computed from (judged on the
+    entries' headers; :func:`refresh` judges again on the entry it copies)."""
     found = []
     for item, state in zip(items, states, strict=True):
-        if state == "stale" and item.kind == "image" and _judge(store, enc, item.paths[0]) is not None:
+        if state != "stale" or item.kind != "image":
+            continue
+        try:
+            meta, _, _ = _core.read_header(store.entry_path(item.paths[0]))
+        except (OSError, FeatstoreError):
+            continue
+        if _judge(store, enc, item.paths[0], meta) is not None:
             found.append(item)
     return found
 
 
 def refresh(store: FeatureStore, enc: Encoder, item: WorkItem) -> journal_lines.Record | None:
     """Rewrites the entry of ``item`` with its tensors and its inputs' stamps now; its journal
-    line, or None when it no longer qualifies (something changed since it was planned: the item
-    is then computed)."""
-    judged = _judge(store, enc, item.paths[0])
+    line, or None when it no longer qualifies (something changed since it was planned, or its
+    data fails its checksum: the item is then computed)."""
+    rel = item.paths[0]
+    path = store.entry_path(rel)
+    try:
+        # The data is checked against its checksum first: a fresh entry gets a fresh checksum,
+        # so copying rotted bytes would hide the rot from `featstore verify` for good. The copy
+        # is read privately (pread) and must be of the file verified (same metadata).
+        verified = _core.verify_entry(path)
+        capsules, meta, _ = _core.read_entry(path, pread=True)
+    except (OSError, FeatstoreError):
+        return None
+    judged = _judge(store, enc, rel, meta) if meta == verified else None
     if judged is None:
         return None
-    tensors, inputs, source = judged
-    rel = item.paths[0]
+    inputs, source = judged
     try:
-        w = store.write(rel, tensors, inputs=inputs, expected=source)
-    except (OSError, _core.FeatstoreError):
+        w = store.write(rel, from_capsules(capsules), inputs=inputs, expected=source)
+    except (OSError, FeatstoreError):
         return None  # a file changed between stamping and writing: the write refused it
     return journal_lines.ok_record(store, rel, w["source"], w["entry"], w["check_first"])
 
 
-def _judge(store: FeatureStore, enc: Encoder, rel: str) -> tuple[dict[str, Any], dict[str, InputValue], Stamp] | None:
-    """``(the entry's tensors, the inputs stamped now, the source's stamp)`` when the entry of
-    ``rel`` may be refreshed, else None."""
+def _judge(store: FeatureStore, enc: Encoder, rel: str, meta: Mapping[str, str]
+           ) -> tuple[dict[str, InputValue], Stamp] | None:
+    """``(the inputs stamped now, the source's stamp)`` when the entry of ``rel`` whose metadata
+    is ``meta`` may be refreshed: same feature and fingerprint, the source's bytes and every
+    input but the shared ones as recorded. Files are stamped before they are compared, and
+    the write takes the stamps as ``expected``."""
     source_path = os.path.join(store.data_root, rel)
     try:
         source = stamp_of(source_path)
@@ -66,14 +86,7 @@ def _judge(store: FeatureStore, enc: Encoder, rel: str) -> tuple[dict[str, Any],
     except Exception:  # an input that cannot be read now: computing it reports why
         return None
     shared = {name for name, v in now.items() if isinstance(v, FileInput) and v.shared}
-    if not shared:
-        return None
-    path = store.entry_path(rel)
-    try:
-        capsules, meta, _ = _core.read_entry(path)
-    except (OSError, _core.FeatstoreError):
-        return None
-    if meta.get("fingerprint") != store.fingerprint or meta.get("feature") != store.feature:
+    if not shared or meta.get("fingerprint") != store.fingerprint or meta.get("feature") != store.feature:
         return None
     try:
         recorded = {r["name"]: r for r in json.loads(meta.get("inputs", "[]"))}
@@ -83,7 +96,7 @@ def _judge(store: FeatureStore, enc: Encoder, rel: str) -> tuple[dict[str, Any],
             return None
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return {k: v.clone() for k, v in from_capsules(capsules).items()}, now, source
+    return now, source
 
 
 def _same(store: FeatureStore, record: Mapping[str, Any], value: InputValue, shared: bool) -> bool:

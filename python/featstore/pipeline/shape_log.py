@@ -16,6 +16,7 @@ import torch
 
 from featstore import _core, shapes
 from featstore._torch import TORCH_TO_SAFETENSORS
+from featstore.errors import FeatstoreError
 from featstore.history import history_entry_path
 from featstore.manifest import shape_log_path
 from featstore.pipeline.items import WorkItem
@@ -54,7 +55,7 @@ class ShapeLog:
         for path in _entry_paths(store, items):
             try:
                 _, tensors, _ = _core.read_header(path)
-            except (OSError, _core.FeatstoreError):
+            except (OSError, FeatstoreError):
                 continue  # judged valid moments ago; a concurrent change is the next run's to see
             shapes.observe(self.shapes, ((name, dtype, shape) for name, dtype, shape, *_ in tensors))
         self.save()
