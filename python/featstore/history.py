@@ -173,15 +173,10 @@ def get_history(store: FeatureStore, paths: Sequence[str | os.PathLike[str]], *,
     as they are now, in this order, with the store's fingerprint."""
     from featstore._torch import from_capsules  # imports torch: not at `import featstore`
 
-    rels = [store.rel(p) for p in paths]
-    try:
-        path = history_entry_path(store, rels)
-    except FileNotFoundError:
-        return None
-    opened = open_keyed(path, pread=store.read_mode == "pread", what="history")
+    opened = open_keyed(store, paths, history_entry_path, what="history")
     if opened is None:
         return None
-    capsules, meta = opened
+    rels, path, capsules, meta = opened
     verdict = judge_history_entry(store, path, meta=meta)
     if verdict.state != "valid" or verdict.members != tuple(rels):
         return None

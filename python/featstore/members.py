@@ -16,13 +16,16 @@ import os
 import re
 import time
 import warnings
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from featstore import _core
 from featstore.errors import CorruptEntryError, FeatstoreError, SourceChangedError
 from featstore.inputs import Stamp
 from featstore.vocabulary import ENTRY_EXTENSION
+
+if TYPE_CHECKING:  # the store calls in with itself
+    from featstore.store import FeatureStore
 
 _KEYED_FILE = re.compile(r"^[0-9a-f]{32}\." + ENTRY_EXTENSION + "$")
 
@@ -107,14 +110,20 @@ def keyed_files(base: str) -> list[str]:
     return sorted(found)
 
 
-def open_keyed(path: str, *, pread: bool, what: str) -> tuple[list[tuple[str, Any]], dict[str, str]] | None:
-    """The tensors (DLPack capsules) and metadata of the key-named entry at ``path``, or None when
-    there is none; a damaged one is a miss with a warning naming ``what`` it is."""
+def open_keyed(store: FeatureStore, paths: Sequence[str | os.PathLike[str]],
+               entry_path: Callable[[FeatureStore, list[str]], str], *, what: str
+               ) -> tuple[list[str], str, list[tuple[str, Any]], dict[str, str]] | None:
+    """``(the members' relative paths, the entry's path, its tensors as DLPack capsules, its
+    metadata)`` of the key-named entry of ``paths`` (``entry_path(store, rels)`` names it), or
+    None when there is none (or a member is gone); a damaged one is a miss with a warning naming
+    ``what`` it is. Whether it is valid is the caller's to judge."""
+    rels = [store.rel(p) for p in paths]
     try:
-        capsules, meta, _ = _core.read_entry(path, pread=pread)
+        path = entry_path(store, rels)
+        capsules, meta, _ = _core.read_entry(path, pread=store.read_mode == "pread")
     except FileNotFoundError:
         return None
     except CorruptEntryError as exc:
         warnings.warn(f"featstore: corrupt {what} entry: {exc}; recompute it", stacklevel=4)
         return None
-    return capsules, meta
+    return rels, path, capsules, meta

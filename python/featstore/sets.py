@@ -160,15 +160,10 @@ def get_set(store: FeatureStore, paths: Sequence[str | os.PathLike[str]], *, dev
             dtype: Any = None) -> dict[str, torch.Tensor] | None:
     """The tensors of a set's entry (zero-copy), or None unless it is valid for the members as
     they are now, in this order, with the store's fingerprint."""
-    rels = [store.rel(p) for p in paths]
-    try:
-        path = set_entry_path(store, rels)
-    except FileNotFoundError:
-        return None
-    opened = open_keyed(path, pread=store.read_mode == "pread", what="frame-set")
+    opened = open_keyed(store, paths, set_entry_path, what="frame-set")
     if opened is None:
         return None
-    capsules, meta = opened
+    _, path, capsules, meta = opened
     if store.fingerprint and meta.get("fingerprint") != store.fingerprint:
         return None
     from featstore._torch import from_capsules
