@@ -75,7 +75,7 @@ def test_a_tensor_left_out_of_pad_is_refused_when_the_dataset_is_built(mixed):
     root, rels = mixed
     store = featstore.FeatureStore(root, "vggt")
     with pytest.raises(ValueError, match=r"'features': its first axis differs.*pad='auto'.*--mode pad"):
-        featstore.CachedDataset(rels, store, path_fn=str, pad=[])
+        featstore.CachedDataset(rels, store, paths=rels, pad=[])
 
 
 def test_shapes_that_differ_beyond_the_first_axis_are_refused_when_built(tmp_path):
@@ -93,17 +93,20 @@ def test_shapes_that_differ_beyond_the_first_axis_are_refused_when_built(tmp_pat
     assert merge_journals(store, {"fingerprint": "fp"}) == 0
     assert not os.path.exists(log)
     with pytest.raises(ValueError, match=r"'map': its shape \[3, \*, 5\] differs between entries beyond the first"):
-        featstore.CachedDataset(rels, store, path_fn=str)
+        featstore.CachedDataset(rels, store, paths=rels)
 
 
 def test_a_fixed_size_cache_is_not_padded(tmp_path):
     root = str(tmp_path / "data")
-    _mixed_tree(root)
+    rels = _mixed_tree(root)
     rc, _, err = cli("precompute", root, "--random-weights", "--mode", "pad")
     assert rc == 0, err
     assert _manifest(root)["tensors"]["features"]["shape"][0] is not None
-    ds = featstore.CachedDataset(sorted(os.listdir(root)), featstore.FeatureStore(root, "vggt"), path_fn=str)
+    ds = featstore.CachedDataset(rels, featstore.FeatureStore(root, "vggt"), paths=rels)
     assert ds.pad == ()
+    batch = next(iter(ds.loader(batch_size=len(rels))))
+    assert batch["cached"].all()
+    assert batch["features"].shape[:2] == (len(rels), 1369) and "features_mask" not in batch
 
 
 def test_a_changed_configuration_drops_the_old_summary(mixed, tmp_path):
