@@ -303,6 +303,8 @@ def test_cli_usage_errors_for_pipeline_flags(pipelines, tmp_path):
     assert "--pipeline needs --part" in _usage_error("precompute", root, "--pipeline", str(tmp_path))
     assert "add --jsonl IMAGE_FIELD" in _usage_error("precompute", root, "--pipeline", str(tmp_path), "--part",
                                                      "prompt", "--captions", "prompt")
+    assert "--layers, --mode apply to VGGT, not to a diffusion pipeline" in _usage_error(
+        "precompute", root, "--pipeline", str(tmp_path), "--part", "latent", "--layers", "-1", "--mode", "pad")
     path = _pipeline(pipelines, "sd15")
     assert "reads no control images" in _usage_error("precompute", root, "--pipeline", path, "--part", "latent",
                                                      "--control-dir", str(tmp_path))

@@ -15,6 +15,11 @@ _PIPELINE_ONLY = ("part", "control_dir", "control_field", "captions", "max_seque
                   "image_size", "latent_output", "load_dtype")
 
 
+# VGGT's flags (dest names): an error with --pipeline, never silently ignored.
+_VGGT_ONLY = ("vggt_model_path", "layers", "tokens", "mode", "frames_per_set", "history", "history_window",
+              "reverse_frames", "random_weights")
+
+
 def add_pipeline_arguments(p: argparse.ArgumentParser) -> None:
     """Adds the ``diffusion pipeline`` flag group."""
     d = p.add_argument_group(
@@ -52,17 +57,15 @@ def pipeline_encoder(args: argparse.Namespace, parser: argparse.ArgumentParser, 
     """The encoder the ``--pipeline`` flags describe (None without ``--pipeline``); usage errors
     for flags that contradict each other."""
     if args.pipeline is None:
-        given = [f"--{dest.replace('_', '-')}" for dest in _PIPELINE_ONLY
-                 if getattr(args, dest) != parser.get_default(dest)]
-        if given:
+        if given := _given(args, parser, _PIPELINE_ONLY):
             parser.error(f"{', '.join(given)} apply to a diffusion pipeline: add --pipeline DIR --part PART")
         return None
     if args.part is None:
         parser.error("--pipeline needs --part prompt, latent or control_latent (one feature per run)")
     if args.encoder != "vggt":
         parser.error("--pipeline and --encoder exclude each other: the pipeline is the encoder")
-    if args.history or args.frames_per_set != 1:
-        parser.error("--history and --frames-per-set apply to VGGT, not to a diffusion pipeline")
+    if vggt_only := _given(args, parser, _VGGT_ONLY):
+        parser.error(f"{', '.join(vggt_only)} apply to VGGT, not to a diffusion pipeline")
     if args.control_dir and args.control_field:
         parser.error("--control-dir and --control-field exclude each other: give one")
     if (args.control_field or args.captions) and not args.jsonl:
@@ -90,3 +93,8 @@ def pipeline_encoder(args: argparse.Namespace, parser: argparse.ArgumentParser, 
         return PipelineEncoder(args.pipeline, args.part, **options)
     except ValueError as exc:
         parser.error(str(exc))
+
+
+def _given(args: argparse.Namespace, parser: argparse.ArgumentParser, dests: tuple[str, ...]) -> list[str]:
+    """The flags among ``dests`` given a value other than their default, as typed (``--part``)."""
+    return [f"--{dest.replace('_', '-')}" for dest in dests if getattr(args, dest) != parser.get_default(dest)]
