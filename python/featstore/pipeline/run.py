@@ -47,12 +47,14 @@ def run_plan(plan: Plan, *, num_workers: int | None, durable: bool) -> Outcome:
         if plan.rank[0] == 0:
             stack.enter_context(run_lock(store, plan.shard))
         os.makedirs(os.path.dirname(store.manifest_path), exist_ok=True)
-        journal_unindexed(store, plan.skipped_valid(), journal)
+        kept = plan.skipped_valid()
+        journal_unindexed(store, kept, journal)
         shape_log = ShapeLog(store, journal)
-        if recorded_shapes(store) is None:
-            # Entries of this encoder from before the manifest summed up their shapes: read
-            # their headers once, so the summary covers every entry, not only this run's.
-            shape_log.observe_entries(store, plan.skipped_valid())
+        # Entries this run keeps (or refreshes: same tensors) that the manifest may not have summed
+        # up yet (written by an earlier featstore): their headers are read once, so the summary
+        # covers every entry, not only this run's. The manifest is parsed only when some are kept.
+        if (kept or plan.refresh) and recorded_shapes(store) is None:
+            shape_log.observe_entries(store, kept + plan.refresh)
         if plan.refresh:
             plan = dataclasses.replace(plan, todo=plan.todo + refresh_entries(plan, journal, counts))
         if plan.todo:
