@@ -16,6 +16,7 @@ from featstore._core import (
     DataRootError,
     FeatstoreError,
     ManifestError,
+    NotARegularFileError,
     PathOutsideRootError,
     SourceChangedError,
 )
@@ -75,6 +76,7 @@ __all__ = [
     "NoImagesFoundError",
     "ManifestError",
     "PathOutsideRootError",
+    "NotARegularFileError",
     "ReadOnlyDataRootError",
     "LockHeldError",
     "SourceChangedError",

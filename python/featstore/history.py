@@ -141,9 +141,9 @@ def judge_history_entry(store: FeatureStore, path: str, *, deep: bool = False,
     gone = [m for m in members if not os.path.lexists(os.path.join(store.data_root, m))]
     if gone:
         return HistoryVerdict(path, members, "orphan", f"its frame {gone[0]} no longer exists")
-    if store.fingerprint and meta.get("fingerprint") != store.fingerprint:
-        return HistoryVerdict(path, members, "foreign", f"fingerprint {meta.get('fingerprint') or '(none)'}, the "
-                              f"store expects {store.fingerprint}")
+    foreign = store.foreign_reason(meta.get("fingerprint", ""))
+    if foreign is not None:
+        return HistoryVerdict(path, members, "foreign", foreign)
     if members_changed(store.data_root, meta, deep=deep):
         return HistoryVerdict(path, members, "stale", "a frame of its history changed since it was computed")
     return HistoryVerdict(path, members, "valid")

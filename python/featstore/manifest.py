@@ -65,6 +65,22 @@ def store_fields(store: FeatureStore, *, total_images: int) -> dict[str, Any]:
             "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
+def ensure_manifest(store: FeatureStore, *, total_images: int = 0, **mode: Any) -> None:
+    """Gives a feature whose entries were written outside precompute (lazily in training, or by
+    ``put`` on a store opened with a fingerprint) a manifest recording that fingerprint, when it
+    has none: a store opened without a fingerprint then serves exactly these entries, and a later
+    run with another encoder configuration is told, never served them. ``mode``: fields saying
+    how entries are grouped (``history=True``), so that status, verify and gc count them that way.
+    A manifest already there is left as it is."""
+    # Not FeatureStore.write_manifest: that one records counts and an index from a status of
+    # every source; this records the store's description only, and only where none exists.
+    if store.fingerprint is None or _core.read_manifest(store.manifest_path) is not None:
+        return
+    os.makedirs(os.path.dirname(store.manifest_path), exist_ok=True)
+    fields = {**store_fields(store, total_images=total_images), **mode}
+    _core.write_manifest(store.manifest_path, json.dumps(fields))
+
+
 def check_fingerprint_field(path: str) -> None:
     """Raises :class:`ManifestError` when the manifest at ``path`` records a fingerprint that is
     neither a string nor null: read as "none", it would let any encoder's entries be served."""

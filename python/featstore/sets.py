@@ -151,7 +151,7 @@ def set_state(store: FeatureStore, paths: Sequence[str | os.PathLike[str]]) -> s
         return "missing"
     except CorruptEntryError:
         return "corrupt"
-    if store.fingerprint and meta.get("fingerprint") != store.fingerprint:
+    if store.foreign_reason(meta.get("fingerprint", "")) is not None:
         return "foreign"
     return "stale" if members_changed(store.data_root, meta) else "valid"
 
@@ -164,7 +164,7 @@ def get_set(store: FeatureStore, paths: Sequence[str | os.PathLike[str]], *, dev
     if opened is None:
         return None
     _, path, capsules, meta = opened
-    if store.fingerprint and meta.get("fingerprint") != store.fingerprint:
+    if store.foreign_reason(meta.get("fingerprint", "")) is not None:
         return None
     from featstore._torch import from_capsules
 
@@ -232,9 +232,9 @@ def judge_set_entry(store: FeatureStore, path: str, *, deep: bool = False) -> Se
     gone = [m for m in members if not os.path.lexists(os.path.join(store.data_root, m))]
     if gone:
         return SetVerdict(path, members, "orphan", f"its member {gone[0]} no longer exists")
-    if store.fingerprint and meta.get("fingerprint") != store.fingerprint:
-        return SetVerdict(path, members, "foreign", f"fingerprint {meta.get('fingerprint') or '(none)'}, the store "
-                          f"expects {store.fingerprint}")
+    foreign = store.foreign_reason(meta.get("fingerprint", ""))
+    if foreign is not None:
+        return SetVerdict(path, members, "foreign", foreign)
     try:
         current = set_entry_path(store, members)
     except FileNotFoundError as exc:  # gone since the look above

@@ -78,7 +78,9 @@ class FeatureStore:
         The cache directory of the ``dir`` layout.
     fingerprint : str, optional
         The encoder fingerprint entries must carry. None means the one recorded in the feature's
-        manifest (training never needs to load the encoder), or any when there is no manifest.
+        manifest (training never needs to load the encoder); when there is no manifest, only
+        entries written without a fingerprint (``put`` on such a store) are served, and an
+        encoder's entries are ``foreign`` until its fingerprint is given.
     read_mode : {"auto", "map", "pread"}
         ``map`` maps entries (zero-copy); ``pread`` reads them into memory; ``auto`` maps except
         on network file systems, where a file replaced by another node could fault a mapping.
@@ -129,6 +131,7 @@ class FeatureStore:
         self.stats: dict[str, int] = {"hits": 0, "misses": 0, UNREADABLE: 0,
                                       **{s: 0 for s in STATES if s != "valid"}}
         self._warned: set[str] = set()
+        self._fingerprint_recorded = False
 
     # Pickling reopens the store from its arguments (DataLoader workers under spawn).
     def __getstate__(self) -> dict[str, Any]:
@@ -143,12 +146,19 @@ class FeatureStore:
 
     @property
     def fingerprint(self) -> str | None:
-        """The fingerprint entries are checked against (None: any)."""
+        """The fingerprint entries are checked against (None: neither given nor recorded in a
+        manifest, so only entries written without one are served)."""
         return self._core.fingerprint
+
+    def foreign_reason(self, fingerprint: str) -> str | None:
+        """Why an entry written with ``fingerprint`` is foreign to this store, or None when it
+        may be served. Without a fingerprint (none given, no manifest) only entries written
+        without one may: never whichever encoder's entry happens to be read first."""
+        return self._core.foreign_reason(fingerprint)
 
     @property
     def requested_fingerprint(self) -> str | None:
-        """The fingerprint this store was opened with (None: the manifest's, or any)."""
+        """The fingerprint this store was opened with (None: the manifest's, if any)."""
         return self._args["fingerprint"]  # type: ignore[no-any-return]
 
     @property
@@ -290,8 +300,23 @@ class FeatureStore:
         ReadOnlyDataRootError
             Sidecar layout on a read-only data root: use a cache directory (``cache_dir=``,
             ``--cache-dir``).
+
+        Notes
+        -----
+        On a store opened with a fingerprint, the first ``put`` of a feature without a manifest
+        writes one recording it (see :func:`featstore.manifest.ensure_manifest`), so a store
+        opened later without a fingerprint serves these entries, and no other encoder's.
         """
-        return os.fspath(self.write(path, tensors, inputs=inputs, metadata=metadata, durable=durable)["path"])
+        written = self.write(path, tensors, inputs=inputs, metadata=metadata, durable=durable)
+        self._record_fingerprint()
+        return os.fspath(written["path"])
+
+    def _record_fingerprint(self, **mode: Any) -> None:
+        """After a write outside precompute: the manifest records the fingerprint (and ``mode``:
+        how entries are grouped), once."""
+        if not self._fingerprint_recorded:
+            self._fingerprint_recorded = True
+            manifest.ensure_manifest(self, **mode)
 
     def write(self, path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor], *,
              inputs: Mapping[str, InputValue] | None = None,
@@ -380,7 +405,9 @@ class FeatureStore:
                 metadata: Mapping[str, str] | None = None, durable: bool = False) -> str:
         """Writes the entry of an ordered set of frames encoded together (see
         :mod:`featstore.sets`); returns its path."""
-        return sets.put_set(self, paths, tensors, metadata=metadata, durable=durable)
+        path = sets.put_set(self, paths, tensors, metadata=metadata, durable=durable)
+        self._record_fingerprint(frames_per_set=len(paths))
+        return path
 
     def get_set(self, paths: Sequence[str | os.PathLike[str]], *, device: Any = None,
                 dtype: Any = None) -> dict[str, torch.Tensor] | None:
@@ -394,7 +421,9 @@ class FeatureStore:
         """Writes the entry of a history: an ordered list of frames whose last frame's features
         (given every frame before it) ``tensors`` hold (see :mod:`featstore.history`); returns
         its path. ``expected``: the frames' stamps when they were read for encoding."""
-        return history.put_history(self, frames, tensors, expected=expected, metadata=metadata, durable=durable)
+        path = history.put_history(self, frames, tensors, expected=expected, metadata=metadata, durable=durable)
+        self._record_fingerprint(history=True)
+        return path
 
     def get_history(self, frames: Sequence[str | os.PathLike[str]], *, device: Any = None,
                     dtype: Any = None) -> dict[str, torch.Tensor] | None:

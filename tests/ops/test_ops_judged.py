@@ -100,6 +100,7 @@ def test_gc_without_a_known_fingerprint_removes_no_foreign_entry(tree):
         age(os.path.join(root, r))
     FeatureStore(root, "vggt", fingerprint="fpA").put(rels[0], {"features": torch.zeros(4)})
     FeatureStore(root, "vggt", fingerprint="fpB").put(rels[1], {"features": torch.ones(4)})
+    os.remove(os.path.join(root, "vggt_cache_manifest.json"))  # the first put recorded fpA: moved aside
     store = FeatureStore(root, "vggt")  # no manifest, no fingerprint: which one is current is unknown
     assert store.fingerprint is None
     plan = plan_gc(store, rels)

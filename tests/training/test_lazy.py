@@ -33,7 +33,9 @@ def test_lazy_two_epochs_four_workers_compute_each_entry_once(data, start_method
     first = epoch()
     assert all(not c for b in first for c in b["cached"].tolist())
     assert decoded(log) == Counter(os.path.join(root, r) for r in rels)  # each entry exactly once
-    assert 1 <= built(log) <= workers  # the factory ran in the workers that met a miss, nowhere else
+    # The factory ran in the workers that met a miss, and once in the main process when the dataset
+    # was built: no manifest sums up the entries' shapes, so the encoder is asked which outputs vary.
+    assert 1 <= built(log) <= workers + 1
     lines = len(log_lines(log))
 
     second = epoch()

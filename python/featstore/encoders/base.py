@@ -36,6 +36,10 @@ and may have any of these (:func:`capabilities` says which; nothing else asks ``
     frame_passes: int                           # frames fed through the model so far (a history
                                                 # encoder counts them; precompute reports them)
     estimate_entry_bytes() -> int               # bytes of one entry, for the dry-run plan
+    varying_outputs() -> tuple[str, ...]        # outputs whose first axis may differ between
+                                                # items (VGGT's tokens of images of other aspect
+                                                # ratios, unpadded prompts): what a dataset pads
+                                                # when no manifest sums up the entries' shapes
 
 A history encoder computes every prefix of a list in one causal pass when it can (T frame passes
 for T prefixes; precompute writes one entry per prefix a sample names).
@@ -79,6 +83,7 @@ class Capabilities:
     encode_items: bool
     encode_sets: bool
     estimate_entry_bytes: bool
+    varying_outputs: bool
     frames_per_set: int
     encode_history: bool = False
     history_lengths: bool = False
@@ -103,7 +108,7 @@ def capabilities(encoder: Any) -> Capabilities:
     history = has("encode_history") and bool(getattr(encoder, "history", True))
     return Capabilities(to=has("to"), describe=has("describe"), inputs=has("inputs"),
                         encode_items=has("encode_items"), encode_sets=has("encode_sets"),
-                        estimate_entry_bytes=has("estimate_entry_bytes"),
+                        estimate_entry_bytes=has("estimate_entry_bytes"), varying_outputs=has("varying_outputs"),
                         frames_per_set=int(getattr(encoder, "frames_per_set", 1)), encode_history=history,
                         history_lengths=history and _takes(encoder.encode_history, "lengths"),
                         frame_passes=isinstance(getattr(encoder, "frame_passes", None), int))
@@ -142,11 +147,20 @@ def _digest_cache_path() -> str:
 def weights_digest(path: str | os.PathLike[str]) -> str:
     """Content digest (blake3) of a weights file, or of every weights file in a directory.
 
-    Digests are cached by path and stamp in ``~/.cache/featstore/weight-digests.json``, so a
-    5 GB checkpoint is read once per machine; copies on other nodes give the same digest (the
-    fingerprint depends on the bytes, not the path).
+    Digests are cached by path and full stamp (size, mtime, inode, ctime: as sources are
+    judged) in ``~/.cache/featstore/weight-digests.json``, so a 5 GB checkpoint is read once per
+    machine, and a checkpoint copied over the old one with the same size and a restored mtime
+    (a sync tool, a swapped pipeline directory) has a new inode or ctime and is digested again.
+    Copies on other nodes give the same digest (the fingerprint depends on the bytes, not the
+    path).
+
+    Raises
+    ------
+    NotARegularFileError
+        A weights file is a FIFO, socket or device (never opened for a blocking read).
     """
     from featstore import _core
+    from featstore.inputs import stamp_of
 
     root = os.path.abspath(os.fspath(path))
     if os.path.isdir(root):
@@ -163,15 +177,16 @@ def weights_digest(path: str | os.PathLike[str]) -> str:
     parts = []
     changed = False
     for file in files:
-        st = os.stat(file)
+        stamp = list(stamp_of(file))
         hit = cache.get(file)
-        if hit and hit[0] == st.st_size and hit[1] == st.st_mtime_ns:
-            parts.append(hit[2])
+        if isinstance(hit, list) and len(hit) == 5 and hit[:4] == stamp:
+            parts.append(hit[4])
             continue
         digest = _core.file_digest(file)
-        cache[file] = [st.st_size, st.st_mtime_ns, digest]
+        if list(stamp_of(file)) == stamp:  # unchanged while it was read: the digest is of these bytes
+            cache[file] = [*stamp, digest]
+            changed = True
         parts.append(digest)
-        changed = True
     if changed:
         try:
             os.makedirs(os.path.dirname(cache_file), exist_ok=True)

@@ -141,6 +141,11 @@ class VGGTEncoder:
         """Frames encoded together (1: every image alone)."""
         return self._frames_per_set
 
+    def varying_outputs(self) -> tuple[str, ...]:
+        """``("features",)`` with "crop" preprocessing (images of other aspect ratios give other
+        token counts; with ``tokens="all"`` too), nothing with "pad" (every image 518x518)."""
+        return ("features",) if self.mode == "crop" else ()
+
     def stored_dtype(self) -> torch.dtype:
         return self._dtype or default_stored_dtype(self._device or "cpu")
 

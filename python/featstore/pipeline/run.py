@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from featstore.lock import run_lock
-from featstore.manifest import recorded_shapes
+from featstore.manifest import ensure_manifest, recorded_shapes
 from featstore.pipeline import journal as journal_lines
 from featstore.pipeline.items import WorkItem
 from featstore.pipeline.journal import journal_path, journal_unindexed
@@ -47,6 +47,10 @@ def run_plan(plan: Plan, *, num_workers: int | None, durable: bool) -> Outcome:
         if plan.rank[0] == 0:
             stack.enter_context(run_lock(store, plan.shard))
         os.makedirs(os.path.dirname(store.manifest_path), exist_ok=True)
+        # Before the first entry: a run killed before it merges its journals still leaves a
+        # manifest saying which encoder's entries these are, so readers without a fingerprint
+        # serve them (and no other encoder's). A manifest already there is merged at the end.
+        ensure_manifest(store, total_images=len(plan.found.paths))
         kept = plan.skipped_valid()
         journal_unindexed(store, kept, journal)
         shape_log = ShapeLog(store, journal)

@@ -3,7 +3,7 @@ variable-length tensors, and the zero-copy pass-through of rows read into one ba
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, MutableMapping
 from typing import Any
 
 import torch
@@ -67,21 +67,25 @@ def mask_key(name: str, dtype: torch.dtype) -> str | None:
     return None if is_mask else f"{name}_mask"
 
 
-def settle_pad(pad: str | Iterable[str], store: FeatureStore | None) -> tuple[str, ...]:
+def settle_pad(pad: str | Iterable[str], store: FeatureStore | None,
+               varying: Callable[[], Iterable[str]] = tuple) -> tuple[str, ...]:
     """The tensors a dataset pads, checked against the shapes precompute recorded in the manifest
     (:func:`featstore.manifest.recorded_shapes`) so that a tensor that cannot be batched is found
     when the dataset is built, not in the middle of an epoch.
 
     ``"auto"`` pads every tensor whose entries differ in the length of their first axis only
     (VGGT's "crop" preprocessing of images with other aspect ratios); a list pads those named.
-    Without a recorded summary (entries from ``put`` or a lazy run only), ``"auto"`` pads nothing
-    and a batch with unequal shapes raises the collate error that names the fix.
+    Without a summary, ``"auto"`` pads what ``varying()`` names: the outputs the dataset's
+    encoder says may differ in length (its ``varying_outputs()``; lazy writes then record the
+    summary, so later runs need not ask). Without either (entries from ``put`` only, an encoder
+    that does not say), nothing, and a batch with unequal shapes raises the collate error that
+    names the fix.
     """
     recorded = recorded_shapes(store) if store is not None else None
     if isinstance(pad, str):
         if pad != "auto":
             raise ValueError(f"pad must be 'auto' or a list of tensor names, got {pad!r}")
-        names = tuple(shapes.padded_names(recorded)) if recorded else ()
+        names = tuple(shapes.padded_names(recorded)) if recorded else tuple(varying())
     else:
         names = tuple(pad)
     problems = shapes.unbatchable(recorded, names) if recorded else {}
@@ -96,7 +100,7 @@ def settle_pad(pad: str | Iterable[str], store: FeatureStore | None) -> tuple[st
     return names
 
 
-def put_row(batch: dict[str, Any], name: str, row: int, t: torch.Tensor, rows: int, *, padded: bool) -> None:
+def put_row(batch: MutableMapping[str, Any], name: str, row: int, t: torch.Tensor, rows: int, *, padded: bool) -> None:
     """Puts one sample's tensor into row ``row`` of a collated batch (creating, or for padded
     tensors lengthening, the batch tensor)."""
     current = batch.get(name)

@@ -4,15 +4,16 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
 from typing import Any
 
 import torch
 
 from featstore.errors import StaleEntryError
+from featstore.manifest import recorded_shapes
 from featstore.store import FeatureStore
 from featstore.training.arguments import settle_modes, use_cache_default
-from featstore.training.batching import HANDOFF, collate, put_row, settle_pad
+from featstore.training.batching import HANDOFF, collate, mask_key, put_row, settle_pad
 from featstore.training.buffers import BatchBuffers
 from featstore.training.history_reading import HistoryReader
 from featstore.training.live import LiveEncoder, source_path
@@ -20,6 +21,63 @@ from featstore.training.live_history import HistoryComputer
 from featstore.training.loader import CachedLoader, HandOnToFill
 from featstore.training.reading import EntryReader, Source
 from featstore.training.report import WarnOnce, log_start_line, start_line
+
+
+class _Served(MutableMapping[str, Any]):
+    """A batch (or sample) as one dataset's :meth:`CachedDataset.fill` writes into it: by the
+    entries' tensor names, stored under the names the dataset serves them as (``rename``), and
+    refusing a name that another dataset of the stack (or the base sample) put there.
+
+    ``taken``: names the wrapped datasets filled in this process; ``collated``: the names the
+    batch came with, which are this dataset's own only where it serves that name (rows its
+    workers computed)."""
+
+    def __init__(self, dataset: CachedDataset, target: dict[str, Any], *, taken: set[str],
+                 collated: set[str]) -> None:
+        self.dataset, self.target, self.taken, self.collated = dataset, target, taken, collated
+        self._own: set[str] | None = None  # the dataset's names, asked once (it may read the manifest)
+
+    def __getitem__(self, name: str) -> Any:
+        return self.target[self.dataset._served_name(name)]
+
+    def __setitem__(self, name: str, value: Any) -> None:
+        key = self.dataset._served_name(name)
+        if key not in self.target or key in self.taken:
+            if key in self.collated and key not in self.taken and self._own is None:
+                self._own = self.dataset._own_names() or set()
+            if key in self.taken or (key in self.collated and key not in (self._own or ())):
+                self.dataset._refuse_names([key])
+        self.target[key] = value
+
+    def __delitem__(self, name: str) -> None:
+        del self.target[self.dataset._served_name(name)]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.target)
+
+    def __len__(self) -> int:
+        return len(self.target)
+
+
+def check_rename(rename: Mapping[str, str] | None) -> dict[str, str]:
+    """``rename`` as a dict, refused when it is not one name per tensor."""
+    if rename is None:
+        return {}
+    if not isinstance(rename, Mapping) or not all(isinstance(k, str) and isinstance(v, str) and v
+                                                  for k, v in rename.items()):
+        raise TypeError(f"rename must map tensor names to new names (str to str), got {rename!r}")
+    if len(set(rename.values())) != len(rename):
+        raise ValueError(f"rename gives two tensors one name: {dict(rename)!r}")
+    return dict(rename)
+
+
+def _gets_mask(name: str, dtype: Any) -> bool:
+    """Whether a padded tensor gets a ``<name>_mask`` twin (see :func:`mask_key`); ``dtype`` is a
+    torch dtype or a manifest's dtype name (``"BF16"``, ``"I64"``)."""
+    if isinstance(dtype, torch.dtype):
+        return mask_key(name, dtype) is not None
+    floating = str(dtype).upper().startswith(("F", "BF", "C"))
+    return floating or not name.endswith("mask")
 
 
 class CachedDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
@@ -71,6 +129,12 @@ class CachedDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
         The key saying whether a sample's features came from the cache. Datasets serving several
         features wrap each other (``CachedDataset(CachedDataset(base, latents, ...), prompts,
         ...)``): give each its own key (``"pixel_latent_cached"``) so none overwrites another's.
+    rename : mapping of str to str, optional
+        Serve the entries' tensors under other names (``{"features": "features_l11"}``; a padded
+        tensor's mask follows: ``features_l11_mask``). Stacked features that store the same
+        tensor name (VGGT layer 11 and layer 22, both ``features``) need it for one of them: a
+        sample or batch never holds two tensors under one name, and a dataset whose names
+        collide with those of the dataset it wraps (or of its base samples) is refused.
 
     Each returned sample is the base sample plus the entry's tensors under their names and
     ``cached``: True when the features came from the cache (False when computed live, or zeros
@@ -83,14 +147,17 @@ class CachedDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
         ``on_miss="skip"`` and the feature has no valid entry to learn the shapes from.
     ValueError
         The manifest records entries that cannot be batched even padded (shapes that differ
-        beyond their first axis, or in the first axis of a tensor ``pad`` leaves out).
+        beyond their first axis, or in the first axis of a tensor ``pad`` leaves out); or its
+        tensor names collide with those of the dataset it wraps (``rename`` is the fix; found
+        when the dataset is built where the names are known, else at the first sample).
     """
 
     def __init__(self, base: Any, store: FeatureStore | None, *, path_fn: Callable[[Any], str] | None = None,
                  paths: Sequence[str] | None = None, history_fn: Callable[[Any], Sequence[str]] | None = None,
                  encoder: Any = None, mode: str = "read", use_cache: bool | None = None, on_miss: str | None = None,
                  device: str = "cpu", encode_in_workers: bool | None = None, pad: str | Iterable[str] = "auto",
-                 pin_memory: bool = False, log_start: bool = True, cached_key: str = "cached") -> None:
+                 pin_memory: bool = False, log_start: bool = True, cached_key: str = "cached",
+                 rename: Mapping[str, str] | None = None) -> None:
         if use_cache is None:
             use_cache = use_cache_default()
         self.switched_off = not use_cache
@@ -106,13 +173,16 @@ class CachedDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
         self.device = device
         self.encode_in_workers = (torch.device(device).type == "cpu") if encode_in_workers is None \
             else encode_in_workers
-        self.pad = settle_pad(pad, self.store)
+        self._live = LiveEncoder(encoder, device=device, data_root=self.data_root, total_images=len(base))
+        # What the encoder computes is padded as what precompute summed up: asked of the encoder
+        # only when there is one (a factory is then built, not loaded).
+        self.pad = settle_pad(pad, self.store, self._live.varying_outputs if encoder is not None else tuple)
+        self.rename = check_rename(rename)
         self.cached_key = cached_key
         # Where a sample hands its read on to fill(): one key per dataset of a stack.
         self.handoff_key = HANDOFF if cached_key == "cached" else f"{HANDOFF}:{cached_key}"
         self._buffers = BatchBuffers(pin_memory)
         self._reader = (HistoryReader if history_fn is not None else EntryReader)(self.pad, self._buffers)
-        self._live = LiveEncoder(encoder, device=device, data_root=self.data_root, total_images=len(base))
         self._histories = HistoryComputer(self._live) if history_fn is not None else None
         self._warn_once = WarnOnce()
         # True in the workers of loader(), which calls fill() on every batch in the main
@@ -121,6 +191,9 @@ class CachedDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
         if self.store is not None and self.on_miss == "skip":
             # A skipped miss is served as zeros of the entries' shapes: learned now, not mid-epoch.
             self._reader.learn(self.store, self.paths)
+        self._names_checked = False
+        if isinstance(base, CachedDataset):
+            self._check_names(base.served_names(), known_only=True)
         if log_start:
             log_start_line(self.describe)
 
@@ -143,7 +216,7 @@ class CachedDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
 
     def collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         """:func:`collate` with this dataset's padded tensors (and those of the datasets it wraps)."""
-        return collate(samples, pad=[name for ds in self._stack() for name in ds.pad])
+        return collate(samples, pad=[ds.rename.get(name, name) for ds in self._stack() for name in ds.pad])
 
     def loader(self, *, prefetch: int = 2, **dataloader_args: Any) -> CachedLoader:
         """A ``DataLoader`` over this dataset (``dataloader_args`` are its own) whose batches get
@@ -186,23 +259,92 @@ class CachedDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
             x = self.base[i]
             samples.append(dict(x) if isinstance(x, Mapping) else {"sample": x})
         sources = [self._source(i, s) for i, s in zip(indices, samples, strict=True)]
+        # This dataset's tensors go into dicts of their own first: renamed, then checked against
+        # what the samples hold (a wrapped dataset's features), never written over them.
+        own: list[dict[str, Any]] = [{} for _ in samples]
         if self.store is None:
             misses = list(range(len(samples)))
         elif self._main_fills:  # fill() reads the hits, all of a batch at once
             misses = []
             for j, state in enumerate(self._reader.states(self.store, sources)):
                 if state in ("valid", "legacy"):
-                    samples[j][self.handoff_key] = ("read", sources[j])
+                    own[j][self.handoff_key] = ("read", sources[j])
                 else:
                     misses.append(j)
         else:
-            misses = self._reader.into_samples(self.store, samples, sources, zeros=self.on_miss == "skip")
+            misses = self._reader.into_samples(self.store, own, sources, zeros=self.on_miss == "skip")
         missed = set(misses)
-        for j, sample in enumerate(samples):
+        for j, sample in enumerate(own):
             sample[self.cached_key] = j not in missed
         if misses:
-            self._miss(samples, sources, misses)
+            self._miss(own, sources, misses)
+        for sample, mine in zip(samples, own, strict=True):
+            self._merge(sample, mine)
         return samples
+
+    def _merge(self, into: dict[str, Any], mine: dict[str, Any]) -> None:
+        """Adds this dataset's tensors (``mine``, under their entry names) to ``into`` (a sample,
+        or a collated batch) under their served names; a name ``into`` already holds is an error,
+        never a silent replacement."""
+        if self.rename:
+            mine = {self._served_name(name): value for name, value in mine.items()}
+        clash = sorted(set(mine) & set(into))
+        if clash:
+            self._refuse_names(clash)
+        into.update(mine)
+
+    def _served_name(self, name: str) -> str:
+        """The name under which this dataset serves its entries' tensor (or mask) ``name``."""
+        if name in self.rename:
+            return self.rename[name]
+        stem = name[: -len("_mask")]
+        return f"{self.rename[stem]}_mask" if name.endswith("_mask") and stem in self.rename else name
+
+    def served_names(self) -> set[str]:
+        """The keys this dataset and the datasets it wraps add to a sample, as far as they are
+        known (the manifest's shape summary, or entries read so far)."""
+        names: set[str] = set()
+        for ds in self._stack():
+            names |= ds._own_names() or set()
+            names.add(ds.cached_key)
+        return names
+
+    def _own_names(self) -> set[str] | None:
+        """The tensor names (renamed, masks included) this dataset adds, when known."""
+        if self.store is None:
+            return None
+        shapes = recorded_shapes(self.store) or self._reader.shapes or self._reader.layout
+        if not shapes:
+            return None
+        names = set()
+        for name, spec in shapes.items():
+            served = self.rename.get(name, name)
+            names.add(served)
+            if name in self.pad and _gets_mask(name, spec[0]):
+                names.add(f"{served}_mask")
+        return names | {self.cached_key}
+
+    def _check_names(self, others: set[str], *, known_only: bool) -> None:
+        """Refuses tensor names that collide with ``others`` (the wrapped datasets' names)."""
+        mine = self._own_names()
+        if mine is None and known_only:
+            return
+        clash = sorted((mine or set()) & others)
+        if clash:
+            self._refuse_names(clash)
+
+    def _refuse_names(self, clash: list[str]) -> None:
+        feature = self.store.feature if self.store is not None else "(cache off)"
+        wrapped = [ds.store.feature for ds in self._stack()[1:] if ds.store is not None]
+        where = (f"the CachedDataset it wraps (feature {', '.join(wrapped)})" if wrapped
+                 else "the base samples")
+        if self.cached_key in clash:
+            fix = f"give each dataset its own cached_key (cached_key='{feature}_cached')"
+        else:
+            fix = ("serve one feature's tensors under other names: CachedDataset(..., rename={"
+                   + ", ".join(f"{n!r}: '{n}_{feature}'" for n in clash) + "})")
+        raise ValueError(f"feature {feature} serves {', '.join(map(repr, clash))}, which {where} already holds: "
+                         f"one would silently replace the other; {fix}")
 
     def _source(self, index: int, sample: dict[str, Any]) -> Source:
         """What names the sample's entry: its source, or with ``history_fn`` the tuple of its frames."""
@@ -247,13 +389,28 @@ class CachedDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
         buffer, and encodes its misses in one encoder call (a GPU encoder), writing them in lazy
         mode. ``batch`` is a collated batch, or one sample; one with nothing handed on is
         returned as is."""
+        collated = set(batch)
         if isinstance(self.base, CachedDataset):  # the features of the datasets it wraps first
             batch = self.base.fill(batch)
+        # Rows this dataset's workers computed are already in the batch; names the wrapped
+        # datasets just filled, or the base samples hold, must not be written over.
+        served = _Served(self, batch, taken=set(batch) - collated, collated=collated)
         handoff = batch.pop(self.handoff_key, None)
-        if handoff is None:
-            return self._zeros_for_misses(batch)
         if isinstance(handoff, tuple):  # one sample (a DataLoader without a batch size)
-            return self._zeros_for_misses(self._fill_sample(batch, *handoff))
+            self._fill_sample(batch, served, *handoff)
+        elif handoff is not None:
+            self._fill_batch(batch, served, handoff)
+        if self.on_miss == "skip" and self._reader.shapes is not None:
+            # Zeros for the tensors no row has, so that keys and shapes never depend on which rows hit.
+            cached = batch.get(self.cached_key)
+            if isinstance(cached, torch.Tensor) and cached.dim() == 1:
+                self._reader.zeros_into_batch(served, len(cached))
+            elif isinstance(cached, bool):
+                self._reader.zeros_into_sample(served)
+        return batch
+
+    def _fill_batch(self, batch: dict[str, Any], served: _Served, handoff: Any) -> None:
+        """:meth:`fill` of a collated batch; tensors go into ``served`` (the batch, by served name)."""
         if not isinstance(handoff, list) or not all(h is None or isinstance(h, tuple) for h in handoff):
             raise TypeError(f"the batch's {self.handoff_key!r} is {type(handoff).__name__}, not the per-sample list "
                             "featstore.collate makes: a custom collate_fn must pass that key through (wrap "
@@ -263,46 +420,33 @@ class CachedDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
         misses = [(j, h[1]) for j, h in enumerate(handoff) if h is not None and h[0] == "encode"]
         if reads:
             assert self.store is not None
-            misses += self._reader.into_batch(self.store, batch, reads, rows)
+            misses += self._reader.into_batch(self.store, served, reads, rows)
         if not misses:
-            return self._zeros_for_misses(batch)
+            return
         for j, _ in misses:
             batch[self.cached_key][j] = False
         if self.on_miss != "compute":
             self._unresolved([source for _, source in misses])
             for j, _ in misses:  # rows a failed batch read left undefined
                 for name in self._reader.layout or {}:
-                    if isinstance(batch.get(name), torch.Tensor):
-                        batch[name][j].zero_()
-            return self._zeros_for_misses(batch)
+                    if isinstance(served.get(name), torch.Tensor):
+                        served[name][j].zero_()
+            return
         for (j, _), (tensors, cached) in zip(misses, self.compute([s for _, s in misses]), strict=True):
             for name, t in tensors.items():
-                put_row(batch, name, j, t, rows, padded=name in self.pad)
+                put_row(served, name, j, t, rows, padded=name in self.pad)
             batch[self.cached_key][j] = cached
-        return batch
 
-    def _zeros_for_misses(self, batch: dict[str, Any]) -> dict[str, Any]:
-        """With skipped misses, adds zeros for the tensors no row of ``batch`` (a collated batch,
-        or one sample) has, so that its keys and shapes never depend on which rows hit."""
-        if self.on_miss == "skip" and self._reader.shapes is not None:
-            cached = batch.get(self.cached_key)
-            if isinstance(cached, torch.Tensor) and cached.dim() == 1:
-                self._reader.zeros_into_batch(batch, len(cached))
-            elif isinstance(cached, bool):
-                self._reader.zeros_into_sample(batch)
-        return batch
-
-    def _fill_sample(self, sample: dict[str, Any], what: str, source: Source) -> dict[str, Any]:
-        """:meth:`fill` of one uncollated sample."""
+    def _fill_sample(self, sample: dict[str, Any], served: _Served, what: str, source: Source) -> None:
+        """:meth:`fill` of one uncollated sample; tensors go into ``served``."""
         tensors = self._reader.get(self.store, source) if what == "read" and self.store is not None else None
         if tensors is None:
             sample[self.cached_key] = False
             if self.on_miss != "compute":
                 self._unresolved([source])
-                return sample
+                return
             tensors, sample[self.cached_key] = self.compute([source])[0]
-        sample.update(tensors)
-        return sample
+        served.update(tensors)
 
     def compute(self, sources: Sequence[Source]) -> list[tuple[dict[str, torch.Tensor], bool]]:
         """The features of ``sources`` (store-relative or absolute paths; with ``history_fn``,

@@ -5,7 +5,6 @@ once, then written atomically beside the other entries)."""
 from __future__ import annotations
 
 import copy
-import json
 import os
 from collections import defaultdict
 from collections.abc import Sequence
@@ -13,11 +12,13 @@ from typing import Any
 
 import torch
 
-from featstore import _core
+from featstore import shapes
+from featstore._torch import TORCH_TO_SAFETENSORS
 from featstore.encoders import capabilities, resolve_encoder
 from featstore.encoding import decode_source, encode_batch, read_inputs
 from featstore.errors import FeatstoreError
 from featstore.lock import entry_claims
+from featstore.manifest import ensure_manifest
 from featstore.store import FeatureStore
 from featstore.training.report import WarnOnce
 
@@ -49,12 +50,13 @@ class LiveEncoder:
         self.data_root = data_root
         self.total_images = total_images
         self._encoder: Any = None
+        self._built: Any = None  # built (by varying_outputs) but not yet moved to the device
         self._manifest_checked = False
         self._warn_once = WarnOnce()
 
     # Workers under spawn get the dataset pickled: never ship a loaded encoder, only its factory.
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_encoder": None}
+        return {**self.__dict__, "_encoder": None, "_built": None}
 
     def without_spec(self) -> LiveEncoder:
         """A copy that cannot build the encoder, for workers that hand their misses on."""
@@ -69,7 +71,8 @@ class LiveEncoder:
         error: its features would not match the cached ones."""
         if self._encoder is not None:
             return self._encoder, store
-        enc = resolve_encoder(self.spec)
+        enc: Any = self._built if self._built is not None else resolve_encoder(self.spec)
+        self._built = None
         if capabilities(enc).to:
             enc.to(self.device)  # type: ignore[attr-defined]
         if store is not None:
@@ -87,6 +90,18 @@ class LiveEncoder:
                     "fingerprint=encoder.fingerprint() (then the old entries are recomputed)")
         self._encoder = enc
         return enc, store
+
+    def varying_outputs(self) -> tuple[str, ...]:
+        """The outputs the encoder says may differ in the length of their first axis between
+        items (its ``varying_outputs()``; none when it does not say). A factory is called for it
+        once (building an encoder does not load its weights; ``to`` does) and what it built is
+        used on the first miss."""
+        if self.spec is None:
+            return ()
+        if self._encoder is None and self._built is None:
+            self._built = resolve_encoder(self.spec)
+        enc = self._encoder if self._encoder is not None else self._built
+        return tuple(enc.varying_outputs()) if capabilities(enc).varying_outputs else ()
 
     def compute_lazily(self, enc: Any, store: FeatureStore, sources: Sequence[str]
                        ) -> list[tuple[dict[str, torch.Tensor], bool]]:
@@ -150,21 +165,26 @@ class LiveEncoder:
             store.write(source, tensors, inputs=inputs, expected=stamp)
             if not self._manifest_checked:
                 self._manifest_checked = True
-                self.ensure_manifest(store)
+                self.ensure_manifest(store, tensors=self.shape_summary(enc, tensors))
         except (OSError, FeatstoreError) as exc:
             self._warn_once(f"write:{type(exc).__name__}",
                             f"featstore: could not store the lazily computed entry of {path}: {exc}. "
                             "Training goes on with the computed features; further such failures are not reported")
 
     def ensure_manifest(self, store: FeatureStore, **mode: Any) -> None:
-        """Gives a feature cached only lazily a manifest recording the encoder's fingerprint, so
-        that a later run with another encoder configuration is told, instead of being served
-        these entries by a store that checks no fingerprint. ``mode``: fields saying how entries
-        are grouped (``history=True``), so that status, verify and gc count them that way."""
-        # The core, not FeatureStore.write_manifest: that one records counts and an index from a
-        # status of every source, which a training step has not made; this records the store's
-        # description only, and only where no manifest exists.
-        if _core.read_manifest(store.manifest_path) is None:
-            os.makedirs(os.path.dirname(store.manifest_path), exist_ok=True)
-            fields = {**store.manifest_fields(total_images=self.total_images), **mode}
-            _core.write_manifest(store.manifest_path, json.dumps(fields))
+        """See :func:`featstore.manifest.ensure_manifest` (the dataset's length as ``total_images``)."""
+        ensure_manifest(store, total_images=self.total_images, **mode)
+
+    @staticmethod
+    def shape_summary(enc: Any, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """The manifest's ``"tensors"`` summary for lazily written entries: one entry's shapes,
+        with the first axis of what the encoder says varies (``varying_outputs()``) left open, so
+        a later dataset pads it without asking the encoder again."""
+        varying = set(enc.varying_outputs()) if capabilities(enc).varying_outputs else set()
+        summary: shapes.Shapes = {}
+        for name, t in tensors.items():
+            shape: tuple[int | None, ...] = tuple(t.shape)
+            if name in varying and shape:
+                shape = (None, *shape[1:])
+            summary[name] = (TORCH_TO_SAFETENSORS[t.dtype], shape)
+        return shapes.to_json(summary)

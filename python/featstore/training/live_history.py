@@ -137,7 +137,7 @@ class HistoryComputer:
                     tensors = {name: t[row, n - 1].clone() for name, t in outputs.items()}
                     out[frames[:n]] = tensors
                     if write_to is not None:
-                        self._write(write_to, frames[:n], tensors, sequences[frames][1][:n])
+                        self._write(enc, write_to, frames[:n], tensors, sequences[frames][1][:n])
         return out
 
     def _decode(self, enc: Any, rel: str) -> tuple[torch.Tensor, Stamp]:
@@ -147,15 +147,16 @@ class HistoryComputer:
             raise FeatstoreError(f"cannot compute {enc.name} history features with the frame {path}: {error}")
         return item, stamp
 
-    def _write(self, store: FeatureStore, frames: Frames, tensors: dict[str, torch.Tensor],
+    def _write(self, enc: Any, store: FeatureStore, frames: Frames, tensors: dict[str, torch.Tensor],
                stamps: list[Stamp]) -> None:
         """Stores a lazily computed history entry; a failed write (a frame edited since it was
         read, a read-only cache) is warned about once and training goes on."""
         try:
-            store.put_history(frames, tensors, expected=stamps)
-            if not self._manifest_checked:
+            if not self._manifest_checked:  # first: put_history records the fingerprint alone
                 self._manifest_checked = True
-                self.live.ensure_manifest(store, history=True)
+                self.live.ensure_manifest(store, history=True,
+                                          tensors=self.live.shape_summary(enc, tensors))
+            store.put_history(frames, tensors, expected=stamps)
         except (OSError, FeatstoreError) as exc:
             self._warn_once(f"write:{type(exc).__name__}",
                             f"featstore: could not store the lazily computed history entry of {frames[-1]} "

@@ -5,7 +5,7 @@ zeros that stand in for a miss, so that a batch's keys and shapes never depend o
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, MutableMapping, Sequence
 from itertools import islice
 from typing import Any
 
@@ -67,13 +67,13 @@ class EntryReader:
         self.shapes = shapes
         self.layout = {n: spec for n, spec in shapes.items() if n not in self.pad}
 
-    def zeros_into_sample(self, sample: dict[str, Any]) -> None:
+    def zeros_into_sample(self, sample: MutableMapping[str, Any]) -> None:
         """Adds zeros for each tensor a missed sample lacks (padded ones with length 0)."""
         for name, (dtype, shape) in (self.shapes or {}).items():
             if name not in sample:
                 sample[name] = torch.zeros((0, *shape[1:]) if name in self.pad else shape, dtype=dtype)
 
-    def zeros_into_batch(self, batch: dict[str, Any], rows: int) -> None:
+    def zeros_into_batch(self, batch: MutableMapping[str, Any], rows: int) -> None:
         """Adds zeros for each tensor a collated batch of ``rows`` rows lacks (no row hit):
         ``[rows, *shape]``, padded ones ``[rows, 0, ...]`` with an all-False mask."""
         for name, (dtype, shape) in (self.shapes or {}).items():
@@ -113,7 +113,7 @@ class EntryReader:
                 self.zeros_into_sample(samples[j])
         return misses
 
-    def into_batch(self, store: FeatureStore, batch: dict[str, Any], reads: list[tuple[int, Source]],
+    def into_batch(self, store: FeatureStore, batch: MutableMapping[str, Any], reads: list[tuple[int, Source]],
                    rows: int) -> list[tuple[int, Source]]:
         """Reads the entries of ``reads`` (row, source) into the collated ``batch`` of ``rows``
         rows; returns those that missed."""

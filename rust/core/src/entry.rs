@@ -334,24 +334,13 @@ pub fn parse_entry_bytes(path: &Path, bytes: &[u8]) -> Result<Header> {
 /// writer appears, and a directory or device is no entry either. Those are corrupt entries (a
 /// counted miss), found at once.
 pub fn open_regular(path: &Path) -> Result<(File, std::fs::Metadata)> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        // O_NONBLOCK: a FIFO opens at once instead of waiting; regular files ignore it.
-        .custom_flags(libc::O_NONBLOCK)
-        .open(path)
-        .at(path)?;
-    let meta = file.metadata().at(path)?;
-    if !meta.file_type().is_file() {
-        return Err(Error::corrupt(
+    crate::key::open_regular(path).map_err(|e| match e {
+        Error::NotRegular { path, kind } => Error::corrupt(
             path,
-            format!(
-                "not a regular file ({}): featstore never writes one there; remove it and recompute",
-                file_kind(&meta.file_type())
-            ),
-        ));
-    }
-    Ok((file, meta))
+            format!("not a regular file ({kind}): featstore never writes one there; remove it and recompute"),
+        ),
+        e => e,
+    })
 }
 
 /// What kind of file something that is not a regular file is, in words.
@@ -399,10 +388,12 @@ pub fn read_header_of(file: &File, path: &Path, file_len: u64) -> Result<Header>
 }
 
 /// Encodes the header (length prefix, JSON, space padding) for tensors laid out in `order`.
+/// Refuses what every reader would refuse (a header over [`MAX_HEADER_LEN`]), so no entry is
+/// written that is then called corrupt and recomputed in a loop.
 fn encode_header(
     tensors: &[(String, Dtype, Vec<u64>, u64)],
     metadata: &BTreeMap<String, String>,
-) -> Vec<u8> {
+) -> Result<Vec<u8>> {
     let mut root = Map::new();
     if !metadata.is_empty() {
         root.insert(
@@ -425,10 +416,24 @@ fn encode_header(
     let mut json = serde_json::to_vec(&Value::Object(root)).expect("header serializes");
     let padded = (8 + json.len()).div_ceil(DATA_ALIGN) * DATA_ALIGN - 8;
     json.resize(padded, b' ');
+    if json.len() as u64 > MAX_HEADER_LEN {
+        let biggest = metadata
+            .iter()
+            .max_by_key(|(_, v)| v.len())
+            .map_or(String::new(), |(k, v)| {
+                format!(" (the largest field, {k:?}, holds {} bytes)", v.len())
+            });
+        return Err(Error::HeaderTooLarge(format!(
+            "the entry's header would be {} bytes, over the {MAX_HEADER_LEN}-byte limit every reader enforces{biggest}; \
+             nothing was written: record less with the entry (shorter frame lists: a history window, \
+             --history-window START RECENT; fewer or shorter metadata values)",
+            json.len()
+        )));
+    }
     let mut out = Vec::with_capacity(8 + json.len());
     out.extend_from_slice(&(json.len() as u64).to_le_bytes());
     out.extend_from_slice(&json);
-    out
+    Ok(out)
 }
 
 /// Orders tensors by element size (largest first), then name: contiguous storage then keeps every
@@ -554,7 +559,7 @@ pub fn write_entry(
             )
         })
         .collect();
-    let header = encode_header(&layout, &meta);
+    let header = encode_header(&layout, &meta)?;
     let mut chunks: Vec<&[u8]> = vec![&header];
     chunks.extend(ordered.iter().map(|t| t.data));
     write_atomic(path, &chunks, durable)?;
@@ -585,7 +590,7 @@ pub fn rewrite_metadata_to(
         .iter()
         .map(|t| (t.name.clone(), t.dtype, t.shape.clone(), t.end - t.start))
         .collect();
-    let header = encode_header(&layout, &meta);
+    let header = encode_header(&layout, &meta)?;
     write_atomic(to, &[&header, entry.data()], durable)?;
     Ok(true)
 }

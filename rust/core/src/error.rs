@@ -34,6 +34,14 @@ pub enum Error {
     /// An entry's file name would be longer than the file system allows.
     #[error("{}: {why}", path.display())]
     NameTooLong { path: PathBuf, why: String },
+    /// A path featstore would read (a source, frame, caption, control image, weights file) that
+    /// is not a regular file: a FIFO, socket, device or directory. Found without opening it for
+    /// a blocking read.
+    #[error("{} is not a regular file ({kind}): featstore reads only regular files; put the file itself there, or leave it out", path.display())]
+    NotRegular { path: PathBuf, kind: &'static str },
+    /// An entry whose header would exceed the readers' limit: refused before anything is written.
+    #[error("{0}")]
+    HeaderTooLarge(String),
     /// A caller passed a value the core cannot use (unknown dtype, inconsistent sizes, ...).
     #[error("{0}")]
     Invalid(String),

@@ -12,7 +12,7 @@ use std::path::Path;
 
 use sha2::Digest as _;
 
-use crate::error::{IoContext, Result};
+use crate::error::{Error, IoContext, Result};
 
 /// Domain separator of the v1 key, so a key can never collide with a digest of other data.
 const KEY_DOMAIN: &[u8] = b"featstore-key-v1\0";
@@ -84,10 +84,32 @@ pub fn stamp_key(rel_path: &[u8], stamp: Stamp) -> String {
     h.finalize().to_hex().to_string()
 }
 
-/// blake3 of a file's bytes, as 64 hex digits.
+/// Opens a file for reading only if it is a regular file, without ever blocking: a FIFO (or a
+/// symlink to one, or to `/dev/zero`) where an image or a weights file was would block a plain
+/// `open` until a writer appears, or never end a read. Those are [`Error::NotRegular`] at once.
+pub fn open_regular(path: &Path) -> Result<(File, Metadata)> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        // O_NONBLOCK: a FIFO opens at once instead of waiting; regular files ignore it.
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .at(path)?;
+    let meta = file.metadata().at(path)?;
+    if !meta.file_type().is_file() {
+        return Err(Error::NotRegular {
+            path: path.to_path_buf(),
+            kind: crate::entry::file_kind(&meta.file_type()),
+        });
+    }
+    Ok((file, meta))
+}
+
+/// blake3 of a regular file's bytes, as 64 hex digits ([`Error::NotRegular`] for anything else:
+/// nothing featstore digests may block).
 pub fn file_digest(path: &Path) -> Result<String> {
     let mut h = blake3::Hasher::new();
-    let file = File::open(path).at(path)?;
+    let (file, _) = open_regular(path)?;
     // `update_reader` streams through a fixed buffer: constant memory whatever the file size.
     h.update_reader(file).at(path)?;
     Ok(h.finalize().to_hex().to_string())
@@ -105,7 +127,7 @@ pub fn bytes_digest(bytes: &[u8]) -> String {
 pub fn legacy_sha256_key(path_as_given: &[u8], read_from: &Path) -> Result<String> {
     let mut h = sha2::Sha256::new();
     h.update(path_as_given);
-    let mut file = File::open(read_from).at(read_from)?;
+    let (mut file, _) = open_regular(read_from)?;
     let mut buf = vec![0u8; 1 << 20];
     loop {
         let n = file.read(&mut buf).at(read_from)?;
@@ -169,6 +191,33 @@ mod tests {
         // sha256(b"/data/img.jpg" + b"hello") computed independently (Python hashlib).
         let k = legacy_sha256_key(b"/data/img.jpg", &f).unwrap();
         assert_eq!(k, "9c606ebf7ef75b50");
+    }
+
+    #[test]
+    fn a_fifo_or_a_device_is_refused_at_once_never_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("img.png");
+        let c = std::ffi::CString::new(fifo.as_os_str().as_bytes()).unwrap();
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+        // A plain open of a FIFO with no writer would block this test forever.
+        assert!(matches!(
+            file_digest(&fifo),
+            Err(Error::NotRegular { kind: "a FIFO", .. })
+        ));
+        let zero = dir.path().join("zero.png");
+        std::os::unix::fs::symlink("/dev/zero", &zero).unwrap();
+        assert!(matches!(file_digest(&zero), Err(Error::NotRegular { .. })));
+        assert!(matches!(
+            legacy_sha256_key(b"x", &zero),
+            Err(Error::NotRegular { .. })
+        ));
+        assert!(matches!(
+            file_digest(dir.path()),
+            Err(Error::NotRegular {
+                kind: "a directory",
+                ..
+            })
+        ));
     }
 
     #[test]

@@ -23,9 +23,19 @@ pub fn default_threads() -> usize {
         .unwrap_or(1)
 }
 
-/// A pool of `threads` threads (default: [`default_threads`]) that is valid in this process.
+/// The most threads a pool gets, whatever is asked: a few per core covers the latency of network
+/// file systems; past that, threads only cost their start-up (10,000 took minutes).
+pub fn max_threads() -> usize {
+    (default_threads() * 4).max(8)
+}
+
+/// A pool of `threads` threads (default: [`default_threads`], at most [`max_threads`]) that is
+/// valid in this process.
 pub fn pool(threads: Option<usize>) -> Arc<ThreadPool> {
-    let n = threads.filter(|&n| n > 0).unwrap_or_else(default_threads);
+    let n = threads
+        .filter(|&n| n > 0)
+        .unwrap_or_else(default_threads)
+        .min(max_threads());
     let pid = std::process::id();
     let mut guard = POOLS
         .lock()
@@ -66,5 +76,10 @@ mod tests {
         let b = pool(Some(2));
         assert!(Arc::ptr_eq(&a, &b));
         assert_eq!(pool(Some(3)).current_num_threads(), 3);
+    }
+
+    #[test]
+    fn a_huge_thread_count_is_capped() {
+        assert_eq!(pool(Some(10_000)).current_num_threads(), max_threads());
     }
 }

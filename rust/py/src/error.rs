@@ -60,6 +60,7 @@ fn two_based(
 
 static DATA_ROOT_ERROR: PyOnceLock<Py<PyType>> = PyOnceLock::new();
 static PATH_OUTSIDE_ROOT_ERROR: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+static NOT_A_REGULAR_FILE_ERROR: PyOnceLock<Py<PyType>> = PyOnceLock::new();
 
 /// `DataRootError(FeatstoreError, OSError)`: the data root does not exist or is not a directory.
 pub fn data_root_error(py: Python<'_>) -> PyResult<Py<PyType>> {
@@ -83,6 +84,18 @@ pub fn path_outside_root_error(py: Python<'_>) -> PyResult<Py<PyType>> {
     )
 }
 
+/// `NotARegularFileError(FeatstoreError, OSError)`: a FIFO, socket, device or directory where
+/// featstore would read a file (never opened for a blocking read).
+pub fn not_a_regular_file_error(py: Python<'_>) -> PyResult<Py<PyType>> {
+    two_based(
+        py,
+        &NOT_A_REGULAR_FILE_ERROR,
+        "NotARegularFileError",
+        py.get_type::<PyOSError>(),
+        "A path featstore would read is a FIFO, socket, device or directory, not a regular file.",
+    )
+}
+
 /// Adds every class to the module (at import, so a failure shows there, not at a raise).
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
@@ -92,6 +105,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("SourceChangedError", py.get_type::<SourceChangedError>())?;
     m.add("DataRootError", data_root_error(py)?)?;
     m.add("PathOutsideRootError", path_outside_root_error(py)?)?;
+    m.add("NotARegularFileError", not_a_regular_file_error(py)?)?;
     Ok(())
 }
 
@@ -122,7 +136,10 @@ pub fn to_py(err: Error) -> PyErr {
         e @ Error::OutsideRoot { .. } => {
             raise(Python::attach(path_outside_root_error), e.to_string())
         }
-        Error::Invalid(msg) => FeatstoreError::new_err(msg),
+        e @ Error::NotRegular { .. } => {
+            raise(Python::attach(not_a_regular_file_error), e.to_string())
+        }
+        Error::Invalid(msg) | Error::HeaderTooLarge(msg) => FeatstoreError::new_err(msg),
     }
 }
 

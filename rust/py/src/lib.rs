@@ -498,10 +498,16 @@ impl PyStore {
         })
     }
 
-    /// The fingerprint this store checks entries against (None: any).
+    /// The fingerprint this store checks entries against (None: only entries written without
+    /// one are served).
     #[getter]
     fn fingerprint(&self) -> Option<String> {
-        self.inner.config().fingerprint.clone()
+        self.inner.fingerprint().map(str::to_string)
+    }
+
+    /// Why an entry written with fingerprint `actual` is foreign to this store (None: it is not).
+    fn foreign_reason(&self, actual: &str) -> Option<String> {
+        self.inner.foreign_reason(actual)
     }
 
     #[getter]

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 from featstore.inputs import AbsentInput, FileInput, InputValue, Stamp, stamp_of
+from featstore.regular import open_regular, read_text
 from featstore.scan import DEFAULT_EXTENSIONS, scan
 
 
@@ -39,7 +41,8 @@ class JsonlField(Mapping[str, str]):
     def __init__(self, root: str | os.PathLike[str], field: str, *, image_field: str = "image") -> None:
         self.root = os.path.abspath(os.fspath(root))
         self.field, self.image_field = field, image_field
-        self._values: dict[str, tuple[str, str]] = {}
+        # image -> (value, its .jsonl, the candidate the listed path would rather name: must stay absent)
+        self._values: dict[str, tuple[str, str, str | None]] = {}
         # Each .jsonl's stamp when it was read: entries record it, so a caption edited after the
         # mapping was loaded makes the write (or a later lookup) refuse the old text's features.
         self._stamps: dict[str, Stamp] = {}
@@ -51,8 +54,8 @@ class JsonlField(Mapping[str, str]):
         base = os.path.dirname(jsonl)
         try:
             self._stamps[jsonl] = stamp_of(jsonl)
-            with open(jsonl, encoding="utf-8") as f:
-                lines = f.readlines()
+            with open_regular(jsonl, "listing") as f:
+                lines = f.read().decode("utf-8").splitlines()
         except (UnicodeDecodeError, OSError) as exc:
             self.errors.append((jsonl, f"cannot read it as UTF-8 text: {exc}"))
             return
@@ -72,17 +75,20 @@ class JsonlField(Mapping[str, str]):
                 continue
             for image in images if isinstance(images, list) else [images]:
                 if isinstance(image, str):
-                    self._values[self._resolve(base, image)] = (value, jsonl)
+                    resolved, passed_over = self._resolve(base, image)
+                    self._values[resolved] = (value, jsonl, passed_over)
 
-    def _resolve(self, base: str, listed: str) -> str:
-        # As the scan does: relative to the jsonl's folder first, then to the root.
+    def _resolve(self, base: str, listed: str) -> tuple[str, str | None]:
+        """Where a listed path leads, as the scan resolves it: relative to the jsonl's folder
+        first, then to the root; and, when it led to the root, the folder's candidate it passed
+        over (an entry from this resolution must stop being served when that file appears)."""
         if os.path.isabs(listed):
-            return os.path.normpath(listed)
+            return os.path.normpath(listed), None
         first = os.path.normpath(os.path.join(base, listed))
         if os.path.isfile(first):
-            return first
+            return first, None
         second = os.path.normpath(os.path.join(self.root, listed))
-        return second if os.path.isfile(second) else first
+        return (second, first) if os.path.isfile(second) and second != first else (first, None)
 
     def _key(self, path: str | os.PathLike[str]) -> str:
         return os.path.normpath(os.path.abspath(os.fspath(path)))
@@ -117,10 +123,33 @@ class JsonlField(Mapping[str, str]):
         jsonl = self.jsonl_of(path)
         return FileInput(jsonl, self._stamps[jsonl], shared=True)
 
+    def listing_inputs(self, path: str | os.PathLike[str], name: str, jsonl_name: str | None = None
+                       ) -> dict[str, InputValue]:
+        """The inputs of ``path``'s line: its text (``name``), its ``.jsonl`` (shared, see
+        :meth:`jsonl_input`), and the file its listed image path passed over (see ``_resolve``)
+        as one that must stay absent: when it appears, the line names it instead."""
+        found: dict[str, InputValue] = {name: self[path].encode("utf-8"),
+                                        jsonl_name or f"{name}_jsonl": self.jsonl_input(path)}
+        passed_over = self._values[self._key(path)][2]
+        if passed_over is not None:
+            found[f"{name}_listed_preferred"] = AbsentInput(passed_over)
+        return found
+
     def path_of(self, path: str | os.PathLike[str]) -> str:
         """The field's value as a path (relative to its jsonl's folder, else the root): a
         ``control_fn`` for :class:`VAEEncoder`."""
-        return self._resolve(os.path.dirname(self.jsonl_of(path)), self[path])
+        return self._resolve(os.path.dirname(self.jsonl_of(path)), self[path])[0]
+
+    def path_inputs(self, path: str | os.PathLike[str], name: str) -> dict[str, InputValue]:
+        """What :meth:`path_of` read for ``path``, as inputs: the line (as in
+        :meth:`listing_inputs`), the file its value names (``name``), and the file that value
+        passed over, which must stay absent."""
+        found = self.listing_inputs(path, f"{name}_line")
+        chosen, passed_over = self._resolve(os.path.dirname(self.jsonl_of(path)), self[path])
+        found[name] = chosen
+        if passed_over is not None:
+            found[f"{name}_preferred"] = AbsentInput(passed_over)
+        return found
 
 
 class ControlDir:
@@ -137,18 +166,40 @@ class ControlDir:
         self.control_root = os.path.abspath(os.fspath(control_root))
 
     def __call__(self, path: str | os.PathLike[str]) -> str:
+        return self._choose(path)[0]
+
+    def path_inputs(self, path: str | os.PathLike[str], name: str) -> dict[str, InputValue]:
+        """The control image (``name``) and every candidate the rule prefers to it, as files that
+        must stay absent: when ``control/a.jpg`` appears beside the ``control/a.png`` chosen for
+        ``a.jpg``, the rule picks it, and the entry stops being served."""
+        chosen, passed_over = self._choose(path)
+        found: dict[str, InputValue] = {name: chosen}
+        for i, candidate in enumerate(passed_over):
+            found[f"{name}_preferred_{i}"] = AbsentInput(candidate)
+        return found
+
+    def _candidates(self, path: str | os.PathLike[str]) -> list[str]:
+        """The files the rule looks at for ``path``, preferred first."""
         rel = os.path.relpath(os.path.abspath(os.fspath(path)), self.images_root)
         if rel.startswith(".."):
             raise ValueError(f"{os.fspath(path)} is not under the images root {self.images_root}")
         exact = os.path.join(self.control_root, rel)
-        if os.path.isfile(exact):
-            return exact
         stem = os.path.splitext(exact)[0]
+        found = [exact]
         for ext in DEFAULT_EXTENSIONS:
             for candidate in (f"{stem}.{ext}", f"{stem}.{ext.upper()}"):
-                if os.path.isfile(candidate):
-                    return candidate
-        raise FileNotFoundError(f"no control image for {os.fspath(path)}: expected {exact} (or {stem}.<png|jpg|...>)")
+                if candidate not in found:
+                    found.append(candidate)
+        return found
+
+    def _choose(self, path: str | os.PathLike[str]) -> tuple[str, list[str]]:
+        """The control image of ``path`` and the preferred candidates that are not files."""
+        candidates = self._candidates(path)
+        for i, candidate in enumerate(candidates):
+            if os.path.isfile(candidate):
+                return candidate, candidates[:i]
+        raise FileNotFoundError(f"no control image for {os.fspath(path)}: expected {candidates[0]} "
+                                f"(or {os.path.splitext(candidates[0])[0]}.<png|jpg|...>)")
 
     def __repr__(self) -> str:
         return f"ControlDir({self.images_root!r}, {self.control_root!r})"
@@ -164,6 +215,28 @@ def caption_inputs(path: str | os.PathLike[str]) -> dict[str, InputValue]:
     if chosen != preferred:
         found["caption_preferred"] = AbsentInput(preferred)
     return found
+
+
+def rule_inputs(rule: Callable[[str], Any], path: str | os.PathLike[str], name: str) -> dict[str, InputValue]:
+    """The inputs of the file a rule (a ``control_fn``) picks for ``path``: the file as ``name``,
+    and, for the built-in rules (:class:`ControlDir`, :meth:`JsonlField.path_of`), the
+    candidates the rule prefers to it, which must stay absent, and the listing line it read. A
+    plain callable records only the file it returned."""
+    owner = getattr(rule, "__self__", None)
+    if isinstance(owner, JsonlField) and getattr(rule, "__func__", None) is JsonlField.path_of:
+        return owner.path_inputs(path, name)
+    if isinstance(rule, ControlDir):
+        return rule.path_inputs(path, name)
+    return {name: os.fspath(rule(os.fspath(path)))}
+
+
+def read_caption(captions: str | Mapping[str, str], path: str | os.PathLike[str]) -> str:
+    """The caption of the image at ``path``, surrounding whitespace stripped: from its ``.txt``
+    (``captions="txt"``, see :func:`caption_path`) or from a mapping by absolute path (a
+    :class:`JsonlField`). A caption file that is not a regular file is refused at once."""
+    if isinstance(captions, str):
+        return read_text(caption_path(path), "caption").strip()
+    return str(captions[os.path.normpath(os.path.abspath(os.fspath(path)))]).strip()
 
 
 def caption_path(path: str | os.PathLike[str]) -> str:

@@ -10,7 +10,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from featstore.errors import CheckpointError
+from featstore.errors import CheckpointError, NotARegularFileError
+from featstore.regular import open_regular
 
 
 def _require(module: str, extra: str) -> Any:
@@ -85,7 +86,7 @@ def load_image_uint8(path: str | os.PathLike[str], image_size: tuple[int, int] |
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
-        with Image.open(os.fspath(path)) as opened:
+        with open_regular(path, "image") as file, Image.open(file) as opened:
             opened.load()
             img = ImageOps.exif_transpose(opened)
             if img.mode in ("RGBA", "LA", "P"):
@@ -93,7 +94,7 @@ def load_image_uint8(path: str | os.PathLike[str], image_size: tuple[int, int] |
                 background = Image.new("RGBA", img.size, (255, 255, 255, 255))
                 img = Image.alpha_composite(background, img)
             img = img.convert("RGB")
-    except FileNotFoundError:
+    except (FileNotFoundError, NotARegularFileError):
         raise
     except (OSError, SyntaxError, ValueError) as exc:
         raise UnidentifiedImageError(f"cannot decode image {os.fspath(path)}: {exc}; check that the file is a "

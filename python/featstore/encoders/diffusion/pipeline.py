@@ -12,7 +12,7 @@ import torch
 
 from featstore.encoders.base import digest_of, state_dict_digest, weights_digest
 from featstore.encoders.diffusion.families import Family, family_of, qwen_edit_prompt_image
-from featstore.encoders.diffusion.inputs import JsonlField, caption_inputs, caption_path
+from featstore.encoders.diffusion.inputs import JsonlField, caption_inputs, read_caption, rule_inputs
 from featstore.encoders.diffusion.loading import _require, folder_digest
 from featstore.encoders.diffusion.text import tokenizer_digest
 from featstore.encoders.diffusion.vae import VAEEncoder
@@ -203,6 +203,13 @@ class PipelineEncoder:
                       self.family.masked else "unpadded"})
         return d
 
+    def varying_outputs(self) -> tuple[str, ...]:
+        """The prompt tensors of a masked family stored unpadded (their length is the
+        caption's); nothing for latents (their size varies, if at all, beyond the first axis)."""
+        if self._vae is not None or not self.family.masked or self.max_length is not None:
+            return ()
+        return ("prompt_embed", "prompt_embeds_mask")
+
     def estimate_entry_bytes(self) -> int:
         if self._vae is not None:
             return self._vae.estimate_entry_bytes()
@@ -239,21 +246,21 @@ class PipelineEncoder:
 
     def caption(self, path: str) -> str:
         """The caption of the image at ``path`` (surrounding whitespace stripped)."""
-        if isinstance(self.captions, str):
-            with open(caption_path(path), encoding="utf-8") as f:
-                return f.read().strip()
-        return str(self.captions[os.path.normpath(os.path.abspath(path))]).strip()  # type: ignore[index]
+        return read_caption(self.captions, path)
 
     def inputs(self, rel: str, path: str) -> dict[str, InputValue]:
         """The caption (its ``.txt`` file, or its text) and the control image, as the part reads them."""
         if self._vae is not None:
             return self._vae.inputs(rel, path)
-        found: dict[str, InputValue] = (caption_inputs(path) if isinstance(self.captions, str)
-                                        else {"caption": self.caption(path).encode("utf-8")})
-        if isinstance(self.captions, JsonlField):
-            found["captions_jsonl"] = self.captions.jsonl_input(path)  # shared: see JsonlField.jsonl_input
+        found: dict[str, InputValue]
+        if isinstance(self.captions, str):
+            found = caption_inputs(path)
+        elif isinstance(self.captions, JsonlField):  # the .jsonl is shared: see JsonlField.jsonl_input
+            found = self.captions.listing_inputs(path, "caption", "captions_jsonl")
+        else:
+            found = {"caption": self.caption(path).encode("utf-8")}
         if self.control_fn is not None:
-            found["control"] = os.fspath(self.control_fn(path))
+            found.update(rule_inputs(self.control_fn, path, "control"))
         return found
 
     def preprocess(self, path: str) -> Any:

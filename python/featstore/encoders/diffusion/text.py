@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from featstore.encoders.base import digest_of, state_dict_digest, weights_digest
-from featstore.encoders.diffusion.inputs import JsonlField, caption_inputs, caption_path
+from featstore.encoders.diffusion.inputs import JsonlField, caption_inputs, read_caption
 from featstore.encoders.diffusion.loading import _existing_dir, _public_config, _require
 from featstore.errors import CheckpointError
 from featstore.inputs import InputValue
@@ -177,10 +177,7 @@ class TextEncoder:
 
     def caption(self, path: str) -> str:
         """The caption of the image at ``path`` (surrounding whitespace stripped)."""
-        if isinstance(self.captions, str):
-            with open(caption_path(path), encoding="utf-8") as f:
-                return f.read().strip()
-        return str(self.captions[os.path.normpath(os.path.abspath(path))]).strip()  # type: ignore[index]
+        return read_caption(self.captions, path)
 
     def preprocess(self, path: str) -> str:
         """The caption (precompute then calls :meth:`encode_items` with a list of them)."""
@@ -191,10 +188,9 @@ class TextEncoder:
         the caption's text and its ``.jsonl`` file (stamped when the mapping read it)."""
         if isinstance(self.captions, str):
             return caption_inputs(path)
-        found: dict[str, InputValue] = {"caption": self.caption(path).encode("utf-8")}
         if isinstance(self.captions, JsonlField):
-            found["captions_jsonl"] = self.captions.jsonl_input(path)
-        return found
+            return self.captions.listing_inputs(path, "caption", "captions_jsonl")
+        return {"caption": self.caption(path).encode("utf-8")}
 
     def estimate_entry_bytes(self) -> int:
         cfg = self._model_config()

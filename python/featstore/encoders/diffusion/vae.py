@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from featstore.encoders.base import digest_of, state_dict_digest, weights_digest
+from featstore.encoders.diffusion.inputs import rule_inputs
 from featstore.encoders.diffusion.loading import _existing_dir, _public_config, _require, load_image_uint8
 from featstore.errors import CheckpointError
 from featstore.inputs import InputValue
@@ -182,8 +183,9 @@ class VAEEncoder:
         return os.fspath(self.control_fn(path)) if self.control_fn is not None else path
 
     def inputs(self, rel: str, path: str) -> dict[str, InputValue]:
-        """``{"control": control image path}`` with ``control_fn``, else nothing."""
-        return {"control": self._image_of(path)} if self.control_fn is not None else {}
+        """With ``control_fn``: the control image (``control``), and for the built-in rules the
+        candidates they prefer, which must stay absent (:func:`rule_inputs`); else nothing."""
+        return rule_inputs(self.control_fn, path, "control") if self.control_fn is not None else {}
 
     def _downsampling(self) -> int:
         blocks = self._config.get("block_out_channels") or self._config.get("dim_mult") or [0] * 4

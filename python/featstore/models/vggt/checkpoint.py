@@ -16,9 +16,10 @@ from typing import Any
 
 import torch
 
-from featstore.errors import CheckpointError
+from featstore.errors import CheckpointError, NotARegularFileError
 from featstore.models.vggt.aggregator import LayerSelection
 from featstore.models.vggt.model import VGGT
+from featstore.regular import require_regular
 
 __all__ = ["load_vggt", "find_checkpoint_file"]
 
@@ -97,6 +98,10 @@ class _Checkpoint:
         self._safetensors: dict[str, Any] = {}
         self._tensors: Mapping[str, Any] = {}
         self.shapes: dict[str, tuple[int, ...]] = {}
+        try:
+            require_regular(path, "VGGT checkpoint")  # a FIFO would block torch.load forever
+        except NotARegularFileError as exc:
+            raise CheckpointError(str(exc)) from exc
         try:
             if path.name.endswith(".safetensors.index.json"):
                 self._open_safetensors_index()

@@ -21,6 +21,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
+from featstore.errors import NotARegularFileError
+from featstore.regular import open_regular
+
 __all__ = [
     "ResizePlan",
     "TARGET_SIZE",
@@ -139,10 +142,10 @@ def _open_rgb(image: ImageSource) -> Image.Image:
         img = image
     else:
         try:
-            with Image.open(os.fspath(image)) as opened:
+            with open_regular(image, "image") as file, Image.open(file) as opened:
                 opened.load()
                 img = opened.copy() if opened.mode == "RGBA" else opened.convert("RGB")
-        except FileNotFoundError:
+        except (FileNotFoundError, NotARegularFileError):
             raise
         except (OSError, SyntaxError, ValueError) as exc:
             raise UnidentifiedImageError(

@@ -188,9 +188,9 @@ fn racy_now(source: Stamp) -> bool {
 pub struct Store {
     cfg: StoreConfig,
     known: RwLock<HashMap<PathBuf, Known>>,
-    /// Without a fingerprint (none given, no manifest), the first entry judged fixes the one
-    /// every later entry must carry: a store never serves two encoders' features side by side.
-    pinned: OnceLock<String>,
+    /// Opened without a fingerprint and without a manifest: the fingerprint of a manifest that
+    /// appeared since (the first lazy write or `put` with a fingerprint creates one), taken once.
+    adopted: OnceLock<String>,
 }
 
 /// What is at an entry's path, from one `stat`.
@@ -245,6 +245,33 @@ fn stat_opt(path: &Path) -> Result<Option<Stamp>> {
     }
 }
 
+/// What a source's `stat` found (following symlinks).
+enum SourceFile {
+    Absent,
+    Regular(Stamp),
+    /// A FIFO, socket, device or directory: judged without ever being opened.
+    Special(&'static str),
+}
+
+fn stat_source(path: &Path) -> Result<SourceFile> {
+    match fs::metadata(path) {
+        Ok(m) if m.file_type().is_file() => Ok(SourceFile::Regular(Stamp::from_metadata(&m))),
+        Ok(m) => Ok(SourceFile::Special(entry::file_kind(&m.file_type()))),
+        Err(e) if e.kind() == ErrorKind::NotFound || e.kind() == ErrorKind::NotADirectory => {
+            Ok(SourceFile::Absent)
+        }
+        Err(e) => Err(Error::io(path, e)),
+    }
+}
+
+/// The kind of what is at `path` when it exists and is not a regular file (None otherwise).
+fn special_kind(path: &Path) -> Option<&'static str> {
+    match stat_source(path) {
+        Ok(SourceFile::Special(kind)) => Some(kind),
+        _ => None,
+    }
+}
+
 fn recorded_stamp(meta: &BTreeMap<String, String>, prefix: &str) -> Option<Stamp> {
     let field = |name: &str| meta.get(&format!("{prefix}.{name}"));
     let mut stamp = Stamp::sized(
@@ -277,7 +304,7 @@ impl Store {
         let store = Store {
             cfg,
             known: RwLock::new(HashMap::new()),
-            pinned: OnceLock::new(),
+            adopted: OnceLock::new(),
         };
         // Index records were valid for the manifest's fingerprint: trust them only for that one.
         if let Some(m) = manifest {
@@ -292,24 +319,49 @@ impl Store {
         &self.cfg
     }
 
+    /// The fingerprint entries are checked against: the one given or the manifest's when the
+    /// store was opened, else one a manifest created since records (None: neither).
+    pub fn fingerprint(&self) -> Option<&str> {
+        self.cfg
+            .fingerprint
+            .as_deref()
+            .or_else(|| self.adopted.get().map(String::as_str))
+    }
+
     /// Why an entry written with fingerprint `actual` is foreign here, or None when it is not.
-    fn foreign_reason(&self, actual: &str) -> Option<String> {
-        match &self.cfg.fingerprint {
+    pub fn foreign_reason(&self, actual: &str) -> Option<String> {
+        let expected = match self.fingerprint() {
+            Some(fp) => Some(fp),
+            None if actual.is_empty() => None,
+            None => self.adopt_manifest_fingerprint(),
+        };
+        match expected {
             Some(expected) if actual != expected => Some(format!(
                 "written by encoder fingerprint {actual:?}, this store expects {expected:?}"
             )),
             Some(_) => None,
-            None => {
-                let pinned = self.pinned.get_or_init(|| actual.to_string());
-                (actual != pinned).then(|| {
-                    format!(
-                        "written by encoder fingerprint {actual:?}, but this store read entries of \
-                         {pinned:?} first and no manifest records which is right: open the store \
-                         with fingerprint=... (or run `featstore precompute`, which writes a manifest)"
-                    )
-                })
-            }
+            // No manifest says which encoder wrote this feature, and the caller named none: only
+            // entries written without a fingerprint (`put` on such a store) are served. Deciding
+            // by whichever entry is read first would serve another encoder's entry.
+            None if actual.is_empty() => None,
+            None => Some(format!(
+                "written by encoder fingerprint {actual:?}, and no manifest records which encoder's \
+                 entries this feature holds: open the store with fingerprint=... (the encoder's \
+                 fingerprint()), or run `featstore precompute` with the encoder, which writes the \
+                 manifest and keeps its own entries"
+            )),
         }
+    }
+
+    /// The fingerprint of a manifest written since the store was opened without one, taken for
+    /// good (a lazily filled cache: the first write creates the manifest other processes go by).
+    fn adopt_manifest_fingerprint(&self) -> Option<&str> {
+        if let Some(fp) = self.adopted.get() {
+            return Some(fp);
+        }
+        let manifest = Manifest::read(&self.manifest_path()).ok().flatten()?;
+        let fp = manifest.fields.get("fingerprint")?.as_str()?.to_string();
+        Some(self.adopted.get_or_init(|| fp))
     }
 
     fn manifest_path_of(cfg: &StoreConfig) -> PathBuf {

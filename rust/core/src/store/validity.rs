@@ -12,8 +12,8 @@ use rayon::prelude::*;
 use serde_json::Value;
 
 use super::{
-    name_too_long, racy_now, recorded_stamp, stat_entry, stat_opt, Check, EntryFile, Known, Layout,
-    State, Store,
+    name_too_long, racy_now, recorded_stamp, special_kind, stat_entry, stat_opt, stat_source,
+    Check, EntryFile, Known, Layout, SourceFile, State, Store,
 };
 use crate::entry;
 use crate::error::{Error, Result};
@@ -56,8 +56,10 @@ impl Store {
     /// [`Store::check`] at the given depth.
     pub fn check_at(&self, rel: &Path, depth: Depth) -> Result<Check> {
         let src = self.cfg.root.join(rel);
-        let Some(src_stamp) = stat_opt(&src)? else {
-            return self.check_without_source(rel);
+        let src_stamp = match stat_source(&src)? {
+            SourceFile::Absent => return self.check_without_source(rel),
+            SourceFile::Special(kind) => return self.check_special_source(rel, kind),
+            SourceFile::Regular(stamp) => stamp,
         };
         let entry = self.entry_path(rel, src_stamp);
         let entry_stamp = match stat_entry(&entry)? {
@@ -101,6 +103,29 @@ impl Store {
             }
         }
         Ok(true)
+    }
+
+    /// A source that is a FIFO, socket, device or directory: never opened (a FIFO would block a
+    /// lookup forever, `/dev/zero` would never end a digest). Its entry, if any, belongs to the
+    /// file that was there: stale; otherwise missing.
+    fn check_special_source(&self, rel: &Path, kind: &str) -> Result<Check> {
+        let why = format!(
+            "the source {} is not a regular file ({kind}): featstore never reads it; put the image file back",
+            self.cfg.root.join(rel).display()
+        );
+        let entry = match &self.cfg.layout {
+            Layout::Sidecar => Some(self.entry_path(rel, Stamp::sized(0, 0))),
+            Layout::Dir { .. } => self.recall(rel).map(|k| k.path),
+        };
+        if let Some(entry) = &entry {
+            if let EntryFile::Regular(stamp) = stat_entry(entry)? {
+                return Ok(Check {
+                    identity: Some(stamp),
+                    ..Check::about(State::Stale, entry.clone(), why)
+                });
+            }
+        }
+        Ok(Check::about(State::Missing, entry.unwrap_or_default(), why))
     }
 
     fn check_without_source(&self, rel: &Path) -> Result<Check> {
@@ -238,7 +263,12 @@ impl Store {
         let racy = meta.get("racy").is_some_and(|r| r == "1");
         if recorded != src_stamp || racy || depth == Depth::Digests {
             // Compare bytes, not stamps: a copy, a touch or a restore keeps the bytes.
-            let digest = file_digest(&src)?;
+            let digest = match file_digest(&src) {
+                Ok(digest) => digest,
+                // Swapped for a FIFO or a device since the stat: judged as one, never read.
+                Err(Error::NotRegular { kind, .. }) => return self.check_special_source(rel, kind),
+                Err(e) => return Err(e),
+            };
             if meta.get("source.blake3") != Some(&digest) {
                 let reason = if recorded.same_key_fields(&src_stamp) {
                     "the source's bytes changed but its size and mtime did not (an edit within the timestamp granularity, a restored mtime, or another file renamed onto this name)".to_string()
@@ -348,6 +378,12 @@ impl Store {
             }
             let abs = self.cfg.root.join(path);
             let now = stat_opt(&abs)?;
+            if let Some(kind) = special_kind(&abs) {
+                return Ok(Err(format!(
+                    "input {name} ({}) is not a regular file ({kind}): featstore never reads it",
+                    abs.display()
+                )));
+            }
             if item.get("absent").and_then(Value::as_bool) == Some(true) {
                 if now.is_some() {
                     return Ok(Err(format!(
@@ -372,7 +408,16 @@ impl Store {
                 ctime_ns: field("ctime_ns").unwrap_or(0),
             };
             if now != recorded || depth == Depth::Digests {
-                let digest = file_digest(&abs)?;
+                let digest = match file_digest(&abs) {
+                    Ok(digest) => digest,
+                    Err(Error::NotRegular { kind, .. }) => {
+                        return Ok(Err(format!(
+                            "input {name} ({}) is not a regular file ({kind}): featstore never reads it",
+                            abs.display()
+                        )))
+                    }
+                    Err(e) => return Err(e),
+                };
                 if item.get("blake3").and_then(Value::as_str) != Some(digest.as_str()) {
                     return Ok(Err(format!("input {name} ({}) changed", abs.display())));
                 }
