@@ -5,6 +5,7 @@ from typing import Any
 
 __version__: str
 DEFAULT_EXTENSIONS: list[str]
+MAX_HEADER_LEN: int
 RACY_WINDOW_NS: int
 STATES: list[str]
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from featstore import _core
-from featstore.errors import CorruptEntryError
+from featstore.errors import CorruptEntryError, FeatstoreError
 from featstore.members import changed as members_changed
 from featstore.members import clear_racy_mark, keyed_files, open_keyed
 from featstore.members import record as record_members
@@ -72,6 +72,10 @@ def history_entry_path(store: FeatureStore, rels: Sequence[str]) -> str:
     return _path_of(store, history_keys(store, rels)[-1])
 
 
+#: Header bytes kept for everything but the frame list (tensors, stamps, checksums, user metadata).
+_HEADER_ROOM = 64 << 10
+
+
 def put_history(store: FeatureStore, paths: Sequence[str | os.PathLike[str]], tensors: Mapping[str, torch.Tensor],
                 *, expected: Sequence[Sequence[int]] | None = None, metadata: Mapping[str, str] | None = None,
                 durable: bool = False) -> str:
@@ -89,8 +93,18 @@ def put_history(store: FeatureStore, paths: Sequence[str | os.PathLike[str]], te
     recorded, is_racy = record_members(store.data_root, rels, expected)
     path = _path_of(store, history_keys(store, rels)[-1])
     meta = dict(metadata or {})
+    members = json.dumps(recorded)
+    if len(members) > _core.MAX_HEADER_LEN - _HEADER_ROOM:
+        # The reader refuses a header this long: writing it would make an entry every lookup
+        # calls corrupt and every precompute writes again.
+        raise FeatstoreError(
+            f"the history of {len(rels)} frames ending in {rels[-1]} is too long for one entry: its frames' "
+            f"paths and stamps take {len(members):,} bytes, over the {_core.MAX_HEADER_LEN:,}-byte header every "
+            "reader accepts. Nothing was written; use shorter histories (split the episode's list into lists "
+            "of fewer frames; a history window does not help: every frame fed still defines the entry), "
+            "or shorter frame paths")
     meta.update({"feature": store.feature, "fingerprint": store.fingerprint or "", "kind": _KIND,
-                 "frames": str(len(rels)), "members": json.dumps(recorded), "racy": "1" if is_racy else "0"})
+                 "frames": str(len(rels)), "members": members, "racy": "1" if is_racy else "0"})
     raw, keep = to_raw(tensors)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     _core.write_entry(path, raw, meta, durable)

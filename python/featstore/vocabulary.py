@@ -40,6 +40,10 @@ LEGACY_SIDECAR_SUFFIX = ".vggt_cache.pt"
 #: Entry files are safetensors files.
 ENTRY_EXTENSION = "safetensors"
 
+#: featstore's own directory under a data root or cache directory (histories, frame sets, locks,
+#: quarantine); the core's scan never enters it (``rust/core/src/scan.rs``, ``STATE_DIR``).
+STATE_DIR = ".featstore"
+
 _FEATURE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 # A check that failed (an OS error on a source) comes back from the core as "error: <reason>"

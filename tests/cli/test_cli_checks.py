@@ -42,6 +42,9 @@ def test_a_reversed_index_range_is_a_usage_error_naming_both(tmp_path):
 def test_status_exits_1_when_sources_could_not_be_checked(tmp_path):
     root = str(tmp_path / "data")
     make_image_tree(root, 3, size=16)
+    code, _, err = cli("status", root, "--feature", "toy")
+    assert code == 1 and "feature 'toy' has no manifest and no entries" in err  # nothing cached yet
+    assert cli("precompute", root, "--encoder", "toy_encoders:make_toy")[0] == 0
     code, _, _ = cli("status", root, "--feature", "toy")
     assert code == 0
     os.symlink("a.jpg", os.path.join(root, "b.jpg"))

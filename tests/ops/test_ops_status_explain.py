@@ -102,7 +102,7 @@ def test_status_bad_input_exit_codes(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
     assert main(["status", str(tmp_path / "empty"), "--feature", "vggt"]) == 1
-    assert "no images found" in capsys.readouterr().err
+    assert "feature 'vggt' has no manifest and no entries" in capsys.readouterr().err
     # Without --feature, the root's one manifest names it; with none there, say so (a usage error).
     assert main(["status", str(tmp_path)]) == 2
     assert "no feature has a manifest" in capsys.readouterr().err
@@ -224,7 +224,8 @@ def test_explain_dir_layout_shows_the_key(tree, tmp_path, capsys):
 
 
 def test_explain_path_outside_the_root(tree, tmp_path, capsys):
-    root, _ = tree
+    root, rels = tree
+    FeatureStore(root, "vggt").put(rels[0], {"features": torch.ones(2)})
     assert main(["explain", str(tmp_path / "elsewhere.jpg"), "--data-root", root, "--feature", "vggt"]) == 1
     assert "outside the data root" in capsys.readouterr().err
 

@@ -15,9 +15,11 @@ from featstore import env
 from featstore.errors import DataRootError
 from featstore.history import recorded_history
 from featstore.manifest import manifest_features
+from featstore.ops.features import require_feature
 from featstore.scan import ScanResult, nothing_found, scan
 from featstore.sets import recorded_mode
 from featstore.store import FeatureStore
+from featstore.vocabulary import check_feature_name
 
 if TYPE_CHECKING:
     #: What ``register`` of each command module adds its parsers to.
@@ -37,6 +39,17 @@ def at_least(low: int) -> Callable[[str], int]:
 
     parse.__name__ = f"whole number >= {low}"
     return parse
+
+
+def seconds(text: str) -> float:
+    """An argparse type: a number of seconds, 0 or more."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value >= 0:  # NaN too
+        raise argparse.ArgumentTypeError(f"must be 0 or more seconds, got {text}")
+    return value
 
 
 class ParagraphFormatter(argparse.HelpFormatter):
@@ -123,9 +136,15 @@ def cache_dir(args: argparse.Namespace, feature: str | None) -> str | None:
 
 
 def only_feature(args: argparse.Namespace, root: str, command: str) -> str:
-    """--feature, else the one feature with a manifest under ``root`` (or --cache-dir), said on
-    stderr; a DataRootError naming the features found (or that none was) otherwise."""
+    """--feature (an error naming the features there when it has no manifest and no entries: a
+    typo must not look like success), else the one feature with a manifest under ``root`` (or
+    --cache-dir), said on stderr; a DataRootError naming the features found (or that none was)
+    otherwise."""
     if args.feature:
+        check_feature_name(args.feature)  # a name that cannot be a feature is a usage error first
+        directory = cache_dir(args, args.feature)
+        if os.path.isdir(root):  # a missing root is the store's to report
+            require_feature(os.path.abspath(root), os.path.abspath(directory) if directory else None, args.feature)
         return str(args.feature)
     directory = args.cache_dir
     features = manifest_features(os.path.abspath(root), os.path.abspath(directory) if directory else None)

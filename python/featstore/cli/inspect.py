@@ -91,6 +91,7 @@ def cmd_status(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
 def cmd_explain(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """Explains each PATH's lookup; exit code 1 when one misses."""
     root, why = _explain_root(args, args.paths)
+    only_feature(args, root, "explain")  # a mistyped --feature is an error, not "no entry"
     store = open_store(args, root)
     if why:
         print(f"featstore explain: data root {store.data_root} ({why})", file=sys.stderr)

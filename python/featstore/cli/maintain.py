@@ -17,7 +17,9 @@ from featstore.cli.common import (
     data_root,
     emit,
     find_sources,
+    only_feature,
     open_store,
+    seconds,
 )
 
 if TYPE_CHECKING:
@@ -37,7 +39,7 @@ def register(sub: Subcommands) -> None:
         epilog="example:\n  featstore verify /data --feature vggt --quarantine")
     add_data_root(p)
     add_sources(p)
-    add_feature(p, required=True)
+    add_feature(p, required=False, note=" (default: the feature, when the root has one manifest)")
     p.add_argument("--quarantine", action="store_true", help="move bad entries aside (never deletes)")
     add_json(p)
     p.set_defaults(func=cmd_verify)
@@ -56,12 +58,12 @@ def register(sub: Subcommands) -> None:
                "--keep-fingerprint 3f2a9c...")
     add_data_root(p)
     add_sources(p)
-    add_feature(p, required=True)
+    add_feature(p, required=False, note=" (default: the feature, when the root has one manifest)")
     p.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
                    help="list what would be removed and the bytes; remove nothing")
     p.add_argument("--keep-fingerprint", nargs="+", action="extend", metavar="FP",
                    help="keep foreign entries with these fingerprints")
-    p.add_argument("--min-tmp-age", type=float, default=ops.DEFAULT_MIN_TMP_AGE_S, metavar="SECONDS",
+    p.add_argument("--min-tmp-age", type=seconds, default=ops.DEFAULT_MIN_TMP_AGE_S, metavar="SECONDS",
                    help="leave temporary files younger than this: a write may be in progress "
                         f"(default: {ops.DEFAULT_MIN_TMP_AGE_S:.0f})")
     p.add_argument("--force", action="store_true",
@@ -99,7 +101,9 @@ def register(sub: Subcommands) -> None:
 def cmd_verify(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """Reads every entry, quarantining bad ones with --quarantine; exit code 1 when one is bad
     or could not be checked."""
-    store = open_store(args, data_root(args, parser))
+    root = data_root(args, parser)
+    args.feature = only_feature(args, root, "verify")
+    store = open_store(args, root)
     found = find_sources(args, store)
     report = ops.verify(store, found.paths, quarantine_bad=args.quarantine, threads=args.threads, progress=None)
     report.errors[:0] = found.errors
@@ -109,7 +113,9 @@ def cmd_verify(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
 
 def cmd_gc(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """Plans the removals and, unless --dry-run, makes them; exit code 1 on an error."""
-    store = open_store(args, data_root(args, parser))
+    root = data_root(args, parser)
+    args.feature = only_feature(args, root, "gc")
+    store = open_store(args, root)
     found = find_sources(args, store, allow_empty=args.force)
     report = ops.plan_gc(store, found.paths, keep_fingerprints=args.keep_fingerprint or (),
                          min_tmp_age_s=args.min_tmp_age, force=args.force, threads=args.threads, progress=None)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from featstore.cli.common import at_least
+
 #: The stored (and loaded) dtypes by flag value.
 DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16",
           "fp32": "float32", "float32": "float32"}
@@ -39,12 +41,12 @@ def add_pipeline_arguments(p: argparse.ArgumentParser) -> None:
     d.add_argument("--captions", metavar="FIELD", default=None,
                    help="captions from this field of each image's .jsonl line (with --jsonl IMAGE_FIELD); default: "
                         "img.txt beside img.jpg, else img.jpg.txt")
-    d.add_argument("--max-sequence-length", "--max_sequence_length", dest="max_sequence_length", type=int,
+    d.add_argument("--max-sequence-length", "--max_sequence_length", dest="max_sequence_length", type=at_least(1),
                    default=512, metavar="N", help="passed to encode_prompt where the family takes it (default 512, "
                                                   "the pipelines' own default)")
-    d.add_argument("--max-length", "--max_length", dest="max_length", type=int, default=None, metavar="N",
+    d.add_argument("--max-length", "--max_length", dest="max_length", type=at_least(1), default=None, metavar="N",
                    help="store Qwen-Image prompt embeddings padded to N tokens with their mask (default: unpadded)")
-    d.add_argument("--image-size", "--image_size", dest="image_size", type=int, nargs=2, default=None,
+    d.add_argument("--image-size", "--image_size", dest="image_size", type=at_least(1), nargs=2, default=None,
                    metavar=("W", "H"), help="latent parts: resize to cover W x H and center-crop (default: each "
                                             "image's size, cropped to the family's multiple)")
     d.add_argument("--latent-output", "--latent_output", dest="latent_output", default="mean",

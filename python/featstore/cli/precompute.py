@@ -17,6 +17,7 @@ from featstore.cli.common import (
     command_parser,
     data_root,
     emit,
+    seconds,
 )
 from featstore.cli.pipeline_args import DTYPES, add_pipeline_arguments, pipeline_encoder
 from featstore.fmt import count, error_lines, human_bytes
@@ -100,31 +101,20 @@ def register(sub: Subcommands) -> None:
     r.add_argument("--skip-existing", "--skip_existing", dest="skip_existing", action=argparse.BooleanOptionalAction,
                    default=None, help="skip images whose entry is valid (default: on, or $SKIP_EXISTING)")
     r.add_argument("--overwrite", action="store_true", help="recompute every selected image")
-    r.add_argument("--start-idx", "--start_idx", dest="start_idx", type=int, default=None, metavar="I",
+    r.add_argument("--start-idx", "--start_idx", dest="start_idx", type=at_least(0), default=None, metavar="I",
                    help="first index of the sorted source list (of the frame sets with --frames-per-set, of the "
                         "longest lists with --history)")
-    r.add_argument("--end-idx", "--end_idx", dest="end_idx", type=int, default=None, metavar="J",
+    r.add_argument("--end-idx", "--end_idx", dest="end_idx", type=at_least(0), default=None, metavar="J",
                    help="end index (exclusive) of that list; before --start-idx is a usage error")
     r.add_argument("--shard", default=None, metavar="I/N", help="every N-th source starting at I")
     r.add_argument("--dry-run", action="store_true", help="print the plan (counts, bytes, free space) and stop")
     r.add_argument("--force", action="store_true", help="start even if the estimate exceeds the free space")
     r.add_argument("--no-durable", action="store_true", help="do not fsync entries (faster, less safe on power loss)")
-    r.add_argument("--log-every", "--log_every", dest="log_every", type=_seconds, default=None, metavar="SECONDS",
+    r.add_argument("--log-every", "--log_every", dest="log_every", type=seconds, default=None, metavar="SECONDS",
                    help="when stderr is not a terminal (nohup, Slurm), a progress line every SECONDS: done/total, "
                         "rate, ETA, failures (default $FEATSTORE_LOG_EVERY or 30; 0: none); a bar on a terminal")
     add_json(p, "print the summary as JSON")
     p.set_defaults(func=cmd_precompute)
-
-
-def _seconds(text: str) -> float:
-    """An argparse type: a number of seconds, 0 or more."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be 0 (no progress lines) or more seconds, got {text}")
-    return value
 
 
 def cmd_precompute(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:

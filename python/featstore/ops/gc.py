@@ -169,7 +169,12 @@ def plan_gc(store: FeatureStore, sources: Sequence[str], *, keep_fingerprints: I
     ------
     WrongDataRootError
         One of those, and ``force`` is not set.
+    ValueError
+        ``min_tmp_age_s`` is negative (or not a number): a write in progress could be removed.
     """
+    if not min_tmp_age_s >= 0:
+        raise ValueError(f"min_tmp_age_s (--min-tmp-age) must be 0 or more seconds, got {min_tmp_age_s}: a younger "
+                         "temporary file may be a write in progress")
     recorded = _recorded_data_root(store)
     if recorded and recorded != store.data_root and not force:
         raise WrongDataRootError(

@@ -35,9 +35,13 @@ def distributed_rank() -> tuple[int, int]:
 
 
 def check_range(start_idx: int | None, end_idx: int | None) -> None:
-    """ValueError when ``--end-idx`` comes before ``--start-idx`` (counted the same way: both from
-    the start, or both from the end), which would select nothing."""
-    if start_idx is None or end_idx is None or (start_idx < 0) != (end_idx < 0):
+    """ValueError when an index is negative (it would silently count from the end of a list the
+    user never sees) or ``--end-idx`` comes before ``--start-idx`` (the range selects nothing)."""
+    for flag, value in (("--start-idx", start_idx), ("--end-idx", end_idx)):
+        if value is not None and value < 0:
+            raise ValueError(f"{flag} {value} is negative: give an index into the sorted source list, from 0 "
+                             "(`featstore scan ROOT` lists it)")
+    if start_idx is None or end_idx is None:
         return
     if end_idx < start_idx:
         raise ValueError(f"--start-idx {start_idx} comes after --end-idx {end_idx}: the range selects nothing; "

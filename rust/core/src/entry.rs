@@ -425,8 +425,7 @@ fn encode_header(
             });
         return Err(Error::HeaderTooLarge(format!(
             "the entry's header would be {} bytes, over the {MAX_HEADER_LEN}-byte limit every reader enforces{biggest}; \
-             nothing was written: record less with the entry (shorter frame lists: a history window, \
-             --history-window START RECENT; fewer or shorter metadata values)",
+             nothing was written: record less metadata with the entry",
             json.len()
         )));
     }

@@ -755,6 +755,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     fork::install();
     m.add("DEFAULT_EXTENSIONS", scan::DEFAULT_EXTENSIONS.to_vec())?;
     m.add("RACY_WINDOW_NS", featstore_core::store::RACY_WINDOW_NS)?;
+    m.add("MAX_HEADER_LEN", featstore_core::entry::MAX_HEADER_LEN)?;
     m.add_class::<Progress>()?;
     m.add_class::<PyStore>()?;
     m.add_class::<PyCheck>()?;

@@ -112,6 +112,7 @@ class PipelineEncoder:
                  dtype: torch.dtype = torch.float32) -> None:
         if part not in PARTS:
             raise ValueError(f"part must be one of {', '.join(PARTS)}, got {part!r}")
+        _check_options(max_sequence_length, max_length, image_size)  # before anything is loaded
         if isinstance(captions, str) and captions != "txt":
             raise ValueError(f"captions must be 'txt' or a mapping of image path to caption (JsonlField), "
                              f"got {captions!r}")
@@ -320,6 +321,19 @@ class _PromptPart(PipelineEncoder):
             raise ValueError(f"caption {caption[:40]!r}... is {n} tokens, more than max_length={self.max_length}; "
                              "raise max_length (a longer caption is never truncated)")
         return {k: torch.cat([v, v.new_zeros((self.max_length - n, *v.shape[1:]))]) for k, v in cut.items()}
+
+
+def _check_options(max_sequence_length: int, max_length: int | None, image_size: tuple[int, int] | None) -> None:
+    """ValueError for an option out of its range (diffusers would fail deep inside instead)."""
+    if int(max_sequence_length) < 1:
+        raise ValueError(f"max_sequence_length must be at least 1 token (--max-sequence-length), got "
+                         f"{max_sequence_length}; the pipelines' own default is 512")
+    if max_length is not None and int(max_length) < 1:
+        raise ValueError(f"max_length must be at least 1 token (--max-length), got {max_length}; leave it out to "
+                         "store prompt embeddings unpadded")
+    if image_size is not None and (len(image_size) != 2 or min(int(n) for n in image_size) < 1):
+        raise ValueError(f"image_size must be (width, height) in pixels, each at least 1 (--image-size W H), "
+                         f"got {image_size}")
 
 
 def _pipeline_dir(path: str | os.PathLike[str]) -> str:
