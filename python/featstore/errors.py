@@ -56,6 +56,11 @@ class NoImagesFoundError(FeatstoreError):
     """A scan found no source files to work on."""
 
 
+class AmbiguousPathError(FeatstoreError, ValueError):
+    """A relative source path names one file relative to the data root and another relative to
+    the working directory: featstore will not guess which one the sample means."""
+
+
 class ReadOnlyDataRootError(FeatstoreError, PermissionError):
     """A sidecar entry could not be written because the data root is read-only."""
 
@@ -78,6 +83,7 @@ __all__ = [
     "PathOutsideRootError",
     "NotARegularFileError",
     "ReadOnlyDataRootError",
+    "AmbiguousPathError",
     "LockHeldError",
     "SourceChangedError",
 ]

@@ -1,15 +1,52 @@
-"""Naming sources by their path relative to a data root.
+"""Naming sources by their path relative to a data root, and the one rule for paths users give.
 
-Paths given to the API may be relative to the root or absolute inside it, also when the root is
-reached under another name (a symlinked root, or its real path). A path outside the root is an
-error, never a silent miss.
+Paths given to the store API may be relative to the root or absolute inside it, also when the
+root is reached under another name (a symlinked root, or its real path). A path outside the root
+is an error, never a silent miss.
+
+Paths a user's samples or command line give (``CachedDataset``'s ``path_fn``, ``paths`` and
+``history_fn``; ``featstore explain``) follow one rule (:func:`reading_of`): absolute as they
+are; relative to the data root; or relative to the working directory when only that names a file
+and it lies inside the root (``glob("data/**/*.jpg")`` with the root ``data``). A path that names
+one file either way is refused, naming both.
 """
 
 from __future__ import annotations
 
 import os
 
-from featstore.errors import PathOutsideRootError
+from featstore.errors import AmbiguousPathError, PathOutsideRootError
+
+#: How a relative path a user gave is read: relative to the data root, or to the working directory.
+ROOT, CWD = "root", "cwd"
+
+
+def reading_of(root: str, path: str | os.PathLike[str], cwd: str | None = None) -> str | None:
+    """How the relative ``path`` names a file: ``ROOT`` when ``<root>/<path>`` exists, ``CWD``
+    when only ``<cwd>/<path>`` does and lies inside ``root``, None when the path is absolute,
+    both readings are one file, or neither exists (a deleted source: read relative to the root).
+
+    Raises
+    ------
+    AmbiguousPathError
+        Both readings exist and are different files.
+    """
+    p = os.fspath(path)
+    if isinstance(p, bytes):
+        p = os.fsdecode(p)
+    if os.path.isabs(p):
+        return None
+    from_root = os.path.normpath(os.path.join(root, p))
+    from_cwd = os.path.normpath(os.path.join(cwd or os.getcwd(), p))
+    prefix = root.rstrip(os.sep) + os.sep
+    if from_cwd == from_root or not from_cwd.startswith(prefix):
+        return None
+    in_root, in_cwd = os.path.lexists(from_root), os.path.lexists(from_cwd)
+    if in_root and in_cwd:
+        raise AmbiguousPathError(
+            f"the source path {p!r} names {from_root} (relative to the data root) and {from_cwd} (relative to "
+            f"the working directory), two files: give absolute paths, or paths relative to the data root {root}")
+    return ROOT if in_root else CWD if in_cwd else None
 
 
 class SourceNames:

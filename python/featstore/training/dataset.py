@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -13,71 +13,16 @@ from featstore.errors import StaleEntryError
 from featstore.manifest import recorded_shapes
 from featstore.store import FeatureStore
 from featstore.training.arguments import settle_modes, use_cache_default
-from featstore.training.batching import HANDOFF, collate, mask_key, put_row, settle_pad
+from featstore.training.batching import HANDOFF, collate, put_row, settle_pad
 from featstore.training.buffers import BatchBuffers
 from featstore.training.history_reading import HistoryReader
 from featstore.training.live import LiveEncoder, source_path
 from featstore.training.live_history import HistoryComputer
 from featstore.training.loader import CachedLoader, HandOnToFill
+from featstore.training.names import Served, check_rename, gets_mask
+from featstore.training.paths import PathReading
 from featstore.training.reading import EntryReader, Source
-from featstore.training.report import WarnOnce, log_start_line, start_line
-
-
-class _Served(MutableMapping[str, Any]):
-    """A batch (or sample) as one dataset's :meth:`CachedDataset.fill` writes into it: by the
-    entries' tensor names, stored under the names the dataset serves them as (``rename``), and
-    refusing a name that another dataset of the stack (or the base sample) put there.
-
-    ``taken``: names the wrapped datasets filled in this process; ``collated``: the names the
-    batch came with, which are this dataset's own only where it serves that name (rows its
-    workers computed)."""
-
-    def __init__(self, dataset: CachedDataset, target: dict[str, Any], *, taken: set[str],
-                 collated: set[str]) -> None:
-        self.dataset, self.target, self.taken, self.collated = dataset, target, taken, collated
-        self._own: set[str] | None = None  # the dataset's names, asked once (it may read the manifest)
-
-    def __getitem__(self, name: str) -> Any:
-        return self.target[self.dataset._served_name(name)]
-
-    def __setitem__(self, name: str, value: Any) -> None:
-        key = self.dataset._served_name(name)
-        if key not in self.target or key in self.taken:
-            if key in self.collated and key not in self.taken and self._own is None:
-                self._own = self.dataset._own_names() or set()
-            if key in self.taken or (key in self.collated and key not in (self._own or ())):
-                self.dataset._refuse_names([key])
-        self.target[key] = value
-
-    def __delitem__(self, name: str) -> None:
-        del self.target[self.dataset._served_name(name)]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.target)
-
-    def __len__(self) -> int:
-        return len(self.target)
-
-
-def check_rename(rename: Mapping[str, str] | None) -> dict[str, str]:
-    """``rename`` as a dict, refused when it is not one name per tensor."""
-    if rename is None:
-        return {}
-    if not isinstance(rename, Mapping) or not all(isinstance(k, str) and isinstance(v, str) and v
-                                                  for k, v in rename.items()):
-        raise TypeError(f"rename must map tensor names to new names (str to str), got {rename!r}")
-    if len(set(rename.values())) != len(rename):
-        raise ValueError(f"rename gives two tensors one name: {dict(rename)!r}")
-    return dict(rename)
-
-
-def _gets_mask(name: str, dtype: Any) -> bool:
-    """Whether a padded tensor gets a ``<name>_mask`` twin (see :func:`mask_key`); ``dtype`` is a
-    torch dtype or a manifest's dtype name (``"BF16"``, ``"I64"``)."""
-    if isinstance(dtype, torch.dtype):
-        return mask_key(name, dtype) is not None
-    floating = str(dtype).upper().startswith(("F", "BF", "C"))
-    return floating or not name.endswith("mask")
+from featstore.training.report import WarnOnce, log_start_line, nothing_cached, start_line
 
 
 class CachedDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
@@ -90,7 +35,10 @@ class CachedDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
     store : FeatureStore
         Where the features are (None only with the cache off).
     path_fn : callable, optional
-        ``path_fn(sample) -> str``: the sample's source (absolute, or relative to the data root).
+        ``path_fn(sample) -> str``: the sample's source: absolute, relative to the data root, or
+        relative to the working directory when only that names a file inside the root (decided
+        once, when the dataset is built; a path naming a file either way is an
+        :class:`AmbiguousPathError`).
     paths : sequence of str, optional
         The sources in dataset order, instead of ``path_fn``; also lets the start log line count
         exactly what is cached.
@@ -170,6 +118,8 @@ class CachedDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
         self.path_fn = path_fn
         self.paths = list(paths) if paths is not None else None
         self.history_fn = history_fn
+        # Relative paths: to the data root, or to the working directory (see featstore.roots).
+        self._reading = PathReading.settle(self.data_root, base, paths=paths, path_fn=path_fn, history_fn=history_fn)
         self.device = device
         self.encode_in_workers = (torch.device(device).type == "cpu") if encode_in_workers is None \
             else encode_in_workers
@@ -191,7 +141,7 @@ class CachedDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
         if self.store is not None and self.on_miss == "skip":
             # A skipped miss is served as zeros of the entries' shapes: learned now, not mid-epoch.
             self._reader.learn(self.store, self.paths)
-        self._names_checked = False
+        self._seen_hit = False  # read mode: a first batch with no hit is said loudly, once
         if isinstance(base, CachedDataset):
             self._check_names(base.served_names(), known_only=True)
         if log_start:
@@ -274,6 +224,11 @@ class CachedDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
         else:
             misses = self._reader.into_samples(self.store, own, sources, zeros=self.on_miss == "skip")
         missed = set(misses)
+        if self.store is not None and self.mode == "read" and not self._seen_hit:
+            self._seen_hit = len(missed) < len(samples)
+            if not self._seen_hit:
+                self._warn_once("nothing-cached", nothing_cached(self.store, self._reader, sources, misses,
+                                                                   self.on_miss))
         for j, sample in enumerate(own):
             sample[self.cached_key] = j not in missed
         if misses:
@@ -320,7 +275,7 @@ class CachedDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
         for name, spec in shapes.items():
             served = self.rename.get(name, name)
             names.add(served)
-            if name in self.pad and _gets_mask(name, spec[0]):
+            if name in self.pad and gets_mask(name, spec[0]):
                 names.add(f"{served}_mask")
         return names | {self.cached_key}
 
@@ -353,7 +308,7 @@ class CachedDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
         return self._path(self.paths[index] if self.paths is not None else self.path_fn(sample))  # type: ignore[misc]
 
     def _path(self, path: str | os.PathLike[str]) -> str:
-        path = os.fspath(path)
+        path = self._reading(os.fspath(path))
         return self.store.rel(path) if self.store is not None else source_path(self.data_root, path)
 
     def _miss(self, samples: list[dict[str, Any]], sources: list[Source], rows: list[int]) -> None:
@@ -394,7 +349,7 @@ class CachedDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
             batch = self.base.fill(batch)
         # Rows this dataset's workers computed are already in the batch; names the wrapped
         # datasets just filled, or the base samples hold, must not be written over.
-        served = _Served(self, batch, taken=set(batch) - collated, collated=collated)
+        served = Served(self, batch, taken=set(batch) - collated, collated=collated)
         handoff = batch.pop(self.handoff_key, None)
         if isinstance(handoff, tuple):  # one sample (a DataLoader without a batch size)
             self._fill_sample(batch, served, *handoff)
@@ -409,7 +364,7 @@ class CachedDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
                 self._reader.zeros_into_sample(served)
         return batch
 
-    def _fill_batch(self, batch: dict[str, Any], served: _Served, handoff: Any) -> None:
+    def _fill_batch(self, batch: dict[str, Any], served: Served, handoff: Any) -> None:
         """:meth:`fill` of a collated batch; tensors go into ``served`` (the batch, by served name)."""
         if not isinstance(handoff, list) or not all(h is None or isinstance(h, tuple) for h in handoff):
             raise TypeError(f"the batch's {self.handoff_key!r} is {type(handoff).__name__}, not the per-sample list "
@@ -437,7 +392,7 @@ class CachedDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
                 put_row(served, name, j, t, rows, padded=name in self.pad)
             batch[self.cached_key][j] = cached
 
-    def _fill_sample(self, sample: dict[str, Any], served: _Served, what: str, source: Source) -> None:
+    def _fill_sample(self, sample: dict[str, Any], served: Served, what: str, source: Source) -> None:
         """:meth:`fill` of one uncollated sample; tensors go into ``served``."""
         tensors = self._reader.get(self.store, source) if what == "read" and self.store is not None else None
         if tensors is None:

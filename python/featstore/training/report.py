@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import warnings
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from featstore import _core, env
 from featstore.store import FeatureStore
@@ -26,8 +28,13 @@ def start_line(store: FeatureStore | None, *, paths: Sequence[str] | None, mode:
         return f"feature cache disabled ({why}): {then}"
     if histories:
         cached = "history entries (one per sample's frames; `featstore status` counts them)"
+    elif store.fingerprint is None and mode == "lazy":
+        # Entries are judged against the encoder's fingerprint once it is built: counting now,
+        # against none, would say "0 cached" of a cache the epoch then reads.
+        cached = "cached count unknown until the encoder is built (no manifest records its fingerprint)"
     elif paths is not None:
-        valid = store.states(paths).count("valid")
+        served = ("valid", "legacy") if store.allow_legacy else ("valid",)
+        valid = sum(state in served for state in store.states(paths))
         cached = f"{valid:,} of {len(paths):,} cached"
     else:
         cached = _cached_from_manifest(store)
@@ -54,7 +61,37 @@ def _cached_from_manifest(store: FeatureStore) -> str:
     if text is None:
         return "cached count unknown (no manifest yet; pass paths= to count)"
     fields = json.loads(text)
-    return f"{fields.get('processed_images', 0):,} of {fields.get('total_images', 0):,} cached (manifest)"
+    indexed, total = int(fields.get("processed_images") or 0), int(fields.get("total_images") or 0)
+    when = f", {fields['updated']}" if isinstance(fields.get("updated"), str) else ""
+    if indexed > total:
+        # The index still lists sources renamed or removed since: "301 of 299" cannot be true.
+        return (f"{indexed:,} entries indexed for {total:,} sources at the last precompute (manifest{when}; some "
+                "for sources since renamed or removed: `featstore status` counts what is cached now)")
+    return f"{indexed:,} of {total:,} cached at the last precompute (manifest{when})"
+
+
+def nothing_cached(store: FeatureStore, reader: Any, sources: Sequence[Any], misses: Sequence[int],
+                   on_miss: str) -> str:
+    """The warning for a read-mode dataset whose first samples all missed: how many, the first
+    one, its state, and the likely cause (training on zeros must never go unnoticed)."""
+    first = sources[misses[0]]
+    frames = first if isinstance(first, tuple) else (first,)
+    state = reader.states(store, [first])[0]
+    shown = os.path.join(store.data_root, frames[-1]) if not os.path.isabs(frames[-1]) else frames[-1]
+    if not all(os.path.lexists(os.path.join(store.data_root, f)) for f in frames):
+        cause = (f"{shown} does not exist: relative paths are read relative to the data root {store.data_root} "
+                 "(or to the working directory when only that names a file); check path_fn")
+    elif state == "foreign":
+        cause = ("its entry was written by another encoder configuration"
+                 + (" and no manifest says which is current: open the store with fingerprint=..."
+                    if store.fingerprint is None else ": precompute with this configuration"))
+    elif state == "missing":
+        cause = f"no entry: run `featstore precompute {store.data_root}` for feature {store.feature} first"
+    else:
+        cause = f"`featstore explain {shown} --data-root {store.data_root} --feature {store.feature}` says why"
+    return (f"featstore: none of the first {len(misses)} samples has a valid {store.feature} entry (the first, "
+            f"{shown}: {state}); they get {'live features' if on_miss == 'compute' else 'zeros'} and cached=False. "
+            f"Likely cause: {cause}")
 
 
 class WarnOnce:
