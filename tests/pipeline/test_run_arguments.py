@@ -39,8 +39,12 @@ def test_a_reversed_index_range_is_refused_naming_both(data):
     root, _ = data
     with pytest.raises(ValueError, match="--start-idx 4.*--end-idx 1"):
         precompute(root, encoder=MeanColor(), start_idx=4, end_idx=1, num_workers=0, progress=False)
-    with pytest.raises(ValueError, match="--start-idx -1.*--end-idx -3"):
-        select(list(range(10)), start_idx=-1, end_idx=-3)
+    # A negative index would silently count from the end of a list the user never sees.
+    for start, end in ((-2, None), (None, -1), (-1, -3)):
+        with pytest.raises(ValueError, match="is negative"):
+            select(list(range(10)), start_idx=start, end_idx=end)
+        with pytest.raises(ValueError, match="is negative"):
+            precompute(root, encoder=MeanColor(), start_idx=start, end_idx=end, num_workers=0, progress=False)
     assert select(list(range(10)), start_idx=4, end_idx=4) == []  # empty, not reversed
     assert select(list(range(10)), start_idx=20, end_idx=30) == []
 

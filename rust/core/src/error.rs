@@ -27,6 +27,14 @@ pub enum Error {
     /// A source path that does not lie inside the data root.
     #[error("{path} is outside the data root {root}")]
     OutsideRoot { path: PathBuf, root: PathBuf },
+    /// A sidecar would be written outside the data root: the source's directory is reached
+    /// through a symbolic link inside the root that leads elsewhere (someone else's tree).
+    #[error("{} lies outside the data root {} (a symbolic link inside the root leads to {}): featstore reads through such links but writes only inside the data root; keep entries in a cache directory instead (--cache-dir DIR, FeatureStore(..., cache_dir=DIR))", dir.display(), root.display(), real.display())]
+    WriteOutsideRoot {
+        dir: PathBuf,
+        real: PathBuf,
+        root: PathBuf,
+    },
     /// A source changed between the moment the encoder read it and the moment its entry was to
     /// be written: the features belong to other bytes, so nothing was written.
     #[error("{} changed {what}", path.display())]

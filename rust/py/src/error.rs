@@ -133,7 +133,7 @@ pub fn to_py(err: Error) -> PyErr {
         e @ Error::Manifest { .. } => ManifestError::new_err(e.to_string()),
         e @ Error::SourceChanged { .. } => SourceChangedError::new_err(e.to_string()),
         e @ Error::DataRoot { .. } => raise(Python::attach(data_root_error), e.to_string()),
-        e @ Error::OutsideRoot { .. } => {
+        e @ (Error::OutsideRoot { .. } | Error::WriteOutsideRoot { .. }) => {
             raise(Python::attach(path_outside_root_error), e.to_string())
         }
         e @ Error::NotRegular { .. } => {

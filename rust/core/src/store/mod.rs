@@ -191,6 +191,8 @@ pub struct Store {
     /// Opened without a fingerprint and without a manifest: the fingerprint of a manifest that
     /// appeared since (the first lazy write or `put` with a fingerprint creates one), taken once.
     adopted: OnceLock<String>,
+    /// The data root with every symbolic link resolved (where sidecars may be written).
+    real_root: OnceLock<PathBuf>,
 }
 
 /// What is at an entry's path, from one `stat`.
@@ -305,6 +307,7 @@ impl Store {
             cfg,
             known: RwLock::new(HashMap::new()),
             adopted: OnceLock::new(),
+            real_root: OnceLock::new(),
         };
         // Index records were valid for the manifest's fingerprint: trust them only for that one.
         if let Some(m) = manifest {

@@ -336,6 +336,8 @@ impl Store {
     /// root sharing the cache (a copy of the dataset) may still use it. Best effort: a read-only
     /// cache still serves the entry. Returns where the refreshed entry is.
     fn refresh(&self, found: &Path, wanted: &Path, identity: Stamp, src: Stamp) -> Option<PathBuf> {
+        // Never into a directory outside the data root (a symlinked one): serve, do not refresh.
+        self.check_inside_root(wanted).ok()?;
         let still_racy = racy_now(src);
         let update = |m: &mut BTreeMap<String, String>| {
             m.insert("source.size".into(), src.size.to_string());

@@ -74,6 +74,7 @@ impl Store {
     ) -> Result<Written> {
         let src = self.cfg.root.join(rel);
         let path = self.entry_path(rel, Stamp::of(&src)?);
+        self.check_inside_root(&path)?;
         if path.file_name().map_or(0, |n| n.len()) > entry::NAME_MAX {
             return Err(Error::NameTooLong {
                 path: path.clone(),
@@ -170,6 +171,30 @@ impl Store {
             racy,
             check_first: racy || !inputs.is_empty(),
             bytes,
+        })
+    }
+
+    /// Sidecar entries are written only inside the data root: a directory reached through a
+    /// symbolic link in the root that leads elsewhere is read through, never written into.
+    pub(super) fn check_inside_root(&self, entry: &Path) -> Result<()> {
+        let (Layout::Sidecar, Some(dir)) = (&self.cfg.layout, entry.parent()) else {
+            return Ok(());
+        };
+        let root = match self.real_root.get() {
+            Some(root) => root,
+            None => {
+                let real = fs::canonicalize(&self.cfg.root).at(&self.cfg.root)?;
+                self.real_root.get_or_init(|| real)
+            }
+        };
+        let real = fs::canonicalize(dir).at(dir)?;
+        if real.starts_with(root) {
+            return Ok(());
+        }
+        Err(Error::WriteOutsideRoot {
+            dir: dir.to_path_buf(),
+            real,
+            root: self.cfg.root.clone(),
         })
     }
 
