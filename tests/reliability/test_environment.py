@@ -224,6 +224,29 @@ def test_symlink_loops_are_reported_and_the_rest_is_cached(tmp_path, figures):
     assert not problems
 
 
+def test_a_linked_directory_leading_out_of_the_root_is_read_through_never_written_into(tmp_path, figures):
+    fig = figures("environment: symlink loops")
+    root, outside = str(tmp_path / "data"), str(tmp_path / "someone-elses")
+    make_image_tree(root, 2, scenes=1, size=16)
+    make_image_tree(outside, 2, scenes=1, size=16)
+    os.symlink(outside, os.path.join(root, "linked"))
+    linked = "linked/scene000/img_00000.jpg"
+    # What the root contains: scan, a .jsonl listing and lookups all read through the link.
+    assert linked in featstore.scan(root).paths
+    with open(os.path.join(root, "train.jsonl"), "w") as f:
+        f.write('{"image": "%s"}\n' % linked)
+    assert featstore.scan(root, jsonl="image").paths == [linked]
+    assert FeatureStore(root, "toy").state(linked) == "missing"
+    # Writes stay inside it: put names the link and the fix, and nothing lands in the other tree.
+    with pytest.raises(featstore.PathOutsideRootError, match="symbolic link inside the root.*--cache-dir"):
+        FeatureStore(root, "toy").put(linked, {"features": torch.ones(2)})
+    cache = str(tmp_path / "cache")
+    FeatureStore(root, "toy", cache_dir=cache).put(linked, {"features": torch.ones(2)})
+    assert FeatureStore(root, "toy", cache_dir=cache).state(linked) == "valid"
+    assert not [f for _, _, files in os.walk(outside) for f in files if not f.endswith((".jpg", ".png"))]
+    fig.add(runs=1, cases=6)
+
+
 # ----------------------------------------------------------------------------------- vanishing sources
 class DeletesSources(MeanColor):
     """Deletes sources during the run: after decoding the first image, one not decoded yet; while

@@ -631,6 +631,63 @@ mod tests {
     }
 
     #[test]
+    fn a_source_replaced_by_a_fifo_is_stale_at_once_never_opened() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("a.png");
+        write_aged(&src, b"image", 3600);
+        write_aged(&dir.path().join("b.png"), b"image", 3600);
+        let s = store(dir.path(), Layout::Sidecar, "fp");
+        put(&s, "a.png");
+        fs::remove_file(&src).unwrap();
+        let c = std::ffi::CString::new(src.to_str().unwrap()).unwrap();
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+        // A digest of the FIFO would block here forever (no writer ever comes).
+        let c = s.check(Path::new("a.png")).unwrap();
+        assert_eq!(c.state, State::Stale);
+        assert!(c.reason.contains("not a regular file"), "{}", c.reason);
+        assert_eq!(state(&s, "b.png"), State::Missing);
+        let fresh = store(dir.path(), Layout::Sidecar, "fp");
+        assert_eq!(state(&fresh, "a.png"), State::Stale);
+        // Writing its entry reads it: refused at once as well.
+        assert!(matches!(
+            s.put(
+                Path::new("a.png"),
+                &tensor(),
+                &Default::default(),
+                &[],
+                false,
+                None
+            ),
+            Err(Error::NotRegular { .. })
+        ));
+    }
+
+    #[test]
+    fn without_a_fingerprint_or_a_manifest_only_unfingerprinted_entries_are_served() {
+        let dir = tempfile::tempdir().unwrap();
+        write_aged(&dir.path().join("a.png"), b"image", 3600);
+        write_aged(&dir.path().join("b.png"), b"other", 3600);
+        put(&store(dir.path(), Layout::Sidecar, "fpA"), "a.png");
+        let open = |fp: Option<&str>| {
+            Store::open(StoreConfig {
+                root: dir.path().to_path_buf(),
+                feature: "f".into(),
+                layout: Layout::Sidecar,
+                fingerprint: fp.map(str::to_string),
+                legacy_suffix: None,
+                read_mode: ReadMode::Map,
+            })
+            .unwrap()
+        };
+        let plain = open(None);
+        put(&plain, "b.png");
+        // Whatever is read first decides nothing: the encoder's entry is foreign, the plain one served.
+        assert_eq!(state(&plain, "a.png"), State::Foreign);
+        assert_eq!(state(&plain, "b.png"), State::Valid);
+        assert_eq!(state(&open(Some("fpA")), "a.png"), State::Valid);
+    }
+
+    #[test]
     fn a_copy_sharing_the_cache_never_destroys_the_original_entry() {
         let dir = tempfile::tempdir().unwrap();
         let cache = dir.path().join("cache");
@@ -792,27 +849,6 @@ mod tests {
             .unwrap_err();
         assert!(matches!(err, Error::SourceChanged { .. }), "{err}");
         assert_eq!(state(&s, "a.png"), State::Missing);
-    }
-
-    #[test]
-    fn without_a_fingerprint_the_first_entry_read_fixes_it() {
-        let dir = tempfile::tempdir().unwrap();
-        write_aged(&dir.path().join("a.png"), b"image a", 3600);
-        write_aged(&dir.path().join("b.png"), b"image b", 3600);
-        put(&store(dir.path(), Layout::Sidecar, "one"), "a.png");
-        put(&store(dir.path(), Layout::Sidecar, "two"), "b.png");
-        let any = Store::open(StoreConfig {
-            root: dir.path().to_path_buf(),
-            feature: "f".into(),
-            layout: Layout::Sidecar,
-            fingerprint: None,
-            legacy_suffix: None,
-            read_mode: ReadMode::Map,
-        })
-        .unwrap();
-        assert_eq!(state(&any, "a.png"), State::Valid);
-        let c = any.check(Path::new("b.png")).unwrap();
-        assert_eq!(c.state, State::Foreign, "{}", c.reason);
     }
 
     #[test]
