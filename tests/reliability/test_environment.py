@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import multiprocessing
 import os
 import resource
@@ -234,7 +235,7 @@ def test_a_linked_directory_leading_out_of_the_root_is_read_through_never_writte
     # What the root contains: scan, a .jsonl listing and lookups all read through the link.
     assert linked in featstore.scan(root).paths
     with open(os.path.join(root, "train.jsonl"), "w") as f:
-        f.write('{"image": "%s"}\n' % linked)
+        f.write(json.dumps({"image": linked}) + "\n")
     assert featstore.scan(root, jsonl="image").paths == [linked]
     assert FeatureStore(root, "toy").state(linked) == "missing"
     # Writes stay inside it: put names the link and the fix, and nothing lands in the other tree.

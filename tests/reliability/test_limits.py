@@ -47,7 +47,7 @@ def test_a_history_too_long_for_one_entry_is_a_recorded_failure_not_a_loop(tmp_p
         f.write('{"images": ' + str(rels).replace("'", '"') + "}\n")
     # The limit lowered so that 4 frames cross it (60,000 frames with long paths do at 16 MiB).
     monkeypatch.setattr(_core, "MAX_HEADER_LEN", 64 * 1024 + 700)
-    for attempt in range(2):  # the rerun fails the same way: it never writes what a reader refuses
+    for _ in range(2):  # the rerun fails the same way: it never writes what a reader refuses
         s = precompute(root, encoder=CausalMean(), jsonl="images", num_workers=0, progress=False)
         assert s["failed"] == 1 and s["written"] == 0, s
         (failed, why), = s["failures"]
