@@ -1,5 +1,5 @@
-"""History entries: what causal sequence encoders compute for a sample (DESIGN.md, "History
-entries"; VGGT.md, "Causal streaming").
+"""History entries: what causal sequence encoders compute for a sample (docs/design.md, "History
+entries"; docs/causal-streaming.md).
 
 A sample of a JanusVLN-style model is an ordered list of frames, its history; its features are
 the last frame's outputs given the whole list. The entry of a list is named by a chain of keys,

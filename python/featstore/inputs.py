@@ -4,7 +4,7 @@ An encoder's optional ``inputs(rel, path)`` names them: a path (a caption ``.txt
 image), ``bytes`` (a caption's text), a :class:`FileInput` (a path with the stamp taken when it
 was read) or an :class:`AbsentInput` (a file the input rule would prefer, which must not appear).
 :func:`as_read` stamps the files *before* the encoder reads them, so that a write can refuse
-features of a file edited in between (DESIGN.md, "Invariants").
+features of a file edited in between (docs/design.md, "Invariants").
 """
 
 from __future__ import annotations

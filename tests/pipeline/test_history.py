@@ -1,4 +1,4 @@
-"""History precompute (DESIGN.md "History entries", VGGT.md "Causal streaming"): one causal pass
+"""History precompute (docs/design.md "History entries", docs/causal-streaming.md): one causal pass
 per longest list, an entry for every prefix a sample names, exactly the model's computation."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Copies sharing a cache: a dataset and its ``cp -r`` copy with one ``--cache-dir`` (dir layout)
 both keep hitting after each is read and after a precompute of each, and gc run for either root
-never removes the other root's valid entries (DESIGN.md, "A copy never destroys the original")."""
+never removes the other root's valid entries (docs/design.md, "Invariants": a copy never destroys the original)."""
 
 from __future__ import annotations
 

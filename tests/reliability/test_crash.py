@@ -198,3 +198,52 @@ def test_kill_9_at_random_moments_loses_and_tears_nothing(template, tmp_path, fi
              + (f"; {early} runs ended before their moment" if early else ""))
     assert not problems, "\n".join(problems)
     assert sum(aimed.values()) == KILLS
+
+
+def _children(pid: int) -> list[int]:
+    """The live processes whose parent is ``pid`` (zombies count as gone)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.append(int(entry))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_a_killed_precompute_leaves_no_decoding_worker_behind(template, tmp_path, figures):
+    fig = figures("crash: kill -9 during precompute")
+    root = copy_tree(template[0], str(tmp_path / "run"))
+    r, w = os.pipe()
+    proc = fork(_precompute_announcing, root, w, 2)
+    os.close(w)
+    try:
+        while os.read(r, 1) != b"e":  # the first batch is being encoded: the workers run
+            pass
+        workers = _children(proc.pid)
+        assert len(workers) >= 2, workers
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.join(30)
+        deadline = time.monotonic() + 30
+        while any(map(_alive, workers)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        left = [p for p in workers if _alive(p)]
+    finally:
+        os.close(r)
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    fig.add(runs=1, cases=len(workers), failures=len(left))
+    assert not left, f"decoding workers {left} outlived their killed precompute"

@@ -2,7 +2,7 @@
 another process while a ``CachedDataset(mode="lazy")`` loop with two DataLoader workers rewrites
 the entries they judged bad. Only the files judged may go: every removal is checked against the
 identities of the bad files planted, every quarantined file is read back, and at the end every
-source must have a valid entry (DESIGN.md, "Destructive operations act only on what they judged").
+source must have a valid entry (docs/design.md, "Invariants": destructive operations act only on what they judged).
 """
 
 from __future__ import annotations

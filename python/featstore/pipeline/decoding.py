@@ -8,6 +8,8 @@ features of a source that changed after it was read.
 from __future__ import annotations
 
 import os
+import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -99,7 +101,27 @@ def decode_loader(encoder: Encoder, root: str, items: Sequence[WorkItem], *, bat
         DecodeDataset(encoder, root, items), batch_size=None, shuffle=False, num_workers=num_workers,
         collate_fn=_identity, pin_memory=pin_memory, prefetch_factor=_prefetch_factor(len(items), batch_size,
                                                                                     num_workers),
-        persistent_workers=False)
+        persistent_workers=False, worker_init_fn=ExitWithParent() if num_workers else None)
+
+
+class ExitWithParent:
+    """``worker_init_fn``: a decoding worker ends itself once the process that started it is gone.
+
+    A precompute killed with ``kill -9`` cannot stop its workers; torch's own watchdog notes the
+    parent's pid when the worker starts, so a parent killed before that is never noticed and the
+    worker waits for work forever, holding memory and the terminal's (or CI's) pipes. The pid
+    here is taken in the parent, before the fork."""
+
+    def __init__(self) -> None:
+        self.parent = os.getpid()
+
+    def __call__(self, worker_id: int) -> None:
+        def watch() -> None:
+            while os.getppid() == self.parent:
+                time.sleep(1.0)
+            os._exit(0)
+
+        threading.Thread(target=watch, name="featstore-parent-watch", daemon=True).start()
 
 
 def _prefetch_factor(items: int, batch_size: int, num_workers: int) -> int | None:

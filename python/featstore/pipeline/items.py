@@ -4,7 +4,7 @@ A work item is one source (kind ``"image"``: the entry is the source's own), an 
 sources encoded together (kind ``"set"``: one entry for the whole frame set, see
 :mod:`featstore.sets`), or the longest of some samples' histories (kind ``"history"``: one causal
 pass over the list writes an entry for every prefix a sample names, the last frame's features
-given the prefix; DESIGN.md "History entries"). Each stage looks up what a kind means to it in a
+given the prefix; docs/design.md "History entries"). Each stage looks up what a kind means to it in a
 table of its own (planning: how states are judged; decoding: how members become one tensor;
 writing: which entries are written and what the journal records), so a kind is a row in each
 table, not a branch in a loop.

@@ -1,4 +1,4 @@
-"""Causal aggregation and key/value streaming, as JanusVLN-style models run VGGT (VGGT.md, "Causal streaming")."""
+"""Causal aggregation and key/value streaming, as JanusVLN-style models run VGGT (docs/causal-streaming.md)."""
 
 from __future__ import annotations
 

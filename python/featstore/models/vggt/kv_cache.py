@@ -2,7 +2,7 @@
 
 JanusVLN-style models feed VGGT's aggregator one frame at a time; every global block attends
 from the new frame to the keys and values of the frames before it. A :class:`KVCache` holds
-those keys and values for one batch of sequences that are streamed together (see VGGT.md,
+those keys and values for one batch of sequences that are streamed together (see docs/causal-streaming.md,
 "Causal streaming").
 """
 
