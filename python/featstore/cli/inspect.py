@@ -24,6 +24,7 @@ from featstore.cli.common import (
     open_store,
 )
 from featstore.errors import DataRootError
+from featstore.roots import CWD, reading_of
 
 if TYPE_CHECKING:
     from featstore.cli.common import Subcommands
@@ -95,10 +96,9 @@ def cmd_explain(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     store = open_store(args, root)
     if why:
         print(f"featstore explain: data root {store.data_root} ({why})", file=sys.stderr)
-    # Relative to the data root, as in the API; else, when it exists there, to the working
-    # directory (a deleted source is still named relative to the root).
-    paths = [os.path.abspath(p) if not os.path.isabs(p) and not os.path.lexists(os.path.join(store.data_root, p))
-             and os.path.lexists(p) else p for p in args.paths]
+    # The rule for paths users give (featstore.roots): relative to the data root, else to the
+    # working directory when only that names a file in the root; both: an error naming both.
+    paths = [os.path.abspath(p) if reading_of(store.data_root, p) == CWD else p for p in args.paths]
     found = [ops.explain_history(store, paths)] if args.history else [explain.explain(store, p) for p in paths]
     emit(args, {"data_root": store.data_root, "explanations": [e.to_dict() for e in found]},
          "\n".join(e.text() for e in found))
