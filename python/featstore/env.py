@@ -110,3 +110,16 @@ def distributed_rank() -> tuple[int, int]:
 def user_cache_home() -> str:
     """``$XDG_CACHE_HOME``, else ``~/.cache``: where featstore keeps its weight-digest cache."""
     return _text("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+
+
+def parse_shard(spec: str | tuple[int, int] | None) -> tuple[int, int] | None:
+    """``"I/N"`` (0 <= I < N) to ``(I, N)``."""
+    if spec is None or isinstance(spec, tuple):
+        return spec
+    try:
+        i, n = (int(x) for x in spec.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard {spec!r} is not of the form I/N (e.g. 0/4)") from None
+    if not 0 <= i < n:
+        raise ValueError(f"--shard {spec!r}: I must be in 0..N-1")
+    return i, n

@@ -78,6 +78,18 @@ def test_a_missing_weights_path_names_where_it_came_from(tmp_path):
     assert r.returncode == 1 and f"$VGGT_MODEL_PATH={missing}" in r.stderr, r.stderr
 
 
+def test_missing_weights_are_reported_before_torch_is_imported(tmp_path):
+    root = str(tmp_path / "data")
+    make_image_tree(root, 2, size=16)
+    code = ("import sys\nfrom featstore.cli import main\n"
+            f"rc = main(['precompute', {root!r}])\n"
+            "print(rc, 'torch' in sys.modules)\n")
+    env = {k: v for k, v in os.environ.items() if k != "VGGT_MODEL_PATH"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert r.stdout.split() == ["1", "False"], r.stdout + r.stderr  # the first second, not 10 s of imports
+    assert "--random-weights" in r.stderr and "facebook/VGGT-1B" in r.stderr
+
+
 def test_a_files_from_entry_that_does_not_exist_fails_the_run(tmp_path):
     root = str(tmp_path / "data")
     rels = make_image_tree(root, 3, size=24)
@@ -136,4 +148,12 @@ def test_the_size_estimate_comes_from_written_entries(tmp_path):
     s = json.loads(r.stdout)
     assert s["estimated_bytes"] == 3 * int(sum(sizes) / 3) and s["estimate_from"] == "entries"
     r = cli("precompute", root, "--random-weights", "--dry-run")
-    assert "mean of 3 written entries" in r.stdout
+    assert "mean size of the 3 entries already written" in r.stdout
+
+
+def test_the_estimate_says_how_many_of_the_written_entries_it_sampled(tmp_path):
+    root = str(tmp_path / "data")
+    make_image_tree(root, 20, size=16)
+    assert cli("precompute", root, "--random-weights", "--num-workers", "0", "--end-idx", "18").returncode == 0
+    r = cli("precompute", root, "--random-weights", "--dry-run")
+    assert "mean size of 16 of the 18 entries already written" in r.stdout, r.stdout

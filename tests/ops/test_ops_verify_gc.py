@@ -283,6 +283,7 @@ def test_the_installed_command_reports_bad_entries_without_a_traceback(tree):
     r = subprocess.run([sys.executable, "-m", "featstore.cli", "verify", root, "--feature", "vggt"],
                        capture_output=True, text=True)
     assert r.returncode == 1 and "corrupt" in r.stdout and "Traceback" not in r.stderr
+    assert "1 bad entry:" in r.stdout  # not "1 bad entries"
 
 
 def test_gc_is_refused_while_a_precompute_of_the_feature_runs(damaged):

@@ -4,6 +4,7 @@ engine is featstore.pipeline; this module turns flags into its arguments and its
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +21,7 @@ from featstore.cli.common import (
     seconds,
 )
 from featstore.cli.pipeline_args import DTYPES, add_pipeline_arguments, pipeline_encoder
+from featstore.errors import CheckpointError
 from featstore.fmt import count, error_lines, human_bytes
 
 if TYPE_CHECKING:
@@ -119,16 +121,17 @@ def register(sub: Subcommands) -> None:
 
 def cmd_precompute(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """Runs the engine; exit code 1 when an item failed, 130 when interrupted."""
-    # The engine imports torch: imported here, not at the top, so that the other commands and
-    # --help start without it.
-    from featstore.pipeline import parse_shard, precompute
-
     parser = command_parser(parser, "precompute")  # usage errors show this command's usage
     root = data_root(args, parser)
     try:  # checked before anything loads: a typo should not cost a model load
-        parse_shard(args.shard)
+        env.parse_shard(args.shard)
     except ValueError as exc:
         parser.error(str(exc))
+    _check_weights(args, parser)  # in the first second: before torch is imported
+    # The engine imports torch: imported here, not at the top, so that the other commands and
+    # --help start without it.
+    from featstore.pipeline import precompute
+
     encoder = pipeline_encoder(args, parser, root)
     options = _encoder_options(args, parser) if encoder is None else {}
     directory = cache_dir(args, args.feature or (encoder.name if encoder is not None else args.encoder))
@@ -156,6 +159,26 @@ def cmd_precompute(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
         print("featstore precompute: fix or remove those paths (exit code 1)"
               if args.files_from else "featstore precompute: those paths were skipped (exit code 1)", file=sys.stderr)
     return 1 if s.get("failed") or s["scan_errors"] else 0
+
+
+def _check_weights(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """The built-in VGGT encoder's weights, checked before anything is imported or loaded: none
+    given (a dry run needs none), or a path that does not exist, is a :class:`CheckpointError`
+    (exit code 1) naming the flag or variable, the checkpoint to download and ``--random-weights``."""
+    if args.encoder != "vggt" or args.random_weights or getattr(args, "pipeline", None):
+        return
+    flag = args.vggt_model_path
+    path = flag or env.vggt_model_path()
+    if not path:
+        if not args.dry_run:
+            raise CheckpointError("no VGGT weights given: pass --vggt-model-path PATH (or set VGGT_MODEL_PATH) to the "
+                         "downloaded VGGT-1B checkpoint (model.pt of facebook/VGGT-1B on Hugging Face), or "
+                         "--random-weights for a tiny random-weight VGGT (demos and tests: the features mean nothing)")
+        return
+    if not os.path.exists(path):
+        shown = f"--vggt-model-path {path}" if flag else f"$VGGT_MODEL_PATH={path}"
+        raise CheckpointError(f"VGGT weights not found: {shown} does not exist; point it to the VGGT-1B model file "
+                              "(model.pt or .safetensors of facebook/VGGT-1B) or its directory")
 
 
 def _print_plan(s: dict[str, Any]) -> None:
@@ -277,6 +300,11 @@ def _result_text(s: dict[str, Any], *, dry_run: bool) -> str:
 def _estimate_from(s: dict[str, Any]) -> str:
     """Where the size estimate came from, said with it."""
     if s.get("estimate_from") == "entries":
-        n = min(s["skipped"], 16)
-        return f"estimate: mean of {n:,} written entries" if n else "estimate: mean size of written entries"
+        written = s["skipped"]
+        n = min(written, 16)  # the planner samples this many of them
+        if not n:
+            return "estimate: mean size of the entries already written"
+        if n < written:
+            return f"estimate: mean size of {n:,} of the {written:,} entries already written"
+        return f"estimate: mean size of the {count(n, 'entry', 'entries')} already written"
     return "estimate: the encoder's upper bound, no entry written yet"

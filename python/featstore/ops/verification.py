@@ -15,7 +15,7 @@ from typing import Any
 from featstore import _core
 from featstore.compat import load_legacy_sidecar
 from featstore.errors import CorruptEntryError
-from featstore.fmt import error_lines, human_bytes, shown
+from featstore.fmt import count, error_lines, human_bytes, shown
 from featstore.lock import maintenance_lock
 from featstore.ops.files import KEPT_REWRITTEN, Identity, base_dir, not_writable, read_judged, same_file
 from featstore.ops.survey import EntryReport, Survey, corrupt_reason, survey
@@ -82,12 +82,12 @@ class VerifyReport:
                  f"({human_bytes(self.bytes)}) in {self.seconds:.2f} s",
                  "  " + "  ".join(f"{s} {n:,}" for s, n in self.counts.items())]
         if self.problems:
-            lines.append(f"{len(self.problems):,} bad entries:")
+            lines.append(f"{count(len(self.problems), 'bad entry', 'bad entries')}:")
             lines.extend(f"  {p.state:8} {shown(self.base, p.path)}: {p.reason}" for p in self.problems)
         else:
             lines.append("no bad entries")
         if self.quarantined:
-            lines.append(f"moved {len(self.quarantined):,} bad entries into {self.quarantine_dir} "
+            lines.append(f"moved {count(len(self.quarantined), 'bad entry', 'bad entries')} into {self.quarantine_dir} "
                          "(nothing deleted; see quarantine.jsonl there)")
         elif self.problems and not self.kept:
             lines.append("`featstore verify --quarantine` moves them aside; `featstore gc` removes stale, "

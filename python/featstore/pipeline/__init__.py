@@ -27,10 +27,11 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from featstore.env import parse_shard
 from featstore.pipeline.items import WorkItem, frame_sets, histories
 from featstore.pipeline.planning import make_plan
 from featstore.pipeline.run import run_plan
-from featstore.pipeline.selection import distributed_rank, parse_shard, select
+from featstore.pipeline.selection import distributed_rank, select
 from featstore.pipeline.summary import plan_summary, run_summary
 
 __all__ = ["precompute", "select", "parse_shard", "distributed_rank", "frame_sets", "histories", "WorkItem"]

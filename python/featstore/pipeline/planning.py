@@ -22,12 +22,13 @@ import torch
 
 from featstore import _core, env
 from featstore.encoders import Capabilities, Encoder, capabilities, describe, resolve_encoder
+from featstore.env import parse_shard
 from featstore.errors import CheckpointError, FeatstoreError
 from featstore.history import history_state
 from featstore.inputs import FileInput
 from featstore.pipeline.items import Kind, WorkItem, kind_for, work_items
 from featstore.pipeline.refresh import refreshable
-from featstore.pipeline.selection import check_range, distributed_rank, parse_shard, select
+from featstore.pipeline.selection import check_range, distributed_rank, select
 from featstore.scan import ScanResult, nothing_found, scan
 from featstore.sets import set_entry_path, set_state
 from featstore.store import FeatureStore
