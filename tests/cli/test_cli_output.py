@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from featstore import FeatureStore
@@ -47,3 +48,28 @@ def test_explain_on_a_source_that_does_not_exist_says_so_not_precompute(tmp_path
     assert main(["explain", "--data-root", root, "--feature", "vggt", "scene000/no_such.jpg"]) == 1
     out = capsys.readouterr().out
     assert "there is no source" in out and "featstore precompute" not in out
+
+
+def test_a_root_that_is_a_file_or_missing_is_named_as_such(tmp_path, capsys):
+    afile = tmp_path / "notes.txt"
+    afile.write_text("x")
+    assert main(["status", str(afile)]) == 2
+    assert f"data root {afile} is not a directory" in capsys.readouterr().err
+    assert main(["status", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_explain_from_outside_the_root_names_data_root(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DATA_ROOT", raising=False)
+    assert main(["explain", "scene00/x.jpg", "--feature", "vggt"]) == 2
+    err = capsys.readouterr().err
+    assert "--data-root DIR" in err and "scene00" in err
+
+
+def test_a_mistyped_flag_gets_the_commands_usage_and_the_closest_flag(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["precompute", str(tmp_path), "--batchsize", "8"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.startswith("usage: featstore precompute")
+    assert "--batchsize: did you mean --batch-size?" in err

@@ -12,6 +12,7 @@ group, one line here).
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -51,11 +52,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _unrecognized(parser: argparse.ArgumentParser, args: argparse.Namespace, extras: list[str]) -> None:
+    """A usage error for arguments no parser took, from the command's own parser (its usage, not
+    the top level's), with the closest flag it has (``--batchsize``: did you mean --batch-size)."""
+    subparsers = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+    command = subparsers.choices.get(args.command) if subparsers is not None and args.command else None
+    owner = command if command is not None else parser
+    flags = [f for f in owner._option_string_actions if f.startswith("--")]
+    hints = []
+    for extra in extras:
+        if extra.startswith("-"):
+            wanted = extra.split("=", 1)[0]
+            # The hyphenated spellings first; the old scripts' underscored aliases only as a fallback.
+            close = (difflib.get_close_matches(wanted, [f for f in flags if "_" not in f], n=1, cutoff=0.6)
+                     or difflib.get_close_matches(wanted, flags, n=1, cutoff=0.6))
+            if close:
+                hints.append(f"{extra}: did you mean {close[0]}?")
+    hint = f" ({'; '.join(hints)})" if hints else ""
+    owner.error(f"unrecognized arguments: {' '.join(extras)}{hint}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the ``featstore`` command line on ``argv`` (default: ``sys.argv[1:]``); returns the
     exit code: 0 success, 1 failed items or nothing found, 2 usage error, 130 interrupted."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        _unrecognized(parser, args, extras)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

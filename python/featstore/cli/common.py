@@ -146,6 +146,9 @@ def only_feature(args: argparse.Namespace, root: str, command: str) -> str:
         if os.path.isdir(root):  # a missing root is the store's to report
             require_feature(os.path.abspath(root), os.path.abspath(directory) if directory else None, args.feature)
         return str(args.feature)
+    if not os.path.isdir(root):  # before looking for manifests in it
+        what = "is not a directory" if os.path.exists(root) else "does not exist"
+        raise DataRootError(f"data root {os.path.abspath(root)} {what}; pass the dataset's top directory")
     directory = args.cache_dir
     features = manifest_features(os.path.abspath(root), os.path.abspath(directory) if directory else None)
     where = directory or root

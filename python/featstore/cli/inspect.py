@@ -92,6 +92,9 @@ def cmd_status(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
 def cmd_explain(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """Explains each PATH's lookup; exit code 1 when one misses."""
     root, why = _explain_root(args, args.paths)
+    if not os.path.isdir(root):
+        raise DataRootError(f"cannot tell the data root of {args.paths[0]}: {root} ({why}) does not exist; pass "
+                            "--data-root DIR, the dataset's top directory (or set $DATA_ROOT)")
     only_feature(args, root, "explain")  # a mistyped --feature is an error, not "no entry"
     store = open_store(args, root)
     if why:
