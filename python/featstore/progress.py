@@ -27,12 +27,23 @@ T = TypeVar("T")
 _DELAY_S = 0.5
 
 
+def on_terminal() -> bool:
+    """Whether stderr is a terminal: off one (a log file, a pipe, CI) featstore writes whole lines
+    only, never a bar redrawn with carriage returns."""
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):  # replaced or closed
+        return False
+
+
 def bar(total: int | None, desc: str, *, show: bool | None = None, unit: str = "files", **options: Any) -> tqdm:
-    """A tqdm progress bar on stderr (tqdm is imported here, on first use, to keep start-up fast)."""
+    """A tqdm progress bar on stderr (tqdm is imported here, on first use, to keep start-up fast).
+    ``show=None``: only on a terminal, and only once the work has lasted half a second."""
     from tqdm import tqdm
 
     return tqdm(total=total, desc=desc, unit=f" {unit}", file=sys.stderr, leave=False,
-                disable=show is False, delay=0 if show else _DELAY_S, **options)
+                disable=show is False or (show is None and not on_terminal()), delay=0 if show else _DELAY_S,
+                **options)
 
 
 def run_with_progress(work: Callable[[_core.Progress], T], desc: str, total: int | None = None,
@@ -41,7 +52,7 @@ def run_with_progress(work: Callable[[_core.Progress], T], desc: str, total: int
     on stderr. The bar appears only if the work takes longer than half a second, so small trees
     print nothing; ``show=False`` silences it."""
     progress = _core.Progress()
-    if show is False:
+    if show is False or (show is None and not on_terminal()):
         return work(progress)
     done = threading.Event()
 

@@ -59,3 +59,16 @@ def test_bench_needs_valid_entries_and_sane_options(tree):
     with pytest.raises(SystemExit) as exc:
         cli("bench", root, "--samples", "0")
     assert exc.value.code == 2
+
+
+def test_off_a_terminal_progress_is_never_a_bar_of_carriage_returns(cached, tmp_path):
+    import subprocess
+    import sys
+
+    root, _ = cached
+    log = tmp_path / "bench.log"
+    with open(log, "w") as err:  # stderr is a file, as in a cluster job's log
+        done = subprocess.run([sys.executable, "-m", "featstore.cli", "bench", root, "--samples", "4", "--repeat",
+                               "2000"], stdout=subprocess.PIPE, stderr=err, text=True, timeout=600)
+    assert done.returncode == 0
+    assert "\r" not in log.read_text()

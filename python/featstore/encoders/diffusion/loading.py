@@ -24,6 +24,22 @@ def _require(module: str, extra: str) -> Any:
                           f"({exc})") from exc
 
 
+def quiet_off_terminal() -> None:
+    """Turns off diffusers' and transformers' own progress bars ("Loading pipeline components")
+    when stderr is not a terminal: in a log file they are lines of carriage returns."""
+    from featstore.progress import on_terminal
+
+    if on_terminal():
+        return
+    for module in ("diffusers.utils.logging", "transformers.utils.logging"):
+        try:
+            import importlib
+
+            importlib.import_module(module).disable_progress_bar()
+        except (ImportError, AttributeError):
+            continue
+
+
 def _public_config(config: Mapping[str, Any]) -> dict[str, Any]:
     """A model config without the keys that name where it was loaded from (``_name_or_path``)
     or which library version saved it: they do not change the output."""

@@ -13,7 +13,7 @@ import torch
 from featstore.encoders.base import digest_of, state_dict_digest, weights_digest
 from featstore.encoders.diffusion.families import Family, family_of, qwen_edit_prompt_image
 from featstore.encoders.diffusion.inputs import JsonlField, caption_inputs, read_caption, rule_inputs
-from featstore.encoders.diffusion.loading import _require, folder_digest
+from featstore.encoders.diffusion.loading import _require, folder_digest, quiet_off_terminal
 from featstore.encoders.diffusion.text import tokenizer_digest
 from featstore.encoders.diffusion.vae import VAEEncoder
 from featstore.errors import CheckpointError
@@ -240,6 +240,7 @@ class PipelineEncoder:
         kwargs: dict[str, Any] = {"local_files_only": True, **skipped}
         if self.torch_dtype is not None:
             kwargs["torch_dtype"] = self.torch_dtype
+        quiet_off_terminal()
         try:
             return cls.from_pretrained(self.pipeline_path, **kwargs)
         except (OSError, ValueError, TypeError) as exc:

@@ -11,7 +11,7 @@ import torch
 
 from featstore.encoders.base import digest_of, state_dict_digest, weights_digest
 from featstore.encoders.diffusion.inputs import JsonlField, caption_inputs, read_caption
-from featstore.encoders.diffusion.loading import _existing_dir, _public_config, _require
+from featstore.encoders.diffusion.loading import _existing_dir, _public_config, _require, quiet_off_terminal
 from featstore.errors import CheckpointError
 from featstore.inputs import InputValue
 
@@ -167,6 +167,7 @@ class TextEncoder:
                 # transformers 5 renamed the argument (4.56+ accepts both)
                 new_name = int(transformers.__version__.split(".")[0]) >= 5
                 kwargs["dtype" if new_name else "torch_dtype"] = self.torch_dtype
+            quiet_off_terminal()
             try:
                 self.model = cls.from_pretrained(self.model_path, **kwargs).eval()
             except (OSError, ValueError) as exc:

@@ -11,7 +11,13 @@ import torch
 
 from featstore.encoders.base import digest_of, state_dict_digest, weights_digest
 from featstore.encoders.diffusion.inputs import rule_inputs
-from featstore.encoders.diffusion.loading import _existing_dir, _public_config, _require, load_image_uint8
+from featstore.encoders.diffusion.loading import (
+    _existing_dir,
+    _public_config,
+    _require,
+    load_image_uint8,
+    quiet_off_terminal,
+)
 from featstore.errors import CheckpointError
 from featstore.inputs import InputValue
 
@@ -167,6 +173,7 @@ class VAEEncoder:
                 kwargs["subfolder"] = self.subfolder
             if self.torch_dtype is not None:
                 kwargs["torch_dtype"] = self.torch_dtype
+            quiet_off_terminal()
             try:
                 self.model = cls.from_pretrained(self.model_path, **kwargs).eval()
             except (OSError, ValueError) as exc:
