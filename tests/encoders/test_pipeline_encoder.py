@@ -255,6 +255,11 @@ def test_the_cli_caches_the_four_tensors_of_a_qwen_image_edit_dataset(pipelines,
             (["--image-size", "32", "32"] if part != "prompt" else [])
         rc, out, err = cli("precompute", root, "--pipeline", path, "--part", part, *extra)
         assert rc == 0, err
+        # Said as what it is: the pipeline's part, its captions counted as items, the bound as a bound.
+        assert f"with QwenImageEditPipeline's {part} part ({path})" in out, out
+        if part == "prompt":
+            assert "at most" in out and "items/s overall" in out and "load" in out, out
+        assert "\r" not in err  # no loading bars off a terminal
     for feature, names in [("pixel_latent", ["pixel_latent"]), ("control_latent", ["control_latent"]),
                            ("prompt_embed", ["prompt_embed", "prompt_embeds_mask"])]:
         store = featstore.FeatureStore(root, feature)

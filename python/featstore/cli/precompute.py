@@ -226,13 +226,7 @@ def _summary_text(s: dict[str, Any], *, dry_run: bool) -> str:
 
 def _plan_text(s: dict[str, Any]) -> str:
     """What will run where, and the plan: what is found, selected, valid, to compute, replaced."""
-    enc = s["encoder"]
-    what = (f"{enc.get('name')} ({'TINY VGGT WITH RANDOM WEIGHTS: meaningless features, for trying featstore'})"
-            if enc.get("random_weights") else
-            f"{enc.get('name')} ({enc.get('model_path') or 'no weights given'}, layers {enc.get('layers')}, "
-            f"{enc.get('tokens')} tokens, {enc.get('dtype')}, {enc.get('mode')})" if enc.get("name") == "vggt"
-            else enc.get("name"))
-    lines = [f"featstore precompute: feature {s['feature']} with {what} on {s['device']}"]
+    lines = [f"featstore precompute: feature {s['feature']} with {_encoder_text(s['encoder'])} on {s['device']}"]
     est = s["estimated_bytes"]
     sets = s.get("unit") == "sets"
     history = s.get("history")
@@ -240,7 +234,7 @@ def _plan_text(s: dict[str, Any]) -> str:
              else f"{s['selected']:,} samples ({s['lists']:,} longest lists, {s['sources']:,} frames)" if history
              else f"{s['sources']:,} sources")
     lines.append(f"plan: {s['selected']:,} of {found} selected, {s['skipped']:,} already valid, "
-                 f"{s['planned']:,} to compute" + (f", about {human_bytes(est)} ({_estimate_from(s)})"
+                 f"{s['planned']:,} to compute" + (f", {_size_word(s)} {human_bytes(est)} ({_estimate_from(s)})"
                                                    if est is not None else "")
                  + f" ({human_bytes(s['free_bytes'])} free); planned in {1000 * s['plan_seconds']:.0f} ms")
     if s.get("to_refresh"):
@@ -251,9 +245,22 @@ def _plan_text(s: dict[str, Any]) -> str:
                      "against the fingerprint in the manifest, or any; a real run needs --vggt-model-path PATH")
     if s.get("replaced"):
         lines.append(f"note: {_replaced(s)} will be replaced")
-    if enc.get("name") == "vggt":
+    if s["encoder"].get("name") == "vggt":
         lines.append(f"note: {s['note']}")
     return "\n".join(lines)
+
+
+def _encoder_text(enc: dict[str, Any]) -> str:
+    """The encoder, as the plan line names it: what it is and where its weights come from."""
+    if enc.get("random_weights"):
+        return f"{enc.get('name')} (TINY VGGT WITH RANDOM WEIGHTS: meaningless features, for trying featstore)"
+    if enc.get("name") == "vggt":
+        return (f"vggt ({enc.get('model_path') or 'no weights given'}, layers {enc.get('layers')}, "
+                f"{enc.get('tokens')} tokens, {enc.get('dtype')}, {enc.get('mode')})")
+    if enc.get("class") == "PipelineEncoder":
+        return f"{enc.get('pipeline')}'s {enc.get('part')} part ({enc.get('model_path') or 'a loaded pipeline'})"
+    what = str(enc.get("class") or enc.get("name"))
+    return f"{what} ({enc['model_path']})" if enc.get("model_path") else what
 
 
 def _replaced(s: dict[str, Any]) -> str:
@@ -278,7 +285,7 @@ def _result_text(s: dict[str, Any], *, dry_run: bool) -> str:
         total = sum(stages.values()) or 1.0
         rate = (f"{s['sets_per_second']} sets/s, {s['images_per_second']} frames/s" if sets
                 else f"{s['samples_per_second']} samples/s, {s['frame_passes_per_second']} frame passes/s" if history
-                else f"{s['images_per_second']} images/s")
+                else f"{s['images_per_second']} {s.get('unit') or 'images'}/s overall")
         what_written = (f"{s['written']:,} sets ({s['frames_written']:,} frames)" if sets
                         else f"{s['written']:,} samples ({s['frame_passes']:,} frame passes over "
                              f"{s['planned_lists']:,} lists)" if history
@@ -295,6 +302,12 @@ def _result_text(s: dict[str, Any], *, dry_run: bool) -> str:
     if s.get("manifest"):
         lines.append(f"manifest: {s['manifest']}")
     return "\n".join(lines)
+
+
+def _size_word(s: dict[str, Any]) -> str:
+    """"about" a mean of written entries; "at most" the encoder's upper bound (a prompt's bound
+    assumes every caption takes the longest sequence)."""
+    return "about" if s.get("estimate_from") == "entries" else "at most"
 
 
 def _estimate_from(s: dict[str, Any]) -> str:

@@ -44,7 +44,10 @@ def stream(plan: Plan, *, num_workers: int | None, durable: bool, counts: Counts
         # decoded images while torch computes, so every core decodes.
         num_workers = min(8, cores if dev.type == "cpu" else max(cores - 1, 0))
     if plan.caps.to:
+        t_load = time.perf_counter()
         enc.to(plan.device)  # type: ignore[attr-defined]
+        # The summary's rate counts the whole run: its stage times say how much was loading.
+        counts.stage_seconds["load"] += time.perf_counter() - t_load
     threads_before = torch.get_num_threads()
     if dev.type == "cpu":
         # torch's intra-op threads would compete with the decoding workers for the same cores.
@@ -56,7 +59,8 @@ def stream(plan: Plan, *, num_workers: int | None, durable: bool, counts: Counts
     # A bar on a terminal; in a log file (stderr not a terminal) a line every plan.log_every seconds.
     show = True if plan.progress else None if plan.log_every > 0 else False
     bar = counter(sum(item.entries for item in todo), f"precompute {store.feature}", show=show,
-                  every=plan.log_every, unit=todo[0].unit if todo else "img", duration=age)
+                  every=plan.log_every, unit="item" if plan.caps.items else todo[0].unit if todo else "img",
+                  duration=age)
     try:
         _batch_and_encode(loader, todo, writer, encoder, counts, bar, items_mode=plan.caps.items)
     finally:

@@ -65,7 +65,8 @@ def plan_summary(plan: Plan, *, dry_run: bool) -> dict[str, Any]:
         "shard": f"{shard[0]}/{shard[1]}" if shard else None,
         "rank": f"{rank[0]}/{rank[1]}" if rank[1] > 1 else None, "frames_per_set": frames,
         "model_path": plan.model_path, "note": _history_note(history) if history else _note(frames),
-        "unit": noun(kind_for(plan.caps)),
+        # An encoder of items (captions, not pixels) counts items, not images.
+        "unit": "items" if plan.caps.items and kind_for(plan.caps) == "image" else noun(kind_for(plan.caps)),
         **({"sets": plan.total_items} if frames > 1 else {}),
         **({"history": history, "lists": plan.total_items, "planned_lists": len(plan.todo)} if history else {}),
     }
