@@ -69,6 +69,13 @@ def test_stacked_features_that_store_one_tensor_name_are_refused_or_renamed(tmp_
         for j, rel in enumerate(rels[:3]):
             assert torch.equal(batch["features"][j], FeatureStore(root, "layer1").get(rel)["features"])
             assert torch.equal(batch["features_layer2"][j], FeatureStore(root, "layer2").get(rel)["features"])
+    # A base sample's own key is never written over either, in the workers or in fill().
+    clashing = [{"image": r, "features": "the user's own"} for r in rels]
+    ds = CachedDataset(clashing, FeatureStore(root, "layer1"), path_fn=lambda s: s["image"], log_start=False)
+    for batches in (lambda: ds.loader(batch_size=2, num_workers=2), lambda: ds.loader(batch_size=2),
+                    lambda: torch.utils.data.DataLoader(ds, batch_size=2, collate_fn=ds.collate)):
+        with pytest.raises(ValueError, match="which the base samples already holds"):
+            next(iter(batches()))
     # Entries with no manifest summary (put by hand): the collision is found at the first sample.
     for layer in (1, 2):
         os.remove(FeatureStore(root, f"layer{layer}").manifest_path)

@@ -127,13 +127,14 @@ def cmd_precompute(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
         env.parse_shard(args.shard)
     except ValueError as exc:
         parser.error(str(exc))
-    _check_weights(args, parser)  # in the first second: before torch is imported
+    encoder = pipeline_encoder(args, parser, root)  # usage errors first; torch only with --pipeline
+    options = _encoder_options(args, parser) if encoder is None else {}
+    if encoder is None:
+        _check_weights(args, parser)  # in the first second: before torch is imported
     # The engine imports torch: imported here, not at the top, so that the other commands and
     # --help start without it.
     from featstore.pipeline import precompute
 
-    encoder = pipeline_encoder(args, parser, root)
-    options = _encoder_options(args, parser) if encoder is None else {}
     directory = cache_dir(args, args.feature or (encoder.name if encoder is not None else args.encoder))
     try:
         s = precompute(root, encoder=encoder if encoder is not None else args.encoder, feature=args.feature,
@@ -204,14 +205,14 @@ def _encoder_options(args: argparse.Namespace, parser: argparse.ArgumentParser) 
             parser.error("--history-window and --reverse-frames apply to the vggt encoder (another encoder's "
                          "history mode is its own encode_history)")
         return {}
-    import torch  # here, not at the top: torch stays out of the CLI's start-up
-
     options: dict[str, Any] = {"model_path": args.vggt_model_path, "layers": tuple(args.layers),
                                "tokens": args.tokens, "mode": args.mode, "frames_per_set": args.frames_per_set}
     if args.history:
         options.update({"history": True, "window": tuple(args.history_window) if args.history_window else None,
                         "reverse": args.reverse_frames})
     if args.dtype:
+        import torch  # only for a dtype flag: torch stays out of the CLI's start-up
+
         options["dtype"] = getattr(torch, DTYPES[args.dtype])
     if args.random_weights:
         options["random_weights_seed"] = 0

@@ -131,6 +131,7 @@ class CachedDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
         self.cached_key = cached_key
         # Where a sample hands its read on to fill(): one key per dataset of a stack.
         self.handoff_key = HANDOFF if cached_key == "cached" else f"{HANDOFF}:{cached_key}"
+        self._names_key = f"{self.handoff_key}:names"  # collated as a per-sample list, as handoffs are
         self._buffers = BatchBuffers(pin_memory)
         self._reader = (HistoryReader if history_fn is not None else EntryReader)(self.pad, self._buffers)
         self._histories = HistoryComputer(self._live) if history_fn is not None else None
@@ -235,6 +236,9 @@ class CachedDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
             self._miss(own, sources, misses)
         for sample, mine in zip(samples, own, strict=True):
             self._merge(sample, mine)
+            if self._main_fills:  # fill() completes these names, and refuses any other it meets
+                sample[self._names_key] = tuple(self._served_name(n) for n in mine
+                                                if n not in (self.handoff_key, self.cached_key))
         return samples
 
     def _merge(self, into: dict[str, Any], mine: dict[str, Any]) -> None:
@@ -344,12 +348,13 @@ class CachedDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
         buffer, and encodes its misses in one encoder call (a GPU encoder), writing them in lazy
         mode. ``batch`` is a collated batch, or one sample; one with nothing handed on is
         returned as is."""
-        collated = set(batch)
+        # The names this dataset's workers put in the samples (rows they computed): its own. Any
+        # other name the batch holds, or that the wrapped datasets fill now, is not to be replaced.
+        ours = batch.pop(self._names_key, None)
+        ours = set(ours) if isinstance(ours, tuple) else set().union(*(n for n in ours or () if n))
         if isinstance(self.base, CachedDataset):  # the features of the datasets it wraps first
             batch = self.base.fill(batch)
-        # Rows this dataset's workers computed are already in the batch; names the wrapped
-        # datasets just filled, or the base samples hold, must not be written over.
-        served = Served(self, batch, taken=set(batch) - collated, collated=collated)
+        served = Served(self, batch, foreign=set(batch) - ours)
         handoff = batch.pop(self.handoff_key, None)
         if isinstance(handoff, tuple):  # one sample (a DataLoader without a batch size)
             self._fill_sample(batch, served, *handoff)
@@ -358,10 +363,14 @@ class CachedDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
         if self.on_miss == "skip" and self._reader.shapes is not None:
             # Zeros for the tensors no row has, so that keys and shapes never depend on which rows hit.
             cached = batch.get(self.cached_key)
+            zeros: dict[str, Any] = {}
             if isinstance(cached, torch.Tensor) and cached.dim() == 1:
-                self._reader.zeros_into_batch(served, len(cached))
+                self._reader.zeros_into_batch(zeros, len(cached))
             elif isinstance(cached, bool):
-                self._reader.zeros_into_sample(served)
+                self._reader.zeros_into_sample(zeros)
+            for name, t in zeros.items():
+                if self._served_name(name) not in batch:  # only what no row has
+                    served[name] = t
         return batch
 
     def _fill_batch(self, batch: dict[str, Any], served: Served, handoff: Any) -> None:

@@ -18,31 +18,29 @@ if TYPE_CHECKING:
 class Served(MutableMapping[str, Any]):
     """A batch (or sample) as one dataset's :meth:`CachedDataset.fill` writes into it: by the
     entries' tensor names, stored under the names the dataset serves them as (``rename``), and
-    refusing a name that another dataset of the stack (or the base sample) put there.
+    refusing a name that something else put there: ``foreign`` holds the names the batch has
+    that are not this dataset's (a wrapped dataset's features, the base sample's keys); rows this
+    dataset's workers computed are its own and are completed, not refused."""
 
-    ``taken``: names the wrapped datasets filled in this process; ``collated``: the names the
-    batch came with, which are this dataset's own only where it serves that name (rows its
-    workers computed)."""
+    def __init__(self, dataset: CachedDataset, target: dict[str, Any], *, foreign: set[str]) -> None:
+        self.dataset, self.target, self.foreign = dataset, target, foreign
 
-    def __init__(self, dataset: CachedDataset, target: dict[str, Any], *, taken: set[str],
-                 collated: set[str]) -> None:
-        self.dataset, self.target, self.taken, self.collated = dataset, target, taken, collated
-        self._own: set[str] | None = None  # the dataset's names, asked once (it may read the manifest)
+    def _key(self, name: str) -> str:
+        """The served name of ``name``; refused when it is someone else's (this dataset only
+        ever looks up a name to write it)."""
+        key = self.dataset._served_name(name)
+        if key in self.foreign:
+            self.dataset._refuse_names([key])
+        return key
 
     def __getitem__(self, name: str) -> Any:
-        return self.target[self.dataset._served_name(name)]
+        return self.target[self._key(name)]
 
     def __setitem__(self, name: str, value: Any) -> None:
-        key = self.dataset._served_name(name)
-        if key not in self.target or key in self.taken:
-            if key in self.collated and key not in self.taken and self._own is None:
-                self._own = self.dataset._own_names() or set()
-            if key in self.taken or (key in self.collated and key not in (self._own or ())):
-                self.dataset._refuse_names([key])
-        self.target[key] = value
+        self.target[self._key(name)] = value
 
     def __delitem__(self, name: str) -> None:
-        del self.target[self.dataset._served_name(name)]
+        del self.target[self._key(name)]
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.target)
