@@ -74,7 +74,8 @@ def ensure_manifest(store: FeatureStore, *, total_images: int = 0, **mode: Any) 
     A manifest already there is left as it is."""
     # Not FeatureStore.write_manifest: that one records counts and an index from a status of
     # every source; this records the store's description only, and only where none exists.
-    if store.fingerprint is None or _core.read_manifest(store.manifest_path) is not None:
+    # A stat, not a read: a million-entry manifest is not parsed to learn that it exists.
+    if store.fingerprint is None or os.path.lexists(store.manifest_path):
         return
     os.makedirs(os.path.dirname(store.manifest_path), exist_ok=True)
     fields = {**store_fields(store, total_images=total_images), **mode}
