@@ -195,3 +195,11 @@ def copy_tree(template: str, dest: str) -> str:
     """A copy of an image tree with the same mtimes (aged images stay out of the racy window)."""
     shutil.copytree(template, dest)
     return dest
+
+
+def listing(tmp_path: Any, rels: list[str]) -> str:
+    """A ``--files-from`` list of ``rels`` under ``tmp_path``; its path."""
+    path = str(tmp_path / "listed.txt")
+    with open(path, "w") as f:
+        f.write("\n".join(rels) + "\n")
+    return path

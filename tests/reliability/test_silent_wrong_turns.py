@@ -22,6 +22,8 @@ from featstore.errors import AmbiguousPathError
 from featstore.examples import make_image_tree
 from featstore.pipeline import precompute
 
+from .conftest import listing
+
 
 def _run(root: str, encoder: object, **kw) -> dict:
     return precompute(root, encoder=encoder, num_workers=0, progress=False, **kw)
@@ -218,7 +220,7 @@ def test_start_up_counts_are_never_impossible(tmp_path, caplog, figures):
     _run(root, MeanColor())
     for r in rels[:3]:  # renamed and deleted after the run: the manifest index still lists them
         os.rename(os.path.join(root, r), os.path.join(root, r + ".moved.png"))
-    _run(root, MeanColor(), files_from=_listing(tmp_path, [r + ".moved.png" for r in rels[:3]]))
+    _run(root, MeanColor(), files_from=listing(tmp_path, [r + ".moved.png" for r in rels[:3]]))
     doc = json.loads(_core.read_manifest(FeatureStore(root, "toy").manifest_path))
     assert doc["processed_images"] > doc["total_images"]  # the situation the user met
     with caplog.at_level("INFO", logger="featstore"):
@@ -236,8 +238,3 @@ def test_start_up_counts_are_never_impossible(tmp_path, caplog, figures):
              "the start line says what it knows, never '301 of 299' or '0 of 60'")
 
 
-def _listing(tmp_path, rels: list[str]) -> str:
-    path = str(tmp_path / "listed.txt")
-    with open(path, "w") as f:
-        f.write("\n".join(rels) + "\n")
-    return path

@@ -17,6 +17,8 @@ from featstore import FeatureStore
 from featstore.examples import make_image_tree
 from featstore.pipeline import precompute
 
+from .conftest import listing
+
 DEADLINE_S = 60
 
 #: What a source (or input) is replaced with after it was cached.
@@ -91,7 +93,7 @@ def test_a_source_replaced_by_a_fifo_or_a_device_is_a_miss_found_at_once(tmp_pat
         "from toy_encoders import MeanColor\n"
         "s = precompute(root, encoder=MeanColor(), num_workers=0, progress=False, files_from=listed)\n"
         "print(s['written'], s['skipped'], s['scan_errors'])\n"),
-        root=root, tests=os.path.dirname(os.path.dirname(__file__)), listed=_listing(tmp_path, [rel, rels[1]]))
+        root=root, tests=os.path.dirname(os.path.dirname(__file__)), listed=listing(tmp_path, [rel, rels[1]]))
     assert summary == "0 1 1", summary
     fig.add(runs=1)
     fig.note("a cached image replaced by a FIFO or a symlink to /dev/zero: state, contains, get, states, status, "
@@ -99,11 +101,6 @@ def test_a_source_replaced_by_a_fifo_or_a_device_is_a_miss_found_at_once(tmp_pat
              "it each returned at once (child process, 60 s deadline): a stale miss, or a named failure")
 
 
-def _listing(tmp_path, rels: list[str]) -> str:
-    path = str(tmp_path / "listed.txt")
-    with open(path, "w") as f:
-        f.write("\n".join(rels) + "\n")
-    return path
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
