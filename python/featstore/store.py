@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from featstore import _core, batches, explain, history, manifest, sets
+from featstore import _core, batches, explain, history, manifest, removal, sets
 from featstore.compat import load_legacy_sidecar
 from featstore.errors import (
     CorruptEntryError,
@@ -437,45 +436,15 @@ class FeatureStore:
         return history.history_state(self, frames)
 
     def remove(self, path: str | os.PathLike[str]) -> bool:
-        """Removes the entry of ``path`` (never the source, never a legacy file); True if a file
-        was removed.
-
-        Only the entry file this call judged is removed: :meth:`check` names it and its identity,
-        and :func:`featstore._core.remove_judged` removes it only while it is still that file. A
-        fresh entry a concurrent writer renamed over it meanwhile stays (False is returned).
-        """
-        rel = self.rel(path)
-        c = self.check(rel)
-        entry = os.fspath(c.entry) if c.entry else ""
-        removed = False
-        if c.identity is not None and entry and c.state != "legacy" and not entry.endswith(LEGACY_SIDECAR_SUFFIX):
-            removed = _core.remove_judged(entry, c.identity)
-        self.forget(rel)
-        return removed
+        """Removes the entry of ``path`` (never the source, never a legacy file), only while it is
+        still the file this call judged (see :func:`featstore.removal.remove_entry`); True if a
+        file was removed."""
+        return removal.remove_entry(self, self.rel(path))
 
     def clear(self) -> int:
         """Removes every entry of this feature, its manifest, journals and state; returns the
         number of entry files removed. Sources are never touched."""
-        removed = 0
-        if self.layout == "dir":
-            assert self.cache_dir is not None
-            feature_dir = os.path.join(self.cache_dir, self.feature)
-            for _, _, files in os.walk(feature_dir):
-                removed += sum(1 for f in files if f.endswith(".safetensors"))
-            shutil.rmtree(feature_dir, ignore_errors=True)
-        else:
-            for rel in self.entry_files():
-                try:
-                    os.remove(os.path.join(self.data_root, rel))
-                    removed += 1
-                except FileNotFoundError:
-                    pass
-            for p in [self.manifest_path, *self.journal_paths()]:
-                try:
-                    os.remove(p)
-                except FileNotFoundError:
-                    pass
-        shutil.rmtree(os.fspath(self._core.state_dir), ignore_errors=True)
+        removed = removal.remove_all(self)
         self.__init__(**self._args)  # type: ignore[misc]  # forget everything known in memory
         return removed
 
