@@ -33,8 +33,10 @@ def decode_source(encoder: Encoder, path: str) -> tuple[Any, str | None, Stamp |
         return None, f"{type(exc).__name__}: {exc}", None
     if capabilities(encoder).items:
         return decoded, None, stamp
-    if not isinstance(decoded, torch.Tensor) or decoded.dim() != 3:
+    if not isinstance(decoded, torch.Tensor):
         return None, f"preprocess returned {type(decoded).__name__}, not a [3, H, W] tensor", None
+    if decoded.dim() != 3:
+        return None, f"preprocess returned a tensor of shape {list(decoded.shape)}, not [3, H, W]", None
     return decoded, None, stamp
 
 

@@ -1,9 +1,11 @@
 """The feature's manifest as a document: the fields it holds and where its journals are.
 
-The Rust core reads, writes (atomically) and merges manifests and journals; this module decides
-what goes in one. It keeps the fields users of the old scripts read (``total_images``,
-``processed_images``, ``data_root``, ``cache_format``, the weights path when known) and adds
-featstore's (format, feature, layout, fingerprint, counts per state, version, time, the index).
+The Rust core reads, writes (atomically) and merges manifests, journals and the index segments;
+this module decides what goes in a manifest. It keeps the fields users of the old scripts read
+(``total_images``, ``processed_images``, ``data_root``, ``cache_format``, the weights path when
+known) and adds featstore's (format, feature, layout, fingerprint, counts per state, version,
+time). The per-entry index is not in it: it lives in the index's segments (``store.index_dir``,
+docs/design.md), so reading a manifest costs the same at any size.
 """
 
 from __future__ import annotations
@@ -29,8 +31,9 @@ def write_manifest(store: FeatureStore, status: Status, sources: Iterable[str],
                    fields: Mapping[str, Any] | None = None) -> str:
     """Writes the feature's manifest atomically and returns its path.
 
-    Fields of an existing manifest that featstore does not set are kept; the index lists the
-    valid entries among ``sources`` so later lookups and ``status`` open no entry.
+    Fields of an existing manifest that featstore does not set are kept; the index is rewritten
+    to hold exactly the valid entries among ``sources``, so later lookups and ``status`` open no
+    entry.
     """
     path = store.manifest_path
     old = json.loads(_core.read_manifest(path) or "{}")
@@ -41,17 +44,11 @@ def write_manifest(store: FeatureStore, status: Status, sources: Iterable[str],
     doc["counts"] = dict(status.counts)
     doc.update(fields or {})
     doc["failures"] = old.get("failures", {})
-    doc["index"] = dict(_index_items(store, sources))
+    # The index first: a manifest naming a count its index lacks would be the worse crash.
+    doc["processed_images"] = store._core.write_index(list(sources))
     os.makedirs(os.path.dirname(path), exist_ok=True)
     _core.write_manifest(path, json.dumps(doc))
     return path
-
-
-def _index_items(store: FeatureStore, sources: Iterable[str]) -> Iterable[tuple[str, Any]]:
-    """The index as the Rust core writes it (keys through ``vocabulary.path_to_json``)."""
-    for record in store.index_records(sources):
-        key, value = record.to_json()
-        yield key, json.loads(value)
 
 
 def store_fields(store: FeatureStore, *, total_images: int) -> dict[str, Any]:
@@ -118,11 +115,9 @@ def recorded_shapes(store: FeatureStore) -> shapes.Shapes | None:
 
 
 def indexed_sources(store: FeatureStore) -> list[str]:
-    """The sources the manifest's index lists (valid when it was written), in its order; [] without
-    a manifest or index."""
-    text = _core.read_manifest(store.manifest_path)
-    index = json.loads(text).get("index") if text else None
-    return list(index) if isinstance(index, dict) else []
+    """The sources the index holds a record of (valid when it was written), in byte order; []
+    without an index. A manifest of an earlier version with its index inline gives that one."""
+    return [os.fspath(p) for p in store._core.indexed_sources()]
 
 
 def shape_log_path(journal: str) -> str:
@@ -153,7 +148,7 @@ def merge_journals(store: FeatureStore, fields: Mapping[str, Any] | None = None)
             shapes.merge(merged, shapes.from_json(log.get("tensors")) or {})
     # Always set: a summary of another fingerprint's entries must not outlive them.
     fields["tensors"] = shapes.to_json(merged) if merged else None
-    journals, *_ = _core.merge_journals(store.manifest_path, json.dumps(fields))
+    journals, *_ = _core.merge_journals(store.manifest_path, store.index_dir, json.dumps(fields))
     for path in logs:
         with contextlib.suppress(FileNotFoundError):
             os.remove(path)

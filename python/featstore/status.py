@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from featstore import _core
 from featstore.scan import scan
-from featstore.vocabulary import STATES, check_error, path_from_json, sidecar_suffix
+from featstore.vocabulary import STATES, check_error, sidecar_suffix
 
 if TYPE_CHECKING:  # the store counts through this module; it only uses the store handed to it
     from featstore.store import FeatureStore
@@ -108,7 +107,4 @@ def _orphan_candidates(store: FeatureStore) -> list[str]:
     if store.layout == "sidecar":
         suffix = sidecar_suffix(store.feature)
         return [p[: -len(suffix)] for p in store.entry_files()]
-    text = _core.read_manifest(store.manifest_path)
-    if text is None:
-        return []
-    return [path_from_json(key) for key in json.loads(text).get("index", {})]
+    return [os.fspath(p) for p in store._core.indexed_sources()]

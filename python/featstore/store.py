@@ -171,6 +171,11 @@ class FeatureStore:
         """The feature's manifest (``<root>/<feature>_cache_manifest.json`` in the sidecar layout)."""
         return os.fspath(self._core.manifest_path)
 
+    @property
+    def index_dir(self) -> str:
+        """The directory of the index's segments (``<state_dir>/index``)."""
+        return os.fspath(self._core.index_dir)
+
     def rel(self, path: str | os.PathLike[str]) -> str:
         """The path of a source relative to the data root (absolute paths must lie inside it,
         also when reached through a symlink to the root)."""

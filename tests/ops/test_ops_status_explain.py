@@ -10,6 +10,7 @@ from conftest import age
 from featstore import FeatureStore
 from featstore.cli import main
 from featstore.explain import explain
+from featstore.manifest import indexed_sources
 
 
 @pytest.fixture
@@ -248,4 +249,4 @@ def test_status_merges_journals_an_interrupted_run_left(tmp_path, capsys):
     assert main(["status", root, "--feature", "vggt", "--json"]) == 0
     assert "merged 1 journal" in capsys.readouterr().err
     assert not os.path.exists(journal)
-    assert rels[0] in _json.load(open(store.manifest_path))["index"]
+    assert rels[0] in indexed_sources(FeatureStore(root, "vggt"))

@@ -32,6 +32,7 @@ from toy_encoders import Wide
 
 from featstore import pipeline
 from featstore.examples import make_image_tree
+from featstore.manifest import indexed_sources
 from featstore.pipeline import journal, writing
 from featstore.store import FeatureStore
 
@@ -150,8 +151,9 @@ def _recover(root: str, expected: dict) -> tuple[int, bool, list[str]]:
         problems.append(f"after the rerun: {len(entry_files(root, 'wide'))} entries of {IMAGES}")
     with open(os.path.join(root, "wide_cache_manifest.json")) as f:
         manifest = json.load(f)
-    if len(manifest["index"]) != IMAGES or manifest["processed_images"] != IMAGES:
-        problems.append(f"after the rerun the manifest indexes {len(manifest['index'])} of {IMAGES} entries "
+    indexed = indexed_sources(FeatureStore(root, "wide"))
+    if len(indexed) != IMAGES or manifest["processed_images"] != IMAGES:
+        problems.append(f"after the rerun the index holds {len(indexed)} of {IMAGES} entries "
                         f"(processed_images {manifest['processed_images']}): the entries the killed run wrote "
                         "without a journal line are missing")
     if FeatureStore(root, "wide").journal_paths():

@@ -77,11 +77,16 @@ def cmd_status(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     root = data_root(args, parser)
     args.feature = only_feature(args, root, "status")
     store = open_store(args, root)
+    inline = store._core.holds_inline_index  # a manifest of an earlier version: the merge upgrades it
     merged = ops.merge_leftover_journals(store)
     if merged:
         print(f"featstore status: merged {merged} journal(s) left by an earlier run into {store.manifest_path}",
               file=sys.stderr)
-        store = open_store(args, store.data_root)  # seeded from the merged index
+    if merged or inline:
+        store = open_store(args, store.data_root)  # with the merged index
+    if inline and not store._core.holds_inline_index:
+        print(f"featstore status: moved the index of an earlier version's manifest into {store.index_dir}",
+              file=sys.stderr)
     found = find_sources(args, store)
     report = ops.status(store, found.paths, lists=found.sets, threads=args.threads, progress=None)
     report.status.errors[:0] = found.errors

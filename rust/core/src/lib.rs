@@ -4,12 +4,14 @@
 //! - [`scan`]: parallel discovery of source files;
 //! - [`entry`]: the aligned safetensors entry format: writer, validating reader, mappings;
 //! - [`manifest`]: the manifest, the per-rank journals and their merge;
+//! - [`index`]: the index's immutable, memory-mapped segments and their compaction;
 //! - [`store`]: entry locations, layouts and the validity check;
 //! - [`judged`]: removing and moving only the very file that was judged;
 //! - [`pool`]: featstore's own, fork-aware thread pools.
 
 pub mod entry;
 pub mod error;
+pub mod index;
 pub mod judged;
 pub mod key;
 pub mod manifest;

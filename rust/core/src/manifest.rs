@@ -1,10 +1,14 @@
-//! The manifest (one JSON file per feature, written atomically) and the per-rank journals that
-//! record progress during a run.
+//! The manifest (one small JSON file per feature, written atomically: the fields users read) and
+//! the per-rank journals that record progress during a run.
 //!
 //! Workers never rewrite the manifest while they run: each rank appends one line per finished
-//! batch to `<manifest>.rank<R>-of-<N>.jsonl`, and the manifest is compacted from the journals at
-//! the end (or by any later run that finds journals). A crash can tear only the last line of a
+//! batch to `<manifest>.rank<R>-of-<N>.jsonl`, and whoever comes next (the run's end, or any
+//! later run that finds journals) turns the journals into one index segment ([`crate::index`])
+//! and the failures and counts into the manifest. A crash can tear only the last line of a
 //! journal, and a torn line is skipped when reading.
+//!
+//! Manifests of earlier versions held the whole index inline (`"index"`); it is read as the
+//! oldest segment until the next merge writes it into one ([`merge_journals`]).
 
 use std::collections::BTreeMap;
 use std::fs::OpenOptions;
@@ -15,7 +19,8 @@ use serde_json::{Map, Value};
 
 use crate::entry::write_atomic;
 use crate::error::{Error, IoContext, Result};
-use crate::key::Stamp;
+use crate::index::{self, Index, Slot};
+use crate::key::{path_bytes, Stamp};
 
 /// How a relative path is written in JSON (journal lines, the index's keys): as itself when it
 /// is UTF-8, else as a NUL (which no path contains) followed by its bytes in hex. Python's
@@ -102,11 +107,12 @@ fn stamp_from_json(v: &Value) -> Option<Stamp> {
 }
 
 /// A manifest: free-form fields (the ones users already read, counts, encoder description,
-/// timings, ...) plus the index and the failures.
+/// timings, ...) plus the failures; `legacy_index` is the inline index of a manifest written
+/// before the index moved to segments (empty once merged).
 #[derive(Debug, Clone, Default)]
 pub struct Manifest {
     pub fields: Map<String, Value>,
-    pub index: BTreeMap<String, IndexRecord>,
+    pub legacy_index: BTreeMap<String, IndexRecord>,
     pub failures: BTreeMap<String, String>,
 }
 
@@ -150,32 +156,25 @@ impl Manifest {
         }
         Ok(Manifest {
             fields,
-            index,
+            legacy_index: index,
             failures,
         })
     }
 
-    /// Serializes the manifest (fields first, then failures, then the index).
+    /// Serializes the manifest (fields first, then failures; a legacy index is never written
+    /// back: merging moves it into a segment).
     pub fn to_json_bytes(&self) -> Vec<u8> {
         let mut root = self.fields.clone();
         root.insert("format".into(), Value::from(MANIFEST_FORMAT));
-        // The old scripts' field, derived here so every writer agrees: entries the index holds.
-        root.insert("processed_images".into(), Value::from(self.index.len()));
+        if !root.contains_key("processed_images") {
+            root.insert("processed_images".into(), Value::from(0));
+        }
         root.insert(
             "failures".into(),
             Value::Object(
                 self.failures
                     .iter()
                     .map(|(k, v)| (k.clone(), Value::from(v.as_str())))
-                    .collect(),
-            ),
-        );
-        root.insert(
-            "index".into(),
-            Value::Object(
-                self.index
-                    .iter()
-                    .map(|(k, r)| (k.clone(), r.to_json()))
                     .collect(),
             ),
         );
@@ -196,7 +195,7 @@ impl Manifest {
         if let Some(new) = fields.get("fingerprint") {
             // Also when none was recorded: the index may hold records of any encoder.
             if self.fields.get("fingerprint") != Some(new) {
-                self.index.clear();
+                self.legacy_index.clear();
                 self.failures.clear();
             }
         }
@@ -208,11 +207,11 @@ impl Manifest {
         self.fields.get("fingerprint").and_then(Value::as_str)
     }
 
-    /// Applies one journal record; false when it was skipped because another encoder
-    /// configuration (fingerprint) wrote it: its entries are foreign to this manifest, and
-    /// indexing them would make lookups trust them. Unknown operations are ignored (newer
-    /// writers).
-    pub fn apply(&mut self, record: &Value) -> bool {
+    /// Applies one journal record: an entry's index record (or its removal) goes to `delta`, a
+    /// failure to the failures. False when it was skipped because another encoder configuration
+    /// (fingerprint) wrote it: its entries are foreign to this manifest, and indexing them would
+    /// make lookups trust them. Unknown operations are ignored (newer writers).
+    pub fn apply(&mut self, record: &Value, delta: &mut Vec<(Vec<u8>, Slot)>) -> bool {
         let Some(rel) = record.get("path").and_then(Value::as_str) else {
             return true;
         };
@@ -222,6 +221,7 @@ impl Manifest {
                 return false;
             }
         }
+        let key = || path_bytes(&path_from_json(rel)).to_vec();
         match record.get("op").and_then(Value::as_str) {
             Some("ok") => {
                 // Either the stamps of a write, or an index record as the index stores it.
@@ -237,7 +237,7 @@ impl Manifest {
                     _ => None,
                 };
                 if let Some(r) = indexed {
-                    self.index.insert(rel.to_string(), r);
+                    delta.push((key(), Slot::Entry(r)));
                     self.failures.remove(rel);
                 }
             }
@@ -249,12 +249,20 @@ impl Manifest {
                 self.failures.insert(rel.to_string(), reason.to_string());
             }
             Some("removed") => {
-                self.index.remove(rel);
+                delta.push((key(), Slot::Removed));
                 self.failures.remove(rel);
             }
             _ => {}
         }
         true
+    }
+
+    /// The legacy inline index as segment records.
+    fn legacy_records(&self) -> Vec<(Vec<u8>, Slot)> {
+        self.legacy_index
+            .iter()
+            .map(|(rel, r)| (path_bytes(&path_from_json(rel)).to_vec(), Slot::Entry(*r)))
+            .collect()
     }
 }
 
@@ -339,11 +347,21 @@ pub struct MergeSummary {
     pub foreign_records: usize,
 }
 
-/// Folds every journal beside `manifest_path` into the manifest (starting from `base` when given,
-/// else from the manifest on disk), writes it atomically, then deletes the journals. Records are
-/// applied journal by journal in name order; within one source the last record wins.
+/// Segments are folded into one when a merge leaves more than this many: lookups look in each
+/// (newest first), and a merge must cost what the run changed, not the size of the index.
+pub const COMPACT_ABOVE: usize = 8;
+
+/// Folds every journal beside `manifest_path` into one new segment of the index in `index_dir`
+/// and the failures into the manifest (starting from `base` when given, else from the manifest
+/// on disk), writes the manifest atomically, then deletes the journals. Records are applied
+/// journal by journal in name order; within one source the last record wins. A manifest of an
+/// earlier version has its inline index written as a segment here (when no segment of its
+/// fingerprint exists yet: one that does was written from it by a merge that died before it
+/// rewrote the manifest). Compacts when more than [`COMPACT_ABOVE`] segments are left, or when
+/// another fingerprint's are there. The caller holds the feature's lock.
 pub fn merge_journals(
     manifest_path: &Path,
+    index_dir: &Path,
     base: Option<Manifest>,
     durable: bool,
 ) -> Result<(Manifest, MergeSummary)> {
@@ -351,24 +369,49 @@ pub fn merge_journals(
         Some(m) => m,
         None => Manifest::read(manifest_path)?.unwrap_or_default(),
     };
+    let fingerprint = manifest.fingerprint().map(str::to_string);
     let journals = find_journals(manifest_path)?;
     let mut summary = MergeSummary {
         journals: journals.len(),
         ..Default::default()
     };
+    let existing = Index::open(index_dir, fingerprint.as_deref())?;
+    let mut delta = if existing.segments().is_empty() {
+        manifest.legacy_records()
+    } else {
+        Vec::new()
+    };
+    manifest.legacy_index.clear();
     for j in &journals {
         let (records, skipped) = read_journal(j)?;
         summary.records += records.len();
         summary.skipped_lines += skipped;
         for r in &records {
-            if !manifest.apply(r) {
+            if !manifest.apply(r, &mut delta) {
                 summary.foreign_records += 1;
             }
         }
     }
+    if !delta.is_empty() {
+        index::write_segment(index_dir, fingerprint.as_deref(), delta, durable)?;
+    }
+    let all = index::segment_paths(index_dir)?;
+    let ours = Index::open(index_dir, fingerprint.as_deref())?;
+    if all.len() > COMPACT_ABOVE || all.len() > ours.segments().len() {
+        drop(ours);
+        index::compact(index_dir, fingerprint.as_deref(), durable)?;
+        index::remove_torn_writes(index_dir)?;
+    }
+    // The old scripts' field, derived here so every writer agrees: entries the index holds.
+    let indexed = Index::open(index_dir, fingerprint.as_deref())?
+        .live()
+        .count();
+    manifest
+        .fields
+        .insert("processed_images".into(), Value::from(indexed));
     manifest.write(manifest_path, durable)?;
-    // Only after the manifest holds everything: a crash in between merges the same records again,
-    // which is harmless because applying a record twice gives the same result.
+    // Only after the segment and the manifest hold everything: a crash in between merges the
+    // same records again, which is harmless because applying a record twice gives the same result.
     for j in &journals {
         match std::fs::remove_file(j) {
             Ok(()) => {}
@@ -404,7 +447,8 @@ mod tests {
         let j1 = journal_path(&m, 1, 2);
         let mut f = OpenOptions::new().append(true).open(&j1).unwrap();
         f.write_all(b"{\"op\": \"ok\", \"pa").unwrap();
-        let (manifest, summary) = merge_journals(&m, None, false).unwrap();
+        let idx = dir.path().join("index");
+        let (manifest, summary) = merge_journals(&m, &idx, None, false).unwrap();
         assert_eq!(
             summary,
             MergeSummary {
@@ -414,39 +458,48 @@ mod tests {
                 foreign_records: 0,
             }
         );
-        assert_eq!(manifest.index["a.jpg"].source, Stamp::sized(1, 2));
+        let index = Index::open(&idx, None).unwrap();
+        assert_eq!(index.get(b"a.jpg").unwrap().source, Stamp::sized(1, 2));
         assert_eq!(manifest.failures["b.jpg"], "cannot decode");
+        assert_eq!(manifest.fields["processed_images"], 1);
         assert!(find_journals(&m).unwrap().is_empty());
         let again = Manifest::read(&m).unwrap().unwrap();
-        assert_eq!(again.index, manifest.index);
+        assert!(again.legacy_index.is_empty());
         assert_eq!(again.failures, manifest.failures);
     }
 
     #[test]
     fn later_success_clears_failure_and_removal_drops_entry() {
         let mut m = Manifest::default();
-        m.apply(&json!({"op": "failed", "path": "x", "reason": "oom"}));
-        m.apply(&json!({"op": "ok", "path": "x", "source": [1, 1], "entry": [2, 2], "racy": true}));
+        let mut delta = Vec::new();
+        m.apply(
+            &json!({"op": "failed", "path": "x", "reason": "oom"}),
+            &mut delta,
+        );
+        m.apply(
+            &json!({"op": "ok", "path": "x", "source": [1, 1], "entry": [2, 2], "racy": true}),
+            &mut delta,
+        );
         assert!(m.failures.is_empty());
-        assert!(m.index["x"].racy);
-        m.apply(&json!({"op": "removed", "path": "x"}));
-        assert!(m.index.is_empty());
+        assert!(matches!(delta[0].1, Slot::Entry(r) if r.racy));
+        m.apply(&json!({"op": "removed", "path": "x"}), &mut delta);
+        assert_eq!(delta[1], (b"x".to_vec(), Slot::Removed));
     }
 
     #[test]
     fn records_of_another_fingerprint_are_not_indexed() {
         let mut m = Manifest::default();
         m.fields.insert("fingerprint".into(), json!("b"));
+        let mut delta = Vec::new();
         let theirs = json!({"op": "ok", "path": "x", "source": [1, 1, 5, 6], "entry": [2, 2, 7, 8], "fingerprint": "a"});
-        assert!(!m.apply(&theirs));
-        assert!(m.index.is_empty());
+        assert!(!m.apply(&theirs, &mut delta));
+        assert!(delta.is_empty());
         let ours = json!({"op": "ok", "path": "x", "source": [1, 1, 5, 6], "entry": [2, 2, 7, 8], "fingerprint": "b"});
-        assert!(m.apply(&ours));
-        assert_eq!(m.index["x"].source.ino, 5);
-        assert_eq!(m.index["x"].entry.ctime_ns, 8);
-        // Round trip keeps inodes and ctimes.
-        let back = Manifest::parse(Path::new("m"), &m.to_json_bytes()).unwrap();
-        assert_eq!(back.index, m.index);
+        assert!(m.apply(&ours, &mut delta));
+        let Slot::Entry(r) = delta[0].1 else {
+            panic!("an entry")
+        };
+        assert_eq!((r.source.ino, r.entry.ctime_ns), (5, 8));
     }
 
     #[test]

@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use featstore_core::entry::{self, Dtype, ReadMode, TensorData};
+use featstore_core::index;
 use featstore_core::key::{self, Stamp};
 use featstore_core::manifest::{self, Manifest};
 use featstore_core::pool;
@@ -372,14 +373,16 @@ fn append_journal(
     fork::detached(py, || manifest::append_journal(&path, &values, durable)).py_err()
 }
 
-/// Merges every journal beside the manifest into it (with `fields` JSON overriding its fields)
-/// and deletes the journals; returns `(journals, records, skipped_lines, foreign_records)`
-/// (records of another fingerprint are left out of the index).
+/// Merges every journal beside the manifest into one index segment in `index_dir` and the
+/// manifest (with `fields` JSON overriding its fields) and deletes the journals; returns
+/// `(journals, records, skipped_lines, foreign_records)` (records of another fingerprint are left
+/// out of the index).
 #[pyfunction]
-#[pyo3(signature = (manifest_path, fields=None, durable=true))]
+#[pyo3(signature = (manifest_path, index_dir, fields=None, durable=true))]
 fn merge_journals(
     py: Python<'_>,
     manifest_path: PathBuf,
+    index_dir: PathBuf,
     fields: Option<String>,
     durable: bool,
 ) -> PyResult<(usize, usize, usize, usize)> {
@@ -395,7 +398,7 @@ fn merge_journals(
             if let Some(u) = updates {
                 base.update_fields(u);
             }
-            manifest::merge_journals(&manifest_path, Some(base), durable)
+            manifest::merge_journals(&manifest_path, &index_dir, Some(base), durable)
         })
         .py_err()?;
     Ok((s.journals, s.records, s.skipped_lines, s.foreign_records))
@@ -518,6 +521,47 @@ impl PyStore {
     #[getter]
     fn state_dir(&self) -> OsString {
         self.inner.state_dir().into_os_string()
+    }
+
+    /// True when the manifest (of an earlier version) holds the index inline: the next merge
+    /// of journals moves it into a segment.
+    #[getter]
+    fn holds_inline_index(&self) -> bool {
+        self.inner.holds_inline_index()
+    }
+
+    #[getter]
+    fn index_dir(&self) -> OsString {
+        self.inner.index_dir().into_os_string()
+    }
+
+    /// The sources the index (as mapped when the store was opened) holds a record of, in byte
+    /// order.
+    fn indexed_sources(&self, py: Python<'_>) -> Vec<OsString> {
+        py.detach(|| {
+            self.inner
+                .indexed_sources()
+                .into_iter()
+                .map(PathBuf::into_os_string)
+                .collect()
+        })
+    }
+
+    /// Writes the index records of `rels` (those whose entries this process found valid) as the
+    /// whole index, replacing its segments; returns how many it wrote.
+    #[pyo3(signature = (rels, durable=true))]
+    fn write_index(&self, py: Python<'_>, rels: Vec<PathBuf>, durable: bool) -> PyResult<usize> {
+        use featstore_core::key::path_bytes;
+        let records = rels
+            .iter()
+            .filter_map(|r| {
+                let rec = self.inner.index_record(r)?;
+                Some((path_bytes(r).to_vec(), index::Slot::Entry(rec)))
+            })
+            .collect();
+        let (dir, fp) = (self.inner.index_dir(), self.inner.fingerprint());
+        py.detach(|| index::replace(&dir, fp, records, durable))
+            .py_err()
     }
 
     fn entry_path(&self, rel: PathBuf, size: u64, mtime_ns: i64) -> OsString {

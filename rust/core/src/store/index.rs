@@ -1,36 +1,67 @@
-//! The manifest index as this process sees it: seeding verdicts from a manifest, and the
-//! records of entries found or written valid.
+//! The index as this process sees it: verdicts taken from its segments (or from the inline index
+//! of a manifest of an earlier version), and the records of entries found or written valid.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use super::{racy_now, Known, State, Store};
+use crate::key::path_bytes;
 use crate::manifest::{path_from_json, IndexRecord, Manifest};
 
+/// What an index record says, before this process judged anything: where the entry is (racy
+/// records still need their digest check on first use, but they locate the entry).
+fn indexed(path: PathBuf, r: IndexRecord) -> Known {
+    Known {
+        source: r.source,
+        path,
+        entry: r.entry,
+        inputs: Vec::new(),
+        state: State::Valid,
+        reason: String::new(),
+        trusted: !r.racy,
+        racy: false,
+        indexed: true,
+        header: None,
+    }
+}
+
 impl Store {
+    /// The index segments' record of `rel`, remembered (None: not indexed).
+    pub(super) fn learn_from_index(&self, rel: &Path) -> Option<Known> {
+        let r = self.index.get(path_bytes(rel))?;
+        let k = indexed(self.entry_path(rel, r.source), r);
+        let mut known = self.known.write().unwrap_or_else(|p| p.into_inner());
+        // Another thread may have judged it meanwhile: its verdict is newer than the record.
+        Some(known.entry(rel.to_path_buf()).or_insert(k).clone())
+    }
+
+    /// The sources the index holds a record of, in byte order: its segments' live keys, or the
+    /// inline index of a manifest of an earlier version when there are no segments yet.
+    pub fn indexed_sources(&self) -> Vec<PathBuf> {
+        use std::os::unix::ffi::OsStrExt;
+        if !self.index.segments().is_empty() {
+            return self
+                .index
+                .live()
+                .map(|(k, _)| PathBuf::from(std::ffi::OsStr::from_bytes(k)))
+                .collect();
+        }
+        let known = self.known.read().unwrap_or_else(|p| p.into_inner());
+        let mut seeded: Vec<PathBuf> = known
+            .iter()
+            .filter(|(_, k)| k.indexed)
+            .map(|(rel, _)| rel.clone())
+            .collect();
+        seeded.sort_by(|a, b| path_bytes(a).cmp(path_bytes(b)));
+        seeded
+    }
+
+    /// Takes the inline index of a manifest of an earlier version.
     pub(super) fn seed(&self, m: &Manifest) {
         let mut known = self.known.write().unwrap_or_else(|p| p.into_inner());
-        for (rel, r) in &m.index {
-            // Racy records still need their digest check on first use (untrusted), but they tell
-            // the dir layout where the entry is.
-            {
-                let rel = path_from_json(rel);
-                let path = self.entry_path(&rel, r.source);
-                known.insert(
-                    rel,
-                    Known {
-                        source: r.source,
-                        path,
-                        entry: r.entry,
-                        inputs: Vec::new(),
-                        state: State::Valid,
-                        reason: String::new(),
-                        trusted: !r.racy,
-                        racy: false,
-                        indexed: true,
-                        header: None,
-                    },
-                );
-            }
+        for (rel, r) in &m.legacy_index {
+            let rel = path_from_json(rel);
+            let path = self.entry_path(&rel, r.source);
+            known.insert(rel, indexed(path, *r));
         }
     }
 

@@ -24,6 +24,7 @@ use serde_json::Value;
 
 use crate::entry::{self, ReadMode};
 use crate::error::{Error, Result};
+use crate::index::Index;
 use crate::key::{path_bytes, stamp_key, Stamp, KEY_NAME_LEN};
 use crate::manifest::Manifest;
 
@@ -188,6 +189,12 @@ fn racy_now(source: Stamp) -> bool {
 pub struct Store {
     cfg: StoreConfig,
     known: RwLock<HashMap<PathBuf, Known>>,
+    /// The index segments of the store's fingerprint, mapped when the store was opened: a lookup
+    /// of an entry not yet known in this process finds its record there (docs/design.md).
+    index: Index,
+    /// The manifest of an earlier version holds the index inline and no segment holds it yet:
+    /// the next merge moves it.
+    inline_index: bool,
     /// Opened without a fingerprint and without a manifest: the fingerprint of a manifest that
     /// appeared since (the first lazy write or `put` with a fingerprint creates one), taken once.
     adopted: OnceLock<String>,
@@ -291,7 +298,9 @@ fn recorded_stamp(meta: &BTreeMap<String, String>, prefix: &str) -> Option<Stamp
 
 impl Store {
     /// Opens a store. Reads the feature's manifest, if any, to adopt its fingerprint (when none
-    /// is given) and to seed the in-memory index, so lookups of listed entries open no file.
+    /// is given), and maps the index segments of that fingerprint, so lookups of indexed entries
+    /// open no entry file. Costs the same at ten entries and ten million (an index still inline
+    /// in a manifest of an earlier version is read whole, until the next merge moves it).
     pub fn open(mut cfg: StoreConfig) -> Result<Store> {
         let manifest_path = Store::manifest_path_of(&cfg);
         let manifest = Manifest::read(&manifest_path)?;
@@ -303,15 +312,23 @@ impl Store {
         if cfg.fingerprint.is_none() {
             cfg.fingerprint = manifest_fp.clone();
         }
+        // Index records were valid for the fingerprint they were judged for: trust only those.
+        let index = Index::open(&Store::index_dir_of(&cfg), cfg.fingerprint.as_deref())?;
+        let inline_index = index.segments().is_empty()
+            && manifest
+                .as_ref()
+                .is_some_and(|m| !m.legacy_index.is_empty());
         let store = Store {
             cfg,
             known: RwLock::new(HashMap::new()),
+            index,
+            inline_index,
             adopted: OnceLock::new(),
             real_root: OnceLock::new(),
         };
-        // Index records were valid for the manifest's fingerprint: trust them only for that one.
         if let Some(m) = manifest {
-            if manifest_fp == store.cfg.fingerprint {
+            // Segments written from this inline index since are newer and hold the same records.
+            if manifest_fp == store.cfg.fingerprint && store.index.segments().is_empty() {
                 store.seed(&m);
             }
         }
@@ -382,13 +399,38 @@ impl Store {
         Store::manifest_path_of(&self.cfg)
     }
 
-    /// Where featstore keeps frame sets and locks: `<root or cache_dir>/.featstore/<feature>`.
+    /// Where featstore keeps frame sets, locks and the index:
+    /// `<root or cache_dir>/.featstore/<feature>`.
     pub fn state_dir(&self) -> PathBuf {
-        let base = match &self.cfg.layout {
-            Layout::Sidecar => &self.cfg.root,
+        Store::state_dir_of(&self.cfg)
+    }
+
+    fn state_dir_of(cfg: &StoreConfig) -> PathBuf {
+        let base = match &cfg.layout {
+            Layout::Sidecar => &cfg.root,
             Layout::Dir { cache_dir } => cache_dir,
         };
-        base.join(crate::scan::STATE_DIR).join(&self.cfg.feature)
+        base.join(crate::scan::STATE_DIR).join(&cfg.feature)
+    }
+
+    fn index_dir_of(cfg: &StoreConfig) -> PathBuf {
+        Store::state_dir_of(cfg).join("index")
+    }
+
+    /// The directory of the index's segments: `<state dir>/index`.
+    pub fn index_dir(&self) -> PathBuf {
+        Store::index_dir_of(&self.cfg)
+    }
+
+    /// The index this store mapped when it was opened.
+    pub fn index(&self) -> &Index {
+        &self.index
+    }
+
+    /// True when the manifest (of an earlier version) holds the index inline and no segment
+    /// holds it yet: the next merge of journals moves it into one.
+    pub fn holds_inline_index(&self) -> bool {
+        self.inline_index
     }
 
     /// The entry path of source `rel` with stamp `stamp` (the sidecar layout ignores the stamp).
@@ -424,12 +466,15 @@ impl Store {
             .insert(rel.to_path_buf(), k);
     }
 
+    /// What this process knows of `rel`: judged here, or else the index's record.
     fn recall(&self, rel: &Path) -> Option<Known> {
-        self.known
+        let known = self
+            .known
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .get(rel)
-            .cloned()
+            .cloned();
+        known.or_else(|| self.learn_from_index(rel))
     }
 
     /// Forgets what this process knows about `rel` (after a removal).
