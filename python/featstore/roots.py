@@ -14,6 +14,7 @@ one file either way is refused, naming both.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 
 from featstore.errors import AmbiguousPathError, PathOutsideRootError
 
@@ -57,6 +58,18 @@ class SourceNames:
         self._prefix = root.rstrip(os.sep) + os.sep
         # Other spellings of the root met so far (a symlink to it, its real path): at most a few.
         self._aliases: list[str] = []
+
+    def rels(self, paths: Iterable[str | os.PathLike[str]]) -> list[str]:
+        """:meth:`rel` of many paths. Paths that are already relative and normal (a scan's, a
+        manifest's) are taken as they are: a million of them cost a pass, not a million calls."""
+        out = []
+        for p in paths:
+            if type(p) is str and not p.startswith(("/", "./", "../")) and p != ".." and "/." not in p \
+                    and "//" not in p and not p.endswith("/"):
+                out.append(p)
+            else:
+                out.append(self.rel(p))
+        return out
 
     def rel(self, path: str | os.PathLike[str]) -> str:
         """The path of a source relative to the data root (absolute paths must lie inside it)."""

@@ -83,7 +83,7 @@ def count_states(store: FeatureStore, sources: Iterable[str] | None = None, *, t
         rels = found.paths
         errors = list(found.errors)
     else:
-        rels = [store.rel(s) for s in sources]
+        rels = store.rels(sources)
         errors = []
     states = store.states(rels, threads=threads, progress=progress)
     counts = {s: 0 for s in STATES}

@@ -181,6 +181,11 @@ class FeatureStore:
         also when reached through a symlink to the root)."""
         return self._root.rel(path)
 
+    def rels(self, paths: Iterable[str | os.PathLike[str]]) -> list[str]:
+        """:meth:`rel` of many paths (those already relative and normal, as a scan gives them,
+        pass through in one cheap pass)."""
+        return self._root.rels(paths)
+
     def entry_path(self, path: str | os.PathLike[str]) -> str:
         """Where the entry of ``path`` is (or would be written) for the source as it is now."""
         rel = self.rel(path)
@@ -199,7 +204,7 @@ class FeatureStore:
                progress: bool | None = False) -> list[str]:
         """:meth:`state` of many sources, checked in parallel in Rust (``"error: ..."`` where a
         check failed); ``progress`` shows a bar on stderr when it takes a while."""
-        rels = [self.rel(p) for p in paths]
+        rels = self._root.rels(paths)
         return run_with_progress(lambda p: self._core.check_many(rels, threads, p), desc="checking entries",
                                  total=len(rels), show=progress, unit="sources")
 

@@ -128,6 +128,16 @@ def test_paths_under_a_symlinked_data_root_work_either_way(root, tmp_path):
         via_link.rel(outside)
 
 
+def test_many_paths_are_named_as_one_path_is(tmp_path):
+    store = FeatureStore(str(tmp_path), "f")
+    paths = ["a/b.jpg", "a/./b.jpg", "a//b.jpg", "./a/b.jpg", "a/b/../c.jpg", "..x.jpg", "a/.hidden/b.jpg", ".",
+             str(tmp_path / "a" / "b.jpg"), tmp_path / "c.jpg", "场景/图.jpg"]
+    assert store.rels(paths) == [store.rel(p) for p in paths]
+    for outside in ["../x.jpg", "..", "a/../../x.jpg", "/elsewhere/x.jpg"]:
+        with pytest.raises(ValueError, match="outside the data root"):
+            store.rels(["a.jpg", outside])
+
+
 def test_a_misspelled_tensor_name_in_read_batch_names_the_tensors_there_are(root):
     r, rels = root
     store = FeatureStore(r, "f", fingerprint="fp")

@@ -125,7 +125,7 @@ def _set_status(store: FeatureStore, sources: Sequence[str] | None, lists: Seque
         found = scan(store.data_root, jsonl=mode.jsonl, skip_dirs=[store.cache_dir] if store.cache_dir else (),
                      threads=threads, progress=False)
         sources, lists, errors = found.paths, found.sets, list(found.errors)
-    rels = [store.rel(s) for s in sources]
+    rels = store.rels(sources)
     grouped = frame_set_groups(store, rels, lists)
     if grouped is None:
         return None
@@ -155,7 +155,7 @@ def _history_status(store: FeatureStore, sources: Sequence[str] | None, lists: S
                      skip_dirs=[store.cache_dir] if store.cache_dir else (), threads=threads, progress=False)
         sources, lists, errors = found.paths, found.sets, list(found.errors)
     image_entries = mode is None and bool(feature_files(store)[0])  # only asked without a recorded mode
-    counted = counted_histories(store, [store.rel(s) for s in sources], verdicts, lists=lists or None,
+    counted = counted_histories(store, store.rels(sources), verdicts, lists=lists or None,
                                 image_entries=image_entries)
     if counted is None:
         return None
