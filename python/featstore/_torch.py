@@ -57,6 +57,21 @@ def to_raw(tensors: Mapping[str, Any]) -> tuple[list[RawTensor], list[torch.Tens
     return raw, keep
 
 
+def rows_to_raw(outputs: Mapping[str, Any], n: int) -> tuple[list[list[RawTensor]], list[torch.Tensor]]:
+    """Describes row ``i`` of each batch output (first axis ``n``) as item ``i``'s tensors, for
+    the Rust writer: the batch is made contiguous on the CPU once, and each row is a pointer into
+    it (no copy, no tensor object per row). Returns ``(rows, keep)`` as :func:`to_raw` does."""
+    whole, keep = to_raw(outputs)
+    rows: list[list[RawTensor]] = [[] for _ in range(n)]
+    for name, code, shape, ptr, nbytes in whole:
+        if not shape or shape[0] != n:
+            raise ValueError(f"{name!r}: expected a batch of {n} rows, got shape {shape}")
+        row = nbytes // n
+        for i in range(n):
+            rows[i].append((name, code, shape[1:], ptr + i * row, row))
+    return rows, keep
+
+
 def from_capsules(capsules: list[tuple[str, Any]], device: Any = None, dtype: Any = None) -> dict[str, torch.Tensor]:
     """Turns the core's DLPack capsules into tensors (zero-copy unless a device or dtype is asked)."""
     out = {name: torch.from_dlpack(cap) for name, cap in capsules}

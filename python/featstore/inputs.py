@@ -47,9 +47,24 @@ class AbsentInput:
     path: str | os.PathLike[str]
 
 
+@dataclass(frozen=True)
+class JsonlLine:
+    """One line of a ``.jsonl`` listing: the line that lists ``listed`` (spelled as in the
+    file) in ``image_field`` gave ``text`` as ``field``. The entry holds while the listing still
+    gives ``listed`` that text, whatever else in the file is edited (docs/design.md, "Inputs from
+    a `.jsonl` line"); the write refuses features of a line edited since it was read."""
+
+    path: str | os.PathLike[str]
+    image_field: str
+    field: str
+    listed: str
+    text: bytes
+
+
 #: An input's value: a path (stamped and digested when the entry is written), a
-#: :class:`FileInput`, an :class:`AbsentInput`, or ``bytes`` (a text, recorded by digest).
-InputValue = str | os.PathLike[str] | bytes | FileInput | AbsentInput
+#: :class:`FileInput`, an :class:`AbsentInput`, a :class:`JsonlLine`, or ``bytes`` (a text,
+#: recorded by digest).
+InputValue = str | os.PathLike[str] | bytes | FileInput | AbsentInput | JsonlLine
 
 
 def as_read(inputs: Mapping[str, InputValue], root: str) -> dict[str, InputValue]:
@@ -66,13 +81,16 @@ def as_read(inputs: Mapping[str, InputValue], root: str) -> dict[str, InputValue
 
 
 def to_core(name: str, value: InputValue) -> tuple[Any, ...]:
-    """An input as the core takes it: ``("file", path, stamp)``, ``("text", bytes)``, ``("absent", path)``."""
+    """An input as the core takes it: ``("file", path, stamp)``, ``("text", bytes)``, ``("absent", path)``,
+    ``("jsonl", path, image_field, field, listed, text)``."""
     if isinstance(value, bytes):
         return ("text", value)
     if isinstance(value, FileInput):
         return ("file", os.fspath(value.path), value.stamp)
     if isinstance(value, AbsentInput):
         return ("absent", os.fspath(value.path))
+    if isinstance(value, JsonlLine):
+        return ("jsonl", os.fspath(value.path), value.image_field, value.field, value.listed, value.text)
     if isinstance(value, (str, os.PathLike)):
         return ("file", os.fspath(value), None)
-    raise TypeError(f"input {name!r}: a path, FileInput, AbsentInput or bytes, not {type(value).__name__}")
+    raise TypeError(f"input {name!r}: a path, FileInput, AbsentInput, JsonlLine or bytes, not {type(value).__name__}")

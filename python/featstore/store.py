@@ -346,16 +346,66 @@ class FeatureStore:
         try:
             written = self._core.put(rel, raw, meta, extra, durable, expected)
         except OSError as exc:
-            if self.layout == "sidecar" and exc.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
-                raise ReadOnlyDataRootError(
-                    exc.errno, f"cannot write the entry of {rel} beside its source: {exc.strerror}. "
-                    f"The data root {self.data_root} is not writable here; keep entries in a cache "
-                    f"directory instead (--cache-dir DIR, or FeatureStore(..., cache_dir=DIR))",
-                    exc.filename) from exc
-            raise
+            raise self._write_error(rel, exc) from exc
         finally:
             del keep
         return written
+
+    def write_many(self, items: Sequence[tuple[str, Mapping[str, torch.Tensor], Mapping[str, InputValue] | None,
+                                               Stamp | None]], *, durable: bool = False,
+                   threads: int | None = None) -> list[dict[str, Any] | BaseException]:
+        """:meth:`write` of a batch ``(path, tensors, inputs, expected)``: written in parallel in
+        Rust without the GIL (``threads``: default one per core), then with ``durable`` fsynced
+        together (files, then their directories, concurrently) before it returns. One result per
+        item, in order: what :meth:`write` returns, or the exception its write raised (the other
+        items are written). A failed fsync raises: no entry of the batch is known durable."""
+        raws, keep = [], []
+        for _, tensors, _, _ in items:
+            raw, held = _torch_helpers().to_raw(tensors)
+            raws.append(raw)
+            keep.append(held)
+        return self._put_many([(path, raw, inputs, expected) for (path, _, inputs, expected), raw
+                               in zip(items, raws, strict=True)], keep, durable, threads)
+
+    def write_rows(self, paths: Sequence[str | os.PathLike[str]], outputs: Mapping[str, torch.Tensor], *,
+                   inputs: Sequence[Mapping[str, InputValue] | None] | None = None,
+                   expected: Sequence[Stamp | None] | None = None, durable: bool = False,
+                   threads: int | None = None) -> list[dict[str, Any] | BaseException]:
+        """:meth:`write_many` of a batch of outputs: the entry of ``paths[i]`` holds row ``i`` of
+        each tensor of ``outputs`` (first axis ``len(paths)``), read in place, with no copy or
+        tensor per row. ``inputs`` and ``expected``: per path, as :meth:`write` takes them."""
+        rows, keep = _torch_helpers().rows_to_raw(outputs, len(paths))
+        inputs = inputs if inputs is not None else [None] * len(paths)
+        expected = expected if expected is not None else [None] * len(paths)
+        return self._put_many(list(zip(paths, rows, inputs, expected, strict=True)), keep, durable, threads)
+
+    def _put_many(self, items: Sequence[tuple[str | os.PathLike[str], Any, Mapping[str, InputValue] | None,
+                                              Stamp | None]], keep: list[Any], durable: bool,
+                  threads: int | None) -> list[dict[str, Any] | BaseException]:
+        """Writes ``(path, raw tensors, inputs, expected)`` in one core call; ``keep`` holds the
+        tensors the raw pointers point into until it returns."""
+        batch: list[tuple[str, Any, dict[str, str], list[Any], Stamp | None]] = [
+            (self.rel(path), raw, {}, [(name, to_core(name, v)) for name, v in (inputs or {}).items()], stamp)
+            for path, raw, inputs, stamp in items]
+        try:
+            results = self._core.put_many(batch, durable, threads)
+        finally:
+            del keep
+        return [self._write_error(request[0], r) if isinstance(r, OSError) else r
+                for request, r in zip(batch, results, strict=True)]
+
+    def _write_error(self, rel: str, exc: OSError) -> OSError:
+        """The error of a failed write: a sidecar that cannot be written beside its source says
+        so and gives the fix."""
+        if self.layout == "sidecar" and exc.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
+            err = ReadOnlyDataRootError(
+                exc.errno, f"cannot write the entry of {rel} beside its source: {exc.strerror}. "
+                f"The data root {self.data_root} is not writable here; keep entries in a cache "
+                f"directory instead (--cache-dir DIR, or FeatureStore(..., cache_dir=DIR))",
+                exc.filename)
+            err.__cause__ = exc
+            return err
+        return exc
 
     def read_batch(self, paths: Sequence[str | os.PathLike[str]], name: str, out: torch.Tensor | None = None, *,
                    pin_memory: bool = False, threads: int | None = None) -> torch.Tensor:

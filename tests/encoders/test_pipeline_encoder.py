@@ -224,26 +224,25 @@ def test_an_edited_jsonl_line_makes_only_its_entry_stale(pipelines, tmp_path):
     assert featstore.precompute(root, encoder=enc, jsonl="image", progress=False)["written"] == 3
     before = {r: featstore.FeatureStore(root, "prompt_embed").get(r)["prompt_embed"].clone() for r in rels}
     write([CAPTIONS[0], "two dogs running on the beach", CAPTIONS[2]])
-    # A lookup never reads the .jsonl: every entry that read it is stale until precompute has
-    # compared the lines (never an embedding of an edited caption).
-    assert [featstore.FeatureStore(root, "prompt_embed").state(r) for r in rels] == ["stale"] * 3
+    # Each entry depends on its own line: the edited line's entry is stale, the others hold.
+    assert [featstore.FeatureStore(root, "prompt_embed").state(r) for r in rels] == ["valid", "stale", "valid"]
     enc = PipelineEncoder(path, "prompt", captions=JsonlField(root, "prompt"))
     plan = featstore.precompute(root, encoder=enc, jsonl="image", dry_run=True, progress=False)
-    assert (plan["planned"], plan["to_refresh"]) == (1, 2)
+    assert (plan["planned"], plan["to_refresh"]) == (1, 0)
     s = featstore.precompute(root, encoder=enc, jsonl="image", progress=False)
-    assert (s["written"], s["refreshed"]) == (1, 2)
+    assert (s["written"], s["refreshed"]) == (1, 0)
     store = featstore.FeatureStore(root, "prompt_embed")
     assert [store.state(r) for r in rels] == ["valid"] * 3
     want = _direct_prompt(_loaded(path), "qwen_image", "two dogs running on the beach", None)
     assert torch.equal(store.get(rels[1])["prompt_embed"], want["prompt_embed"])
-    for r in (rels[0], rels[2]):  # refreshed: the same tensors
+    for r in (rels[0], rels[2]):  # untouched: the same tensors
         assert torch.equal(store.get(r)["prompt_embed"], before[r])
     # An image edited as well is computed, not refreshed.
     write([CAPTIONS[0], "two dogs running on the beach", CAPTIONS[2] + " at night"])
     Image.new("RGB", (32, 32), (1, 2, 3)).save(os.path.join(root, rels[0]))
     enc = PipelineEncoder(path, "prompt", captions=JsonlField(root, "prompt"))
     s = featstore.precompute(root, encoder=enc, jsonl="image", progress=False)
-    assert (s["written"], s["refreshed"]) == (2, 1)  # rels[1] refreshed; rels[0] and rels[2] computed
+    assert (s["written"], s["refreshed"]) == (2, 0)  # rels[0] (its image) and rels[2] (its line) computed
 
 
 def test_the_cli_caches_the_four_tensors_of_a_qwen_image_edit_dataset(pipelines, tmp_path):

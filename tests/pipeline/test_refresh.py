@@ -1,6 +1,7 @@
-"""Entries that only a shared input (a .jsonl of captions edited on other lines) made stale are
-refreshed by precompute without encoding; anything else that changed is computed, and a file
-edited between planning and refreshing is never blessed."""
+"""Entries that only a shared input (a whole file, each entry reading one part of it, such as a
+.jsonl of captions edited on other lines) made stale are refreshed by precompute without encoding;
+anything else that changed is computed, and a file edited between planning and refreshing is
+never blessed."""
 
 from __future__ import annotations
 
@@ -13,14 +14,14 @@ from conftest import age
 import featstore
 from featstore.encoders.diffusion import JsonlField
 from featstore.examples import make_image_tree
+from featstore.inputs import FileInput
 from featstore.pipeline.planning import make_plan
 from featstore.pipeline.run import run_plan
 
 
 class JsonlCaptions:
     """Embeds each image's caption from a .jsonl field (its length and first byte), recording the
-    caption's text and the .jsonl as a shared input, as TextEncoder and PipelineEncoder do. Counts
-    the captions it encodes."""
+    caption's text and the whole .jsonl as a shared input. Counts the captions it encodes."""
 
     name = "caption"
 
@@ -35,7 +36,10 @@ class JsonlCaptions:
         return self.captions[path]
 
     def inputs(self, rel: str, path: str) -> dict:
-        return {"caption": self.captions[path].encode(), "captions_jsonl": self.captions.jsonl_input(path)}
+        # The whole file as a shared input (JsonlField's own jsonl_input records the line alone,
+        # which needs no refresh: tests/pipeline/test_jsonl_lines.py).
+        return {"caption": self.captions[path].encode(),
+                "captions_jsonl": FileInput(self.captions.jsonl_of(path), shared=True)}
 
     def encode(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
         raise NotImplementedError

@@ -42,7 +42,8 @@ KILLS = 20
 SEED = 7  # the plan of kill moments, hence the test, is reproducible
 IMAGES = 12
 BATCH = 2
-EVENTS = {b"w": "entry write", b"f": "fsync", b"j": "journal append", b"e": "between batches"}
+EVENTS = {b"w": "entry write (a batch, fsynced when durable)", b"f": "fsync", b"j": "journal append",
+          b"e": "between batches"}
 
 
 class _AnnouncedJournal:
@@ -66,7 +67,7 @@ def _announcing(fd: int, code: bytes, fn: Callable[..., Any]) -> Callable[..., A
 
 def _precompute_announcing(root: str, fd: int, workers: int) -> None:
     """The run to kill (in a forked child): precompute, announcing each event on ``fd``."""
-    FeatureStore.write = _announcing(fd, b"w", FeatureStore.write)  # type: ignore[method-assign]
+    FeatureStore._put_many = _announcing(fd, b"w", FeatureStore._put_many)  # type: ignore[method-assign]
     writing._fsync_all = _announcing(fd, b"f", writing._fsync_all)
     journal._core = _AnnouncedJournal(journal._core, _announcing(fd, b"j", journal._core.append_journal))
     enc = Wide(delay=0.02)

@@ -2,7 +2,9 @@
 
 The encoder's ``preprocess`` gives uint8, so workers send a quarter of the bytes of float
 images. Each item comes back with its sources' stamps taken before reading: the writer refuses
-features of a source that changed after it was read.
+features of a source that changed after it was read. Workers take items in chunks of up to 32
+consecutive ones: one hand-off (pickling, a queue, a wake-up) per item cost more than a cheap
+encoder's whole work.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -74,19 +76,19 @@ _DECODERS: dict[Kind, Callable[[Encoder, str, WorkItem], Decoded]] = {"image": _
 
 
 class DecodeDataset(torch.utils.data.Dataset):
-    """Decodes one work item in a worker: ``(index, decoded or None, error or None, stamp(s))``.
-    Decoded is a uint8 tensor, or for an encoder with ``encode_items`` whatever its ``preprocess``
-    returns (a caption)."""
+    """Decodes chunk ``c`` of the work items (items ``c * chunk`` to ``(c + 1) * chunk - 1``) in a
+    worker: ``[(index, decoded or None, error or None, stamp(s))]``. Decoded is a uint8 tensor,
+    or for an encoder with ``encode_items`` whatever its ``preprocess`` returns (a caption)."""
 
-    def __init__(self, encoder: Encoder, root: str, items: Sequence[WorkItem]) -> None:
-        self.encoder, self.root, self.items = encoder, root, list(items)
+    def __init__(self, encoder: Encoder, root: str, items: Sequence[WorkItem], chunk: int = 1) -> None:
+        self.encoder, self.root, self.items, self.chunk = encoder, root, list(items), chunk
 
     def __len__(self) -> int:
-        return len(self.items)
+        return -(-len(self.items) // self.chunk)
 
-    def __getitem__(self, i: int) -> tuple[int, Any, str | None, Any]:
-        item = self.items[i]
-        return (i, *_DECODERS[item.kind](self.encoder, self.root, item))
+    def __getitem__(self, c: int) -> list[tuple[int, Any, str | None, Any]]:
+        indices = range(c * self.chunk, min(len(self.items), (c + 1) * self.chunk))
+        return [(i, *_DECODERS[self.items[i].kind](self.encoder, self.root, self.items[i])) for i in indices]
 
 
 def _identity(item: Any) -> Any:
@@ -95,13 +97,20 @@ def _identity(item: Any) -> Any:
 
 def decode_loader(encoder: Encoder, root: str, items: Sequence[WorkItem], *, batch_size: int, num_workers: int,
                   pin_memory: bool) -> torch.utils.data.DataLoader:
-    """A loader yielding each decoded item, in order, decoding ahead enough to keep two batches
-    in flight (never more than all the items)."""
+    """A loader yielding chunks of decoded items, in order (:func:`each_item` takes them one by
+    one), decoding ahead enough to keep two batches in flight (never more than all the items)."""
+    chunk = max(1, min(32, batch_size)) if num_workers else 1
+    chunks = DecodeDataset(encoder, root, items, chunk)
     return torch.utils.data.DataLoader(
-        DecodeDataset(encoder, root, items), batch_size=None, shuffle=False, num_workers=num_workers,
-        collate_fn=_identity, pin_memory=pin_memory, prefetch_factor=_prefetch_factor(len(items), batch_size,
-                                                                                    num_workers),
+        chunks, batch_size=None, shuffle=False, num_workers=num_workers, collate_fn=_identity, pin_memory=pin_memory,
+        prefetch_factor=_prefetch_factor(len(chunks), -(-batch_size // chunk), num_workers),
         persistent_workers=False, worker_init_fn=ExitWithParent() if num_workers else None)
+
+
+def each_item(loader: Iterable[list[tuple[int, Any, str | None, Any]]]) -> Iterator[tuple[int, Any, str | None, Any]]:
+    """The decoded items of a :func:`decode_loader`, one by one."""
+    for chunk in loader:
+        yield from chunk
 
 
 class ExitWithParent:
@@ -125,8 +134,8 @@ class ExitWithParent:
 
 
 def _prefetch_factor(items: int, batch_size: int, num_workers: int) -> int | None:
-    """Items each worker decodes ahead: two batches in flight across the workers (decoding never
-    waits for a batch to encode), but no more than the items each worker has. The DataLoader
+    """Items (here: chunks) each worker decodes ahead: two batches in flight across the workers
+    (decoding never waits for a batch to encode), but no more than the items each worker has. The DataLoader
     queues ``prefetch_factor * num_workers`` indices when it starts, one by one, so an unbounded
     factor (``--batch-size 1000000000``) would keep it from ever starting."""
     if not num_workers:

@@ -38,6 +38,14 @@ class ShapeLog:
         a history item's outputs also have one row per prefix) and saves the file when they add a
         shape."""
         changed = False
+        batch = {name: t for name, t in outputs.items() if isinstance(t, torch.Tensor) and len(t) >= len(items)}
+        if len(batch) == len(outputs) and not any(item.kind == "history" for item in items):
+            # Every entry's tensor is one row of the batch: one shape per output.
+            changed = shapes.observe(self.shapes, ((name, TORCH_TO_SAFETENSORS[t.dtype], t.shape[1:])
+                                                   for name, t in batch.items()))
+            if changed:
+                self.save()
+            return
         for i, item in enumerate(items):
             # The entry's tensor: row i (a history's rows are its prefixes: one more axis).
             rows = {name: t[i] for name, t in outputs.items() if len(t) > i}

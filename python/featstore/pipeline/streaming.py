@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from featstore.fmt import age, human_bytes
-from featstore.pipeline.decoding import decode_loader
+from featstore.pipeline.decoding import decode_loader, each_item
 from featstore.pipeline.encoding import BatchEncoder
 from featstore.pipeline.items import WorkItem
 from featstore.pipeline.planning import Plan
@@ -62,7 +62,7 @@ def stream(plan: Plan, *, num_workers: int | None, durable: bool, counts: Counts
                   every=plan.log_every, unit="item" if plan.caps.items else todo[0].unit if todo else "img",
                   duration=age)
     try:
-        _batch_and_encode(loader, todo, writer, encoder, counts, bar, items_mode=plan.caps.items)
+        _batch_and_encode(each_item(loader), todo, writer, encoder, counts, bar, items_mode=plan.caps.items)
     finally:
         try:
             writer.close()

@@ -3,6 +3,8 @@
 For each batch: every item's entry is written atomically (temporary file, rename), the written
 files and their directories are fsynced together, then one journal line per item is appended. A
 killed run so leaves only whole entries, and a journal that names none that is not durable.
+Per-image entries of a batch are written by one Rust call (in parallel, fsynced concurrently):
+featstore's own cost per entry must stay far below any encoder's.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 
 import torch
 
+from featstore import _core
 from featstore.errors import FeatstoreError
 from featstore.history import put_history
 from featstore.pipeline import journal as journal_lines
@@ -39,15 +42,6 @@ class Written:
     path: str
     bytes: int
     record: journal_lines.Record
-
-
-def _write_image(store: FeatureStore, item: WorkItem, tensors: Mapping[str, torch.Tensor],
-                 expected: Any) -> list[Written]:
-    rel = item.paths[0]
-    stamp, inputs = expected if expected is not None else (None, None)
-    w = store.write(rel, tensors, inputs=inputs, expected=stamp)
-    return [Written(os.fspath(w["path"]), int(w["bytes"]),
-                    journal_lines.ok_record(store, rel, w["source"], w["entry"], w["check_first"]))]
 
 
 def _write_set(store: FeatureStore, item: WorkItem, tensors: Mapping[str, torch.Tensor],
@@ -73,13 +67,14 @@ def _write_history(store: FeatureStore, item: WorkItem, tensors: Mapping[str, to
         yield Written(path, os.path.getsize(path), journal_lines.history_record(prefix, path))
 
 
-# How each kind's entries are written (see items.py): an iterable, as one causal pass over a
+# How the entries of sets and histories are written (see items.py; per-image entries are written a
+# batch at a time, Writer._write_images): an iterable, as one causal pass over a
 # history writes an entry per prefix (each yielded as soon as it is on disk, so a failure later
 # in the item keeps it). ``expected`` is what the decoder read (see decoding.py): the source's
 # stamp and its other inputs as stamped before reading, or the members' stamps, so features of
 # an input edited since are never stored.
 _WriteEntries = Callable[[FeatureStore, WorkItem, Mapping[str, torch.Tensor], Any], Iterable[Written]]
-_WRITERS: dict[Kind, _WriteEntries] = {"image": _write_image, "set": _write_set, "history": _write_history}
+_WRITERS: dict[Kind, _WriteEntries] = {"set": _write_set, "history": _write_history}
 
 
 class Writer:
@@ -148,7 +143,12 @@ class Writer:
         else:
             self.shape_log.observe_outputs(items, outputs)
             written: list[Written] = []
+            images = [i for i, item in enumerate(items) if item.kind == "image"]
+            if images:
+                self._write_images([items[i] for i in images], _rows(outputs, images, len(items)), records)
             for i, item in enumerate(items):
+                if item.kind == "image":
+                    continue
                 done = 0
                 try:
                     for w in _WRITERS[item.kind](self.store, item, {k: v[i] for k, v in outputs.items()},
@@ -169,6 +169,32 @@ class Writer:
         journal_lines.append(self.journal, records, durable=self.durable)
         self.counts.stage_seconds["write"] += time.perf_counter() - t0
 
+    def _write_images(self, batch: list[WorkItem], outputs: Outputs, records: list[journal_lines.Record]) -> None:
+        """Writes a batch's per-image entries (``outputs``: one row, or list element, per item)
+        in one call, fsynced before it returns when durable, and records their lines, or each
+        failure."""
+        expected = [self.expected.pop(item, None) or (None, None) for item in batch]
+        paths = [item.paths[0] for item in batch]
+        stamps, inputs = [e[0] for e in expected], [e[1] for e in expected]
+        if all(isinstance(v, torch.Tensor) for v in outputs.values()):
+            results = self.store.write_rows(paths, outputs, inputs=inputs, expected=stamps,  # type: ignore[arg-type]
+                                            durable=self.durable)
+        else:  # ragged outputs of encode_items: one tensor per item
+            results = self.store.write_many([(p, {k: v[i] for k, v in outputs.items()}, inp, st) for i, (p, inp, st)
+                                             in enumerate(zip(paths, inputs, stamps, strict=True))],
+                                            durable=self.durable)
+        for item, w in zip(batch, results, strict=True):
+            if isinstance(w, BaseException):
+                if _fatal(w):
+                    raise w
+                self._failed(item, w, records)
+                continue
+            rel = item.paths[0]
+            records.append(journal_lines.ok_record(self.store, rel, w["source"], w["entry"], w["check_first"]))
+            self.counts.written += 1
+            self.counts.frames += 1
+            self.counts.bytes += int(w["bytes"])
+
     def _failed(self, item: WorkItem, why: str | BaseException, records: list[journal_lines.Record], *,
                 entries: int | None = None) -> None:
         """Counts a failed item's ``entries`` that were not written (default: all of them) and
@@ -181,22 +207,21 @@ class Writer:
         records.append(journal_lines.failed_record(self.store, item.name, why))
 
 
+def _rows(outputs: Outputs, rows: list[int], n: int) -> Outputs:
+    """``outputs`` (``n`` rows, or lists of ``n``) for ``rows`` only; as they are when that is all."""
+    if rows == list(range(n)):
+        return outputs
+    index = torch.tensor(rows)
+    return {k: v.index_select(0, index.to(v.device)) if isinstance(v, torch.Tensor) else [v[i] for i in rows]
+            for k, v in outputs.items()}
+
+
 def _fatal(exc: BaseException) -> bool:
     """Errors that will hit every item (a full or read-only disk) stop the run; others skip one."""
     return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EROFS, errno.EDQUOT)
 
 
 def _fsync_all(paths: Sequence[str]) -> None:
-    """fsyncs files, then their directories once each (makes the renames durable)."""
-    for p in paths:
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    for d in {os.path.dirname(p) for p in paths}:
-        fd = os.open(d, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    """fsyncs files, then their directories once each (makes the renames durable), concurrently."""
+    if paths:
+        _core.sync_all(list(paths))

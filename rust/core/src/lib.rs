@@ -5,6 +5,7 @@
 //! - [`entry`]: the aligned safetensors entry format: writer, validating reader, mappings;
 //! - [`manifest`]: the manifest, the per-rank journals and their merge;
 //! - [`index`]: the index's immutable, memory-mapped segments and their compaction;
+//! - [`jsonl`]: the per-line digests of a `.jsonl` listing (an input that is one line of a file);
 //! - [`store`]: entry locations, layouts and the validity check;
 //! - [`judged`]: removing and moving only the very file that was judged;
 //! - [`pool`]: featstore's own, fork-aware thread pools.
@@ -12,6 +13,7 @@
 pub mod entry;
 pub mod error;
 pub mod index;
+pub mod jsonl;
 pub mod judged;
 pub mod key;
 pub mod manifest;

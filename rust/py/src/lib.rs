@@ -18,7 +18,7 @@ use featstore_core::key::{self, Stamp};
 use featstore_core::manifest::{self, Manifest};
 use featstore_core::pool;
 use featstore_core::scan::{self, ScanOptions};
-use featstore_core::store::{Depth, Input, Layout, Store, StoreConfig};
+use featstore_core::store::{Depth, Input, Layout, PutRequest, Store, StoreConfig, Written};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
@@ -348,6 +348,12 @@ fn write_manifest(py: Python<'_>, path: PathBuf, json: &str, durable: bool) -> P
     fork::detached(py, || m.write(&path, durable)).py_err()
 }
 
+/// fsyncs files, then their directories once each, from up to 16 threads.
+#[pyfunction]
+fn sync_all(py: Python<'_>, paths: Vec<PathBuf>) -> PyResult<()> {
+    fork::detached(py, || featstore_core::store::sync_all(&paths)).py_err()
+}
+
 /// The journal path of rank `rank` of `world` beside a manifest.
 #[pyfunction]
 fn journal_path(manifest: PathBuf, rank: u32, world: u32) -> OsString {
@@ -404,6 +410,18 @@ fn merge_journals(
     Ok((s.journals, s.records, s.skipped_lines, s.foreign_records))
 }
 
+/// What `put` wrote, as Python sees it.
+fn written_dict(py: Python<'_>, w: Written) -> PyResult<Bound<'_, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("path", w.path.into_os_string())?;
+    d.set_item("source", stamp_tuple(w.source))?;
+    d.set_item("entry", stamp_tuple(w.entry))?;
+    d.set_item("racy", w.racy)?;
+    d.set_item("check_first", w.check_first)?;
+    d.set_item("bytes", w.bytes)?;
+    Ok(d)
+}
+
 /// A manifest index record: source size, source mtime_ns, entry size, entry mtime_ns, check-first.
 /// A feature's entries under a data root: layouts, the validity check, writes and reads.
 #[pyclass(module = "featstore._core", name = "Store", frozen)]
@@ -436,7 +454,8 @@ fn stamp_tuple(s: Stamp) -> StampTuple {
 }
 
 /// Inputs as `featstore.store` passes them: `(name, ("file", path, stamp or None))`,
-/// `(name, ("text", bytes))` or `(name, ("absent", path))`.
+/// `(name, ("text", bytes))`, `(name, ("absent", path))` or
+/// `(name, ("jsonl", path, image_field, field, listed, text bytes))`.
 fn parse_inputs(inputs: Vec<(String, Bound<'_, PyAny>)>) -> PyResult<Vec<Input>> {
     inputs
         .into_iter()
@@ -450,6 +469,16 @@ fn parse_inputs(inputs: Vec<(String, Bound<'_, PyAny>)>) -> PyResult<Vec<Input>>
                         .get_item(2)?
                         .extract::<Option<StampTuple>>()?
                         .map(stamp_of),
+                }),
+                "jsonl" => Ok(Input::JsonlLine {
+                    name,
+                    path: v.get_item(1)?.extract::<PathBuf>()?,
+                    fields: featstore_core::jsonl::Fields {
+                        image_field: v.get_item(2)?.extract()?,
+                        field: v.get_item(3)?.extract()?,
+                    },
+                    listed: v.get_item(4)?.extract()?,
+                    text: v.get_item(5)?.cast::<PyBytes>()?.as_bytes().to_vec(),
                 }),
                 "text" => Ok(Input::Text {
                     name,
@@ -655,14 +684,54 @@ impl PyStore {
                     .put(&rel, &views, &metadata, &inputs, durable, expected)
             })
             .py_err()?;
-        let d = PyDict::new(py);
-        d.set_item("path", w.path.into_os_string())?;
-        d.set_item("source", stamp_tuple(w.source))?;
-        d.set_item("entry", stamp_tuple(w.entry))?;
-        d.set_item("racy", w.racy)?;
-        d.set_item("check_first", w.check_first)?;
-        d.set_item("bytes", w.bytes)?;
-        Ok(d)
+        written_dict(py, w)
+    }
+
+    /// Writes a batch of entries in parallel without the GIL (`items`: `(rel, tensors, metadata,
+    /// inputs, expected)` as `put` takes them), then with `durable` fsyncs them all before
+    /// returning. One result per item: `put`'s dict, or the exception its write raised (the
+    /// others are written); a failed fsync raises.
+    #[pyo3(signature = (items, durable=false, threads=None))]
+    #[allow(clippy::type_complexity)]
+    fn put_many<'py>(
+        &self,
+        py: Python<'py>,
+        items: Vec<(
+            PathBuf,
+            Vec<RawTensor>,
+            BTreeMap<String, String>,
+            Vec<(String, Bound<'py, PyAny>)>,
+            Option<StampTuple>,
+        )>,
+        durable: bool,
+        threads: Option<usize>,
+    ) -> PyResult<Vec<Bound<'py, PyAny>>> {
+        let mut raws = Vec::with_capacity(items.len());
+        let mut requests = Vec::with_capacity(items.len());
+        for (rel, tensors, meta, inputs, expected) in items {
+            raws.push(tensors);
+            requests.push((rel, meta, parse_inputs(inputs)?, expected.map(stamp_of)));
+        }
+        let mut batch = Vec::with_capacity(requests.len());
+        for ((rel, meta, inputs, expected), raw) in requests.into_iter().zip(&raws) {
+            batch.push(PutRequest {
+                rel,
+                // SAFETY: see tensor_views; `featstore.store` holds the tensors during this call.
+                tensors: unsafe { tensor_views(raw)? },
+                meta,
+                inputs,
+                expected,
+            });
+        }
+        let results =
+            fork::detached(py, || self.inner.put_many(&batch, durable, threads)).py_err()?;
+        results
+            .into_iter()
+            .map(|r| match r {
+                Ok(w) => Ok(written_dict(py, w)?.into_any()),
+                Err(e) => Ok(error::to_py(e).into_value(py).into_bound(py).into_any()),
+            })
+            .collect()
     }
 
     /// The tensors of `rel`'s entry as `[(name, dltensor capsule)]`, or None unless it is valid.
@@ -821,6 +890,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
         wrap_pyfunction!(write_manifest, m)?,
         wrap_pyfunction!(journal_path, m)?,
         wrap_pyfunction!(append_journal, m)?,
+        wrap_pyfunction!(sync_all, m)?,
         wrap_pyfunction!(merge_journals, m)?,
         wrap_pyfunction!(default_threads, m)?,
         wrap_pyfunction!(remove_judged, m)?,

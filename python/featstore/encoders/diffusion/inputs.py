@@ -8,7 +8,7 @@ import os
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from featstore.inputs import AbsentInput, FileInput, InputValue, Stamp, stamp_of
+from featstore.inputs import AbsentInput, InputValue, JsonlLine
 from featstore.regular import open_regular, read_text
 from featstore.scan import DEFAULT_EXTENSIONS, scan
 
@@ -41,11 +41,9 @@ class JsonlField(Mapping[str, str]):
     def __init__(self, root: str | os.PathLike[str], field: str, *, image_field: str = "image") -> None:
         self.root = os.path.abspath(os.fspath(root))
         self.field, self.image_field = field, image_field
-        # image -> (value, its .jsonl, the candidate the listed path would rather name: must stay absent)
-        self._values: dict[str, tuple[str, str, str | None]] = {}
-        # Each .jsonl's stamp when it was read: entries record it, so a caption edited after the
-        # mapping was loaded makes the write (or a later lookup) refuse the old text's features.
-        self._stamps: dict[str, Stamp] = {}
+        # image -> (value, its .jsonl, the candidate the listed path would rather name: must stay
+        # absent, the path as the line spells it)
+        self._values: dict[str, tuple[str, str, str | None, str]] = {}
         self.errors: list[tuple[str, str]] = []
         for rel in scan(self.root, extensions=["jsonl"]).paths:
             self._read(os.path.join(self.root, rel))
@@ -53,7 +51,6 @@ class JsonlField(Mapping[str, str]):
     def _read(self, jsonl: str) -> None:
         base = os.path.dirname(jsonl)
         try:
-            self._stamps[jsonl] = stamp_of(jsonl)
             with open_regular(jsonl, "listing") as f:
                 lines = f.read().decode("utf-8").splitlines()
         except (UnicodeDecodeError, OSError) as exc:
@@ -76,7 +73,7 @@ class JsonlField(Mapping[str, str]):
             for image in images if isinstance(images, list) else [images]:
                 if isinstance(image, str):
                     resolved, passed_over = self._resolve(base, image)
-                    self._values[resolved] = (value, jsonl, passed_over)
+                    self._values[resolved] = (value, jsonl, passed_over, image)
 
     def _resolve(self, base: str, listed: str) -> tuple[str, str | None]:
         """Where a listed path leads, as the scan resolves it: relative to the jsonl's folder
@@ -116,12 +113,12 @@ class JsonlField(Mapping[str, str]):
         self[path]  # noqa: B018 (the KeyError with its message)
         return self._values[self._key(path)][1]
 
-    def jsonl_input(self, path: str | os.PathLike[str]) -> FileInput:
-        """The ``.jsonl`` file whose line lists ``path``, with its stamp when it was read, as a
-        shared input: the entry also records its own line's text, so precompute refreshes the
-        entries of unchanged lines after an edit of another (see :class:`FileInput`)."""
-        jsonl = self.jsonl_of(path)
-        return FileInput(jsonl, self._stamps[jsonl], shared=True)
+    def jsonl_input(self, path: str | os.PathLike[str]) -> JsonlLine:
+        """The line that lists ``path``, as an input: an edit of another line of its ``.jsonl``
+        leaves the entry valid, an edit of this one makes it stale (see :class:`JsonlLine`)."""
+        self[path]  # noqa: B018 (the KeyError with its message)
+        value, jsonl, _, listed = self._values[self._key(path)]
+        return JsonlLine(jsonl, self.image_field, self.field, listed, value.encode("utf-8"))
 
     def listing_inputs(self, path: str | os.PathLike[str], name: str, jsonl_name: str | None = None
                        ) -> dict[str, InputValue]:

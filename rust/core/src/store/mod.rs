@@ -12,6 +12,7 @@ mod validity;
 
 pub use validity::Depth;
 mod write;
+pub use write::{sync_all, PutRequest};
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
@@ -133,6 +134,16 @@ pub enum Input {
     /// A file that must not exist for the entry to hold: one an input rule would prefer (the
     /// caption rule takes `img.txt` over `img.png.txt`). Checked on lookup like any input.
     Absent { name: String, path: PathBuf },
+    /// One line of a `.jsonl` listing: the line that lists `listed` (as it spells it) in
+    /// `fields.image_field` gave `text` as `fields.field`. The entry holds while the listing
+    /// still gives `listed` a value with that digest, whatever else in the file changes.
+    JsonlLine {
+        name: String,
+        path: PathBuf,
+        fields: crate::jsonl::Fields,
+        listed: String,
+        text: Vec<u8>,
+    },
 }
 
 /// What [`Store::put`] wrote (the journal records it).

@@ -46,6 +46,53 @@ pub enum Depth {
     Digests,
 }
 
+/// Why the line an input recorded (`line`: the listed path and the fields) no longer gives the
+/// recorded value in the listing at `path` (stamp `now`), or None when it still does.
+fn line_changed(
+    path: &Path,
+    now: Stamp,
+    line: &Value,
+    item: &Value,
+    name: &str,
+) -> Result<Option<String>> {
+    let text = |k: &str| line.get(k).and_then(Value::as_str).map(str::to_string);
+    let (Some(image_field), Some(field), Some(listed)) =
+        (text("image_field"), text("field"), text("listed"))
+    else {
+        return Ok(Some(format!("input {name}: its line record is malformed")));
+    };
+    let fields = crate::jsonl::Fields { image_field, field };
+    let table = match crate::jsonl::table(path, now, &fields) {
+        Ok(t) => t,
+        // Edited again while being read: judged by the next lookup.
+        Err(Error::SourceChanged { .. }) => {
+            return Ok(Some(format!(
+                "input {name} ({}) is being edited",
+                path.display()
+            )))
+        }
+        Err(Error::NotRegular { kind, .. }) => {
+            return Ok(Some(format!(
+                "input {name} ({}) is not a regular file ({kind}): featstore never reads it",
+                path.display()
+            )))
+        }
+        Err(e) => return Err(e),
+    };
+    let recorded = item.get("blake3").and_then(Value::as_str);
+    Ok(match table.get(&listed) {
+        Some(digest) if Some(digest.as_str()) == recorded => None,
+        Some(_) => Some(format!(
+            "input {name}: the line of {listed:?} in {} changed",
+            path.display()
+        )),
+        None => Some(format!(
+            "input {name}: no line of {} lists {listed:?} any more",
+            path.display()
+        )),
+    })
+}
+
 impl Store {
     /// The state of `rel`'s entry. Errors only for I/O failures other than "not found" (a
     /// permission error on the source, say); every problem with the entry itself is a state.
@@ -409,6 +456,16 @@ impl Store {
                 ino: item.get("ino").and_then(Value::as_u64).unwrap_or(0),
                 ctime_ns: field("ctime_ns").unwrap_or(0),
             };
+            if let Some(line) = item.get("line") {
+                // One line of a listing: the rest of the file may change freely.
+                if now != recorded || depth == Depth::Digests {
+                    if let Some(why) = line_changed(&abs, now, line, &item, name)? {
+                        return Ok(Err(why));
+                    }
+                }
+                out.push((abs, Some(now)));
+                continue;
+            }
             if now != recorded || depth == Depth::Digests {
                 let digest = match file_digest(&abs) {
                     Ok(digest) => digest,

@@ -1,9 +1,15 @@
-//! Writing and removing entries: atomic writes that record every input as the encoder read it.
+//! Writing and removing entries: atomic writes that record every input as the encoder read it,
+//! one at a time ([`Store::put`]) or a batch at once ([`Store::put_many`]: in parallel, with one
+//! parallel fsync pass for the batch).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::fs;
 use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+use rayon::prelude::*;
 
 use serde_json::{json, Value};
 
@@ -52,7 +58,102 @@ fn stamp_record(name: &str, path: &str, stamp: Stamp, digest: &str) -> Value {
            "ino": stamp.ino, "ctime_ns": stamp.ctime_ns, "blake3": digest})
 }
 
+/// One entry of a batched write ([`Store::put_many`]): what [`Store::put`] takes.
+pub struct PutRequest<'a> {
+    pub rel: PathBuf,
+    pub tensors: Vec<TensorData<'a>>,
+    pub meta: BTreeMap<String, String>,
+    pub inputs: Vec<Input>,
+    pub expected: Option<Stamp>,
+}
+
+/// Directories a batch found inside the root and existing: each is checked (canonicalized) and
+/// created once per batch rather than once per entry. Per batch only, so that a directory
+/// replaced by a link between batches is checked again.
+#[derive(Default)]
+struct CheckedDirs(Mutex<HashSet<PathBuf>>);
+
+impl CheckedDirs {
+    fn contains(&self, dir: &Path) -> bool {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(dir)
+    }
+
+    fn insert(&self, dir: &Path) {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(dir.to_path_buf());
+    }
+}
+
+/// fsyncs every file of `paths`, then each of their directories once (which makes the renames
+/// durable), from up to 16 threads: the latency of one fsync is mostly the device's or the
+/// server's, and concurrent ones are committed together.
+pub fn sync_all(paths: &[PathBuf]) -> Result<()> {
+    let dirs: Vec<PathBuf> = paths
+        .iter()
+        .filter_map(|p| p.parent().map(Path::to_path_buf))
+        .collect::<HashSet<_>>()
+        .into_iter()
+        .collect();
+    for group in [paths, &dirs[..]] {
+        let next = AtomicUsize::new(0);
+        let failed: Mutex<Option<Error>> = Mutex::new(None);
+        let threads = group.len().clamp(1, 16);
+        std::thread::scope(|s| {
+            for _ in 0..threads {
+                s.spawn(|| loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(p) = group.get(i) else { break };
+                    if let Err(e) = fs::File::open(p).and_then(|f| f.sync_all()) {
+                        *failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(Error::io(p, e));
+                        break;
+                    }
+                });
+            }
+        });
+        if let Some(e) = failed.into_inner().unwrap_or_else(|p| p.into_inner()) {
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
 impl Store {
+    /// Writes a batch of entries in parallel on featstore's pool (`threads`: its size), each as
+    /// [`Store::put`] does; with `durable`, then fsyncs every written entry and its directory
+    /// (in parallel) before returning. One result per request, in order; the outer error is a
+    /// failed fsync, after which no entry of the batch may be called durable.
+    pub fn put_many(
+        &self,
+        requests: &[PutRequest<'_>],
+        durable: bool,
+        threads: Option<usize>,
+    ) -> Result<Vec<Result<Written>>> {
+        let dirs = CheckedDirs::default();
+        let results: Vec<Result<Written>> = crate::pool::pool(threads).install(|| {
+            requests
+                .par_iter()
+                .map(|r| {
+                    self.put_checked(
+                        &r.rel, &r.tensors, &r.meta, &r.inputs, false, r.expected, &dirs,
+                    )
+                })
+                .collect()
+        });
+        if durable {
+            let written: Vec<PathBuf> = results
+                .iter()
+                .filter_map(|r| r.as_ref().ok().map(|w| w.path.clone()))
+                .collect();
+            sync_all(&written)?;
+        }
+        Ok(results)
+    }
+
     /// Writes the entry of `rel` atomically and remembers it as valid.
     ///
     /// Records the source's stamp and digest, every extra input's stamp and digest (or a text's
@@ -72,9 +173,28 @@ impl Store {
         durable: bool,
         expected: Option<Stamp>,
     ) -> Result<Written> {
+        let dirs = CheckedDirs::default();
+        self.put_checked(rel, tensors, user_meta, inputs, durable, expected, &dirs)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn put_checked(
+        &self,
+        rel: &Path,
+        tensors: &[TensorData],
+        user_meta: &BTreeMap<String, String>,
+        inputs: &[Input],
+        durable: bool,
+        expected: Option<Stamp>,
+        dirs: &CheckedDirs,
+    ) -> Result<Written> {
         let src = self.cfg.root.join(rel);
         let path = self.entry_path(rel, Stamp::of(&src)?);
-        self.check_inside_root(&path)?;
+        let parent = path.parent().unwrap_or(Path::new("/"));
+        let checked = dirs.contains(parent);
+        if !checked {
+            self.check_inside_root(&path)?;
+        }
         if path.file_name().map_or(0, |n| n.len()) > entry::NAME_MAX {
             return Err(Error::NameTooLong {
                 path: path.clone(),
@@ -101,6 +221,32 @@ impl Store {
                 }
                 Input::Text { name, text } => input_records
                     .push(json!({"name": name, "blake3": crate::key::bytes_digest(text)})),
+                Input::JsonlLine {
+                    name,
+                    path,
+                    fields,
+                    listed,
+                    text,
+                } => {
+                    let abs = self.abs(path);
+                    let stamp = Stamp::of(&abs)?;
+                    let digest = crate::key::bytes_digest(text);
+                    let table = crate::jsonl::table(&abs, stamp, fields)?;
+                    if table.get(listed) != Some(&digest) {
+                        return Err(Error::SourceChanged {
+                            path: abs,
+                            what: format!(
+                                "(input {name}: the line listing {listed:?}) after the encoder read it; \
+                                 its features were not stored, run again to encode the new text"
+                            ),
+                        });
+                    }
+                    let mut record = stamp_record(name, &self.shown(&abs), stamp, &digest);
+                    record["line"] = json!({"image_field": fields.image_field,
+                                            "field": fields.field, "listed": listed});
+                    input_records.push(record);
+                    known_inputs.push((abs, Some(stamp)));
+                }
                 Input::Absent { name, path } => {
                     let abs = self.abs(path);
                     if stat_opt(&abs)?.is_some() {
@@ -138,8 +284,11 @@ impl Store {
         // The key follows the stamp the digest was taken with (equal to the one above unless the
         // source changed in between, which `stamped_digest` refused).
         let path = self.entry_path(rel, before);
-        if let Some(parent) = path.parent() {
+        if let Some(parent) = path.parent().filter(|p| !dirs.contains(p)) {
             fs::create_dir_all(parent).at(parent)?;
+            // Checked inside the root (sidecars) and now existing: the batch's next entries
+            // there skip both.
+            dirs.insert(parent);
         }
         let bytes = entry::write_entry(&path, tensors, &meta, durable)?;
         let entry_stamp = Stamp::of(&path)?;

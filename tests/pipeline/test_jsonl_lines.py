@@ -1,0 +1,127 @@
+"""A `.jsonl` edit costs what it changed: an entry computed from one line of a listing depends on
+that line alone (docs/design.md, "Inputs from a `.jsonl` line")."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from conftest import age
+
+import featstore
+from featstore.cli import main
+from featstore.encoders.diffusion import JsonlField
+from featstore.errors import FeatstoreError
+from featstore.examples import make_image_tree
+from featstore.inputs import JsonlLine
+
+N = 12
+
+
+class LineCaptions:
+    """Embeds each image's caption (its length and first byte) with JsonlField's own inputs, as
+    TextEncoder and PipelineEncoder do; counts the captions it encodes."""
+
+    name = "caption"
+
+    def __init__(self, root: str) -> None:
+        self.captions = JsonlField(root, "prompt")
+        self.encoded: list[str] = []
+
+    def fingerprint(self) -> str:
+        return "line-caption-v1"
+
+    def preprocess(self, path: str) -> str:
+        return self.captions[path]
+
+    def inputs(self, rel: str, path: str) -> dict:
+        return self.captions.listing_inputs(path, "caption")
+
+    def encode(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def encode_items(self, items: list[str]) -> dict[str, torch.Tensor]:
+        self.encoded += items
+        return {"features": torch.tensor([[len(t), ord(t[0])] for t in items], dtype=torch.float32)}
+
+
+def _write(root: str, rels: list[str], captions: list[str | None]) -> None:
+    with open(os.path.join(root, "train.jsonl"), "w") as f:
+        for rel, caption in zip(rels, captions, strict=True):
+            if caption is not None:
+                f.write(json.dumps({"image": rel, "prompt": caption, "score": 1}) + "\n")
+
+
+def _run(root: str, enc: LineCaptions) -> dict:
+    return featstore.precompute(root, encoder=enc, jsonl="image", num_workers=0, progress=False)
+
+
+@pytest.fixture
+def cached(tmp_path):
+    root = str(tmp_path / "data")
+    rels = make_image_tree(root, N, size=16)
+    captions = [f"caption {i}" for i in range(N)]
+    _write(root, rels, captions)
+    for rel in rels:
+        age(os.path.join(root, rel))
+    assert _run(root, LineCaptions(root))["written"] == N
+    return root, rels, captions
+
+
+def _entries(store: featstore.FeatureStore, rels: list[str]) -> dict[str, tuple[int, int, bytes]]:
+    out = {}
+    for rel in rels:
+        path = store.entry_path(rel)
+        st = os.stat(path)
+        out[rel] = (st.st_ino, st.st_mtime_ns, open(path, "rb").read())
+    return out
+
+
+def test_one_edited_line_makes_one_entry_stale_and_one_recomputed(cached):
+    root, rels, captions = cached
+    before = _entries(featstore.FeatureStore(root, "caption"), rels)
+    captions[4] = "a new caption"
+    _write(root, rels, captions)  # every line rewritten: the file's stamp and digest change
+
+    store = featstore.FeatureStore(root, "caption")
+    states = [store.state(r) for r in rels]
+    assert states.count("stale") == 1 and states[4] == "stale"
+    assert "line" in store.check(rels[4]).reason and rels[4] in store.check(rels[4]).reason
+    assert store.get(rels[5])["features"].tolist() == [len("caption 5"), ord("c")]
+
+    enc = LineCaptions(root)
+    s = _run(root, enc)
+    assert (s["written"], s["skipped"], enc.encoded) == (1, N - 1, ["a new caption"])
+    after = _entries(featstore.FeatureStore(root, "caption"), rels)
+    assert [r for r in rels if after[r] != before[r]] == [rels[4]]  # no other entry rewritten
+    store = featstore.FeatureStore(root, "caption")
+    assert [store.state(r) for r in rels] == ["valid"] * N
+    assert store.get(rels[4])["features"].tolist() == [len("a new caption"), ord("a")]
+    assert main(["verify", root, "--feature", "caption"]) == 0  # digests every input: all hold
+
+
+def test_a_line_removed_or_moved_to_another_image_is_stale(cached):
+    root, rels, captions = cached
+    _write(root, rels, [c if i != 2 else None for i, c in enumerate(captions)])
+    store = featstore.FeatureStore(root, "caption")
+    assert store.state(rels[2]) == "stale" and "no line" in store.check(rels[2]).reason
+    # Lines reordered, other fields edited: every caption is the same, every entry holds.
+    with open(os.path.join(root, "train.jsonl"), "w") as f:
+        for rel, caption in reversed(list(zip(rels, captions, strict=True))):
+            f.write(json.dumps({"prompt": caption, "image": rel, "score": 2}) + "\n")
+    store = featstore.FeatureStore(root, "caption")
+    assert [store.state(r) for r in rels] == ["valid"] * N
+
+
+def test_a_line_edited_after_it_was_read_is_never_stored(cached):
+    root, rels, captions = cached
+    store = featstore.FeatureStore(root, "caption", fingerprint="line-caption-v1")
+    jsonl = os.path.join(root, "train.jsonl")
+    read = JsonlLine(jsonl, "image", "prompt", rels[0], b"caption 0")
+    captions[0] = "edited meanwhile"
+    _write(root, rels, captions)
+    with pytest.raises(FeatstoreError, match="after the encoder read it"):
+        store.write(rels[0], {"features": torch.zeros(2)}, inputs={"caption": b"caption 0", "caption_jsonl": read})
+    assert store.state(rels[0]) == "stale"
