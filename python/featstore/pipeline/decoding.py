@@ -86,9 +86,24 @@ class DecodeDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return -(-len(self.items) // self.chunk)
 
-    def __getitem__(self, c: int) -> list[tuple[int, Any, str | None, Any]]:
+    def __getitem__(self, c: int) -> tuple[torch.Tensor | None, list[tuple[int, Any, str | None, Any]]]:
         indices = range(c * self.chunk, min(len(self.items), (c + 1) * self.chunk))
-        return [(i, *_DECODERS[self.items[i].kind](self.encoder, self.root, self.items[i])) for i in indices]
+        decoded = [(i, *_DECODERS[self.items[i].kind](self.encoder, self.root, self.items[i])) for i in indices]
+        return _packed(decoded) if torch.utils.data.get_worker_info() is not None else (None, decoded)
+
+
+def _packed(decoded: list[tuple[int, Any, str | None, Any]]
+            ) -> tuple[torch.Tensor | None, list[tuple[int, Any, str | None, Any]]]:
+    """``(one tensor of the chunk's decoded images, the items without them)`` when every item
+    decoded to a tensor of one shape and dtype, else ``(None, the items)``. A worker hands each
+    tensor over in a shared-memory segment of its own, which costs more than decoding a small
+    image: one per chunk instead."""
+    tensors = [d for _, d, _, _ in decoded if isinstance(d, torch.Tensor)]
+    first = tensors[0] if tensors else None
+    if first is None or len(tensors) != len(decoded) or len(tensors) < 2 \
+            or any(t.shape != first.shape or t.dtype != first.dtype for t in tensors):
+        return None, decoded
+    return torch.stack(tensors), [(i, None, error, stamp) for i, _, error, stamp in decoded]
 
 
 def _identity(item: Any) -> Any:
@@ -107,10 +122,16 @@ def decode_loader(encoder: Encoder, root: str, items: Sequence[WorkItem], *, bat
         persistent_workers=False, worker_init_fn=ExitWithParent() if num_workers else None)
 
 
-def each_item(loader: Iterable[list[tuple[int, Any, str | None, Any]]]) -> Iterator[tuple[int, Any, str | None, Any]]:
-    """The decoded items of a :func:`decode_loader`, one by one."""
-    for chunk in loader:
-        yield from chunk
+def each_item(loader: Iterable[tuple[torch.Tensor | None, list[tuple[int, Any, str | None, Any]]]]
+              ) -> Iterator[tuple[int, Any, str | None, Any]]:
+    """The decoded items of a :func:`decode_loader`, one by one (a packed chunk's images as rows
+    of its tensor)."""
+    for stacked, chunk in loader:
+        if stacked is None:
+            yield from chunk
+        else:
+            for row, (i, _, error, stamp) in zip(stacked, chunk, strict=True):
+                yield i, row, error, stamp
 
 
 class ExitWithParent:

@@ -1,10 +1,11 @@
 """Writing entries on a background thread (the Rust writer releases the GIL, so encoding goes on).
 
-For each batch: every item's entry is written atomically (temporary file, rename), the written
-files and their directories are fsynced together, then one journal line per item is appended. A
-killed run so leaves only whole entries, and a journal that names none that is not durable.
-Per-image entries of a batch are written by one Rust call (in parallel, fsynced concurrently):
-featstore's own cost per entry must stay far below any encoder's.
+For each batch (or the few batches queued when the writer gets to them): every item's entry is
+written atomically (temporary file, rename), the written files and their directories are fsynced
+together, then one journal line per item is appended. A killed run so leaves only whole entries,
+and a journal that names none that is not durable. Per-image entries of a batch are written by
+one Rust call (in parallel, without the GIL), and the fsyncs run concurrently: featstore's own
+cost per entry must stay far below any encoder's.
 """
 
 from __future__ import annotations
@@ -77,6 +78,10 @@ _WriteEntries = Callable[[FeatureStore, WorkItem, Mapping[str, torch.Tensor], An
 _WRITERS: dict[Kind, _WriteEntries] = {"set": _write_set, "history": _write_history}
 
 
+#: Queued batches the writer takes at once (see Writer._run).
+_COALESCE = 8
+
+
 class Writer:
     """Writes entries on a background thread: atomic entries, fsync in batches, then journal.
 
@@ -98,7 +103,7 @@ class Writer:
     def __init__(self, store: FeatureStore, journal: str, durable: bool, counts: Counts, shape_log: ShapeLog) -> None:
         self.store, self.journal, self.durable, self.counts = store, journal, durable, counts
         self.shape_log = shape_log
-        self.queue: queue.Queue[Any] = queue.Queue(maxsize=4)
+        self.queue: queue.Queue[Any] = queue.Queue(maxsize=_COALESCE)
         # What each item's decoder read (stamps, inputs), set by the main loop before submitting.
         self.expected: dict[WorkItem, Any] = {}
         self.error: BaseException | None = None
@@ -124,28 +129,39 @@ class Writer:
             raise self.error
 
     def _run(self) -> None:
-        while True:
-            job = self.queue.get()
-            if job is None:
-                return
-            if self.error is not None:
+        finished = False
+        while not finished:
+            # Whatever is queued is written together: one fsync pass and one journal append for
+            # all of it (per-batch fsyncs cost more than a cheap encoder's batch).
+            jobs = [self.queue.get()]
+            while jobs[-1] is not None and len(jobs) < _COALESCE:
+                try:
+                    jobs.append(self.queue.get_nowait())
+                except queue.Empty:
+                    break
+            if jobs[-1] is None:
+                jobs.pop()
+                finished = True
+            if self.error is not None or not jobs:
                 continue  # drain
             try:
-                self._write(*job)
+                self._write(jobs)
             except BaseException as exc:  # surfaced to the main thread on the next submit/close
                 self.error = exc
 
-    def _write(self, items: list[WorkItem], outputs: Outputs | str) -> None:
+    def _write(self, jobs: list[tuple[list[WorkItem], Outputs | str]]) -> None:
         t0 = time.perf_counter()
         records: list[journal_lines.Record] = []
-        if isinstance(outputs, str):  # a failure reason, from fail()
-            self._failed(items[0], outputs, records)
-        else:
+        written: list[Written] = []
+        for items, outputs in jobs:
+            if isinstance(outputs, str):  # a failure reason, from fail()
+                self._failed(items[0], outputs, records)
+                continue
             self.shape_log.observe_outputs(items, outputs)
-            written: list[Written] = []
             images = [i for i, item in enumerate(items) if item.kind == "image"]
             if images:
-                self._write_images([items[i] for i in images], _rows(outputs, images, len(items)), records)
+                written += self._write_images([items[i] for i in images], _rows(outputs, images, len(items)),
+                                              records)
             for i, item in enumerate(items):
                 if item.kind == "image":
                     continue
@@ -159,41 +175,39 @@ class Writer:
                     if _fatal(exc):
                         raise
                     self._failed(item, exc, records, entries=item.entries - done)
-            if self.durable:
-                _fsync_all([w.path for w in written])
-            for w in written:
-                records.append(w.record)
-                self.counts.written += 1
-                self.counts.frames += len(w.record.get("members", ())) or 1
-                self.counts.bytes += w.bytes
+        if self.durable:
+            _fsync_all([w.path for w in written])
+        for w in written:
+            records.append(w.record)
+            self.counts.written += 1
+            self.counts.frames += len(w.record.get("members", ())) or 1
+            self.counts.bytes += w.bytes
         journal_lines.append(self.journal, records, durable=self.durable)
         self.counts.stage_seconds["write"] += time.perf_counter() - t0
 
-    def _write_images(self, batch: list[WorkItem], outputs: Outputs, records: list[journal_lines.Record]) -> None:
+    def _write_images(self, batch: list[WorkItem], outputs: Outputs, records: list[journal_lines.Record]
+                      ) -> list[Written]:
         """Writes a batch's per-image entries (``outputs``: one row, or list element, per item)
-        in one call, fsynced before it returns when durable, and records their lines, or each
-        failure."""
+        in one call and returns them (fsynced by the caller with the rest of what it writes), or
+        records each failure."""
         expected = [self.expected.pop(item, None) or (None, None) for item in batch]
         paths = [item.paths[0] for item in batch]
         stamps, inputs = [e[0] for e in expected], [e[1] for e in expected]
         if all(isinstance(v, torch.Tensor) for v in outputs.values()):
-            results = self.store.write_rows(paths, outputs, inputs=inputs, expected=stamps,  # type: ignore[arg-type]
-                                            durable=self.durable)
+            results = self.store.write_rows(paths, outputs, inputs=inputs, expected=stamps)  # type: ignore[arg-type]
         else:  # ragged outputs of encode_items: one tensor per item
             results = self.store.write_many([(p, {k: v[i] for k, v in outputs.items()}, inp, st) for i, (p, inp, st)
-                                             in enumerate(zip(paths, inputs, stamps, strict=True))],
-                                            durable=self.durable)
+                                             in enumerate(zip(paths, inputs, stamps, strict=True))])
+        written = []
         for item, w in zip(batch, results, strict=True):
             if isinstance(w, BaseException):
                 if _fatal(w):
                     raise w
                 self._failed(item, w, records)
                 continue
-            rel = item.paths[0]
-            records.append(journal_lines.ok_record(self.store, rel, w["source"], w["entry"], w["check_first"]))
-            self.counts.written += 1
-            self.counts.frames += 1
-            self.counts.bytes += int(w["bytes"])
+            written.append(Written(os.fspath(w["path"]), int(w["bytes"]), journal_lines.ok_record(
+                self.store, item.paths[0], w["source"], w["entry"], w["check_first"])))
+        return written
 
     def _failed(self, item: WorkItem, why: str | BaseException, records: list[journal_lines.Record], *,
                 entries: int | None = None) -> None:
