@@ -28,6 +28,44 @@ class Trivial:
         return {"features": batch.float()}
 
 
+class TrivialCaptions:
+    """Embeds each source's caption from ``captions.jsonl`` (its length and first byte), with
+    the per-line inputs ``JsonlField`` records, as the text encoders do: no model."""
+
+    name = "caption"
+
+    def __init__(self, root: str) -> None:
+        from featstore.encoders.diffusion import JsonlField
+
+        self.captions = JsonlField(root, "prompt")
+
+    def fingerprint(self) -> str:
+        return "trivial-captions-bench-v1"
+
+    def preprocess(self, path: str) -> str:
+        return self.captions[path]
+
+    def inputs(self, rel: str, path: str) -> dict:
+        return self.captions.listing_inputs(path, "caption")
+
+    def encode(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def encode_items(self, items: list[str]) -> dict[str, torch.Tensor]:
+        return {"features": torch.tensor([[len(t), ord(t[0])] for t in items], dtype=torch.float32)}
+
+
+def write_captions(root: str, rels: list[str], edited: int | None = None) -> str:
+    """Writes ``captions.jsonl`` at the root, one line per source (line ``edited`` with another
+    caption); returns its path."""
+    path = os.path.join(root, "captions.jsonl")
+    with open(path, "w") as f:
+        for i, rel in enumerate(rels):
+            caption = "an edited caption" if i == edited else f"caption {i}"
+            f.write(f'{{"image": "{rel}", "prompt": "{caption}"}}\n')
+    return path
+
+
 def build_tree(root: str, n: int) -> list[str]:
     """Writes ``n`` sources of 64 distinct bytes, 1,000 per directory; returns their relative
     paths, sorted."""

@@ -221,7 +221,7 @@ class FeatureStore:
                    deep: bool = False) -> list[_core.Check]:
         """:meth:`check` of many sources in parallel in Rust; a failed check's state is
         ``"error: ..."`` (:func:`featstore.vocabulary.check_error` tells it)."""
-        rels = [self.rel(p) for p in paths]
+        rels = self.rels(paths)
         return run_with_progress(lambda p: self._core.check_many_full(rels, threads, p, deep), desc=desc,
                                  total=len(rels), show=progress, unit="sources")
 
@@ -440,7 +440,7 @@ class FeatureStore:
         StaleEntryError
             No source in the batch has a valid entry to take the shape from.
         """
-        rels = [self.rel(p) for p in paths]
+        rels = self.rels(paths)
         out = batches.checked_out(self, rels, name, out, pin_memory=pin_memory)
         errors = self._core.read_batch(rels, name, batches.core_dtype(out), list(out.shape[1:]), out.data_ptr(),
                                        out.numel() * out.element_size(), threads)
@@ -532,7 +532,7 @@ class FeatureStore:
         """The index records (source, its stamp, the entry's stamp, ``check_first``) of the valid
         entries among ``paths``: what the manifest's index holds. ``unindexed_only`` keeps those the
         index does not know yet (entries a killed run wrote without a journal line)."""
-        rels = [self.rel(p) for p in paths]
+        rels = self.rels(paths)
         return self._core.unindexed_records(rels) if unindexed_only else self._core.index_records(rels)
 
     def journal_paths(self) -> list[str]:

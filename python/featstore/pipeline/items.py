@@ -32,7 +32,7 @@ _NOUNS: dict[str, str] = {"image": "images", "set": "sets", "history": "samples"
 _INDEXED: frozenset[str] = frozenset({"image"})
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class WorkItem:
     """One unit of precompute work: the sources (relative paths, in order) encoded together.
 

@@ -193,15 +193,17 @@ impl Segment {
 
 /// Serializes records (sorted here by key; a key given twice keeps its last slot).
 fn encode(fingerprint: Option<&str>, mut records: Vec<(Vec<u8>, Slot)>) -> Vec<u8> {
-    // Stable sort, then keep the last of each run of equal keys: later slots win.
+    // Stable sort, then keep the last of each run of equal keys (later slots win), in place:
+    // a million records are not copied.
     records.sort_by(|a, b| a.0.cmp(&b.0));
-    let mut kept: Vec<(Vec<u8>, Slot)> = Vec::with_capacity(records.len());
-    for r in records {
-        match kept.last_mut() {
-            Some(last) if last.0 == r.0 => *last = r,
-            _ => kept.push(r),
+    records.dedup_by(|later, kept| {
+        let same = later.0 == kept.0;
+        if same {
+            std::mem::swap(later, kept);
         }
-    }
+        same
+    });
+    let kept = records;
     let fp = fingerprint.map(str::as_bytes);
     let keys_len: usize = kept.iter().map(|(k, _)| k.len()).sum();
     let total = HEADER_LEN

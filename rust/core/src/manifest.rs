@@ -19,7 +19,7 @@ use serde_json::{Map, Value};
 
 use crate::entry::write_atomic;
 use crate::error::{Error, IoContext, Result};
-use crate::index::{self, Index, Slot};
+use crate::index::{self, Index, Segment, Slot};
 use crate::key::{path_bytes, Stamp};
 
 /// How a relative path is written in JSON (journal lines, the index's keys): as itself when it
@@ -320,17 +320,23 @@ pub fn append_journal(path: &Path, records: &[Value], durable: bool) -> Result<(
     Ok(())
 }
 
-/// Reads a journal's records; returns them and the number of torn or malformed lines skipped.
-pub fn read_journal(path: &Path) -> Result<(Vec<Value>, usize)> {
-    let text = std::fs::read(path).at(path)?;
-    let mut records = Vec::new();
-    let mut skipped = 0;
-    for line in text.split(|&b| b == b'\n') {
+/// Calls `each` with every record of a journal, one line at a time (a million-line journal is
+/// never held whole, nor parsed into a million values at once); returns the number of records
+/// and of torn or malformed lines skipped.
+pub fn read_journal(path: &Path, mut each: impl FnMut(&Value)) -> Result<(usize, usize)> {
+    use std::io::BufRead;
+    let file = std::fs::File::open(path).at(path)?;
+    let (mut records, mut skipped) = (0, 0);
+    for line in std::io::BufReader::with_capacity(1 << 20, file).split(b'\n') {
+        let line = line.at(path)?;
         if line.iter().all(u8::is_ascii_whitespace) {
             continue;
         }
-        match serde_json::from_slice::<Value>(line) {
-            Ok(v) if v.is_object() => records.push(v),
+        match serde_json::from_slice::<Value>(&line) {
+            Ok(v) if v.is_object() => {
+                records += 1;
+                each(&v);
+            }
             _ => skipped += 1,
         }
     }
@@ -347,8 +353,9 @@ pub struct MergeSummary {
     pub foreign_records: usize,
 }
 
-/// Segments are folded into one when a merge leaves more than this many: lookups look in each
-/// (newest first), and a merge must cost what the run changed, not the size of the index.
+/// Segments are folded into one when a merge leaves more than this many (or when its own segment
+/// rewrote at least half of the index): lookups look in each (newest first), and a merge must
+/// cost what the run changed, not the size of the index.
 pub const COMPACT_ABOVE: usize = 8;
 
 /// Folds every journal beside `manifest_path` into one new segment of the index in `index_dir`
@@ -383,21 +390,30 @@ pub fn merge_journals(
     };
     manifest.legacy_index.clear();
     for j in &journals {
-        let (records, skipped) = read_journal(j)?;
-        summary.records += records.len();
-        summary.skipped_lines += skipped;
-        for r in &records {
+        let mut foreign = 0;
+        let (records, skipped) = read_journal(j, |r| {
             if !manifest.apply(r, &mut delta) {
-                summary.foreign_records += 1;
+                foreign += 1;
             }
-        }
+        })?;
+        summary.records += records;
+        summary.skipped_lines += skipped;
+        summary.foreign_records += foreign;
     }
+    let before: usize = existing.segments().iter().map(Segment::len).sum();
+    let rewrote_most = !delta.is_empty() && delta.len() * 2 >= before;
+    drop(existing);
     if !delta.is_empty() {
         index::write_segment(index_dir, fingerprint.as_deref(), delta, durable)?;
     }
     let all = index::segment_paths(index_dir)?;
     let ours = Index::open(index_dir, fingerprint.as_deref())?;
-    if all.len() > COMPACT_ABOVE || all.len() > ours.segments().len() {
+    // A run that rewrote most of the index (a first run, --overwrite) folds it at once: its
+    // segment would otherwise sit beside an older one holding the same keys.
+    if all.len() > COMPACT_ABOVE
+        || all.len() > ours.segments().len()
+        || (rewrote_most && all.len() > 1)
+    {
         drop(ours);
         index::compact(index_dir, fingerprint.as_deref(), durable)?;
         index::remove_torn_writes(index_dir)?;

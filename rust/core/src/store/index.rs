@@ -25,13 +25,12 @@ fn indexed(path: PathBuf, r: IndexRecord) -> Known {
 }
 
 impl Store {
-    /// The index segments' record of `rel`, remembered (None: not indexed).
+    /// The index segments' record of `rel` as a verdict (None: not indexed). Not remembered:
+    /// the index is the memory of it (a status or a planning pass over a million indexed
+    /// entries keeps nothing per entry); reads remember it with the entry's parsed header.
     pub(super) fn learn_from_index(&self, rel: &Path) -> Option<Known> {
         let r = self.index.get(path_bytes(rel))?;
-        let k = indexed(self.entry_path(rel, r.source), r);
-        let mut known = self.known.write().unwrap_or_else(|p| p.into_inner());
-        // Another thread may have judged it meanwhile: its verdict is newer than the record.
-        Some(known.entry(rel.to_path_buf()).or_insert(k).clone())
+        Some(indexed(self.entry_path(rel, r.source), r))
     }
 
     /// The sources the index holds a record of, in byte order: its segments' live keys, or the

@@ -73,10 +73,18 @@ impl Store {
             )?;
             return Ok(false);
         }
-        let judged = |k: &&mut Known| k.path == c.entry && k.entry == id.stamp;
+        let judged = |k: &Known| k.path == c.entry && k.entry == id.stamp;
         let mut known = self.known.write().unwrap_or_else(|p| p.into_inner());
-        if let Some(k) = known.get_mut(rel).filter(judged) {
-            k.header = Some((id, Arc::clone(header)));
+        match known.get_mut(rel) {
+            Some(k) if judged(k) => k.header = Some((id, Arc::clone(header))),
+            Some(_) => {}
+            // Judged from the index alone: remembered now, with the header a read needs again.
+            None => {
+                if let Some(mut k) = self.learn_from_index(rel).filter(|k| judged(k)) {
+                    k.header = Some((id, Arc::clone(header)));
+                    known.insert(rel.to_path_buf(), k);
+                }
+            }
         }
         Ok(true)
     }

@@ -124,7 +124,8 @@ pub fn sync_all(paths: &[PathBuf]) -> Result<()> {
 
 impl Store {
     /// Writes a batch of entries in parallel on featstore's pool (`threads`: its size), each as
-    /// [`Store::put`] does; with `durable`, then fsyncs every written entry and its directory
+    /// [`Store::put`] does but without remembering them (memory stays flat however many a run
+    /// writes; a lookup in this process judges each from its header once); with `durable`, then fsyncs every written entry and its directory
     /// (in parallel) before returning. One result per request, in order; the outer error is a
     /// failed fsync, after which no entry of the batch may be called durable.
     pub fn put_many(
@@ -139,7 +140,7 @@ impl Store {
                 .par_iter()
                 .map(|r| {
                     self.put_checked(
-                        &r.rel, &r.tensors, &r.meta, &r.inputs, false, r.expected, &dirs,
+                        &r.rel, &r.tensors, &r.meta, &r.inputs, false, r.expected, &dirs, false,
                     )
                 })
                 .collect()
@@ -174,7 +175,9 @@ impl Store {
         expected: Option<Stamp>,
     ) -> Result<Written> {
         let dirs = CheckedDirs::default();
-        self.put_checked(rel, tensors, user_meta, inputs, durable, expected, &dirs)
+        self.put_checked(
+            rel, tensors, user_meta, inputs, durable, expected, &dirs, true,
+        )
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -187,6 +190,7 @@ impl Store {
         durable: bool,
         expected: Option<Stamp>,
         dirs: &CheckedDirs,
+        remember: bool,
     ) -> Result<Written> {
         let src = self.cfg.root.join(rel);
         let path = self.entry_path(rel, Stamp::of(&src)?);
@@ -298,6 +302,19 @@ impl Store {
         //
         // A racy entry is checked again (digest included) on every use, here as in other
         // processes, until a check outside the window: an edit that keeps the stamp may follow.
+        //
+        // A batch (precompute's writer) remembers nothing: its entries go to the journal, and
+        // memory must not grow with the number written; a lookup here reads the header once.
+        if !remember {
+            return Ok(Written {
+                path,
+                source: before,
+                entry: entry_stamp,
+                racy,
+                check_first: racy || !inputs.is_empty(),
+                bytes,
+            });
+        }
         self.remember(
             rel,
             Known {
