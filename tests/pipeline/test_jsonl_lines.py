@@ -91,9 +91,14 @@ def test_one_edited_line_makes_one_entry_stale_and_one_recomputed(cached):
     assert "line" in store.check(rels[4]).reason and rels[4] in store.check(rels[4]).reason
     assert store.get(rels[5])["features"].tolist() == [len("caption 5"), ord("c")]
 
+    index = featstore.FeatureStore(root, "caption").index_dir
+    segments = set(os.listdir(index))
     enc = LineCaptions(root)
     s = _run(root, enc)
     assert (s["written"], s["skipped"], enc.encoded) == (1, N - 1, ["a new caption"])
+    # The index gains one small segment: the new entry's record, not every entry judged again.
+    (added,) = set(os.listdir(index)) - segments
+    assert segments <= set(os.listdir(index)) and os.path.getsize(os.path.join(index, added)) < 400
     after = _entries(featstore.FeatureStore(root, "caption"), rels)
     assert [r for r in rels if after[r] != before[r]] == [rels[4]]  # no other entry rewritten
     store = featstore.FeatureStore(root, "caption")

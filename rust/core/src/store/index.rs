@@ -81,8 +81,13 @@ impl Store {
     /// may lack, such as those of entries a killed run wrote before their journal lines, or a
     /// touched source's refreshed stamp.
     pub fn unindexed_record(&self, rel: &Path) -> Option<IndexRecord> {
-        self.recall(rel)
+        let record = self
+            .recall(rel)
             .filter(|k| !k.indexed)
-            .and_then(|_| self.index_record(rel))
+            .and_then(|_| self.index_record(rel))?;
+        // Judged here by a full check (an entry with inputs always is), but the index already
+        // holds these very stamps: journaling it again would rewrite the index for nothing.
+        let held = self.index.get(path_bytes(rel));
+        (held != Some(record)).then_some(record)
     }
 }
