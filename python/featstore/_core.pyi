@@ -141,6 +141,9 @@ class Store:
         durable: bool = False,
         threads: int | None = None,
     ) -> list[dict[str, Any] | BaseException]: ...
+    def inputs_differ_many(
+        self, items: Sequence[tuple[_Path, Sequence[tuple[str, tuple[Any, ...]]]]], threads: int | None = None
+    ) -> list[bool]: ...
     def read(self, rel: _Path) -> list[tuple[str, Any]] | None: ...
     def read_batch(
         self,

@@ -8,7 +8,6 @@ and every bad argument answer in about a second. Only items whose entry is missi
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import sys
@@ -20,12 +19,12 @@ from typing import Any
 
 import torch
 
-from featstore import _core, env
+from featstore import env
 from featstore.encoders import Capabilities, Encoder, capabilities, describe, resolve_encoder
 from featstore.env import parse_shard
 from featstore.errors import CheckpointError, FeatstoreError
 from featstore.history import history_state
-from featstore.inputs import FileInput
+from featstore.inputs import AbsentInput, FileInput, JsonlLine
 from featstore.pipeline.items import Kind, WorkItem, kind_for, work_items
 from featstore.pipeline.refresh import refreshable
 from featstore.pipeline.selection import check_range, distributed_rank, select
@@ -285,35 +284,35 @@ def _inputs_now(store: FeatureStore, enc: Encoder, items: Sequence[WorkItem], st
     another digest, or a file input taken from another path (a ``.jsonl`` line now naming another
     control image). Lookups compare recorded files themselves; texts and paths only the planner can."""
     out = list(states)
+    compared: list[tuple[int, str, list[tuple[str, tuple[Any, ...]]]]] = []
     for i, (item, state) in enumerate(zip(items, states, strict=True)):
         if state != "valid" or item.kind != "image":
             continue
         rel = item.paths[0]
         try:
             now = enc.inputs(rel, os.path.join(store.data_root, rel))  # type: ignore[attr-defined]
-            meta, _, _ = _core.read_header(store.check(rel).entry)
-            recorded = {r.get("name"): r for r in json.loads(meta.get("inputs", "[]")) if r.get("name") != "source"}
+            compared.append((i, rel, [(name, _as_now(value)) for name, value in now.items()]))
         except Exception:  # unreadable now: let the run find out and record why
             out[i] = "stale"
-            continue
-        texts_differ = any(isinstance(v, bytes) and recorded.get(name, {}).get("blake3") != _core.bytes_digest(v)
-                           for name, v in now.items())
-        # A file input the encoder would now take from elsewhere (a .jsonl line naming another
-        # control image): the recorded file may be unchanged, but it is not the input any more.
-        moved = any(isinstance(v, (str, os.PathLike, FileInput)) and name in recorded and
-                    _recorded_path(store, recorded[name]) != _now_path(store, v) for name, v in now.items())
-        if set(now) != set(recorded) or texts_differ or moved:
+    # Another set of inputs, a text with another digest, or a file (or a .jsonl line) the encoder
+    # would now take from elsewhere (a line naming another control image): the recorded file may
+    # be unchanged, but it is not the input any more. One parallel pass over the headers.
+    differ = store._core.inputs_differ_many([(rel, now) for _, rel, now in compared])
+    for (i, _, _), changed in zip(compared, differ, strict=True):
+        if changed:
             out[i] = "stale"
     return out
 
 
-def _recorded_path(store: FeatureStore, record: dict[str, Any]) -> str:
-    return os.path.normpath(os.path.join(store.data_root, str(record.get("path", ""))))
-
-
-def _now_path(store: FeatureStore, value: Any) -> str:
-    return os.path.normpath(os.path.join(store.data_root, os.fspath(value.path if isinstance(value, FileInput)
-                                                                   else value)))
+def _as_now(value: Any) -> tuple[Any, ...]:
+    """An input the encoder would read now, as the core compares it with what an entry recorded."""
+    if isinstance(value, bytes):
+        return ("text", value)
+    if isinstance(value, AbsentInput):
+        return ("absent",)
+    if isinstance(value, JsonlLine):
+        return ("jsonl", os.fspath(value.path), value.listed)
+    return ("file", os.fspath(value.path if isinstance(value, FileInput) else value))
 
 
 def _free_bytes(target_dir: str) -> int:

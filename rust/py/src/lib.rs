@@ -18,7 +18,9 @@ use featstore_core::key::{self, Stamp};
 use featstore_core::manifest::{self, Manifest};
 use featstore_core::pool;
 use featstore_core::scan::{self, ScanOptions};
-use featstore_core::store::{Depth, Input, Layout, PutRequest, Store, StoreConfig, Written};
+use featstore_core::store::{
+    Depth, Input, Layout, NowInput, PutRequest, Store, StoreConfig, Written,
+};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
@@ -409,6 +411,9 @@ fn merge_journals(
         .py_err()?;
     Ok((s.journals, s.records, s.skipped_lines, s.foreign_records))
 }
+
+/// Inputs by name, each a tuple whose first item says its kind.
+type NamedInputs<'py> = Vec<(String, Bound<'py, PyAny>)>;
 
 /// What `put` wrote, as Python sees it.
 fn written_dict(py: Python<'_>, w: Written) -> PyResult<Bound<'_, PyDict>> {
@@ -816,6 +821,51 @@ impl PyStore {
                 Some(PyIndexRecord::new(r, rec))
             })
             .collect()
+    }
+
+    /// For each `(rel, inputs now)`: whether the inputs its entry recorded differ from what the
+    /// encoder would read now (names, texts, files and `.jsonl` lines taken from elsewhere), in
+    /// parallel without the GIL. Inputs: `(name, ("text", bytes))`, `(name, ("file", path))`,
+    /// `(name, ("absent",))`, `(name, ("jsonl", path, listed))`.
+    #[pyo3(signature = (items, threads=None))]
+    fn inputs_differ_many(
+        &self,
+        py: Python<'_>,
+        items: Vec<(PathBuf, NamedInputs<'_>)>,
+        threads: Option<usize>,
+    ) -> PyResult<Vec<bool>> {
+        let mut parsed = Vec::with_capacity(items.len());
+        for (rel, inputs) in items {
+            let mut now = Vec::with_capacity(inputs.len());
+            for (name, v) in inputs {
+                let kind: String = v.get_item(0)?.extract()?;
+                now.push(match kind.as_str() {
+                    "text" => NowInput::Text {
+                        name,
+                        text: v.get_item(1)?.cast::<PyBytes>()?.as_bytes().to_vec(),
+                    },
+                    "file" => NowInput::File {
+                        name,
+                        path: v.get_item(1)?.extract()?,
+                    },
+                    "absent" => NowInput::Absent { name },
+                    "jsonl" => NowInput::Line {
+                        name,
+                        path: v.get_item(1)?.extract()?,
+                        listed: v.get_item(2)?.extract()?,
+                    },
+                    other => {
+                        return Err(PyValueError::new_err(format!(
+                            "input {name:?}: unknown kind {other:?}"
+                        )))
+                    }
+                });
+            }
+            parsed.push((rel, now));
+        }
+        Ok(fork::detached(py, || {
+            self.inner.inputs_differ_many(&parsed, threads)
+        }))
     }
 
     /// Forgets what this process remembers about `rel`.

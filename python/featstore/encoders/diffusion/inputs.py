@@ -88,7 +88,7 @@ class JsonlField(Mapping[str, str]):
         return (second, first) if os.path.isfile(second) and second != first else (first, None)
 
     def _key(self, path: str | os.PathLike[str]) -> str:
-        return os.path.normpath(os.path.abspath(os.fspath(path)))
+        return os.path.abspath(os.fspath(path))  # abspath normalizes
 
     def __getitem__(self, path: str | os.PathLike[str]) -> str:  # type: ignore[override]
         try:
@@ -125,9 +125,13 @@ class JsonlField(Mapping[str, str]):
         """The inputs of ``path``'s line: its text (``name``), its ``.jsonl`` (shared, see
         :meth:`jsonl_input`), and the file its listed image path passed over (see ``_resolve``)
         as one that must stay absent: when it appears, the line names it instead."""
-        found: dict[str, InputValue] = {name: self[path].encode("utf-8"),
-                                        jsonl_name or f"{name}_jsonl": self.jsonl_input(path)}
-        passed_over = self._values[self._key(path)][2]
+        key = self._key(path)
+        if key not in self._values:
+            self[path]  # noqa: B018 (the KeyError with its message)
+        value, jsonl, passed_over, listed = self._values[key]
+        text = value.encode("utf-8")
+        found: dict[str, InputValue] = {name: text, jsonl_name or f"{name}_jsonl": JsonlLine(
+            jsonl, self.image_field, self.field, listed, text)}
         if passed_over is not None:
             found[f"{name}_listed_preferred"] = AbsentInput(passed_over)
         return found

@@ -8,6 +8,9 @@
 
 mod index;
 mod read;
+mod recorded;
+
+pub use recorded::NowInput;
 mod validity;
 
 pub use validity::Depth;
