@@ -485,6 +485,31 @@ mod tests {
     }
 
     #[test]
+    fn many_small_merges_keep_the_segments_few_and_the_count_exact() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = dir.path().join("f_cache_manifest.json");
+        let idx = dir.path().join("index");
+        let line = |i: u64| json!({"op": "ok", "path": format!("{i:03}.jpg"), "source": [i, 1], "entry": [i, 2]});
+        // A first run of 100 entries, then 20 runs that each write one more.
+        let first: Vec<Value> = (0..100).map(line).collect();
+        append_journal(&journal_path(&m, 0, 1), &first, false).unwrap();
+        merge_journals(&m, &idx, None, false).unwrap();
+        for i in 100..120 {
+            append_journal(&journal_path(&m, 0, 1), &[line(i)], false).unwrap();
+            let (manifest, _) = merge_journals(&m, &idx, None, false).unwrap();
+            assert_eq!(manifest.fields["processed_images"], i + 1);
+            let segments = index::segment_paths(&idx).unwrap().len();
+            assert!(
+                segments <= COMPACT_ABOVE,
+                "{segments} segments after run {i}"
+            );
+        }
+        let index = Index::open(&idx, None).unwrap();
+        assert_eq!(index.live().count(), 120);
+        assert_eq!(index.get(b"119.jpg").unwrap().source, Stamp::sized(119, 1));
+    }
+
+    #[test]
     fn later_success_clears_failure_and_removal_drops_entry() {
         let mut m = Manifest::default();
         let mut delta = Vec::new();
