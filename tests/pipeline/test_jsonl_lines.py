@@ -130,3 +130,15 @@ def test_a_line_edited_after_it_was_read_is_never_stored(cached):
     with pytest.raises(FeatstoreError, match="after the encoder read it"):
         store.write(rels[0], {"features": torch.zeros(2)}, inputs={"caption": b"caption 0", "caption_jsonl": read})
     assert store.state(rels[0]) == "stale"
+
+
+def test_a_later_line_listing_the_image_under_another_spelling_makes_it_stale(cached):
+    """JsonlField takes the last line of an image however its path is spelled: so does the entry."""
+    root, rels, captions = cached
+    with open(os.path.join(root, "train.jsonl"), "a") as f:
+        f.write(json.dumps({"image": "./" + rels[3], "prompt": "another caption"}) + "\n")
+    assert LineCaptions(root).captions[os.path.join(root, rels[3])] == "another caption"
+    store = featstore.FeatureStore(root, "caption")
+    assert [r for r in rels if store.state(r) == "stale"] == [rels[3]]
+    enc = LineCaptions(root)
+    assert _run(root, enc)["written"] == 1 and enc.encoded == ["another caption"]

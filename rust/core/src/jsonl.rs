@@ -24,10 +24,70 @@ pub struct Fields {
     pub field: String,
 }
 
-/// One file's table: listed path (as the line spells it) -> digest of the field's value (as
-/// [`bytes_digest`] gives it for the value's UTF-8 bytes). A path listed twice takes its last
-/// line's value, as `featstore.encoders.diffusion.JsonlField` does.
-pub type Table = HashMap<String, String>;
+/// One file's table: listed path -> digest of the field's value (as [`bytes_digest`] gives it
+/// for the value's UTF-8 bytes). A path listed twice takes its last line's value, as
+/// `featstore.encoders.diffusion.JsonlField` does; two spellings of one path (`a.png`,
+/// `./a.png`, the file's own folder spelled out in full) are one path ([`Table::digest_of`]).
+#[derive(Debug, Default)]
+pub struct Table {
+    /// The listing's folder: relative listed paths are relative to it.
+    dir: PathBuf,
+    digests: HashMap<String, String>,
+}
+
+impl Table {
+    /// The digest of the value the listing gives `listed` (however the entry's line spelled
+    /// it), or None when no line lists it.
+    pub fn digest_of(&self, listed: &str) -> Option<&str> {
+        self.digests
+            .get(&spelling(&self.dir, listed))
+            .map(String::as_str)
+    }
+
+    fn insert(&mut self, listed: &str, digest: String) {
+        self.digests.insert(spelling(&self.dir, listed), digest);
+    }
+
+    pub fn len(&self) -> usize {
+        self.digests.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.digests.is_empty()
+    }
+}
+
+/// One spelling per path a line may list: lexically normalized (`.` dropped, `..` taken back
+/// where it can be), and an absolute path inside the listing's folder made relative to it.
+fn spelling(dir: &Path, listed: &str) -> String {
+    let listed = Path::new(listed);
+    let relative = if listed.is_absolute() {
+        match listed.strip_prefix(dir) {
+            Ok(inside) => inside,
+            Err(_) => listed,
+        }
+    } else {
+        listed
+    };
+    let mut parts: Vec<&str> = Vec::new();
+    let absolute = relative.is_absolute();
+    for c in relative.to_str().unwrap_or_default().split('/') {
+        match c {
+            "" | "." => {}
+            ".." if parts.last().is_some_and(|p| *p != "..") => {
+                parts.pop();
+            }
+            ".." if absolute => {}
+            other => parts.push(other),
+        }
+    }
+    let joined = parts.join("/");
+    if absolute {
+        format!("/{joined}")
+    } else {
+        joined
+    }
+}
 
 type Key = (PathBuf, Stamp, Fields);
 
@@ -56,7 +116,8 @@ pub fn table(path: &Path, stamp: Stamp, fields: &Fields) -> Result<Arc<Table>> {
             what: "while it was read for its lines' digests; look it up again".into(),
         });
     }
-    let table = Arc::new(parse(&text, fields));
+    let dir = path.parent().unwrap_or(Path::new("")).to_path_buf();
+    let table = Arc::new(parse(&text, fields, dir));
     let mut tables = TABLES.lock().unwrap_or_else(|p| p.into_inner());
     if tables.len() >= KEPT {
         tables.remove(0);
@@ -67,8 +128,11 @@ pub fn table(path: &Path, stamp: Stamp, fields: &Fields) -> Result<Arc<Table>> {
 
 /// Parses lines; lines that are not JSON objects with the two fields are left out (they list
 /// nothing, so no entry can depend on them).
-fn parse(text: &[u8], fields: &Fields) -> Table {
-    let mut out = Table::new();
+fn parse(text: &[u8], fields: &Fields, dir: PathBuf) -> Table {
+    let mut out = Table {
+        dir,
+        digests: HashMap::new(),
+    };
     for line in text.split(|&b| b == b'\n') {
         if line.iter().all(u8::is_ascii_whitespace) {
             continue;
@@ -81,12 +145,10 @@ fn parse(text: &[u8], fields: &Fields) -> Table {
         };
         let digest = bytes_digest(value.as_bytes());
         match record.get(&fields.image_field) {
-            Some(Value::String(listed)) => {
-                out.insert(listed.clone(), digest);
-            }
+            Some(Value::String(listed)) => out.insert(listed, digest),
             Some(Value::Array(listed)) => {
                 for l in listed.iter().filter_map(Value::as_str) {
-                    out.insert(l.to_string(), digest.clone());
+                    out.insert(l, digest.clone());
                 }
             }
             _ => {}
@@ -115,12 +177,27 @@ not json
 {"image": "d.png"}
 {"image": "a.png", "prompt": "a cat, again"}
 "#;
-        let t = parse(text, &fields());
-        assert_eq!(t["a.png"], bytes_digest("a cat, again".as_bytes()));
-        assert_eq!(t["b.png"], t["c.png"]);
-        assert_eq!(t["c.png"], bytes_digest("two dogs".as_bytes()));
-        assert!(!t.contains_key("d.png"));
+        let t = parse(text, &fields(), PathBuf::from("/data/sub"));
+        let cat = bytes_digest("a cat, again".as_bytes());
+        assert_eq!(t.digest_of("a.png"), Some(cat.as_str()));
+        assert_eq!(t.digest_of("b.png"), t.digest_of("c.png"));
+        assert_eq!(
+            t.digest_of("c.png"),
+            Some(bytes_digest(b"two dogs").as_str())
+        );
+        assert_eq!(t.digest_of("d.png"), None);
         assert_eq!(t.len(), 3);
+        // Other spellings of a listed path are that path.
+        for same in [
+            "./a.png",
+            "x/../a.png",
+            "/data/sub/a.png",
+            "/data/sub/./a.png",
+        ] {
+            assert_eq!(t.digest_of(same), Some(cat.as_str()), "{same}");
+        }
+        assert_eq!(t.digest_of("../a.png"), None);
+        assert_eq!(t.digest_of("/data/a.png"), None);
     }
 
     #[test]
@@ -140,8 +217,8 @@ not json
         ));
         let now = Stamp::of(&p).unwrap();
         assert_eq!(
-            table(&p, now, &fields()).unwrap()["a.png"],
-            bytes_digest(b"yy")
+            table(&p, now, &fields()).unwrap().digest_of("a.png"),
+            Some(bytes_digest(b"yy").as_str())
         );
     }
 }

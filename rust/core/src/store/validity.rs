@@ -80,8 +80,8 @@ fn line_changed(
         Err(e) => return Err(e),
     };
     let recorded = item.get("blake3").and_then(Value::as_str);
-    Ok(match table.get(&listed) {
-        Some(digest) if Some(digest.as_str()) == recorded => None,
+    Ok(match table.digest_of(&listed) {
+        Some(digest) if Some(digest) == recorded => None,
         Some(_) => Some(format!(
             "input {name}: the line of {listed:?} in {} changed",
             path.display()

@@ -236,7 +236,7 @@ impl Store {
                     let stamp = Stamp::of(&abs)?;
                     let digest = crate::key::bytes_digest(text);
                     let table = crate::jsonl::table(&abs, stamp, fields)?;
-                    if table.get(listed) != Some(&digest) {
+                    if table.digest_of(listed) != Some(digest.as_str()) {
                         return Err(Error::SourceChanged {
                             path: abs,
                             what: format!(
