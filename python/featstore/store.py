@@ -7,20 +7,18 @@ torch is imported on first use, so opening a store (and ``import featstore``) st
 
 from __future__ import annotations
 
-import errno
 import os
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from featstore import _core, batches, explain, history, manifest, removal, sets
+from featstore import _core, batches, explain, history, manifest, removal, sets, writes
 from featstore.compat import load_legacy_sidecar
 from featstore.errors import (
     CorruptEntryError,
     DataRootError,
-    ReadOnlyDataRootError,
 )
-from featstore.inputs import InputValue, Stamp, to_core
+from featstore.inputs import InputValue, Stamp
 from featstore.progress import run_with_progress
 from featstore.roots import SourceNames
 from featstore.status import Status, count_states
@@ -335,77 +333,24 @@ class FeatureStore:
         ``source`` and ``entry`` stamps as ``(size, mtime_ns)``, ``racy``, ``check_first`` and
         ``bytes``. With ``expected`` (the source's stamp when the encoder read it), a source changed
         since raises :class:`FeatstoreError` and nothing is written."""
-        rel = self.rel(path)
-        raw, keep = _torch_helpers().to_raw(tensors)
-        meta = {}
-        for k, v in (metadata or {}).items():
-            if not isinstance(k, str) or not isinstance(v, str):
-                raise TypeError(f"metadata must map str to str, got {k!r}: {type(v).__name__}")
-            meta[k] = v
-        extra = [(name, to_core(name, v)) for name, v in (inputs or {}).items()]
-        try:
-            written = self._core.put(rel, raw, meta, extra, durable, expected)
-        except OSError as exc:
-            raise self._write_error(rel, exc) from exc
-        finally:
-            del keep
-        return written
+        return writes.write_one(self, path, tensors, inputs=inputs, metadata=metadata, durable=durable,
+                                expected=expected)
 
     def write_many(self, items: Sequence[tuple[str, Mapping[str, torch.Tensor], Mapping[str, InputValue] | None,
                                                Stamp | None]], *, durable: bool = False,
                    threads: int | None = None) -> list[dict[str, Any] | BaseException]:
-        """:meth:`write` of a batch ``(path, tensors, inputs, expected)``: written in parallel in
-        Rust without the GIL (``threads``: default one per core), then with ``durable`` fsynced
-        together (files, then their directories, concurrently) before it returns. One result per
-        item, in order: what :meth:`write` returns, or the exception its write raised (the other
-        items are written). A failed fsync raises: no entry of the batch is known durable."""
-        raws, keep = [], []
-        for _, tensors, _, _ in items:
-            raw, held = _torch_helpers().to_raw(tensors)
-            raws.append(raw)
-            keep.append(held)
-        return self._put_many([(path, raw, inputs, expected) for (path, _, inputs, expected), raw
-                               in zip(items, raws, strict=True)], keep, durable, threads)
+        """:meth:`write` of a batch ``(path, tensors, inputs, expected)`` in parallel, fsynced together
+        when ``durable``: one result (or exception) per item (:func:`featstore.writes.write_many`)."""
+        return writes.write_many(self, items, durable=durable, threads=threads)
 
     def write_rows(self, paths: Sequence[str | os.PathLike[str]], outputs: Mapping[str, torch.Tensor], *,
                    inputs: Sequence[Mapping[str, InputValue] | None] | None = None,
                    expected: Sequence[Stamp | None] | None = None, durable: bool = False,
                    threads: int | None = None) -> list[dict[str, Any] | BaseException]:
-        """:meth:`write_many` of a batch of outputs: the entry of ``paths[i]`` holds row ``i`` of
-        each tensor of ``outputs`` (first axis ``len(paths)``), read in place, with no copy or
-        tensor per row. ``inputs`` and ``expected``: per path, as :meth:`write` takes them."""
-        rows, keep = _torch_helpers().rows_to_raw(outputs, len(paths))
-        inputs = inputs if inputs is not None else [None] * len(paths)
-        expected = expected if expected is not None else [None] * len(paths)
-        return self._put_many(list(zip(paths, rows, inputs, expected, strict=True)), keep, durable, threads)
-
-    def _put_many(self, items: Sequence[tuple[str | os.PathLike[str], Any, Mapping[str, InputValue] | None,
-                                              Stamp | None]], keep: list[Any], durable: bool,
-                  threads: int | None) -> list[dict[str, Any] | BaseException]:
-        """Writes ``(path, raw tensors, inputs, expected)`` in one core call; ``keep`` holds the
-        tensors the raw pointers point into until it returns."""
-        batch: list[tuple[str, Any, dict[str, str], list[Any], Stamp | None]] = [
-            (self.rel(path), raw, {}, [(name, to_core(name, v)) for name, v in (inputs or {}).items()], stamp)
-            for path, raw, inputs, stamp in items]
-        try:
-            results = self._core.put_many(batch, durable, threads)
-        finally:
-            del keep
-        return [self._write_error(request[0], r) if isinstance(r, OSError) else r
-                for request, r in zip(batch, results, strict=True)]
-
-    def _write_error(self, rel: str, exc: OSError) -> OSError:
-        """The error of a failed write: a sidecar that cannot be written beside its source says
-        so and gives the fix."""
-        if self.layout == "sidecar" and exc.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
-            err = ReadOnlyDataRootError(
-                exc.errno, f"cannot write the entry of {rel} beside its source: {exc.strerror}. "
-                f"The data root {self.data_root} is not writable here; keep entries in a cache "
-                f"directory instead (--cache-dir DIR, or FeatureStore(..., cache_dir=DIR))",
-                exc.filename)
-            err.__cause__ = exc
-            return err
-        return exc
+        """:meth:`write_many` where the entry of ``paths[i]`` holds row ``i`` of each output, read in
+        place (:func:`featstore.writes.write_rows`)."""
+        return writes.write_rows(self, paths, outputs, inputs=inputs, expected=expected, durable=durable,
+                                 threads=threads)
 
     def read_batch(self, paths: Sequence[str | os.PathLike[str]], name: str, out: torch.Tensor | None = None, *,
                    pin_memory: bool = False, threads: int | None = None) -> torch.Tensor:

@@ -30,7 +30,7 @@ import pytest
 from conftest import age, cli
 from toy_encoders import Wide
 
-from featstore import pipeline
+from featstore import pipeline, writes
 from featstore.examples import make_image_tree
 from featstore.manifest import indexed_sources
 from featstore.pipeline import journal, writing
@@ -67,7 +67,7 @@ def _announcing(fd: int, code: bytes, fn: Callable[..., Any]) -> Callable[..., A
 
 def _precompute_announcing(root: str, fd: int, workers: int) -> None:
     """The run to kill (in a forked child): precompute, announcing each event on ``fd``."""
-    FeatureStore._put_many = _announcing(fd, b"w", FeatureStore._put_many)  # type: ignore[method-assign]
+    writes._put_many = _announcing(fd, b"w", writes._put_many)
     writing._fsync_all = _announcing(fd, b"f", writing._fsync_all)
     journal._core = _AnnouncedJournal(journal._core, _announcing(fd, b"j", journal._core.append_journal))
     enc = Wide(delay=0.02)
