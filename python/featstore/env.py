@@ -2,8 +2,8 @@
 
 The old scripts' variables keep working (``DATA_ROOT``, ``VGGT_MODEL_PATH``, ``BATCH_SIZE``,
 ``DEVICE``, ``SKIP_EXISTING``, ``USE_VGGT_CACHE``, ``VGGT_CACHE_DIR``); torchrun's ``RANK`` and
-``WORLD_SIZE`` say which rank this process is; ``FEATSTORE_LOG_EVERY`` spaces precompute's
-progress lines in log files. A value that cannot mean what it is for is an
+``WORLD_SIZE`` say which rank this process is, ``LOCAL_RANK`` which GPU of its node it uses;
+``FEATSTORE_LOG_EVERY`` spaces precompute's progress lines in log files. A value that cannot mean what it is for is an
 error naming the variable, never a silent default.
 """
 
@@ -105,6 +105,12 @@ def use_cache(default: bool = True) -> bool:
 def distributed_rank() -> tuple[int, int]:
     """``(rank, world_size)`` under torchrun, else ``(0, 1)``."""
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def local_rank() -> int | None:
+    """``$LOCAL_RANK`` (this process's GPU on its node under torchrun), None when unset."""
+    value = _text("LOCAL_RANK")
+    return int(value) if value and value.isdigit() else None
 
 
 def user_cache_home() -> str:

@@ -56,3 +56,20 @@ def test_decoding_never_prefetches_more_than_the_items(data):
     assert loader.prefetch_factor * loader.num_workers <= len(items) + loader.num_workers
     s = precompute(root, encoder=MeanColor(), batch_size=10**9, num_workers=1, progress=False)
     assert s["written"] == len(rels) and os.path.exists(os.path.join(root, "toy_cache_manifest.json"))
+
+
+def test_each_torchrun_rank_defaults_to_its_own_gpu(monkeypatch):
+    from featstore.pipeline.planning import default_device
+
+    monkeypatch.delenv("DEVICE", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert default_device() == "cuda:3"  # not every rank of a node on cuda:0
+    monkeypatch.delenv("LOCAL_RANK")
+    assert default_device() == "cuda:0"
+    monkeypatch.setenv("DEVICE", "cpu")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert default_device() == "cpu"  # $DEVICE still wins
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("DEVICE")
+    assert default_device() == "cpu"

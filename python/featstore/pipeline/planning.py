@@ -142,7 +142,8 @@ def make_plan(data_root: str | os.PathLike[str], *, encoder: Any, feature: str |
     """The plan of :func:`featstore.pipeline.precompute` (see it for the parameters)."""
     shard_spec = parse_shard(shard)  # a bad spec fails before anything loads
     check_range(start_idx, end_idx)
-    device = check_device(device) if device else check_device(default_device(), given_by="$DEVICE")
+    given_by = "$DEVICE" if env.device() else "the default: cuda:$LOCAL_RANK"
+    device = check_device(device) if device else check_device(default_device(), given_by=given_by)
     batch_size = env.batch_size(16) if batch_size is None else batch_size
     if batch_size < 1:
         raise ValueError(f"batch size must be at least 1, got {batch_size}")
@@ -221,8 +222,15 @@ def _needs_work(state: str) -> bool:
 
 
 def default_device() -> str:
-    """``$DEVICE``, else ``cuda:0`` when available, else ``cpu``."""
-    return env.device() or ("cuda:0" if torch.cuda.is_available() else "cpu")
+    """``$DEVICE``, else this rank's GPU when available (``cuda:$LOCAL_RANK`` under torchrun, so
+    eight ranks on a node use eight GPUs, not all ``cuda:0``), else ``cpu``."""
+    chosen = env.device()
+    if chosen:
+        return chosen
+    if not torch.cuda.is_available():
+        return "cpu"
+    local = env.local_rank()
+    return f"cuda:{local}" if local is not None else "cuda:0"
 
 
 def check_device(device: str, *, given_by: str = "--device") -> str:
