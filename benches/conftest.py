@@ -1,6 +1,6 @@
 """Benchmark support: sizes, and a ratio table printed at the end of the run.
 
-``FEATSTORE_BENCH_FULL=1`` runs the sizes the README's table reports (2,000 images of about
+``FEATSTORE_BENCH_FULL=1`` runs the sizes docs/benchmarks.md reports (2,000 images of about
 300 KB, 1 MiB and 11 MiB features, 200,000 files to scan); the default ``small`` keeps CI's single
 ``--benchmark-disable`` pass to seconds so the benchmarks cannot rot.
 """

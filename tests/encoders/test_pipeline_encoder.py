@@ -265,7 +265,7 @@ def test_the_cli_caches_the_four_tensors_of_a_qwen_image_edit_dataset(pipelines,
         assert store.status(rels).counts["valid"] == 3
         assert sorted(store.get(rels[0])) == names
 
-    # The README's training example: one CachedDataset per feature, each wrapping the one before.
+    # The diffusion guide's training example: one CachedDataset per feature, each wrapping the one before.
     samples = [{"image": p} for p in featstore.scan(root).paths]
     ds = samples
     for feature in ("pixel_latent", "control_latent", "prompt_embed"):

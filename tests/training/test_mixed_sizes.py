@@ -1,5 +1,5 @@
 """A dataset of images of mixed sizes (issue 14): VGGT's "crop" preprocessing gives other token
-counts to other aspect ratios. The README's training example must run on it as written, and a
+counts to other aspect ratios. The training guide's example (docs/guides/training.md) must run on it as written, and a
 shape that cannot be batched must be found when the dataset is built, not mid-epoch."""
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def test_precompute_records_which_axes_vary(mixed):
     assert shapes.padded_names(shapes.from_json(tensors)) == ["features"]
 
 
-def test_the_readme_training_example_runs_on_mixed_sizes(mixed):
+def test_the_training_guide_example_runs_on_mixed_sizes(mixed):
     root, rels = mixed
     samples = [{"image_path": os.path.join(root, r), "i": i} for i, r in enumerate(rels)]
     store = featstore.FeatureStore(root, "vggt")

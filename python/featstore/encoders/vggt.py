@@ -73,9 +73,12 @@ class VGGTEncoder:
     require_weights : bool
         False (a dry run): no weights path is not an error; :meth:`fingerprint` then raises
         :class:`CheckpointError` (a path given must still exist).
+
+    Attributes
+    ----------
     frame_passes : int
-        (Attribute.) Frames fed through the aggregator by :meth:`encode_history` so far, over
-        all sequences of every batch: what a history precompute costs.
+        Frames fed through the aggregator by :meth:`encode_history` so far, over all sequences
+        of every batch: what a history precompute costs.
 
     Notes
     -----

@@ -28,6 +28,11 @@ from featstore.training.report import WarnOnce, log_start_line, nothing_cached, 
 class CachedDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
     """A dataset whose samples carry their cached features.
 
+    Each returned sample is the base sample plus the entry's tensors under their names and
+    ``cached``: True when the features came from the cache (False when computed live, or zeros
+    with ``on_miss="skip"``: the entries' dtypes and shapes are learned from a valid entry when the
+    dataset is built, so a batch's keys and shapes never depend on which rows hit).
+
     Parameters
     ----------
     base : dataset
@@ -83,11 +88,6 @@ class CachedDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
         tensor name (VGGT layer 11 and layer 22, both ``features``) need it for one of them: a
         sample or batch never holds two tensors under one name, and a dataset whose names
         collide with those of the dataset it wraps (or of its base samples) is refused.
-
-    Each returned sample is the base sample plus the entry's tensors under their names and
-    ``cached``: True when the features came from the cache (False when computed live, or zeros
-    with ``on_miss="skip"``: the entries' dtypes and shapes are learned from a valid entry when the
-    dataset is built, so a batch's keys and shapes never depend on which rows hit).
 
     Raises
     ------

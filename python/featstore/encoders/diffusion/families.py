@@ -124,7 +124,7 @@ def family_of(pipeline_class: str) -> Family:
     known = ", ".join(p for f in FAMILIES for p in f.pipelines)
     raise ValueError(f"featstore does not know the pipeline class {pipeline_class!r}; PipelineEncoder supports "
                      f"{known}. For another family, use VAEEncoder and TextEncoder, or write an encoder "
-                     "(README: Adding an encoder)")
+                     "(docs/development.md, \"Adding an encoder\")")
 
 
 def qwen_edit_prompt_image(image: Any) -> Any:
