@@ -2,30 +2,35 @@
 entries"; docs/causal-streaming.md).
 
 A sample of a JanusVLN-style model is an ordered list of frames, its history; its features are
-the last frame's outputs given the whole list. The entry of a list is named by a chain of keys,
-one per prefix: ``h_0 = blake3("featstore-history-v1\\0" || member(f_0))`` and ``h_k =
-blake3(h_{k-1} || member(f_k))``, where a member is the length-prefixed relative path, size and
-mtime_ns (the dir layout's key fields). A list that is a prefix of another so shares its keys, and
-one causal pass over the longest list writes the entry of every prefix a sample names. Entries
-live at ``<root or cache_dir>/.featstore/<feature>/history/<h[:2]>/<h[:32]>.safetensors`` and record
-every member (path, stamp with inode and ctime, digest): an edited frame makes stale exactly the
-entries whose history holds it.
+the last frame's outputs given the whole list. Each prefix of a list has three chain values
+(``rust/core/src/history.rs``): its **key** (from the frames' paths, sizes and mtimes: names the
+entry file, so a list that is a prefix of another shares its keys), its **stamps** chain (the
+full stamps, inode and ctime included) and its **content** chain (the frames' bytes). An entry
+records its own prefix's three values and nothing per frame, so an episode's entries, writes and
+checks are linear in its length: a lookup stats every frame once and trusts the entry while the
+stamps chain is the recorded one, else digests the frames and compares the content chain.
+The frames of a pass are recorded once, in a frames record (:mod:`featstore.history_frames`),
+for the commands that judge entry files without knowing their frames.
+
+Entries live at ``<root or cache_dir>/.featstore/<feature>/history/<h[:2]>/<h[:32]>.safetensors``;
+frames records under ``history/frames/``. Entries written by earlier versions record every frame
+in their header (``members``) and are judged from it, as before.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from featstore import _core
-from featstore.errors import CorruptEntryError, FeatstoreError
+from featstore.errors import CorruptEntryError, FeatstoreError, SourceChangedError
+from featstore.history_frames import FrameDigests, FramesRecord, chains, racy, read_record, record_frames, write_record
 from featstore.members import changed as members_changed
-from featstore.members import clear_racy_mark, keyed_files, open_keyed
-from featstore.members import record as record_members
+from featstore.members import clear_racy_mark, keyed_files
 from featstore.vocabulary import ENTRY_EXTENSION
 
 if TYPE_CHECKING:
@@ -33,83 +38,138 @@ if TYPE_CHECKING:
 
     from featstore.store import FeatureStore
 
-_DOMAIN = b"featstore-history-v1\0"
 _KIND = "history"
-
-
-def _member(rel: str, size: int, mtime_ns: int) -> bytes:
-    path = os.fsencode(rel)
-    return struct.pack("<I", len(path)) + path + struct.pack("<Qq", size, mtime_ns)
+#: Entries that record chains (``format`` 2); those without a format record their members.
+_FORMAT = "2"
 
 
 def history_keys(store: FeatureStore, rels: Sequence[str]) -> list[str]:
-    """The chain keys (64 hex digits) of every prefix of ``rels``, from the members' current
+    """The chain keys (64 hex digits) of every prefix of ``rels``, from the frames' current
     stamps: ``keys[k]`` names the entry of ``rels[:k + 1]``.
 
     Raises
     ------
     FileNotFoundError
-        A member does not exist.
+        A frame does not exist.
     """
-    keys: list[str] = []
-    previous = _DOMAIN
-    for rel in rels:
-        st = os.stat(os.path.join(store.data_root, rel))
-        key = _core.bytes_digest(previous + _member(rel, st.st_size, st.st_mtime_ns))
-        keys.append(key)
-        previous = bytes.fromhex(key)
-    return keys
+    return _core.history_links(store.data_root, list(rels))[0]
 
 
-def _path_of(store: FeatureStore, key: str) -> str:
+def history_key_path(store: FeatureStore, key: str) -> str:
+    """Where the entry named by the chain key ``key`` is."""
     return os.path.join(store.state_dir, _KIND, key[:2], key[:32] + "." + ENTRY_EXTENSION)
+
+
+def frames_record_path(store: FeatureStore, key: str) -> str:
+    """Where the frames record named by ``key`` (its list's last chain key) is."""
+    return os.path.join(store.state_dir, _KIND, "frames", key[:2], key[:32] + ".json")
 
 
 def history_entry_path(store: FeatureStore, rels: Sequence[str]) -> str:
     """Where the entry of this history is (or would be written) for its frames as they are now."""
     if not rels:
         raise ValueError("a history needs at least one frame")
-    return _path_of(store, history_keys(store, rels)[-1])
+    return history_key_path(store, _core.history_links(store.data_root, list(rels), last_only=True)[0][-1])
 
 
-#: Header bytes kept for everything but the frame list (tensors, stamps, checksums, user metadata).
-_HEADER_ROOM = 64 << 10
+def longest_lists(lists: Iterable[Sequence[str]]) -> dict[tuple[str, ...], list[int]]:
+    """Each distinct list that no other list extends, with the lengths of the distinct lists that
+    are its prefixes (itself included): one pass over it covers them all. A list prefixing
+    several longer ones goes to the longest (the first in input order on a tie); the result is
+    ordered by where each longest list first appears."""
+    distinct = list(dict.fromkeys(tuple(x) for x in lists if x))
+    first_seen = {x: i for i, x in enumerate(distinct)}
+    # Longest first: the first list to pass through a trie node is the longest through it, so a
+    # list ending at an existing node is a prefix of that node's owner. A trie keeps this linear
+    # in the frames named (comparing lists pairwise would be quadratic in the lists).
+    trie: dict[str, Any] = {}
+    lengths: dict[tuple[str, ...], list[int]] = {}
+    for frames in sorted(distinct, key=lambda x: (-len(x), first_seen[x])):
+        node, owner = trie, None
+        for frame in frames:
+            child = node.get(frame)
+            if child is None:
+                owner = owner or frames
+                child = node[frame] = {_OWNER: owner}
+            node = child
+        root = owner or node[_OWNER]
+        if root is frames:
+            lengths[frames] = []
+        lengths[root].append(len(frames))
+    return {frames: sorted(lengths[frames]) for frames in sorted(lengths, key=first_seen.__getitem__)}
+
+
+# The key under which a trie node names its longest list (not a path: paths never hold NUL).
+_OWNER = "\0owner"
+
+
+class HistoryPass:
+    """The entries of one causal pass over a list of frames: the frames are stamped and digested
+    once and recorded in one frames record, then :meth:`put` writes the entry of each prefix with
+    a header of constant size.
+
+    ``expected`` holds the frames' stamps when they were read for encoding: the prefixes up to
+    the first frame that changed since (or vanished, or cannot be read) can be written; a longer
+    one raises :class:`~featstore.errors.SourceChangedError` and nothing is written for it.
+    """
+
+    def __init__(self, store: FeatureStore, paths: Sequence[str | os.PathLike[str]], *,
+                 expected: Sequence[Sequence[int]] | None = None, durable: bool = False) -> None:
+        self.store = store
+        self.rels = [store.rel(p) for p in paths]
+        if not self.rels:
+            raise ValueError("a history needs at least one frame")
+        self.durable = durable
+        recorded = record_frames(store.data_root, self.rels, expected)
+        self.records = recorded.records
+        self.problem = recorded.problem
+        self.chains = chains(self.records)
+        self._record_path: str | None = None
+
+    @property
+    def recorded(self) -> int:
+        """How many leading frames are recorded (prefixes up to this length can be written)."""
+        return len(self.records)
+
+    def put(self, length: int, tensors: Mapping[str, torch.Tensor], *, metadata: Mapping[str, str] | None = None
+            ) -> str:
+        """Writes the entry of the prefix of ``length`` frames atomically; returns its path."""
+        from featstore._torch import to_raw  # imports torch: not at `import featstore`
+
+        if not 1 <= length <= len(self.rels):
+            raise ValueError(f"prefix length {length} is outside 1..{len(self.rels)}")
+        if length > self.recorded:
+            raise SourceChangedError(f"{self.problem}; the samples whose history holds it got no entry")
+        if self._record_path is None:
+            # Before the first entry: an entry whose record is missing is still served (the chains
+            # decide), but the commands that judge entry files alone could not name its frames.
+            self._record_path = frames_record_path(self.store, self.chains.keys[-1])
+            write_record(self._record_path, self.store.feature, self.records, durable=self.durable)
+        n = length - 1
+        meta = dict(metadata or {})
+        meta.update({"feature": self.store.feature, "fingerprint": self.store.fingerprint or "", "kind": _KIND,
+                     "format": _FORMAT, "frames": str(length), "key": self.chains.keys[n],
+                     "stamps": self.chains.stamps[n], "content": self.chains.contents[n], "last": self.rels[n],
+                     "frames_record": self.chains.keys[-1],
+                     "racy": "1" if racy([r["mtime_ns"] for r in self.records[:length]]) else "0"})
+        path = history_key_path(self.store, self.chains.keys[n])
+        raw, keep = to_raw(tensors)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        _core.write_entry(path, raw, meta, self.durable)
+        del keep
+        return path
 
 
 def put_history(store: FeatureStore, paths: Sequence[str | os.PathLike[str]], tensors: Mapping[str, torch.Tensor],
                 *, expected: Sequence[Sequence[int]] | None = None, metadata: Mapping[str, str] | None = None,
                 durable: bool = False) -> str:
     """Writes the entry of a history (its last frame's features given every frame before it)
-    atomically; returns its path.
+    atomically; returns its path. Writing several prefixes of one list: :class:`HistoryPass`.
 
     ``expected`` holds the frames' stamps when they were read for encoding: if one changed
     since, :class:`~featstore.errors.SourceChangedError` is raised and nothing is written.
     """
-    from featstore._torch import to_raw  # imports torch: not at `import featstore`
-
-    rels = [store.rel(p) for p in paths]
-    if not rels:
-        raise ValueError("a history needs at least one frame")
-    recorded, is_racy = record_members(store.data_root, rels, expected)
-    path = _path_of(store, history_keys(store, rels)[-1])
-    meta = dict(metadata or {})
-    members = json.dumps(recorded)
-    if len(members) > _core.MAX_HEADER_LEN - _HEADER_ROOM:
-        # The reader refuses a header this long: writing it would make an entry every lookup
-        # calls corrupt and every precompute writes again.
-        raise FeatstoreError(
-            f"the history of {len(rels)} frames ending in {rels[-1]} is too long for one entry: its frames' "
-            f"paths and stamps take {len(members):,} bytes, over the {_core.MAX_HEADER_LEN:,}-byte header every "
-            "reader accepts. Nothing was written; use shorter histories (split the episode's list into lists "
-            "of fewer frames; a history window does not help: every frame fed still defines the entry), "
-            "or shorter frame paths")
-    meta.update({"feature": store.feature, "fingerprint": store.fingerprint or "", "kind": _KIND,
-                 "frames": str(len(rels)), "members": members, "racy": "1" if is_racy else "0"})
-    raw, keep = to_raw(tensors)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    _core.write_entry(path, raw, meta, durable)
-    del keep
-    return path
+    return HistoryPass(store, paths, expected=expected, durable=durable).put(len(paths), tensors, metadata=metadata)
 
 
 @dataclass
@@ -127,18 +187,109 @@ class HistoryVerdict:
         ``corrupt``.
     reason : str
         Why, in words.
+    record : str
+        Its frames record ('' for entries that record their frames in the header).
     """
 
     path: str
     members: tuple[str, ...]
     state: str
     reason: str = ""
+    record: str = ""
+
+
+def _record_of(store: FeatureStore, meta: Mapping[str, str]) -> tuple[str, FramesRecord, int] | None:
+    """A chain entry's frames record (its path, the record, the entry's length), or None when it
+    is gone, damaged, or does not give the entry's own key (another list's)."""
+    try:
+        length = int(meta["frames"])
+        path = frames_record_path(store, meta["frames_record"])
+    except (KeyError, ValueError):
+        return None
+    record = read_record(path, store.feature)
+    if record is None or not 1 <= length <= len(record.frames) or record.keys[length - 1] != meta.get("key"):
+        return None
+    return path, record, length
+
+
+def recorded_members(store: FeatureStore, meta: Mapping[str, str]) -> list[dict[str, Any]] | None:
+    """The frames an entry was computed from, as recorded (path, size, mtime_ns, ino, ctime_ns,
+    blake3 each): from its header (earlier versions) or its frames record. None when they cannot
+    be read, or the record does not give the entry's own key (another list's, or damaged)."""
+    if _FORMAT != meta.get("format"):
+        try:
+            members = json.loads(meta["members"])
+            return members if isinstance(members, list) else None
+        except (KeyError, TypeError, ValueError):
+            return None
+    found = _record_of(store, meta)
+    return None if found is None else list(found[1].frames[:found[2]])
+
+
+class HistoryJudge:
+    """What judging many history entry files in one run remembers: each frames record's frames
+    are stat'ed once (and digested once, when needed) however many entries refer to it, so the
+    entries of an episode cost its frames, not the sum of its prefixes. Safe to share between
+    threads (at worst a record's frames are looked at twice)."""
+
+    def __init__(self, store: FeatureStore, *, deep: bool = False) -> None:
+        self.store = store
+        self.deep = deep
+        self.digests = FrameDigests(store.data_root)
+        self._now: dict[str, tuple[int, list[str], list[str]]] = {}
+        self._contents: dict[str, list[str]] = {}
+
+    def frames_now(self, record: str, rels: Sequence[str]) -> tuple[int, list[str], list[str]]:
+        """How many leading frames of the record's list can be stat'ed now, and the key and
+        stamps chains of each of those prefixes."""
+        known = self._now.get(record)
+        if known is None:
+            root = self.store.data_root
+            try:
+                keys, stamps, _ = _core.history_links(root, list(rels))
+                present = len(rels)
+            except OSError:
+                present = next((i for i, rel in enumerate(rels) if not _stats(root, rel)), len(rels))
+                try:
+                    keys, stamps, _ = _core.history_links(root, list(rels[:present])) if present else ([], [], 0)
+                except OSError:  # changed meanwhile: nothing can be trusted
+                    present, keys, stamps = 0, [], []
+            known = self._now[record] = (present, keys, stamps)
+        return known
+
+    def entry_now(self, verdict: HistoryVerdict) -> str:
+        """Where the entry of the verdict's frames is for the frames as they are now
+        (FileNotFoundError when one is gone)."""
+        known = self._now.get(verdict.record) if verdict.record else None
+        n = len(verdict.members)
+        if known is not None and known[0] >= n:
+            return history_key_path(self.store, known[1][n - 1])
+        return history_entry_path(self.store, verdict.members)
+
+    def contents_now(self, record: str, rels: Sequence[str]) -> list[str]:
+        """The content chain of every prefix of the record's list as the frames are now (OSError
+        when a frame cannot be read); ``deep`` runs digest each frame once however many records
+        hold it."""
+        known = self._contents.get(record)
+        if known is None:
+            known = self._contents[record] = (self.digests.contents(rels) if self.deep
+                                              else _core.history_contents(self.store.data_root, list(rels)))
+        return known
+
+
+def _stats(root: str, rel: str) -> bool:
+    try:
+        os.stat(os.path.join(root, rel))
+        return True
+    except OSError:
+        return False
 
 
 def judge_history_entry(store: FeatureStore, path: str, *, deep: bool = False,
-                        meta: Mapping[str, str] | None = None) -> HistoryVerdict:
-    """The state of one history entry file from its header alone. ``deep`` digests every frame
-    whatever its stamp (``verify``)."""
+                        meta: Mapping[str, str] | None = None, judge: HistoryJudge | None = None) -> HistoryVerdict:
+    """The state of one history entry file from its header (and frames record). ``deep``
+    digests every frame whatever its stamps (``verify``); ``judge`` remembers what the entries
+    of one run share (each record's frames looked at once)."""
     if meta is None:
         try:
             meta, _, _ = _core.read_header(path)
@@ -146,12 +297,49 @@ def judge_history_entry(store: FeatureStore, path: str, *, deep: bool = False,
             return HistoryVerdict(path, (), "corrupt", str(exc))
     if meta.get("kind") != _KIND or meta.get("feature") != store.feature:
         return HistoryVerdict(path, (), "corrupt", f"not a history entry of feature {store.feature}")
+    if meta.get("format") != _FORMAT:
+        return _judge_listed(store, path, meta, deep=deep)
+    record = frames_record_path(store, meta["frames_record"]) if meta.get("frames_record") else ""
+    found = _record_of(store, meta)
+    if found is None:
+        return HistoryVerdict(path, (), "corrupt", f"its frames record {record} is missing or does not match it",
+                              record)
+    record, frames, length = found
     try:
-        members = tuple(m["path"] for m in json.loads(meta["members"]))
-    except (KeyError, TypeError, ValueError) as exc:
+        rels = tuple(f["path"] for f in frames.frames)
+    except (KeyError, TypeError) as exc:
+        return HistoryVerdict(path, (), "corrupt", f"its frames cannot be read ({type(exc).__name__}: {exc})", record)
+    members = rels[:length]
+    judge = judge or HistoryJudge(store, deep=deep)
+    present, _, stamps = judge.frames_now(record, rels)
+    if present < length:
+        if not os.path.lexists(os.path.join(store.data_root, rels[present])):
+            return HistoryVerdict(path, members, "orphan", f"its frame {rels[present]} no longer exists", record)
+        return HistoryVerdict(path, members, "stale", f"its frame {rels[present]} cannot be read", record)
+    foreign = store.foreign_reason(meta.get("fingerprint", ""))
+    if foreign is not None:
+        return HistoryVerdict(path, members, "foreign", foreign, record)
+    if deep or meta.get("racy") == "1" or stamps[length - 1] != meta.get("stamps"):
+        try:
+            same = judge.contents_now(record, rels[:present])[length - 1] == meta.get("content")
+        except OSError:
+            same = False
+        if not same:
+            return HistoryVerdict(path, members, "stale", "a frame of its history changed since it was computed",
+                                  record)
+    return HistoryVerdict(path, members, "valid", "", record)
+
+
+def _judge_listed(store: FeatureStore, path: str, meta: Mapping[str, str], *, deep: bool) -> HistoryVerdict:
+    """The state of an entry of an earlier version, which lists its frames in its header."""
+    members_list = recorded_members(store, meta)
+    try:
+        members = tuple(m["path"] for m in members_list or ())
+    except (KeyError, TypeError) as exc:
         return HistoryVerdict(path, (), "corrupt", f"its frames cannot be read ({type(exc).__name__}: {exc})")
     if not members:
-        return HistoryVerdict(path, members, "corrupt", "it records no frame")
+        return HistoryVerdict(path, (), "corrupt", "its frames cannot be read" if members_list is None
+                              else "it records no frame")
     gone = [m for m in members if not os.path.lexists(os.path.join(store.data_root, m))]
     if gone:
         return HistoryVerdict(path, members, "orphan", f"its frame {gone[0]} no longer exists")
@@ -163,44 +351,145 @@ def judge_history_entry(store: FeatureStore, path: str, *, deep: bool = False,
     return HistoryVerdict(path, members, "valid")
 
 
+def _chains_differ(store: FeatureStore, rels: Sequence[str], meta: Mapping[str, str], *, stamps: str) -> bool:
+    """Whether the frames' bytes differ from those a chain entry was computed from: False at
+    once while the stamps chain (``stamps``, the frames' now) is the recorded one and the entry
+    is not racy, else the content chain decides."""
+    if meta.get("racy") != "1" and stamps == meta.get("stamps"):
+        return False
+    try:
+        content = _core.history_contents(store.data_root, list(rels))[-1]
+    except OSError:  # a frame vanished or became unreadable meanwhile
+        return True
+    return content != meta.get("content")
+
+
+def _state_of(store: FeatureStore, rels: Sequence[str], path: str, meta: Mapping[str, str],
+              key: str, stamps: str) -> str:
+    """The state of the entry at ``path`` (read as ``meta``) for the history ``rels`` whose
+    frames now give the key chain ``key`` and stamps chain ``stamps``."""
+    if meta.get("kind") != _KIND or meta.get("feature") != store.feature:
+        return "corrupt"
+    if meta.get("format") != _FORMAT:  # an entry of an earlier version: it lists its frames
+        verdict = judge_history_entry(store, path, meta=meta)
+        if verdict.state == "valid" and verdict.members != tuple(rels):
+            return "stale"  # a key collision or a hand-made file: never another history's entry
+        return "missing" if verdict.state == "orphan" else verdict.state
+    if store.foreign_reason(meta.get("fingerprint", "")) is not None:
+        return "foreign"
+    if meta.get("key") != key or meta.get("frames") != str(len(rels)):
+        return "stale"  # a key collision (the file name holds half the key) or a hand-made file
+    return "stale" if _chains_differ(store, rels, meta, stamps=stamps) else "valid"
+
+
 def history_state(store: FeatureStore, paths: Sequence[str | os.PathLike[str]]) -> str:
     """``valid``, ``missing`` (no entry for these frames as they are now, in this order; also
     when a frame no longer exists), ``stale`` (a frame's bytes changed but not its size and
     mtime), ``foreign`` or ``corrupt``."""
     rels = [store.rel(p) for p in paths]
+    return history_states(store, rels, [len(rels)])[0]
+
+
+def history_states(store: FeatureStore, rels: Sequence[str], lengths: Sequence[int]) -> list[str]:
+    """The state of the entry of each prefix ``rels[:n]`` for ``n`` in ``lengths``, from one
+    ``stat`` of each frame (what planning a pass over the list needs)."""
+    if not rels:
+        raise ValueError("a history needs at least one frame")
+    longest = max(lengths)
     try:
-        path = history_entry_path(store, rels)
-        meta, _, _ = _core.read_header(path)
-    except FileNotFoundError:
-        return "missing"
-    except CorruptEntryError:
-        return "corrupt"
-    verdict = judge_history_entry(store, path, meta=meta)
-    if verdict.state == "valid" and verdict.members != tuple(rels):
-        return "stale"  # a key collision or a hand-made file: never another history's entry
-    return "missing" if verdict.state == "orphan" else verdict.state
+        keys, stamps, _ = _core.history_links(store.data_root, list(rels[:longest]))
+    except OSError:  # a frame is gone (or cannot be stat'ed): no entry holding it is served
+        return ["missing"] * len(lengths)
+    states = []
+    for n in lengths:
+        path = history_key_path(store, keys[n - 1])
+        try:
+            meta, _, _ = _core.read_header(path)
+        except FileNotFoundError:
+            states.append("missing")
+            continue
+        except CorruptEntryError:
+            states.append("corrupt")
+            continue
+        states.append(_state_of(store, rels[:n], path, meta, keys[n - 1], stamps[n - 1]))
+    return states
+
+
+def _links(store: FeatureStore, paths: Sequence[str | os.PathLike[str]]
+           ) -> tuple[list[str], tuple[list[str], list[str], int]]:
+    """The frames relative to the root and the whole list's chains. Frames given as the store
+    names them (relative, normal) go to Rust as they are, which checks that; others are named
+    first (:meth:`FeatureStore.rels`)."""
+    if type(paths) in (list, tuple) and all(type(p) is str for p in paths):
+        try:
+            return list(paths), _core.history_links(store.data_root, paths, last_only=True)  # type: ignore[arg-type]
+        except FeatstoreError:  # not relative and normal: name them first
+            pass
+    rels = store.rels(paths)
+    return rels, _core.history_links(store.data_root, rels, last_only=True)
 
 
 def get_history(store: FeatureStore, paths: Sequence[str | os.PathLike[str]], *, device: Any = None,
                 dtype: Any = None) -> dict[str, torch.Tensor] | None:
     """The tensors of a history's entry (zero-copy), or None unless it is valid for these frames
     as they are now, in this order, with the store's fingerprint."""
+    import warnings
+
     from featstore._torch import from_capsules  # imports torch: not at `import featstore`
 
-    opened = open_keyed(store, paths, history_entry_path, what="history")
-    if opened is None:
+    if not paths:
+        raise ValueError("a history needs at least one frame")
+    try:
+        rels, (keys, stamps, newest) = _links(store, paths)
+    except OSError:
         return None
-    rels, path, capsules, meta = opened
-    verdict = judge_history_entry(store, path, meta=meta)
-    if verdict.state != "valid" or verdict.members != tuple(rels):
+    path = history_key_path(store, keys[-1])
+    try:
+        capsules, meta, _ = _core.read_entry(path, pread=store.read_mode == "pread")
+    except FileNotFoundError:
         return None
-    clear_racy_mark(path, meta)
+    except CorruptEntryError as exc:
+        warnings.warn(f"featstore: corrupt history entry: {exc}; recompute it", stacklevel=3)
+        return None
+    if _state_of(store, rels, path, meta, keys[-1], stamps[-1]) != "valid":
+        return None
+    if meta.get("racy") == "1":
+        if meta.get("format") != _FORMAT:
+            clear_racy_mark(path, meta)
+        elif not racy([newest]):
+            _clear_racy(path)
     return from_capsules(capsules, device, dtype)
+
+
+def _clear_racy(path: str) -> None:
+    """Rewrites a racy chain entry whose frames were just verified outside the window with the
+    mark cleared: no later edit can keep their stamps, so lookups stop digesting them. Best
+    effort (a read-only cache still serves the entry)."""
+    import torch  # here: `import featstore` does not import torch
+
+    from featstore._torch import to_raw
+
+    with contextlib.suppress(OSError, FeatstoreError):
+        capsules, now, _ = _core.read_entry(path, pread=True)  # the file as it is now
+        if now.get("racy") != "1":
+            return
+        raw, keep = to_raw({name: torch.from_dlpack(c) for name, c in capsules})
+        _core.write_entry(path, raw, {**now, "racy": "0"})
+        del keep
 
 
 def history_entry_files(store: FeatureStore) -> list[str]:
     """Every history entry file of the feature, sorted."""
     return keyed_files(os.path.join(store.state_dir, _KIND))
+
+
+def frames_record_files(store: FeatureStore) -> list[str]:
+    """Every frames record file of the feature, sorted."""
+    base = os.path.join(store.state_dir, _KIND, "frames")
+    found: list[str] = []
+    for directory, _, files in os.walk(base):
+        found.extend(os.path.join(directory, f) for f in files if f.endswith(".json"))
+    return sorted(found)
 
 
 @dataclass(frozen=True)

@@ -429,6 +429,16 @@ class FeatureStore:
         self._record_fingerprint(history=True)
         return path
 
+    def put_histories(self, frames: Sequence[str | os.PathLike[str]], tensors: Mapping[int, Mapping[str, torch.Tensor]],
+                      *, expected: Sequence[Sequence[int]] | None = None, durable: bool = False) -> list[str]:
+        """Writes the entries of several prefixes of one list (``tensors`` by prefix length, what
+        one causal pass gives), the frames stamped, digested and recorded once; returns their
+        paths. A prefix holding a frame changed since ``expected`` raises SourceChangedError
+        after the shorter ones are written."""
+        written = history.HistoryPass(self, frames, expected=expected, durable=durable)
+        self._record_fingerprint(history=True)
+        return [written.put(n, tensors[n]) for n in sorted(tensors)]
+
     def get_history(self, frames: Sequence[str | os.PathLike[str]], *, device: Any = None,
                     dtype: Any = None) -> dict[str, torch.Tensor] | None:
         """The tensors of a history's entry, zero-copy, or None unless it is valid for these

@@ -244,3 +244,19 @@ def test_lazy_with_the_vggt_history_encoder_costs_one_frame_pass_per_frame(episo
         want = enc.encode_history(batch)["features"][0]
     for k in (1, 2, 3):
         torch.testing.assert_close(store.get_history(first[:k])["features"], want[k - 1])
+
+
+def test_lazy_with_a_reversed_encoder_computes_each_needed_prefix_once(episodes):
+    """Reversed order feeds each prefix last to first: every prefix is its own pass, so lazy
+    mode computes the prefixes the samples name, each once, not every missing prefix of the list."""
+    from featstore.encoders import VGGTEncoder
+
+    root, first, _, _, _ = episodes
+    enc = VGGTEncoder(random_weights_seed=0, history=True, reverse=True)
+    ds = CachedDataset(Histories(root, [first[:2], first[:4]]), FeatureStore(root, "vggt"), history_fn=frames_of,
+                       encoder=enc, mode="lazy", log_start=False)
+    assert not ds[0]["cached"] and enc.frame_passes == 2
+    batch = ds.collate(ds.__getitems__([0, 1]))
+    assert batch["cached"].tolist() == [True, False]
+    assert enc.frame_passes == 2 + 4  # the 4-frame prefix alone, not 1, 3 and 2 again (16 in all)
+    assert ds.collate(ds.__getitems__([0, 1]))["cached"].all() and enc.frame_passes == 6

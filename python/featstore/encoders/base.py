@@ -33,6 +33,9 @@ and may have any of these (:func:`capabilities` says which; nothing else asks ``
                                                 # other rows may be left zero
     history: bool                               # False: an encoder that has encode_history still
                                                 # encodes per image (VGGTEncoder's default)
+    prefixes_share_a_pass: bool                 # False: each prefix length is its own pass (a
+                                                # reversed order), so callers ask for the lengths
+                                                # they need only (default True)
     frame_passes: int                           # frames fed through the model so far (a history
                                                 # encoder counts them; precompute reports them)
     estimate_entry_bytes() -> int               # bytes of one entry, for the dry-run plan
@@ -88,6 +91,7 @@ class Capabilities:
     encode_history: bool = False
     history_lengths: bool = False
     frame_passes: bool = False
+    prefixes_share_a_pass: bool = True
 
     @property
     def items(self) -> bool:
@@ -111,7 +115,8 @@ def capabilities(encoder: Any) -> Capabilities:
                         estimate_entry_bytes=has("estimate_entry_bytes"), varying_outputs=has("varying_outputs"),
                         frames_per_set=int(getattr(encoder, "frames_per_set", 1)), encode_history=history,
                         history_lengths=history and _takes(encoder.encode_history, "lengths"),
-                        frame_passes=isinstance(getattr(encoder, "frame_passes", None), int))
+                        frame_passes=isinstance(getattr(encoder, "frame_passes", None), int),
+                        prefixes_share_a_pass=bool(getattr(encoder, "prefixes_share_a_pass", True)))
 
 
 def _takes(method: Any, parameter: str) -> bool:

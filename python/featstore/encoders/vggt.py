@@ -227,6 +227,12 @@ class VGGTEncoder:
         out = per_layer[0] if len(per_layer) == 1 else torch.stack(per_layer, dim=2)
         return {"features": out.to(self.stored_dtype())}
 
+    @property
+    def prefixes_share_a_pass(self) -> bool:
+        """Forward order computes every prefix of a list in one pass; reversed order feeds each
+        prefix last to first, its own pass."""
+        return not self.reverse
+
     def encode_history(self, batch: torch.Tensor, lengths: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
         """Causal features of every prefix of ``B`` histories streamed together.
 

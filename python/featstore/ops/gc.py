@@ -17,6 +17,7 @@ from typing import Any
 from featstore import _core
 from featstore.errors import CorruptEntryError, DataRootError, FeatstoreError
 from featstore.fmt import age, error_lines, human_bytes, shown
+from featstore.history import frames_record_files, frames_record_path, history_entry_files
 from featstore.lock import maintenance_lock
 from featstore.ops.files import KEPT_REWRITTEN, Identity, base_dir, file_identity, gone_or_kept, not_writable
 from featstore.ops.survey import EntryReport, Survey, survey
@@ -37,8 +38,8 @@ class GcItem:
     path : str
         The file (absolute).
     kind : str
-        ``orphan``, ``stale``, ``foreign``, ``temp``, or for kept files ``corrupt``, ``legacy``,
-        ``valid``.
+        ``orphan``, ``stale``, ``foreign``, ``temp``, ``frames`` (a history pass's frames record no
+        entry refers to), or for kept files ``corrupt``, ``legacy``, ``valid``.
     reason : str
         Why.
     bytes : int
@@ -111,7 +112,7 @@ class GcReport:
     def text(self, limit: int = 100) -> str:
         lines = [f"gc of feature {self.feature} under {self.data_root} ({self.layout} layout): "
                  f"{len(self.remove):,} files, {human_bytes(self.bytes)} to remove"]
-        for kind in ("orphan", "stale", "foreign", "temp"):
+        for kind in ("orphan", "stale", "foreign", "temp", "frames"):
             items = [i for i in self.remove if i.kind == kind]
             for i in items[:limit]:
                 lines.append(f"  {kind:8} {shown(self.base, i.path)}  {human_bytes(i.bytes)}  ({i.reason})")
@@ -185,6 +186,7 @@ def plan_gc(store: FeatureStore, sources: Sequence[str], *, keep_fingerprints: I
     never = {os.path.join(store.data_root, s) for s in sources}
     remove, kept = _plan_entries(store, found.reports, never, set(keep_fingerprints), store.fingerprint is not None)
     _plan_temps(found, never, min_tmp_age_s, remove, kept)
+    _plan_frames_records(store, min_tmp_age_s, remove, kept)
     belongs = [r for r in found.reports if r.state != "orphan"]
     orphans = [i for i in remove if i.kind == "orphan"]
     if orphans and not belongs and not force:
@@ -260,6 +262,39 @@ def _plan_temps(found: Survey, never: set[str], min_tmp_age_s: float, remove: li
             remove.append(GcItem(t, "temp", f"left by an interrupted write {age(age_s)} ago", ident[0], "", ident))
 
 
+def _plan_frames_records(store: FeatureStore, min_tmp_age_s: float, remove: list[GcItem], kept: list[GcItem]
+                         ) -> None:
+    """Adds the frames records of history passes (:mod:`featstore.history_frames`) that no history
+    entry left after this gc refers to; a young one is kept, as its pass may still be writing the
+    entries that will refer to it."""
+    records = frames_record_files(store)
+    if not records:
+        return
+    removing = {i.path for i in remove}
+    referenced: set[str] = set()
+    for path in history_entry_files(store):
+        if path in removing:
+            continue
+        try:
+            meta, _, _ = _core.read_header(path)
+        except (CorruptEntryError, OSError):
+            continue
+        if meta.get("frames_record"):
+            referenced.add(os.path.normpath(frames_record_path(store, meta["frames_record"])))
+    now = time.time_ns()
+    for record in records:
+        ident = file_identity(record)
+        if ident is None or os.path.normpath(record) in referenced:
+            continue
+        age_s = (now - ident[1]) / 1e9
+        if age_s < min_tmp_age_s:
+            kept.append(GcItem(record, "frames", f"no entry refers to it yet, written {age_s:.0f} s ago: a history "
+                               f"pass may still be writing (--min-tmp-age {min_tmp_age_s:.0f})", ident[0], "", ident))
+        else:
+            remove.append(GcItem(record, "frames", "the frames record of history entries that are all gone",
+                                 ident[0], "", ident))
+
+
 def execute_gc(store: FeatureStore, plan: GcReport, *, progress: bool | None = None) -> GcReport:
     """:func:`_execute_gc` under the feature's lock: refused while a precompute runs."""
     with maintenance_lock(store, "collect garbage"):
@@ -297,7 +332,7 @@ def _execute_gc(store: FeatureStore, plan: GcReport, *, progress: bool | None = 
                                    len(plan.remove), "run gc as the cache's owner, or make it writable "
                                    "(chmod u+w)") from exc
             plan.removed.append(item)
-            if item.source and item.kind != "temp":
+            if item.source and item.kind not in ("temp", "frames"):
                 store.forget(item.source)
             key_dirs.add(os.path.dirname(item.path))
     if store.layout == "dir":

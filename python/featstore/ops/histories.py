@@ -10,15 +10,21 @@ has history entry files and no per-image entry), each history entry file is coun
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections import defaultdict
 from collections.abc import Sequence
 
 from featstore.history import (
+    HistoryJudge,
     HistoryVerdict,
     history_entry_files,
     history_entry_path,
+    history_key_path,
+    history_keys,
+    history_state,
     judge_history_entry,
+    longest_lists,
     recorded_history,
 )
 from featstore.ops.files import Identity, judge_files
@@ -35,20 +41,23 @@ def judge_histories(store: FeatureStore, *, deep: bool, threads: int | None,
     """Every history entry file of the feature judged (in parallel), and those that could not be
     read; ``identities`` receives the identity of each file judged (None: it changed meanwhile).
     ``deep`` digests every frame whatever its stamp (verify)."""
-    return judge_files(history_entry_files(store), lambda p: judge_history_file(store, p, deep=deep),
+    judge = HistoryJudge(store, deep=deep)  # each episode's frames looked at once, not once per entry
+    return judge_files(history_entry_files(store), lambda p: judge_history_file(store, p, deep=deep, judge=judge),
                        threads=threads, identities=identities)
 
 
-def judge_history_file(store: FeatureStore, path: str, *, deep: bool = False) -> HistoryVerdict:
+def judge_history_file(store: FeatureStore, path: str, *, deep: bool = False,
+                       judge: HistoryJudge | None = None) -> HistoryVerdict:
     """:func:`featstore.history.judge_history_entry`, plus where the file is filed: a valid entry
     not at its frames' current key (a frame touched: same bytes, new stamp) is superseded
     (``stale``) when the current key has an entry, else valid but unreachable by lookups (its
     ``reason`` says so; gc keeps it)."""
-    verdict = judge_history_entry(store, path, deep=deep)
+    judge = judge or HistoryJudge(store, deep=deep)
+    verdict = judge_history_entry(store, path, deep=deep, judge=judge)
     if verdict.state != "valid":
         return verdict
     try:
-        current = history_entry_path(store, verdict.members)
+        current = judge.entry_now(verdict)
     except FileNotFoundError as exc:  # gone since the look
         return HistoryVerdict(path, verdict.members, "orphan", f"its frame {exc.filename} no longer exists")
     if os.path.normpath(current) == os.path.normpath(path):
@@ -67,13 +76,15 @@ def history_states(store: FeatureStore, histories: Sequence[Frames], verdicts: S
     by_frames: dict[Frames, list[HistoryVerdict]] = defaultdict(list)
     for v in verdicts:
         by_frames[v.members].append(v)
+    entry_of = _entry_paths(store, histories)
     states = []
     for frames in histories:
-        try:
-            current = by_path.get(os.path.normpath(history_entry_path(store, frames)))
-        except FileNotFoundError:
-            current = None
-        if current is not None:
+        current = by_path.get(entry_of[frames]) if frames in entry_of else None
+        if current is not None and current.state == "corrupt" and current.record:
+            # Its frames record is gone: the file alone cannot name its frames, but these frames
+            # are known, and their chains decide as a lookup does.
+            states.append(history_state(store, frames))
+        elif current is not None:
             # A file at this key recording other frames (a collision, a hand-made file) is never theirs.
             states.append("stale" if current.state == "valid" and current.members != frames else current.state)
         elif any(v.state == "stale" for v in by_frames.get(frames, ())):
@@ -81,6 +92,24 @@ def history_states(store: FeatureStore, histories: Sequence[Frames], verdicts: S
         else:
             states.append("missing")
     return states
+
+
+def _entry_paths(store: FeatureStore, histories: Sequence[Frames]) -> dict[Frames, str]:
+    """Where the entry of each history is for its frames as they are now (normalized), from one
+    ``stat`` of each frame of each longest list (an episode whose every step is a sample costs its
+    frames, not the sum of its prefixes); histories with a frame gone have none."""
+    paths: dict[Frames, str] = {}
+    for longest, lengths in longest_lists(histories).items():
+        try:
+            keys = history_keys(store, longest)
+        except OSError:  # a frame is gone: the prefixes before it may still have entries
+            for n in lengths:
+                with contextlib.suppress(OSError):
+                    paths[longest[:n]] = os.path.normpath(history_entry_path(store, longest[:n]))
+            continue
+        for n in lengths:
+            paths[longest[:n]] = os.path.normpath(history_key_path(store, keys[n - 1]))
+    return paths
 
 
 def counted_histories(store: FeatureStore, rels: Sequence[str], verdicts: Sequence[HistoryVerdict], *,

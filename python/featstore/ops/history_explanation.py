@@ -5,7 +5,6 @@ the longest prefix that is cached."""
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -15,7 +14,7 @@ from featstore import _core
 from featstore.errors import CorruptEntryError
 from featstore.explain import Explanation
 from featstore.fmt import human_bytes, timestamp
-from featstore.history import history_entry_files, history_entry_path, judge_history_entry
+from featstore.history import history_entry_files, history_entry_path, judge_history_entry, recorded_members
 from featstore.ops.files import file_size
 from featstore.ops.histories import judge_history_file
 from featstore.store import FeatureStore
@@ -96,8 +95,8 @@ def _older_entry(store: FeatureStore, rels: tuple[str, ...]) -> tuple[str, str, 
     for path in history_entry_files(store):
         try:
             meta, tensors, _ = _core.read_header(path)
-            recorded = tuple(m["path"] for m in json.loads(meta["members"]))
-        except (CorruptEntryError, OSError, KeyError, TypeError, ValueError):
+            recorded = tuple(m["path"] for m in recorded_members(store, meta) or ())
+        except (CorruptEntryError, OSError, KeyError, TypeError):
             continue
         if recorded != rels:
             continue
@@ -124,10 +123,9 @@ def _entry_details(meta: dict[str, str], tensors: list[Any], path: str) -> list[
 def _changed_frames(store: FeatureStore, meta: dict[str, str]) -> list[tuple[str, str]]:
     """For each recorded frame whose stamp moved: recorded and current stamps, whether its bytes
     differ."""
-    try:
-        members = json.loads(meta["members"])
-    except (KeyError, ValueError):
-        return [("frames", "the entry's frames cannot be read")]
+    members = recorded_members(store, meta)
+    if members is None:
+        return [("frames", "the entry's frames cannot be read (its frames record is missing or damaged)")]
     out = []
     for i, m in enumerate(members):
         path = os.path.join(store.data_root, m.get("path", ""))

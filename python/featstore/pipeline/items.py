@@ -14,9 +14,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 from featstore.encoders import Capabilities
+from featstore.history import longest_lists
 from featstore.sets import group_frames
 
 Kind = Literal["image", "set", "history"]
@@ -124,35 +125,9 @@ def noun(kind: Kind) -> str:
 
 def histories(lists: Sequence[Sequence[str]]) -> list[WorkItem]:
     """The work items of history mode: one per list that no other list extends, writing the
-    entries of every distinct list that is a prefix of it (itself included).
-
-    A list that prefixes several longer ones is covered by the longest of them (the first such
-    in input order on a tie). Items come in the order their longest list first appears.
-    """
-    distinct = list(dict.fromkeys(tuple(x) for x in lists if x))
-    first_seen = {x: i for i, x in enumerate(distinct)}
-    # Longest first: the first list to pass through a trie node is the longest through it, so a
-    # list ending at an existing node is a prefix of that node's owner. A trie keeps this linear
-    # in the frames named (comparing lists pairwise would be quadratic in the lists).
-    trie: dict[str, Any] = {}
-    lengths: dict[tuple[str, ...], list[int]] = {}
-    for frames in sorted(distinct, key=lambda x: (-len(x), first_seen[x])):
-        node, owner = trie, None
-        for frame in frames:
-            child = node.get(frame)
-            if child is None:
-                owner = owner or frames
-                child = node[frame] = {_OWNER: owner}
-            node = child
-        root = owner or node[_OWNER]
-        if root is frames:
-            lengths[frames] = []
-        lengths[root].append(len(frames))
-    return [WorkItem.history(frames, lengths[frames]) for frames in sorted(lengths, key=first_seen.__getitem__)]
-
-
-# The key under which a trie node names its longest list (not a path: paths never hold NUL).
-_OWNER = "\0owner"
+    entries of every distinct list that is a prefix of it (itself included); see
+    :func:`featstore.history.longest_lists`."""
+    return [WorkItem.history(frames, lengths) for frames, lengths in longest_lists(lists).items()]
 
 
 def frame_sets(jsonl_sets: Sequence[Sequence[str]], paths: Sequence[str], frames: int) -> list[tuple[str, ...]]:

@@ -23,7 +23,7 @@ from featstore import env
 from featstore.encoders import Capabilities, Encoder, capabilities, describe, resolve_encoder
 from featstore.env import parse_shard
 from featstore.errors import CheckpointError, FeatstoreError
-from featstore.history import history_state
+from featstore.history import history_states
 from featstore.inputs import AbsentInput, FileInput, JsonlLine
 from featstore.pipeline.items import Kind, WorkItem, kind_for, work_items
 from featstore.pipeline.refresh import refreshable
@@ -282,7 +282,7 @@ def _set_states(store: FeatureStore, items: Sequence[WorkItem]) -> list[tuple[st
 
 
 def _history_states(store: FeatureStore, items: Sequence[WorkItem]) -> list[tuple[str, ...]]:
-    return [tuple(history_state(store, item.prefix(n)) for n in item.lengths) for item in items]
+    return [tuple(history_states(store, item.paths, item.lengths)) for item in items]
 
 
 def _inputs_now(store: FeatureStore, enc: Encoder, items: Sequence[WorkItem], states: list[str]) -> list[str]:

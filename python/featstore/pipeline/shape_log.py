@@ -17,7 +17,7 @@ import torch
 from featstore import _core, shapes
 from featstore._torch import TORCH_TO_SAFETENSORS
 from featstore.errors import FeatstoreError
-from featstore.history import history_entry_path
+from featstore.history import history_key_path, history_keys
 from featstore.manifest import shape_log_path
 from featstore.pipeline.items import WorkItem
 from featstore.sets import set_entry_path
@@ -83,5 +83,6 @@ def _entry_paths(store: FeatureStore, items: Sequence[WorkItem]) -> list[str]:
         elif item.kind == "set":
             paths.append(set_entry_path(store, list(item.paths)))
         else:
-            paths.extend(history_entry_path(store, item.prefix(n)) for n in item.lengths)
+            keys = history_keys(store, item.paths)  # one stat per frame for every prefix
+            paths.extend(history_key_path(store, keys[n - 1]) for n in item.lengths)
     return paths

@@ -23,7 +23,7 @@ import torch
 
 from featstore import _core
 from featstore.errors import FeatstoreError
-from featstore.history import put_history
+from featstore.history import HistoryPass
 from featstore.pipeline import journal as journal_lines
 from featstore.pipeline.items import Kind, WorkItem
 from featstore.pipeline.shape_log import ShapeLog
@@ -59,13 +59,14 @@ def _write_history(store: FeatureStore, item: WorkItem, tensors: Mapping[str, to
     already written. ``expected``: ``(the decoded frames' stamps, the error of the frame after
     them or None)``."""
     stamps, error = expected if expected is not None else (None, None)
+    decoded = item.paths if stamps is None else item.paths[:len(stamps)]
+    # The frames are stamped, digested and recorded once for every prefix the pass writes.
+    history = HistoryPass(store, decoded, expected=stamps) if decoded else None
     for n in item.lengths:
-        if stamps is not None and n > len(stamps):
+        if history is None or n > len(decoded):
             raise FeatstoreError(f"{error}; the samples whose history holds it got no entry")
-        prefix = item.prefix(n)
-        path = put_history(store, prefix, {k: v[n - 1] for k, v in tensors.items()},
-                           expected=stamps[:n] if stamps is not None else None)
-        yield Written(path, os.path.getsize(path), journal_lines.history_record(prefix, path))
+        path = history.put(n, {k: v[n - 1] for k, v in tensors.items()})
+        yield Written(path, os.path.getsize(path), journal_lines.history_record(item.prefix(n), path))
 
 
 # How the entries of sets and histories are written (see items.py; per-image entries are written a

@@ -21,7 +21,7 @@ import torch
 from featstore.encoders import capabilities
 from featstore.encoding import decode_source, encode_histories
 from featstore.errors import FeatstoreError
-from featstore.history import history_keys
+from featstore.history import history_keys, history_states, longest_lists
 from featstore.inputs import Stamp
 from featstore.lock import entry_claims
 from featstore.store import FeatureStore
@@ -33,14 +33,10 @@ Frames = tuple[str, ...]
 Result = tuple[dict[str, torch.Tensor], bool]
 
 
-def longest_lists(histories: Sequence[Frames]) -> dict[Frames, set[int]]:
+def _owners(histories: Sequence[Frames]) -> dict[Frames, set[int]]:
     """The lists no other of ``histories`` extends, each with the lengths of the histories that
     are its prefixes (itself included): one pass over each covers them all."""
-    owners: dict[Frames, set[int]] = {}
-    for frames in sorted(dict.fromkeys(histories), key=len, reverse=True):
-        owner = next((o for o in owners if o[:len(frames)] == frames), None)
-        owners.setdefault(owner or frames, set()).add(len(frames))
-    return owners
+    return {frames: set(lengths) for frames, lengths in longest_lists(histories).items()}
 
 
 class HistoryComputer:
@@ -68,7 +64,7 @@ class HistoryComputer:
                                  "entries (no encode_history, or history off): use VGGTEncoder(history=True) or an "
                                  "encoder with encode_history(batch [B, T, 3, H, W]) with history_fn")
         if not lazy or store is None:
-            computed = self.encode(enc, longest_lists(histories))
+            computed = self.encode(enc, _owners(histories))
             return [(computed[h], False) for h in histories]
         return self._compute_lazily(enc, store, histories)
 
@@ -76,7 +72,7 @@ class HistoryComputer:
         """Claims the longest lists' entries (their last chain key), reads what another worker or
         rank wrote meanwhile, and computes the rest, writing every missing prefix entry."""
         results: dict[Frames, Result] = {}
-        owners = longest_lists(histories)
+        owners = _owners(histories)
         keys = {frames: self._last_key(store, frames) for frames in owners}
         for wait in (False, True):  # first what nobody else computes, then (waiting) the rest
             rest = [f for f, lengths in owners.items() if any(f[:n] not in results for n in lengths)]
@@ -89,10 +85,15 @@ class HistoryComputer:
                         found = store.get_history(frames[:n])
                         if found is not None:
                             results[frames[:n]] = (found, True)
-                    if any(frames[:n] not in results for n in owners[frames]):
-                        # Every prefix without a valid entry is computed by the same pass and written.
-                        todo[frames] = {n for n in range(1, len(frames) + 1)
-                                        if store.history_state(frames[:n]) != "valid"} | owners[frames]
+                    needed = {n for n in owners[frames] if frames[:n] not in results}
+                    if needed and capabilities(enc).prefixes_share_a_pass:
+                        # Every prefix without a valid entry comes with the same pass: written too.
+                        lengths = range(1, len(frames) + 1)
+                        states = history_states(store, frames, lengths)
+                        todo[frames] = {n for n, state in zip(lengths, states, strict=True)
+                                        if state != "valid"} | needed
+                    elif needed:  # each prefix its own pass (reversed order): only what is needed
+                        todo[frames] = needed
                 computed = self.encode(enc, todo, write_to=store)
                 results.update((h, (t, False)) for h, t in computed.items() if h not in results)
         return [results[h] for h in histories]
@@ -132,12 +133,12 @@ class HistoryComputer:
             outputs = encode_histories(enc, torch.device(self.live.device),
                                        torch.stack([sequences[f][0] for f in group]), lengths=lengths)
             for row, frames in enumerate(group):
+                computed = {}
                 for n in sorted(lists[frames]):
                     # A clone outside inference mode: autograd may save these for backward.
-                    tensors = {name: t[row, n - 1].clone() for name, t in outputs.items()}
-                    out[frames[:n]] = tensors
-                    if write_to is not None:
-                        self._write(enc, write_to, frames[:n], tensors, sequences[frames][1][:n])
+                    computed[n] = out[frames[:n]] = {name: t[row, n - 1].clone() for name, t in outputs.items()}
+                if write_to is not None:
+                    self._write(enc, write_to, frames, computed, sequences[frames][1])
         return out
 
     def _decode(self, enc: Any, rel: str) -> tuple[torch.Tensor, Stamp]:
@@ -147,16 +148,17 @@ class HistoryComputer:
             raise FeatstoreError(f"cannot compute {enc.name} history features with the frame {path}: {error}")
         return item, stamp
 
-    def _write(self, enc: Any, store: FeatureStore, frames: Frames, tensors: dict[str, torch.Tensor],
+    def _write(self, enc: Any, store: FeatureStore, frames: Frames, computed: dict[int, dict[str, torch.Tensor]],
                stamps: list[Stamp]) -> None:
-        """Stores a lazily computed history entry; a failed write (a frame edited since it was
-        read, a read-only cache) is warned about once and training goes on."""
+        """Stores the lazily computed entries of the prefixes of one list (``computed`` by
+        length), its frames recorded once; a failed write (a frame edited since it was read, a
+        read-only cache) is warned about once and training goes on."""
         try:
             if not self._manifest_checked:  # first: put_history records the fingerprint alone
                 self._manifest_checked = True
                 self.live.ensure_manifest(store, history=True,
-                                          tensors=self.live.shape_summary(enc, tensors))
-            store.put_history(frames, tensors, expected=stamps)
+                                          tensors=self.live.shape_summary(enc, next(iter(computed.values()))))
+            store.put_histories(frames, computed, expected=stamps)
         except (OSError, FeatstoreError) as exc:
             self._warn_once(f"write:{type(exc).__name__}",
                             f"featstore: could not store the lazily computed history entry of {frames[-1]} "

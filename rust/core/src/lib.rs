@@ -6,12 +6,14 @@
 //! - [`manifest`]: the manifest, the per-rank journals and their merge;
 //! - [`index`]: the index's immutable, memory-mapped segments and their compaction;
 //! - [`jsonl`]: the per-line digests of a `.jsonl` listing (an input that is one line of a file);
+//! - [`history`]: the key, stamps and content chains of a history's prefixes;
 //! - [`store`]: entry locations, layouts and the validity check;
 //! - [`judged`]: removing and moving only the very file that was judged;
 //! - [`pool`]: featstore's own, fork-aware thread pools.
 
 pub mod entry;
 pub mod error;
+pub mod history;
 pub mod index;
 pub mod jsonl;
 pub mod judged;

@@ -3,7 +3,7 @@
 //! deterministic; errors per entry (unreadable directory, symlink loop, missing listed file) are
 //! collected, never fatal.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -422,15 +422,34 @@ pub fn scan_jsonl(
             }
         }
     }
-    let resolved: Vec<_> = pool::pool(opts.threads).install(|| {
-        listed
+    // Each distinct (folder, listed path) is resolved once: a history dataset lists every frame
+    // of an episode on each of its steps' lines, T(T+1)/2 mentions of T files.
+    let mut slots: HashMap<(&Path, &str), usize> = HashMap::new();
+    let mut distinct: Vec<(&Path, &str)> = Vec::new();
+    let slot_of: Vec<usize> = listed
+        .iter()
+        .map(|(base, _, p, _)| {
+            *slots
+                .entry((base.as_path(), p.as_str()))
+                .or_insert_with(|| {
+                    distinct.push((base.as_path(), p.as_str()));
+                    distinct.len() - 1
+                })
+        })
+        .collect();
+    let looked_up: Vec<_> = pool::pool(opts.threads).install(|| {
+        distinct
             .par_iter()
-            .map(|(base, where_, p, set)| {
+            .map(|(base, p)| {
                 progress.fetch_add(1, Ordering::Relaxed);
-                (where_, p, *set, resolve_listed(&root, base, p))
+                resolve_listed(&root, base, p)
             })
             .collect()
     });
+    let resolved = listed
+        .iter()
+        .zip(slot_of)
+        .map(|((_, where_, p, set), slot)| (where_, p, *set, looked_up[slot].clone()));
     let mut found = Found::default();
     let mut seen = BTreeSet::new();
     let mut sets: Vec<Vec<PathBuf>> = vec![Vec::new(); set_members.len()];

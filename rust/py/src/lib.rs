@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use featstore_core::entry::{self, Dtype, ReadMode, TensorData};
+use featstore_core::history;
 use featstore_core::index;
 use featstore_core::key::{self, Stamp};
 use featstore_core::manifest::{self, Manifest};
@@ -168,6 +169,93 @@ fn file_digests(
     fork::detached(py, || {
         pool::pool(threads).install(|| paths.par_iter().map(|p| key::file_digest(p).ok()).collect())
     })
+}
+
+/// The key chain of every prefix of a history (`featstore_core::history`) and its stamps chain
+/// (of every prefix, or with `last_only` of the whole list), as 64 hex digits each, from one
+/// `stat` of each frame; and its frames' newest mtime.
+#[pyfunction]
+#[pyo3(signature = (root, rels, last_only=false))]
+fn history_links(
+    py: Python<'_>,
+    root: PathBuf,
+    rels: Vec<PathBuf>,
+    last_only: bool,
+) -> PyResult<(Vec<String>, Vec<String>, i64)> {
+    let links = fork::detached(py, || history::links(&root, &rels, last_only)).py_err()?;
+    let skip = if last_only {
+        links.keys.len().saturating_sub(1)
+    } else {
+        0
+    };
+    Ok((
+        links.keys[skip..].iter().map(hex::encode).collect(),
+        links.stamps.iter().map(hex::encode).collect(),
+        links.newest_mtime_ns,
+    ))
+}
+
+/// The key and stamps chains of every prefix from recorded stamps `(size, mtime_ns, ino,
+/// ctime_ns)` instead of a `stat` (what a pass records is what its entries hold).
+#[pyfunction]
+fn history_chains(
+    rels: Vec<PathBuf>,
+    stamps: Vec<(u64, i64, u64, i64)>,
+) -> PyResult<(Vec<String>, Vec<String>)> {
+    if rels.len() != stamps.len() {
+        return Err(PyValueError::new_err("one stamp per frame"));
+    }
+    let members: Vec<(&[u8], Stamp)> = rels
+        .iter()
+        .zip(stamps)
+        .map(|(rel, (size, mtime_ns, ino, ctime_ns))| {
+            (
+                key::path_bytes(rel),
+                Stamp {
+                    size,
+                    mtime_ns,
+                    ino,
+                    ctime_ns,
+                },
+            )
+        })
+        .collect();
+    let links = history::chains(&members, false);
+    Ok((
+        links.keys.iter().map(hex::encode).collect(),
+        links.stamps.iter().map(hex::encode).collect(),
+    ))
+}
+
+/// The content chain of every prefix from the frames' digests (64 hex digits each).
+#[pyfunction]
+fn history_content_chain(rels: Vec<PathBuf>, digests: Vec<String>) -> PyResult<Vec<String>> {
+    if rels.len() != digests.len() {
+        return Err(PyValueError::new_err("one digest per frame"));
+    }
+    let members: Vec<(&[u8], &str)> = rels
+        .iter()
+        .map(|r| key::path_bytes(r))
+        .zip(digests.iter().map(String::as_str))
+        .collect();
+    Ok(history::content_chain(&members)
+        .iter()
+        .map(hex::encode)
+        .collect())
+}
+
+/// The content chain of every prefix of a history (each frame digested once, in parallel).
+#[pyfunction]
+#[pyo3(signature = (root, rels, threads=None))]
+fn history_contents(
+    py: Python<'_>,
+    root: PathBuf,
+    rels: Vec<PathBuf>,
+    threads: Option<usize>,
+) -> PyResult<Vec<String>> {
+    let chain =
+        fork::detached(py, || history::contents(&root, &rels, &pool::pool(threads))).py_err()?;
+    Ok(chain.iter().map(hex::encode).collect())
 }
 
 /// The old scripts' key: `sha256(path_as_given + bytes of read_from)[:16]`.
@@ -929,6 +1017,10 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
         wrap_pyfunction!(file_digest, m)?,
         wrap_pyfunction!(bytes_digest, m)?,
         wrap_pyfunction!(file_digests, m)?,
+        wrap_pyfunction!(history_links, m)?,
+        wrap_pyfunction!(history_contents, m)?,
+        wrap_pyfunction!(history_chains, m)?,
+        wrap_pyfunction!(history_content_chain, m)?,
         wrap_pyfunction!(legacy_sha256_key, m)?,
         wrap_pyfunction!(legacy_sha256_keys, m)?,
         wrap_pyfunction!(write_entry, m)?,
