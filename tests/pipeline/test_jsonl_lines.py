@@ -142,3 +142,21 @@ def test_a_later_line_listing_the_image_under_another_spelling_makes_it_stale(ca
     assert [r for r in rels if store.state(r) == "stale"] == [rels[3]]
     enc = LineCaptions(root)
     assert _run(root, enc)["written"] == 1 and enc.encoded == ["another caption"]
+
+
+def test_a_caption_holding_a_unicode_line_separator_is_one_line_for_the_encoder_and_the_lookup(tmp_path):
+    """JSON strings may hold U+2028 raw; Python's ``splitlines`` would cut such a line in two.
+    The encoder's reading (JsonlField) and the lookups' per-line check parse the same lines."""
+    root = str(tmp_path / "data")
+    rels = make_image_tree(root, 3, size=16)
+    for r in rels:
+        age(os.path.join(root, r))
+    with open(os.path.join(root, "train.jsonl"), "w", encoding="utf-8") as f:
+        for i, rel in enumerate(rels):
+            f.write(json.dumps({"image": rel, "prompt": f"line\u2028break {i}"}, ensure_ascii=False) + "\n")
+    enc = LineCaptions(root)
+    assert not enc.captions.errors and enc.captions[os.path.join(root, rels[1])] == "line\u2028break 1"
+    assert _run(root, enc)["written"] == 3
+    store = featstore.FeatureStore(root, "caption")
+    assert [store.state(r) for r in rels] == ["valid"] * 3
+    assert _run(root, LineCaptions(root))["written"] == 0

@@ -157,6 +157,100 @@ fn parse(text: &[u8], fields: &Fields, dir: PathBuf) -> Table {
     out
 }
 
+/// One listed path of a line, as the encoders read it (`JsonlField`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listed {
+    /// The line's number (from 1).
+    pub line: usize,
+    /// The path as the line spells it.
+    pub listed: String,
+    /// The line's field value.
+    pub value: String,
+}
+
+/// A line that lists nothing usable: its number and why.
+pub type Skipped = (usize, String);
+
+/// Every path the lines of the listing `path` list with their field value, in order, and the
+/// lines that list nothing usable (number, why). The lines are split and parsed as [`table`]
+/// parses them, so what an encoder reads and what lookups check are the same lines.
+pub fn listed_values(path: &Path, fields: &Fields) -> Result<(Vec<Listed>, Vec<Skipped>)> {
+    let (mut file, meta) = open_regular(path)?;
+    let mut text = Vec::with_capacity(meta.len() as usize);
+    file.read_to_end(&mut text).at(path)?;
+    if std::str::from_utf8(&text).is_err() {
+        return Err(Error::Invalid(format!(
+            "{} is not UTF-8 text",
+            path.display()
+        )));
+    }
+    let mut found = Vec::new();
+    let mut skipped = Vec::new();
+    for (i, line) in text.split(|&b| b == b'\n').enumerate() {
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        let record = match serde_json::from_slice::<Value>(line) {
+            Ok(Value::Object(record)) => record,
+            Ok(_) => {
+                skipped.push((i + 1, "not a JSON object".to_string()));
+                continue;
+            }
+            Err(e) => {
+                skipped.push((i + 1, format!("not valid JSON: {e}")));
+                continue;
+            }
+        };
+        let (Some(Value::String(value)), Some(images)) =
+            (record.get(&fields.field), record.get(&fields.image_field))
+        else {
+            skipped.push((
+                i + 1,
+                format!(
+                    "no string field {:?} or no {:?}",
+                    fields.field, fields.image_field
+                ),
+            ));
+            continue;
+        };
+        let listed: Vec<&str> = match images {
+            Value::String(one) => vec![one.as_str()],
+            Value::Array(many) => many.iter().filter_map(Value::as_str).collect(),
+            _ => Vec::new(),
+        };
+        for l in listed {
+            found.push(Listed {
+                line: i + 1,
+                listed: l.to_string(),
+                value: value.clone(),
+            });
+        }
+    }
+    Ok((found, skipped))
+}
+
+/// Where a listed path leads, as the scan resolves it: an absolute one as it is; a relative one
+/// relative to the listing's folder `base` when a file is there, else relative to `root` when a
+/// file is there, and then also the folder's candidate it passed over (which must stay absent);
+/// else the folder's candidate. Lexically normalized, symlinks kept.
+pub fn resolve_listed(root: &Path, base: &Path, listed: &str) -> (PathBuf, Option<PathBuf>) {
+    let p = Path::new(listed);
+    if p.is_absolute() {
+        return (crate::scan::normalize(p), None);
+    }
+    let is_file = |c: &Path| std::fs::metadata(c).map(|m| m.is_file()).unwrap_or(false);
+    let first = crate::scan::normalize(&base.join(p));
+    if is_file(&first) {
+        return (first, None);
+    }
+    let second = crate::scan::normalize(&root.join(p));
+    if second != first && is_file(&second) {
+        (second, Some(first))
+    } else {
+        (first, None)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -3,13 +3,14 @@ and control images (a parallel directory)."""
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
+from featstore import _core
+from featstore.errors import FeatstoreError
 from featstore.inputs import AbsentInput, InputValue, JsonlLine
-from featstore.regular import open_regular, read_text
+from featstore.regular import read_text
 from featstore.scan import DEFAULT_EXTENSIONS, scan
 
 
@@ -49,31 +50,18 @@ class JsonlField(Mapping[str, str]):
             self._read(os.path.join(self.root, rel))
 
     def _read(self, jsonl: str) -> None:
-        base = os.path.dirname(jsonl)
+        """Every line of one listing, parsed and its paths resolved in Rust: the lines the
+        lookups' per-line check reads (``rust/core/src/jsonl.rs``), the paths as the scan and
+        :meth:`_resolve` find them."""
         try:
-            with open_regular(jsonl, "listing") as f:
-                lines = f.read().decode("utf-8").splitlines()
-        except (UnicodeDecodeError, OSError) as exc:
+            listed, skipped = _core.jsonl_field(self.root, jsonl, self.image_field, self.field)
+        except (OSError, FeatstoreError) as exc:
             self.errors.append((jsonl, f"cannot read it as UTF-8 text: {exc}"))
             return
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            where = f"{jsonl}:{number}"
-            try:
-                record = json.loads(line)
-            except ValueError as exc:
-                self.errors.append((where, f"not valid JSON: {exc}"))
-                continue
-            images = record.get(self.image_field) if isinstance(record, dict) else None
-            value = record.get(self.field) if isinstance(record, dict) else None
-            if images is None or not isinstance(value, str):
-                self.errors.append((where, f"no string field {self.field!r} or no {self.image_field!r}"))
-                continue
-            for image in images if isinstance(images, list) else [images]:
-                if isinstance(image, str):
-                    resolved, passed_over = self._resolve(base, image)
-                    self._values[resolved] = (value, jsonl, passed_over, image)
+        self.errors.extend((f"{jsonl}:{number}", why) for number, why in skipped)
+        values = self._values
+        for image, value, resolved, passed_over in listed:
+            values[resolved] = (value, jsonl, passed_over, image)
 
     def _resolve(self, base: str, listed: str) -> tuple[str, str | None]:
         """Where a listed path leads, as the scan resolves it: relative to the jsonl's folder
@@ -88,7 +76,12 @@ class JsonlField(Mapping[str, str]):
         return (second, first) if os.path.isfile(second) and second != first else (first, None)
 
     def _key(self, path: str | os.PathLike[str]) -> str:
-        return os.path.abspath(os.fspath(path))  # abspath normalizes
+        p = os.fspath(path)
+        # An absolute, normal path (as the planner passes them) is its own key; others are
+        # normalized (abspath costs microseconds, times a million lookups).
+        if type(p) is str and p.startswith("/") and "/." not in p and "//" not in p and not p.endswith("/"):
+            return p
+        return os.path.abspath(p)
 
     def __getitem__(self, path: str | os.PathLike[str]) -> str:  # type: ignore[override]
         try:
