@@ -37,6 +37,9 @@ class ScanResult:
         Ordered groups of relative paths, one per ``.jsonl`` line whose field is a list.
     root : str
         The absolute data root.
+    named : list of str or None
+        With ``named_suffix``: the files named so, relative, sorted (found without a ``stat``);
+        None when not asked for.
     """
 
     paths: list[str]
@@ -45,6 +48,7 @@ class ScanResult:
     errors: list[tuple[str, str]] = field(default_factory=list)
     sets: list[list[str]] = field(default_factory=list)
     root: str = ""
+    named: list[str] | None = None
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -65,7 +69,7 @@ class ScanResult:
         index = np.asarray(keep, dtype=np.int64)
         sets = [s for s in self.sets if not any(m.endswith(suffix) for m in s)]
         return ScanResult([self.paths[i] for i in keep], self.sizes[index], self.mtimes_ns[index], self.errors,
-                          sets, self.root)
+                          sets, self.root, self.named)
 
     def by_extension(self) -> dict[str, tuple[int, int]]:
         """``{".jpg": (count, bytes), ...}`` with extensions in lower case."""
@@ -93,7 +97,7 @@ def nothing_found(found: ScanResult, *, extensions: Sequence[str] | None = None,
 def scan(root: str | os.PathLike[str], *, extensions: Sequence[str] | None = None, jsonl: str | None = None,
          follow_symlinks: bool = True, files_from: str | os.PathLike[str] | None = None,
          skip_dirs: Sequence[str | os.PathLike[str]] = (), threads: int | None = None,
-         progress: bool | None = False) -> ScanResult:
+         progress: bool | None = False, named_suffix: str | None = None) -> ScanResult:
     """Finds the sources under ``root``.
 
     Parameters
@@ -117,6 +121,9 @@ def scan(root: str | os.PathLike[str], *, extensions: Sequence[str] | None = Non
         Worker threads (default: one per core).
     progress : bool or None
         Show a progress counter on stderr for long scans (None: only on a terminal).
+    named_suffix : str, optional
+        Also list the files whose name ends with this (``.vggt.safetensors``: a feature's
+        sidecar entries) in ``named``, in the same walk and without a ``stat`` (a tree scan only).
 
     Raises
     ------
@@ -130,11 +137,11 @@ def scan(root: str | os.PathLike[str], *, extensions: Sequence[str] | None = Non
             listed = [line.strip() for line in f if line.strip() and not line.startswith("#")]
     if progress is None:
         progress = sys.stderr.isatty()
-    paths, sizes, mtimes, errors, sets = run_with_progress(
+    paths, sizes, mtimes, errors, sets, named = run_with_progress(
         lambda p: _core.scan(root_abs, extensions=list(extensions or []), follow_symlinks=follow_symlinks,
                              skip_dirs=[os.path.abspath(os.fspath(d)) for d in skip_dirs], jsonl=jsonl,
-                             listed=listed, threads=threads, progress=p),
+                             listed=listed, threads=threads, progress=p, named_suffix=named_suffix),
         desc=f"scanning {root_abs}", show=progress)
     return ScanResult(paths=paths, sizes=np.frombuffer(sizes, dtype="<u8").copy(),
                       mtimes_ns=np.frombuffer(mtimes, dtype="<i8").copy(), errors=list(errors),
-                      sets=sets, root=root_abs)
+                      sets=sets, root=root_abs, named=named if named_suffix else None)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -75,13 +75,21 @@ class Status:
 
 
 def count_states(store: FeatureStore, sources: Iterable[str] | None = None, *, threads: int | None = None,
-                 progress: bool | None = False) -> Status:
-    """:meth:`FeatureStore.status`: counts per state; ``sources`` defaults to a scan of the root."""
+                 progress: bool | None = False, entries: Sequence[str] | None = None) -> Status:
+    """:meth:`FeatureStore.status`: counts per state; ``sources`` defaults to a scan of the root.
+    ``entries``: the sidecar entry files a caller's scan listed (else found by a walk)."""
+    suffix = sidecar_suffix(store.feature)
+    entry_names = [p[: -len(suffix)] for p in entries] if entries is not None and store.layout == "sidecar" else None
     if sources is None:
+        # The sidecar entries' names come from the same walk as the sources (no second walk, no
+        # stat of theirs: the check below stats each entry it needs).
+        sidecar = store.layout == "sidecar"
         found = scan(store.data_root, skip_dirs=[store.cache_dir] if store.cache_dir else (), threads=threads,
-                     progress=progress)
+                     progress=progress, named_suffix=suffix if sidecar else None)
         rels = found.paths
         errors = list(found.errors)
+        if sidecar and found.named is not None:
+            entry_names = [p[: -len(suffix)] for p in found.named]
     else:
         rels = store.rels(sources)
         errors = []
@@ -94,7 +102,7 @@ def count_states(store: FeatureStore, sources: Iterable[str] | None = None, *, t
         else:
             counts[s] += 1
     known = set(rels)
-    for rel in _orphan_candidates(store):
+    for rel in _orphan_candidates(store) if entry_names is None else entry_names:
         if rel not in known and store.state(rel) == "orphan":
             counts["orphan"] += 1
     return Status(counts=counts, feature=store.feature, layout=store.layout, data_root=store.data_root,

@@ -464,14 +464,15 @@ class FeatureStore:
         return removed
 
     def status(self, sources: Iterable[str] | None = None, *, threads: int | None = None,
-               progress: bool | None = False) -> Status:
+               progress: bool | None = False, entries: Sequence[str] | None = None) -> Status:
         """Counts entries per state. ``sources`` defaults to a scan of the root for images.
 
         Opens no entry that was seen before (in this process or in the manifest's index).
-        Orphans are entries whose source is gone. Counts per-image entries:
+        Orphans are entries whose source is gone (among ``entries``, the sidecar entry files a
+        caller's scan listed, else a walk finds them). Counts per-image entries:
         :func:`featstore.ops.status` counts frame sets when the manifest records that mode.
         """
-        return count_states(self, sources, threads=threads, progress=progress)
+        return count_states(self, sources, threads=threads, progress=progress, entries=entries)
 
     def write_manifest(self, status: Status, sources: Iterable[str], fields: Mapping[str, Any] | None = None) -> str:
         """Writes the feature's manifest atomically and returns its path (see

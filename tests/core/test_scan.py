@@ -124,3 +124,19 @@ def test_listed_path_outside_root_is_an_error(tmp_path, tree):
     lst.write_text(str(tmp_path / "outside.jpg") + "\n")
     r = featstore.scan(root, files_from=lst)
     assert r.paths == [] and "outside the data root" in r.errors[0][1]
+
+
+def test_a_tree_scan_lists_files_with_a_suffix_by_name_in_the_same_walk(tmp_path):
+    """What ``featstore status`` uses to find a feature's sidecar entries (orphan candidates)
+    without a second walk: they are listed apart, never as sources, and need no stat."""
+    from featstore import scan
+
+    (tmp_path / "a").mkdir()
+    for name in ("a/x.jpg", "a/x.jpg.vggt.safetensors", "a/gone.jpg.vggt.safetensors", "y.png",
+                 "y.png.other.safetensors"):
+        (tmp_path / name).write_bytes(b"1")
+    found = scan(str(tmp_path), named_suffix=".vggt.safetensors")
+    assert found.paths == ["a/x.jpg", "y.png"]
+    assert found.named == ["a/gone.jpg.vggt.safetensors", "a/x.jpg.vggt.safetensors"]
+    assert not found.errors
+    assert scan(str(tmp_path)).named is None  # not asked for

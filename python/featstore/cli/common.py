@@ -19,7 +19,7 @@ from featstore.ops.features import require_feature
 from featstore.scan import ScanResult, nothing_found, scan
 from featstore.sets import recorded_mode
 from featstore.store import FeatureStore
-from featstore.vocabulary import check_feature_name
+from featstore.vocabulary import check_feature_name, sidecar_suffix
 
 if TYPE_CHECKING:
     #: What ``register`` of each command module adds its parsers to.
@@ -170,19 +170,23 @@ def open_store(args: argparse.Namespace, root: str) -> FeatureStore:
 
 
 def find_sources(args: argparse.Namespace, store: FeatureStore | None, *, allow_empty: bool = False,
-                 root: str = "") -> ScanResult:
+                 root: str = "", entry_names: bool = False) -> ScanResult:
     """Scans the store's data root (or ``root`` without a store) for the sources the options
     select; finding none is an error unless ``allow_empty``. Without --jsonl, a feature whose
     frame sets or histories came from a ``.jsonl`` field (its manifest says so) is scanned with that
-    field."""
+    field. ``entry_names``: a tree walk also lists the feature's sidecar entries in ``named``
+    (what ``status`` counts orphans among), so nothing walks the tree a second time."""
     skip = store.cache_dir if store is not None else None
     where = store.data_root if store is not None else root
     jsonl = args.jsonl
     if jsonl is None and store is not None:
         mode = recorded_mode(store) or recorded_history(store)
         jsonl = mode.jsonl if mode is not None else None
+    named = (sidecar_suffix(store.feature) if entry_names and store is not None and store.layout == "sidecar"
+             and jsonl is None and args.files_from is None else None)
     found = scan(where, extensions=args.ext, jsonl=jsonl, follow_symlinks=args.follow_symlinks,
-                 files_from=args.files_from, skip_dirs=[skip] if skip else [], threads=args.threads, progress=None)
+                 files_from=args.files_from, skip_dirs=[skip] if skip else [], threads=args.threads, progress=None,
+                 named_suffix=named)
     if store is not None:
         found = found.without_entries_of(store.feature)
     if len(found) == 0 and not allow_empty:

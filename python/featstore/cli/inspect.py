@@ -87,8 +87,9 @@ def cmd_status(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     if inline and not store._core.holds_inline_index:
         print(f"featstore status: moved the index of an earlier version's manifest into {store.index_dir}",
               file=sys.stderr)
-    found = find_sources(args, store)
-    report = ops.status(store, found.paths, lists=found.sets, threads=args.threads, progress=None)
+    found = find_sources(args, store, entry_names=True)
+    report = ops.status(store, found.paths, lists=found.sets, threads=args.threads, progress=None,
+                        entries=found.named)
     report.status.errors[:0] = found.errors
     emit(args, report.to_dict(), report.text())
     return 1 if report.status.errors else 0  # some sources could not be checked

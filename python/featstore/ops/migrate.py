@@ -117,7 +117,7 @@ class _Planner:
     def add_sidecars(self) -> None:
         """Every ``<x>.vggt_cache.pt`` under the data root, whether or not ``x`` is a source."""
         store, root = self.store, self.store.data_root
-        found, _, _, _, _ = _core.scan(root, extensions=["pt"], skip_dirs=[store.cache_dir] if store.cache_dir else [])
+        found, *_ = _core.scan(root, extensions=["pt"], skip_dirs=[store.cache_dir] if store.cache_dir else [])
         for p in sorted(map(os.fspath, found)):
             if not p.endswith(LEGACY_SIDECAR_SUFFIX):
                 continue

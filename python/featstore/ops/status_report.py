@@ -80,7 +80,8 @@ class StatusReport:
 
 
 def status(store: FeatureStore, sources: Sequence[str] | None = None, *, lists: Sequence[Sequence[str]] | None = None,
-           threads: int | None = None, progress: bool | None = None) -> StatusReport:
+           threads: int | None = None, progress: bool | None = None,
+           entries: Sequence[str] | None = None) -> StatusReport:
     """Counts entries per state: two ``stat`` calls per source, no entry opened for sources the
     manifest indexes. ``corrupt`` entries are only found by :func:`featstore.ops.verify`.
 
@@ -104,10 +105,13 @@ def status(store: FeatureStore, sources: Sequence[str] | None = None, *, lists: 
         Worker threads (default: one per core).
     progress : bool or None
         Progress bar on stderr for long checks (None: when it lasts over half a second).
+    entries : sequence of str, optional
+        The feature's sidecar entry files (relative), when the scan of ``sources`` listed them
+        (``scan(..., named_suffix=...)``): orphans are counted among them without another walk.
     """
     t0 = time.perf_counter()
     st = (_set_status(store, sources, lists, threads) or _history_status(store, sources, lists, threads)
-          or store.status(sources, threads=threads, progress=progress))
+          or store.status(sources, threads=threads, progress=progress, entries=entries))
     seconds = time.perf_counter() - t0
     manifest = store.manifest_path if os.path.exists(store.manifest_path) else None
     return StatusReport(st, seconds, manifest, store.journal_paths())

@@ -34,6 +34,10 @@ pub struct ScanOptions {
     pub skip_dirs: Vec<PathBuf>,
     /// Worker threads; None means one per core.
     pub threads: Option<usize>,
+    /// Files whose name ends with this are collected in [`Scan::named`] by name alone, without a
+    /// `stat`: a feature's sidecar entries found in the same walk as the sources (`status`
+    /// needs their names to count orphans, and stats the ones it checks anyway).
+    pub named_suffix: Option<String>,
 }
 
 impl Default for ScanOptions {
@@ -43,6 +47,7 @@ impl Default for ScanOptions {
             follow_symlinks: true,
             skip_dirs: Vec::new(),
             threads: None,
+            named_suffix: None,
         }
     }
 }
@@ -63,6 +68,8 @@ pub struct Scan {
     pub errors: Vec<(String, String)>,
     /// Ordered groups of relative paths (one per `.jsonl` line whose field is a list).
     pub sets: Vec<Vec<PathBuf>>,
+    /// Relative paths of the files named like [`ScanOptions::named_suffix`], sorted.
+    pub named: Vec<PathBuf>,
 }
 
 /// Resolves the data root to an absolute directory, or says clearly why it cannot be used.
@@ -135,11 +142,13 @@ fn describe_walk_error(err: &ignore::Error) -> String {
 struct Found {
     sources: Vec<Source>,
     errors: Vec<(String, String)>,
+    named: Vec<PathBuf>,
 }
 
 struct Collector<'s> {
     root: &'s Path,
     wanted: &'s [String],
+    named_suffix: Option<&'s [u8]>,
     shared: &'s Mutex<Found>,
     progress: &'s AtomicU64,
     local: Found,
@@ -150,12 +159,25 @@ impl Collector<'_> {
         let mut shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
         shared.sources.append(&mut self.local.sources);
         shared.errors.append(&mut self.local.errors);
+        shared.named.append(&mut self.local.named);
     }
 
     fn accept(&mut self, entry: DirEntry) {
-        if entry.file_type().is_some_and(|t| t.is_dir())
-            || !has_extension(entry.file_name(), self.wanted)
+        if entry.file_type().is_some_and(|t| t.is_dir()) {
+            return;
+        }
+        let name = entry.file_name().as_encoded_bytes();
+        if self
+            .named_suffix
+            .is_some_and(|s| name.len() > s.len() && name.ends_with(s))
         {
+            let path = entry.path();
+            self.local
+                .named
+                .push(path.strip_prefix(self.root).unwrap_or(path).to_path_buf());
+            return;
+        }
+        if !has_extension(entry.file_name(), self.wanted) {
             return;
         }
         let path = entry.path();
@@ -186,7 +208,7 @@ impl ParallelVisitor for Collector<'_> {
                 self.local.errors.push((path, describe_walk_error(&err)));
             }
         }
-        if self.local.sources.len() >= 4096 {
+        if self.local.sources.len() + self.local.named.len() >= 4096 {
             self.flush();
         }
         WalkState::Continue
@@ -202,6 +224,7 @@ impl Drop for Collector<'_> {
 struct CollectorBuilder<'s> {
     root: &'s Path,
     wanted: &'s [String],
+    named_suffix: Option<&'s [u8]>,
     shared: &'s Mutex<Found>,
     progress: &'s AtomicU64,
 }
@@ -211,6 +234,7 @@ impl<'s> ParallelVisitorBuilder<'s> for CollectorBuilder<'s> {
         Box::new(Collector {
             root: self.root,
             wanted: self.wanted,
+            named_suffix: self.named_suffix,
             shared: self.shared,
             progress: self.progress,
             local: Found::default(),
@@ -226,10 +250,16 @@ fn finish(mut found: Found) -> Scan {
             .cmp(b.rel.as_os_str().as_encoded_bytes())
     });
     found.errors.sort();
+    found.named.sort_by(|a, b| {
+        a.as_os_str()
+            .as_encoded_bytes()
+            .cmp(b.as_os_str().as_encoded_bytes())
+    });
     Scan {
         sources: found.sources,
         errors: found.errors,
         sets: Vec::new(),
+        named: found.named,
     }
 }
 
@@ -255,6 +285,7 @@ pub fn scan_tree(root: &Path, opts: &ScanOptions, progress: &AtomicU64) -> Resul
     let mut visitors = CollectorBuilder {
         root: &root,
         wanted: &wanted,
+        named_suffix: opts.named_suffix.as_deref().map(str::as_bytes),
         shared: &shared,
         progress,
     };

@@ -76,6 +76,7 @@ type ScanTuple<'py> = (
     Bound<'py, PyBytes>,
     Vec<(String, String)>,
     Vec<Vec<OsString>>,
+    Vec<OsString>,
 );
 
 fn scan_to_python(py: Python<'_>, s: scan::Scan) -> ScanTuple<'_> {
@@ -101,19 +102,22 @@ fn scan_to_python(py: Python<'_>, s: scan::Scan) -> ScanTuple<'_> {
         .into_iter()
         .map(|set| set.into_iter().map(PathBuf::into_os_string).collect())
         .collect();
+    let named = s.named.into_iter().map(PathBuf::into_os_string).collect();
     (
         paths,
         PyBytes::new(py, &sizes),
         PyBytes::new(py, &mtimes),
         s.errors,
         sets,
+        named,
     )
 }
 
 /// Scans a directory tree (or `.jsonl` fields, or a list) and returns
-/// `(paths, sizes_le_u64, mtimes_le_i64, errors, sets)`.
+/// `(paths, sizes_le_u64, mtimes_le_i64, errors, sets, named)`; `named` lists the files named
+/// with `named_suffix` (a tree scan only), found without a `stat`.
 #[pyfunction(name = "scan")]
-#[pyo3(signature = (root, *, extensions=Vec::new(), follow_symlinks=true, skip_dirs=Vec::new(), jsonl=None, listed=None, threads=None, progress=None))]
+#[pyo3(signature = (root, *, extensions=Vec::new(), follow_symlinks=true, skip_dirs=Vec::new(), jsonl=None, listed=None, threads=None, progress=None, named_suffix=None))]
 #[allow(clippy::too_many_arguments)]
 fn scan_sources<'py>(
     py: Python<'py>,
@@ -125,6 +129,7 @@ fn scan_sources<'py>(
     listed: Option<Vec<String>>,
     threads: Option<usize>,
     progress: Option<&Bound<'py, Progress>>,
+    named_suffix: Option<String>,
 ) -> PyResult<ScanTuple<'py>> {
     let counter = progress_counter(progress);
     let opts = ScanOptions {
@@ -132,6 +137,7 @@ fn scan_sources<'py>(
         follow_symlinks,
         skip_dirs,
         threads,
+        named_suffix,
     };
     let result = fork::detached(py, || match (&jsonl, &listed) {
         (_, Some(list)) => scan::scan_list(&root, list, threads, &counter),
