@@ -29,9 +29,11 @@ def test_bench_table_rows_and_ratios(cached):
     rows = {r["name"]: r for r in doc["rows"]}
     assert set(rows) == {"featstore contains", "sha256(path + bytes) + exists", "exists(path + '.vggt_cache.pt')",
                          "featstore get (zero-copy)", "featstore get + copy", "sha256 key + torch.load",
-                         "torch.load (path-concat)"}
+                         "torch.load (path-concat)", "featstore status (walk, check every source)",
+                         "find -printf (every file's stamp)"}
     assert rows["featstore contains"]["ratio"] == 1 and rows["featstore get (zero-copy)"]["ratio"] == 1
-    assert {r["group"] for r in doc["rows"]} == {"lookup", "read"}
+    assert rows["featstore status (walk, check every source)"]["ratio"] == 1  # the tree group's base
+    assert {r["group"] for r in doc["rows"]} == {"lookup", "read", "tree"}
     assert all(r["seconds"] > 0 and r["ratio"] > 0 for r in doc["rows"])
     assert sorted(os.listdir(root)) == before  # the legacy copies are gone
 
@@ -40,7 +42,7 @@ def test_bench_text_table(cached):
     root, _ = cached
     rc, out, _ = cli("bench", root, "--samples", "3", "--repeat", "1")
     assert rc == 0
-    assert "vs featstore" in out and "lookup:" in out and "read:" in out and "1.00x" in out
+    assert "vs featstore" in out and "lookup:" in out and "read:" in out and "tree:" in out and "1.00x" in out
     assert "sha256(path + bytes) + exists" in out
 
 

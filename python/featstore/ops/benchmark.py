@@ -7,6 +7,7 @@ import hashlib
 import os
 import random
 import shutil
+import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -17,8 +18,9 @@ from featstore.errors import NoImagesFoundError
 from featstore.fmt import human_bytes
 from featstore.ops.files import base_dir, file_size
 from featstore.progress import each
+from featstore.scan import scan
 from featstore.store import FeatureStore
-from featstore.vocabulary import LEGACY_SIDECAR_SUFFIX
+from featstore.vocabulary import LEGACY_SIDECAR_SUFFIX, sidecar_suffix
 
 # (group, name, function timed, its arguments, note)
 _Operation = tuple[str, str, Callable[[Any], Any], Sequence[Any], str]
@@ -31,7 +33,7 @@ class BenchRow:
     Attributes
     ----------
     group : str
-        ``lookup`` or ``read``.
+        ``lookup``, ``read`` or ``tree`` (per source, over the whole tree).
     name : str
         What was timed.
     seconds : float
@@ -107,6 +109,9 @@ def bench(store: FeatureStore, sources: Sequence[str], *, samples: int = 200, re
     - read: ``FeatureStore.get`` (zero-copy), ``get`` plus a copy of every tensor (touches
       every byte), and ``torch.load(weights_only=True)`` of ``torch.save`` copies of the same
       tensors, with and without the SHA256 key.
+    - tree (per source, over every source): what ``featstore status`` costs (one walk, then a
+      check of every source by a store opened afresh) against ``find -printf`` of every file's
+      stamp, the floor of any check of the tree.
 
     The copies are written to a temporary directory beside the entries (same file system) and
     removed afterwards. torch runs on one thread meanwhile, as in DataLoader workers.
@@ -148,10 +153,12 @@ def bench(store: FeatureStore, sources: Sequence[str], *, samples: int = 200, re
         operations = _operations(fresh, picked, paths, copies, legacy_files)
         timed = [(group, name, _fastest(fn, args, repeat), note)
                  for group, name, fn, args, note in each(operations, "measuring", progress, "operations")]
+        timed += _whole_tree(store, repeat, threads)
     finally:
         torch.set_num_threads(torch_threads)
         shutil.rmtree(copies, ignore_errors=True)
-    base = {g: s for g, n, s, _ in timed if n.startswith("featstore contains") or n.startswith("featstore get (")}
+    base = {g: s for g, n, s, _ in timed
+            if n.startswith(("featstore contains", "featstore get (", "featstore status"))}
     rows = [BenchRow(g, n, s, s / base[g] if base[g] > 0 else float("nan"), note) for g, n, s, note in timed]
     image_bytes = sum(file_size(p) for p in paths) // len(paths)
     return BenchReport(store.data_root, store.feature, len(picked), repeat, image_bytes, entry_bytes // len(paths),
@@ -186,6 +193,42 @@ def _operations(fresh: FeatureStore, picked: list[str], paths: list[str], copies
         ("read", "torch.load (path-concat)", lambda f: torch.load(f, weights_only=True), legacy_files,
          "the legacy sidecar"),
     ]
+
+
+def _whole_tree(store: FeatureStore, repeat: int, threads: int | None) -> list[tuple[str, str, float, str]]:
+    """Per source, what ``featstore status`` costs over the whole tree (one walk for the sources
+    and the entries' names, then a check of every source with a store opened afresh) against
+    ``find -printf`` printing every file's stamp: the floor of any check of the tree. Fastest of
+    ``repeat`` passes each; no ``find`` row where there is no ``find``."""
+    suffix = sidecar_suffix(store.feature) if store.layout == "sidecar" else None
+    sources = 0
+
+    def status_pass() -> None:
+        nonlocal sources
+        found = scan(store.data_root, skip_dirs=[store.cache_dir] if store.cache_dir else (), threads=threads,
+                     named_suffix=suffix)
+        FeatureStore(**store.__getstate__()).states(found.paths, threads=threads)
+        sources = len(found.paths)
+
+    rows = [("tree", "featstore status (walk, check every source)", _best(status_pass, repeat), "")]
+    find = shutil.which("find")
+    if find is not None:
+        cmd = [find, store.data_root, "-printf", "%p %s %T@ %i %C@\n"]
+        rows.append(("tree", "find -printf (every file's stamp)", _best(
+            lambda: subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False), repeat),
+            "the floor: walks and stats, checks nothing"))
+    return [(g, n, seconds / max(sources, 1), note) for g, n, seconds, note in rows]
+
+
+def _best(fn: Callable[[], Any], repeat: int) -> float:
+    """The fastest of ``repeat`` timed calls of ``fn`` (after one warm-up call)."""
+    fn()
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
 
 
 def _fastest(fn: Callable[[Any], Any], args: Sequence[Any], repeat: int) -> float:
