@@ -19,7 +19,6 @@ in their header (``members``) and are judged from it, as before.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -30,7 +29,7 @@ from featstore import _core
 from featstore.errors import CorruptEntryError, FeatstoreError, SourceChangedError
 from featstore.history_frames import FrameDigests, FramesRecord, chains, racy, read_record, record_frames, write_record
 from featstore.members import changed as members_changed
-from featstore.members import clear_racy_mark, keyed_files
+from featstore.members import clear_racy_mark, keyed_files, rewrite_without_racy_mark
 from featstore.vocabulary import ENTRY_EXTENSION
 
 if TYPE_CHECKING:
@@ -456,26 +455,9 @@ def get_history(store: FeatureStore, paths: Sequence[str | os.PathLike[str]], *,
     if meta.get("racy") == "1":
         if meta.get("format") != _FORMAT:
             clear_racy_mark(path, meta)
-        elif not racy([newest]):
-            _clear_racy(path)
+        elif not racy([newest]):  # verified outside the window: lookups stop digesting the frames
+            rewrite_without_racy_mark(path)
     return from_capsules(capsules, device, dtype)
-
-
-def _clear_racy(path: str) -> None:
-    """Rewrites a racy chain entry whose frames were just verified outside the window with the
-    mark cleared: no later edit can keep their stamps, so lookups stop digesting them. Best
-    effort (a read-only cache still serves the entry)."""
-    import torch  # here: `import featstore` does not import torch
-
-    from featstore._torch import to_raw
-
-    with contextlib.suppress(OSError, FeatstoreError):
-        capsules, now, _ = _core.read_entry(path, pread=True)  # the file as it is now
-        if now.get("racy") != "1":
-            return
-        raw, keep = to_raw({name: torch.from_dlpack(c) for name, c in capsules})
-        _core.write_entry(path, raw, {**now, "racy": "0"})
-        del keep
 
 
 def history_entry_files(store: FeatureStore) -> list[str]:

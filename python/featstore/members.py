@@ -86,6 +86,12 @@ def clear_racy_mark(path: str, meta: Mapping[str, str]) -> None:
     read-only cache still serves the entry)."""
     if meta.get("racy") != "1" or racy([m["mtime_ns"] for m in json.loads(meta["members"])]):
         return
+    rewrite_without_racy_mark(path)
+
+
+def rewrite_without_racy_mark(path: str) -> None:
+    """Rewrites the entry at ``path`` with its ``racy`` mark cleared, if it still has one (the
+    caller verified its members outside the window). Best effort."""
     import torch  # here: `import featstore` does not import torch
 
     from featstore._torch import to_raw
