@@ -86,3 +86,18 @@ def no_tensor(store: FeatureStore, name: str, rel: str, names: Sequence[str]) ->
     """The message for a tensor name the entries do not hold."""
     return (f"no tensor {name!r} in the {store.feature} entries: the valid entry of {rel} holds "
             f"{', '.join(repr(n) for n in sorted(names))}; read one of those")
+
+
+def read_batch(store: FeatureStore, rels: list[str], name: str, out: torch.Tensor | None, *, pin_memory: bool,
+               threads: int | None) -> torch.Tensor:
+    """:meth:`FeatureStore.read_batch` of sources already named relative to the root: one
+    ``pread`` per entry into its slot of ``out`` (made from the first valid entry when None), in
+    Rust without the GIL; raises :class:`BatchReadError` naming the slots that failed."""
+    out = checked_out(store, rels, name, out, pin_memory=pin_memory)
+    errors = store._core.read_batch(rels, name, core_dtype(out), list(out.shape[1:]), out.data_ptr(),
+                                    out.numel() * out.element_size(), threads)
+    failed = [(i, rels[i], why) for i, why in enumerate(errors) if why is not None]
+    if failed:
+        raise read_failure(store, rels, name, failed, out)
+    store.stats["hits"] += len(rels)
+    return out

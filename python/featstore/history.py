@@ -9,8 +9,9 @@ full stamps, inode and ctime included) and its **content** chain (the frames' by
 records its own prefix's three values and nothing per frame, so an episode's entries, writes and
 checks are linear in its length: a lookup stats every frame once and trusts the entry while the
 stamps chain is the recorded one, else digests the frames and compares the content chain.
-The frames of a pass are recorded once, in a frames record (:mod:`featstore.history_frames`),
-for the commands that judge entry files without knowing their frames.
+A pass writes its entries through :mod:`featstore.history_writes`; its frames are recorded once,
+in a frames record (:mod:`featstore.history_frames`), for the commands that judge entry files
+without knowing their frames.
 
 Entries live at ``<root or cache_dir>/.featstore/<feature>/history/<h[:2]>/<h[:32]>.safetensors``;
 frames records under ``history/frames/``. Entries written by earlier versions record every frame
@@ -26,8 +27,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from featstore import _core
-from featstore.errors import CorruptEntryError, FeatstoreError, SourceChangedError
-from featstore.history_frames import FrameDigests, FramesRecord, chains, racy, read_record, record_frames, write_record
+from featstore.errors import CorruptEntryError, FeatstoreError
+from featstore.history_frames import FrameDigests, FramesRecord, racy, read_record
 from featstore.members import changed as members_changed
 from featstore.members import clear_racy_mark, keyed_files, rewrite_without_racy_mark
 from featstore.vocabulary import ENTRY_EXTENSION
@@ -37,9 +38,10 @@ if TYPE_CHECKING:
 
     from featstore.store import FeatureStore
 
-_KIND = "history"
+#: What a history entry's header says it is.
+KIND = "history"
 #: Entries that record chains (``format`` 2); those without a format record their members.
-_FORMAT = "2"
+FORMAT = "2"
 
 
 def history_keys(store: FeatureStore, rels: Sequence[str]) -> list[str]:
@@ -56,12 +58,12 @@ def history_keys(store: FeatureStore, rels: Sequence[str]) -> list[str]:
 
 def history_key_path(store: FeatureStore, key: str) -> str:
     """Where the entry named by the chain key ``key`` is."""
-    return os.path.join(store.state_dir, _KIND, key[:2], key[:32] + "." + ENTRY_EXTENSION)
+    return os.path.join(store.state_dir, KIND, key[:2], key[:32] + "." + ENTRY_EXTENSION)
 
 
 def frames_record_path(store: FeatureStore, key: str) -> str:
     """Where the frames record named by ``key`` (its list's last chain key) is."""
-    return os.path.join(store.state_dir, _KIND, "frames", key[:2], key[:32] + ".json")
+    return os.path.join(store.state_dir, KIND, "frames", key[:2], key[:32] + ".json")
 
 
 def history_entry_path(store: FeatureStore, rels: Sequence[str]) -> str:
@@ -100,75 +102,6 @@ def longest_lists(lists: Iterable[Sequence[str]]) -> dict[tuple[str, ...], list[
 
 # The key under which a trie node names its longest list (not a path: paths never hold NUL).
 _OWNER = "\0owner"
-
-
-class HistoryPass:
-    """The entries of one causal pass over a list of frames: the frames are stamped and digested
-    once and recorded in one frames record, then :meth:`put` writes the entry of each prefix with
-    a header of constant size.
-
-    ``expected`` holds the frames' stamps when they were read for encoding: the prefixes up to
-    the first frame that changed since (or vanished, or cannot be read) can be written; a longer
-    one raises :class:`~featstore.errors.SourceChangedError` and nothing is written for it.
-    """
-
-    def __init__(self, store: FeatureStore, paths: Sequence[str | os.PathLike[str]], *,
-                 expected: Sequence[Sequence[int]] | None = None, durable: bool = False) -> None:
-        self.store = store
-        self.rels = [store.rel(p) for p in paths]
-        if not self.rels:
-            raise ValueError("a history needs at least one frame")
-        self.durable = durable
-        recorded = record_frames(store.data_root, self.rels, expected)
-        self.records = recorded.records
-        self.problem = recorded.problem
-        self.chains = chains(self.records)
-        self._record_path: str | None = None
-
-    @property
-    def recorded(self) -> int:
-        """How many leading frames are recorded (prefixes up to this length can be written)."""
-        return len(self.records)
-
-    def put(self, length: int, tensors: Mapping[str, torch.Tensor], *, metadata: Mapping[str, str] | None = None
-            ) -> str:
-        """Writes the entry of the prefix of ``length`` frames atomically; returns its path."""
-        from featstore._torch import to_raw  # imports torch: not at `import featstore`
-
-        if not 1 <= length <= len(self.rels):
-            raise ValueError(f"prefix length {length} is outside 1..{len(self.rels)}")
-        if length > self.recorded:
-            raise SourceChangedError(f"{self.problem}; the samples whose history holds it got no entry")
-        if self._record_path is None:
-            # Before the first entry: an entry whose record is missing is still served (the chains
-            # decide), but the commands that judge entry files alone could not name its frames.
-            self._record_path = frames_record_path(self.store, self.chains.keys[-1])
-            write_record(self._record_path, self.store.feature, self.records, durable=self.durable)
-        n = length - 1
-        meta = dict(metadata or {})
-        meta.update({"feature": self.store.feature, "fingerprint": self.store.fingerprint or "", "kind": _KIND,
-                     "format": _FORMAT, "frames": str(length), "key": self.chains.keys[n],
-                     "stamps": self.chains.stamps[n], "content": self.chains.contents[n], "last": self.rels[n],
-                     "frames_record": self.chains.keys[-1],
-                     "racy": "1" if racy([r["mtime_ns"] for r in self.records[:length]]) else "0"})
-        path = history_key_path(self.store, self.chains.keys[n])
-        raw, keep = to_raw(tensors)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        _core.write_entry(path, raw, meta, self.durable)
-        del keep
-        return path
-
-
-def put_history(store: FeatureStore, paths: Sequence[str | os.PathLike[str]], tensors: Mapping[str, torch.Tensor],
-                *, expected: Sequence[Sequence[int]] | None = None, metadata: Mapping[str, str] | None = None,
-                durable: bool = False) -> str:
-    """Writes the entry of a history (its last frame's features given every frame before it)
-    atomically; returns its path. Writing several prefixes of one list: :class:`HistoryPass`.
-
-    ``expected`` holds the frames' stamps when they were read for encoding: if one changed
-    since, :class:`~featstore.errors.SourceChangedError` is raised and nothing is written.
-    """
-    return HistoryPass(store, paths, expected=expected, durable=durable).put(len(paths), tensors, metadata=metadata)
 
 
 @dataclass
@@ -215,7 +148,7 @@ def recorded_members(store: FeatureStore, meta: Mapping[str, str]) -> list[dict[
     """The frames an entry was computed from, as recorded (path, size, mtime_ns, ino, ctime_ns,
     blake3 each): from its header (earlier versions) or its frames record. None when they cannot
     be read, or the record does not give the entry's own key (another list's, or damaged)."""
-    if _FORMAT != meta.get("format"):
+    if FORMAT != meta.get("format"):
         try:
             members = json.loads(meta["members"])
             return members if isinstance(members, list) else None
@@ -294,9 +227,9 @@ def judge_history_entry(store: FeatureStore, path: str, *, deep: bool = False,
             meta, _, _ = _core.read_header(path)
         except CorruptEntryError as exc:
             return HistoryVerdict(path, (), "corrupt", str(exc))
-    if meta.get("kind") != _KIND or meta.get("feature") != store.feature:
+    if meta.get("kind") != KIND or meta.get("feature") != store.feature:
         return HistoryVerdict(path, (), "corrupt", f"not a history entry of feature {store.feature}")
-    if meta.get("format") != _FORMAT:
+    if meta.get("format") != FORMAT:
         return _judge_listed(store, path, meta, deep=deep)
     record = frames_record_path(store, meta["frames_record"]) if meta.get("frames_record") else ""
     found = _record_of(store, meta)
@@ -367,9 +300,9 @@ def _state_of(store: FeatureStore, rels: Sequence[str], path: str, meta: Mapping
               key: str, stamps: str) -> str:
     """The state of the entry at ``path`` (read as ``meta``) for the history ``rels`` whose
     frames now give the key chain ``key`` and stamps chain ``stamps``."""
-    if meta.get("kind") != _KIND or meta.get("feature") != store.feature:
+    if meta.get("kind") != KIND or meta.get("feature") != store.feature:
         return "corrupt"
-    if meta.get("format") != _FORMAT:  # an entry of an earlier version: it lists its frames
+    if meta.get("format") != FORMAT:  # an entry of an earlier version: it lists its frames
         verdict = judge_history_entry(store, path, meta=meta)
         if verdict.state == "valid" and verdict.members != tuple(rels):
             return "stale"  # a key collision or a hand-made file: never another history's entry
@@ -397,8 +330,10 @@ def history_states(store: FeatureStore, rels: Sequence[str], lengths: Sequence[i
     longest = max(lengths)
     try:
         keys, stamps, _ = _core.history_links(store.data_root, list(rels[:longest]))
-    except OSError:  # a frame is gone (or cannot be stat'ed): no entry holding it is served
-        return ["missing"] * len(lengths)
+    except OSError:  # a frame is gone (or cannot be stat'ed): no entry holding it is served,
+        if len(lengths) == 1:  # but a prefix before it may still be valid
+            return ["missing"]
+        return [history_states(store, rels[:n], [n])[0] for n in lengths]
     states = []
     for n in lengths:
         path = history_key_path(store, keys[n - 1])
@@ -453,7 +388,7 @@ def get_history(store: FeatureStore, paths: Sequence[str | os.PathLike[str]], *,
     if _state_of(store, rels, path, meta, keys[-1], stamps[-1]) != "valid":
         return None
     if meta.get("racy") == "1":
-        if meta.get("format") != _FORMAT:
+        if meta.get("format") != FORMAT:
             clear_racy_mark(path, meta)
         elif not racy([newest]):  # verified outside the window: lookups stop digesting the frames
             rewrite_without_racy_mark(path)
@@ -462,12 +397,12 @@ def get_history(store: FeatureStore, paths: Sequence[str | os.PathLike[str]], *,
 
 def history_entry_files(store: FeatureStore) -> list[str]:
     """Every history entry file of the feature, sorted."""
-    return keyed_files(os.path.join(store.state_dir, _KIND))
+    return keyed_files(os.path.join(store.state_dir, KIND))
 
 
 def frames_record_files(store: FeatureStore) -> list[str]:
     """Every frames record file of the feature, sorted."""
-    base = os.path.join(store.state_dir, _KIND, "frames")
+    base = os.path.join(store.state_dir, KIND, "frames")
     found: list[str] = []
     for directory, _, files in os.walk(base):
         found.extend(os.path.join(directory, f) for f in files if f.endswith(".json"))

@@ -141,6 +141,7 @@ class FramesRecord:
 
 _CACHE: OrderedDict[tuple[str, Stamp], FramesRecord | None] = OrderedDict()
 _CACHE_SIZE = 256
+_CACHE_LOCK = threading.Lock()
 
 
 def read_record(path: str, feature: str) -> FramesRecord | None:
@@ -151,9 +152,10 @@ def read_record(path: str, feature: str) -> FramesRecord | None:
     except OSError:
         return None
     ident = (path, _stamp(st))
-    if ident in _CACHE:
-        _CACHE.move_to_end(ident)
-        return _CACHE[ident]
+    with _CACHE_LOCK:  # the threads of one judging pass share it
+        if ident in _CACHE:
+            _CACHE.move_to_end(ident)
+            return _CACHE[ident]
     record: FramesRecord | None = None
     try:
         with open(path, encoding="utf-8") as f:
@@ -163,9 +165,10 @@ def read_record(path: str, feature: str) -> FramesRecord | None:
             record = FramesRecord(frames, tuple(key_chain(frames)))
     except (OSError, ValueError, KeyError, TypeError, AttributeError, OverflowError):
         record = None
-    _CACHE[ident] = record
-    while len(_CACHE) > _CACHE_SIZE:
-        _CACHE.popitem(last=False)
+    with _CACHE_LOCK:
+        _CACHE[ident] = record
+        while len(_CACHE) > _CACHE_SIZE:
+            _CACHE.popitem(last=False)
     return record
 
 

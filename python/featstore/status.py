@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from featstore.scan import scan
-from featstore.vocabulary import STATES, check_error, sidecar_suffix
+from featstore.vocabulary import ENTRY_EXTENSION, STATES, check_error, sidecar_suffix
 
 if TYPE_CHECKING:  # the store counts through this module; it only uses the store handed to it
     from featstore.store import FeatureStore
@@ -107,6 +107,15 @@ def count_states(store: FeatureStore, sources: Iterable[str] | None = None, *, t
             counts["orphan"] += 1
     return Status(counts=counts, feature=store.feature, layout=store.layout, data_root=store.data_root,
                   fingerprint=store.fingerprint, errors=errors)
+
+
+def sidecar_entry_files(store: FeatureStore) -> list[str]:
+    """Relative paths of the feature's sidecar entry files under the root ([] in the dir
+    layout): regular files only (a FIFO named like an entry is not one)."""
+    if store.layout != "sidecar":
+        return []
+    suffix = sidecar_suffix(store.feature)
+    return [p for p in scan(store.data_root, extensions=[ENTRY_EXTENSION]).paths if p.endswith(suffix)]
 
 
 def _orphan_candidates(store: FeatureStore) -> list[str]:

@@ -12,7 +12,7 @@ import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from featstore import _core, batches, explain, history, manifest, removal, sets, writes
+from featstore import _core, batches, explain, history, history_writes, manifest, removal, sets, writes
 from featstore.compat import load_legacy_sidecar
 from featstore.errors import (
     CorruptEntryError,
@@ -21,16 +21,14 @@ from featstore.errors import (
 from featstore.inputs import InputValue, Stamp
 from featstore.progress import run_with_progress
 from featstore.roots import SourceNames
-from featstore.status import Status, count_states
+from featstore.status import Status, count_states, sidecar_entry_files
 from featstore.vocabulary import (
-    ENTRY_EXTENSION,
     LAYOUTS,
     LEGACY_SIDECAR_SUFFIX,
     MISS_ADVICE,
     STATES,
     UNREADABLE,
     check_feature_name,
-    sidecar_suffix,
 )
 
 if TYPE_CHECKING:
@@ -385,15 +383,7 @@ class FeatureStore:
         StaleEntryError
             No source in the batch has a valid entry to take the shape from.
         """
-        rels = self.rels(paths)
-        out = batches.checked_out(self, rels, name, out, pin_memory=pin_memory)
-        errors = self._core.read_batch(rels, name, batches.core_dtype(out), list(out.shape[1:]), out.data_ptr(),
-                                       out.numel() * out.element_size(), threads)
-        failed = [(i, rels[i], why) for i, why in enumerate(errors) if why is not None]
-        if failed:
-            raise batches.read_failure(self, rels, name, failed, out)
-        self.stats["hits"] += len(rels)
-        return out
+        return batches.read_batch(self, self.rels(paths), name, out, pin_memory=pin_memory, threads=threads)
 
     def entry_layout(self, path: str | os.PathLike[str]) -> dict[str, tuple[torch.dtype, tuple[int, ...]]] | None:
         """The dtype and shape of each tensor in the valid entry of ``path`` (from its header;
@@ -425,7 +415,7 @@ class FeatureStore:
         """Writes the entry of a history: an ordered list of frames whose last frame's features
         (given every frame before it) ``tensors`` hold (see :mod:`featstore.history`); returns
         its path. ``expected``: the frames' stamps when they were read for encoding."""
-        path = history.put_history(self, frames, tensors, expected=expected, metadata=metadata, durable=durable)
+        path = history_writes.put_history(self, frames, tensors, expected=expected, metadata=metadata, durable=durable)
         self._record_fingerprint(history=True)
         return path
 
@@ -435,7 +425,7 @@ class FeatureStore:
         one causal pass gives), the frames stamped, digested and recorded once; returns their
         paths. A prefix holding a frame changed since ``expected`` raises SourceChangedError
         after the shorter ones are written."""
-        written = history.HistoryPass(self, frames, expected=expected, durable=durable)
+        written = history_writes.HistoryPass(self, frames, expected=expected, durable=durable)
         self._record_fingerprint(history=True)
         return [written.put(n, tensors[n]) for n in sorted(tensors)]
 
@@ -497,11 +487,7 @@ class FeatureStore:
 
     def entry_files(self) -> list[str]:
         """Relative paths of this feature's sidecar entry files under the root ([] in the dir layout)."""
-        if self.layout != "sidecar":
-            return []
-        suffix = sidecar_suffix(self.feature)
-        paths, *_ = _core.scan(self.data_root, extensions=[ENTRY_EXTENSION])
-        return [os.fspath(p) for p in paths if os.fspath(p).endswith(suffix)]
+        return sidecar_entry_files(self)
 
     def __contains__(self, path: object) -> bool:
         if not isinstance(path, (str, os.PathLike)):

@@ -11,7 +11,6 @@ import torch
 
 from featstore import FeatureStore, _core
 from featstore.history import (
-    HistoryPass,
     frames_record_files,
     history_entry_files,
     history_entry_path,
@@ -19,6 +18,7 @@ from featstore.history import (
     judge_history_entry,
 )
 from featstore.history_frames import chains, record_frames
+from featstore.history_writes import HistoryPass
 from featstore.ops import plan_gc, verify
 
 
@@ -244,3 +244,13 @@ def test_judging_an_episode_s_entry_files_stats_its_frames_once_not_once_per_pre
     verdicts, unreadable = judge_histories(store, deep=False, threads=1)
     assert not unreadable and sorted(v.state for v in verdicts) == ["valid"] * 10
     assert sum(looked_at) == 10  # the record's 10 frames once (the 10 entries' prefixes hold 55)
+
+
+def test_a_gone_frame_misses_only_the_prefixes_that_hold_it(tmp_path):
+    from featstore.history import history_states
+
+    names = frames(tmp_path, 4)
+    store = FeatureStore(tmp_path, "vggt", fingerprint="fp")
+    store.put_histories(names, {k: feats(k) for k in range(1, 5)})
+    os.unlink(os.path.join(tmp_path, names[2]))
+    assert history_states(store, names, [1, 2, 3, 4]) == ["valid", "valid", "missing", "missing"]

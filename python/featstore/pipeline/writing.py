@@ -23,7 +23,7 @@ import torch
 
 from featstore import _core
 from featstore.errors import FeatstoreError
-from featstore.history import HistoryPass
+from featstore.history_writes import HistoryPass
 from featstore.pipeline import journal as journal_lines
 from featstore.pipeline.items import Kind, WorkItem
 from featstore.pipeline.shape_log import ShapeLog

@@ -305,31 +305,23 @@ impl Store {
         //
         // A batch (precompute's writer) remembers nothing: its entries go to the journal, and
         // memory must not grow with the number written; a lookup here reads the header once.
-        if !remember {
-            return Ok(Written {
-                path,
-                source: before,
-                entry: entry_stamp,
-                racy,
-                check_first: racy || !inputs.is_empty(),
-                bytes,
-            });
+        if remember {
+            self.remember(
+                rel,
+                Known {
+                    source: before,
+                    path: path.clone(),
+                    entry: entry_stamp,
+                    inputs: known_inputs,
+                    state: State::Valid,
+                    reason: String::new(),
+                    trusted: true,
+                    racy,
+                    indexed: false,
+                    header: None,
+                },
+            );
         }
-        self.remember(
-            rel,
-            Known {
-                source: before,
-                path: path.clone(),
-                entry: entry_stamp,
-                inputs: known_inputs,
-                state: State::Valid,
-                reason: String::new(),
-                trusted: true,
-                racy,
-                indexed: false,
-                header: None,
-            },
-        );
         Ok(Written {
             path,
             source: before,
