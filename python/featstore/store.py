@@ -12,6 +12,8 @@ import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from featstore import _core, batches, explain, history, history_writes, manifest, removal, sets, writes
 from featstore.compat import load_legacy_sidecar
 from featstore.errors import (
@@ -197,11 +199,14 @@ class FeatureStore:
         return self._core.state(self.rel(path))
 
     def states(self, paths: Iterable[str | os.PathLike[str]], *, threads: int | None = None,
-               progress: bool | None = False) -> list[str]:
+               progress: bool | None = False, stamps: np.ndarray | None = None) -> list[str]:
         """:meth:`state` of many sources, checked in parallel in Rust (``"error: ..."`` where a
-        check failed); ``progress`` shows a bar on stderr when it takes a while."""
+        check failed); ``progress`` shows a bar on stderr when it takes a while. ``stamps``: the
+        sources' stamps as a scan just took them (:attr:`ScanResult.stamps`, aligned with
+        ``paths``), used instead of a second ``stat`` of each."""
         rels = self._root.rels(paths)
-        return run_with_progress(lambda p: self._core.check_many(rels, threads, p), desc="checking entries",
+        packed = None if stamps is None else np.ascontiguousarray(stamps, dtype="<u8").tobytes()
+        return run_with_progress(lambda p: self._core.check_many(rels, threads, p, packed), desc="checking entries",
                                  total=len(rels), show=progress, unit="sources")
 
     def check(self, path: str | os.PathLike[str], *, deep: bool = False) -> _core.Check:
@@ -328,9 +333,10 @@ class FeatureStore:
              metadata: Mapping[str, str] | None = None, durable: bool = False,
              expected: Stamp | None = None) -> dict[str, Any]:
         """:meth:`put`, returning what was written (what a journal line records): ``path``, the
-        ``source`` and ``entry`` stamps as ``(size, mtime_ns)``, ``racy``, ``check_first`` and
-        ``bytes``. With ``expected`` (the source's stamp when the encoder read it), a source changed
-        since raises :class:`FeatstoreError` and nothing is written."""
+        ``source`` and ``entry`` stamps as ``(size, mtime_ns, ino, ctime_ns)``, ``racy``,
+        ``check_first``, ``inputs`` (the extra inputs' record, for the index; None: none) and
+        ``bytes``. With ``expected`` (the source's stamp when the encoder read it), a source
+        changed since raises :class:`FeatstoreError` and nothing is written."""
         return writes.write_one(self, path, tensors, inputs=inputs, metadata=metadata, durable=durable,
                                 expected=expected)
 
@@ -454,15 +460,18 @@ class FeatureStore:
         return removed
 
     def status(self, sources: Iterable[str] | None = None, *, threads: int | None = None,
-               progress: bool | None = False, entries: Sequence[str] | None = None) -> Status:
+               progress: bool | None = False, entries: Sequence[str] | None = None,
+               stamps: np.ndarray | None = None) -> Status:
         """Counts entries per state. ``sources`` defaults to a scan of the root for images.
 
         Opens no entry that was seen before (in this process or in the manifest's index).
         Orphans are entries whose source is gone (among ``entries``, the sidecar entry files a
-        caller's scan listed, else a walk finds them). Counts per-image entries:
-        :func:`featstore.ops.status` counts frame sets when the manifest records that mode.
+        caller's scan listed, else a walk finds them); ``stamps``, the sources' stamps that
+        scan took (:attr:`ScanResult.stamps`), spare each source a second ``stat``. Counts
+        per-image entries: :func:`featstore.ops.status` counts frame sets when the manifest
+        records that mode.
         """
-        return count_states(self, sources, threads=threads, progress=progress, entries=entries)
+        return count_states(self, sources, threads=threads, progress=progress, entries=entries, stamps=stamps)
 
     def write_manifest(self, status: Status, sources: Iterable[str], fields: Mapping[str, Any] | None = None) -> str:
         """Writes the feature's manifest atomically and returns its path (see

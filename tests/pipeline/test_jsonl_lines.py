@@ -11,6 +11,7 @@ import torch
 from conftest import age
 
 import featstore
+from featstore import _core
 from featstore.cli import main
 from featstore.encoders.diffusion import JsonlField
 from featstore.errors import FeatstoreError
@@ -96,9 +97,10 @@ def test_one_edited_line_makes_one_entry_stale_and_one_recomputed(cached):
     enc = LineCaptions(root)
     s = _run(root, enc)
     assert (s["written"], s["skipped"], enc.encoded) == (1, N - 1, ["a new caption"])
-    # The index gains one small segment: the new entry's record, not every entry judged again.
+    # The index gains one small segment: the new entry's record with its line (about 600 bytes),
+    # not every entry judged again (12 records of about 500 bytes).
     (added,) = set(os.listdir(index)) - segments
-    assert segments <= set(os.listdir(index)) and os.path.getsize(os.path.join(index, added)) < 400
+    assert segments <= set(os.listdir(index)) and os.path.getsize(os.path.join(index, added)) < 1024
     after = _entries(featstore.FeatureStore(root, "caption"), rels)
     assert [r for r in rels if after[r] != before[r]] == [rels[4]]  # no other entry rewritten
     store = featstore.FeatureStore(root, "caption")
@@ -160,3 +162,57 @@ def test_a_caption_holding_a_unicode_line_separator_is_one_line_for_the_encoder_
     store = featstore.FeatureStore(root, "caption")
     assert [store.state(r) for r in rels] == ["valid"] * 3
     assert _run(root, LineCaptions(root))["written"] == 0
+
+
+def _index_inputs(store: featstore.FeatureStore, rel: str) -> tuple[bool, str | None]:
+    """``(check_first, the extra inputs the index holds)`` of ``rel``'s record in a fresh store."""
+    (record,) = store.index_records([rel])
+    fields = json.loads(record.to_json()[1])
+    return record.check_first, fields[9] if len(fields) > 9 else None
+
+
+def test_the_index_holds_each_entrys_line_and_lookups_judge_it_from_there(tmp_path):
+    """An entry's index record holds the inputs its header records, so a lookup in a fresh process
+    decides a caption entry from the index (no header read) once the listing is past its racy
+    window; the line's digest still decides when the listing's stamp moved."""
+    root = str(tmp_path / "data")
+    rels = make_image_tree(root, N, size=16)
+    captions = [f"caption {i}" for i in range(N)]
+    _write(root, rels, captions)
+    for rel in [*rels, "train.jsonl"]:
+        age(os.path.join(root, rel))
+    assert _run(root, LineCaptions(root))["written"] == N
+    store = featstore.FeatureStore(root, "caption")
+    check_first, held = _index_inputs(store, rels[4])
+    assert not check_first and held is not None and f'"listed":"{rels[4]}"' in held
+
+    captions[4] = "a new caption"
+    _write(root, rels, captions)
+    age(os.path.join(root, "train.jsonl"))
+    store = featstore.FeatureStore(root, "caption")
+    assert [r for r in rels if store.state(r) == "stale"] == [rels[4]]
+    assert "line" in store.check(rels[4]).reason
+    assert store.get(rels[5])["features"].tolist() == [len("caption 5"), ord("c")]
+    # The line removed, and the listing gone: each judged from the index's copy too.
+    _write(root, rels, [c if i != 6 else None for i, c in enumerate(captions)])
+    store = featstore.FeatureStore(root, "caption")
+    assert [r for r in rels if store.state(r) == "stale"] == [rels[4], rels[6]]
+    os.remove(os.path.join(root, "train.jsonl"))
+    store = featstore.FeatureStore(root, "caption")
+    assert all(store.state(r) == "stale" for r in rels)
+    assert "no longer exists" in store.check(rels[0]).reason
+
+
+def test_a_listing_written_just_before_its_entries_is_read_at_every_check(cached):
+    """The fixture writes train.jsonl just before the precompute: its lines' stamps are racy, so
+    the index does not let the stamps vouch for them (a same-size edit in the same tick keeps
+    the stamp), and an edit is found whatever the stamp says."""
+    root, rels, captions = cached
+    store = featstore.FeatureStore(root, "caption")
+    assert store.index_records([rels[0]]) == []  # the index vouches for nothing racy
+    _, meta, _ = _core.read_entry(store.entry_path(rels[0]), pread=True)
+    assert '"racy":true' in meta["inputs"]
+    captions[1] = "caption X"  # the same size
+    _write(root, rels, captions)
+    store = featstore.FeatureStore(root, "caption")
+    assert [r for r in rels if store.state(r) == "stale"] == [rels[1]]

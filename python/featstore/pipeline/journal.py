@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from featstore import _core
@@ -33,13 +33,18 @@ def append(journal: str, records: Sequence[Record], *, durable: bool = False) ->
     _core.append_journal(journal, [json.dumps(r) for r in records], durable=durable)
 
 
-def ok_record(store: FeatureStore, rel: str, source: Sequence[int], entry: Sequence[int], racy: Any) -> Record:
-    """The line of a source's valid entry: the source's and the entry's stamps ``(size,
-    mtime_ns, ino, ctime_ns)``, whether it must be checked by digest on first use (what the
-    manifest's index holds), and the fingerprint it was written with (a merge for another
+def ok_record(store: FeatureStore, rel: str, written: Mapping[str, Any]) -> Record:
+    """The line of a source's valid entry, from what the store's write returned: the source's and
+    the entry's stamps ``(size, mtime_ns, ino, ctime_ns)``, whether it must be checked by digest
+    on first use, the entry's extra inputs as its header records them (so that lookups check
+    them without opening the entry), and the fingerprint it was written with (a merge for another
     encoder configuration leaves it out of the index)."""
-    return {"op": "ok", "path": path_to_json(os.fspath(rel)), "source": list(source), "entry": list(entry),
-            "racy": bool(racy), "fingerprint": store.fingerprint}
+    record = {"op": "ok", "path": path_to_json(os.fspath(rel)), "source": list(written["source"]),
+              "entry": list(written["entry"]), "racy": bool(written["check_first"]),
+              "fingerprint": store.fingerprint}
+    if written.get("inputs") is not None:
+        record["inputs"] = written["inputs"]
+    return record
 
 
 def set_record(members: Sequence[str], entry: str) -> Record:

@@ -70,7 +70,7 @@ def refresh(store: FeatureStore, enc: Encoder, item: WorkItem) -> journal_lines.
         w = store.write(rel, from_capsules(capsules), inputs=inputs, expected=source)
     except (OSError, FeatstoreError):
         return None  # a file changed between stamping and writing: the write refused it
-    return journal_lines.ok_record(store, rel, w["source"], w["entry"], w["check_first"])
+    return journal_lines.ok_record(store, rel, w)
 
 
 def _judge(store: FeatureStore, enc: Encoder, rel: str, meta: Mapping[str, str]

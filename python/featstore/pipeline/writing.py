@@ -207,7 +207,7 @@ class Writer:
                 self._failed(item, w, records)
                 continue
             written.append(Written(os.fspath(w["path"]), int(w["bytes"]), journal_lines.ok_record(
-                self.store, item.paths[0], w["source"], w["entry"], w["check_first"])))
+                self.store, item.paths[0], w)))
         return written
 
     def _failed(self, item: WorkItem, why: str | BaseException, records: list[journal_lines.Record], *,

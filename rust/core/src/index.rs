@@ -10,16 +10,20 @@
 //! torn, stale or ordered wrongly against another costs a full check, never a wrong tensor.
 //!
 //! File layout (little endian):
-//! `header (40 bytes) || fingerprint (padded to 8) || records (80 bytes each, sorted by key) ||
-//! keys || trailer (16 bytes)`. Header: magic, record count, key bytes, fingerprint length
-//! (`u32::MAX`: none), reserved. Record: key offset (u64) and length (u32), flags (u32: removed,
-//! racy), the source's stamp and the entry's (size, mtime_ns, ino, ctime_ns each). Trailer: end
-//! magic and the file's length, so a file cut short is refused whole.
+//! `header (40 bytes) || fingerprint (padded to 8) || records (96 bytes each, sorted by key) ||
+//! keys || inputs || trailer (16 bytes)`. Header: magic, record count, key bytes, fingerprint
+//! length (`u32::MAX`: none), reserved (4 bytes), input bytes. Record: key offset (u64) and
+//! length (u32), flags (u32: removed, racy), the source's stamp and the entry's (size, mtime_ns,
+//! ino, ctime_ns each), the offset (u64) and length (u32, 0: none) of the entry's extra inputs
+//! (the JSON its header records), reserved (u32). Trailer: end magic and the file's length, so a
+//! file cut short is refused whole. Segments of the first format (`fsindex1`: 80-byte records,
+//! no inputs) are still read; compaction rewrites them in this one.
 
 use std::cmp::Ordering;
 use std::collections::BinaryHeap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use memmap2::Mmap;
@@ -29,19 +33,24 @@ use crate::error::{Error, IoContext, Result};
 use crate::key::Stamp;
 use crate::manifest::IndexRecord;
 
-const MAGIC: &[u8; 8] = b"fsindex1";
+const MAGIC: &[u8; 8] = b"fsindex2";
+/// The first format: records without inputs (80 bytes), no input area.
+const MAGIC_V1: &[u8; 8] = b"fsindex1";
 const END_MAGIC: &[u8; 8] = b"fsidxend";
 const HEADER_LEN: usize = 40;
-const RECORD_LEN: usize = 80;
+const RECORD_LEN: usize = 96;
+const RECORD_LEN_V1: usize = 80;
 const TRAILER_LEN: usize = 16;
 const NO_FINGERPRINT: u32 = u32::MAX;
 const FLAG_REMOVED: u32 = 1;
 const FLAG_RACY: u32 = 2;
+/// The record holds its entry's extra inputs.
+const FLAG_INPUTS: u32 = 4;
 /// Segment files end in this; anything else in the directory (temporary files) is ignored.
 pub const SEGMENT_SUFFIX: &str = ".seg";
 
 /// What a segment says about one key: its entry's record, or that it was removed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Slot {
     Entry(IndexRecord),
     Removed,
@@ -53,9 +62,12 @@ pub struct Segment {
     map: Mmap,
     fingerprint: Option<String>,
     count: usize,
+    record_len: usize,
     records_at: usize,
     keys_at: usize,
     keys_len: usize,
+    inputs_at: usize,
+    inputs_len: usize,
 }
 
 fn u32_at(b: &[u8], at: usize) -> u32 {
@@ -96,9 +108,14 @@ impl Segment {
 
     fn parse(path: &Path, map: Mmap) -> Option<Segment> {
         let b: &[u8] = &map;
-        if b.len() < HEADER_LEN + TRAILER_LEN || &b[..8] != MAGIC {
+        if b.len() < HEADER_LEN + TRAILER_LEN {
             return None;
         }
+        let (record_len, inputs_len) = match &b[..8] {
+            m if m == MAGIC => (RECORD_LEN, usize::try_from(u64_at(b, 32)).ok()?),
+            m if m == MAGIC_V1 => (RECORD_LEN_V1, 0),
+            _ => return None,
+        };
         let count = usize::try_from(u64_at(b, 8)).ok()?;
         let keys_len = usize::try_from(u64_at(b, 16)).ok()?;
         let fp_len = u32_at(b, 24);
@@ -108,8 +125,11 @@ impl Segment {
             fp_len as usize
         };
         let records_at = HEADER_LEN.checked_add(pad8(fp_bytes))?;
-        let keys_at = records_at.checked_add(count.checked_mul(RECORD_LEN)?)?;
-        let total = keys_at.checked_add(keys_len)?.checked_add(TRAILER_LEN)?;
+        let keys_at = records_at.checked_add(count.checked_mul(record_len)?)?;
+        let inputs_at = keys_at.checked_add(keys_len)?;
+        let total = inputs_at
+            .checked_add(inputs_len)?
+            .checked_add(TRAILER_LEN)?;
         let trailer = total - TRAILER_LEN;
         if total != b.len()
             || &b[trailer..trailer + 8] != END_MAGIC
@@ -124,9 +144,12 @@ impl Segment {
             map,
             fingerprint,
             count,
+            record_len,
             records_at,
             keys_at,
             keys_len,
+            inputs_at,
+            inputs_len,
         })
     }
 
@@ -148,8 +171,22 @@ impl Segment {
     }
 
     fn record(&self, i: usize) -> &[u8] {
-        let at = self.records_at + i * RECORD_LEN;
-        &self.map[at..at + RECORD_LEN]
+        let at = self.records_at + i * self.record_len;
+        &self.map[at..at + self.record_len]
+    }
+
+    /// The inputs of record `r` (None: none, a first-format record, or offsets pointing outside
+    /// the input area, which is damage: the entry is then checked from its header).
+    fn inputs(&self, r: &[u8]) -> Option<Arc<str>> {
+        if self.record_len < RECORD_LEN {
+            return None;
+        }
+        let (off, len) = (u64_at(r, 80) as usize, u32_at(r, 88) as usize);
+        let end = off
+            .checked_add(len)
+            .filter(|&e| len > 0 && e <= self.inputs_len)?;
+        let bytes = &self.map[self.inputs_at + off..self.inputs_at + end];
+        std::str::from_utf8(bytes).ok().map(Arc::from)
     }
 
     /// The key of record `i`; empty when its offsets point outside the key area (damage: it
@@ -169,10 +206,14 @@ impl Segment {
         if flags & FLAG_REMOVED != 0 {
             return Slot::Removed;
         }
+        let inputs = self.inputs(r);
+        // Flagged as having inputs but none readable: damage, so the header decides.
+        let lost = flags & FLAG_INPUTS != 0 && inputs.is_none();
         Slot::Entry(IndexRecord {
             source: stamp_at(r, 16),
             entry: stamp_at(r, 48),
-            racy: flags & FLAG_RACY != 0,
+            racy: flags & FLAG_RACY != 0 || lost,
+            inputs,
         })
     }
 
@@ -206,30 +247,43 @@ fn encode(fingerprint: Option<&str>, mut records: Vec<(Vec<u8>, Slot)>) -> Vec<u
     let kept = records;
     let fp = fingerprint.map(str::as_bytes);
     let keys_len: usize = kept.iter().map(|(k, _)| k.len()).sum();
+    let inputs_of = |slot: &Slot| match slot {
+        Slot::Entry(IndexRecord {
+            inputs: Some(i), ..
+        }) => i.len(),
+        _ => 0,
+    };
+    let inputs_len: usize = kept.iter().map(|(_, s)| inputs_of(s)).sum();
     let total = HEADER_LEN
         + pad8(fp.map_or(0, <[u8]>::len))
         + kept.len() * RECORD_LEN
         + keys_len
+        + inputs_len
         + TRAILER_LEN;
     let mut out = Vec::with_capacity(total);
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&(kept.len() as u64).to_le_bytes());
     out.extend_from_slice(&(keys_len as u64).to_le_bytes());
     out.extend_from_slice(&fp.map_or(NO_FINGERPRINT, |f| f.len() as u32).to_le_bytes());
-    out.resize(HEADER_LEN, 0);
+    out.resize(32, 0);
+    out.extend_from_slice(&(inputs_len as u64).to_le_bytes());
     if let Some(f) = fp {
         out.extend_from_slice(f);
         out.resize(HEADER_LEN + pad8(f.len()), 0);
     }
-    let mut key_off = 0u64;
+    let (mut key_off, mut inputs_off) = (0u64, 0u64);
     for (key, slot) in &kept {
         out.extend_from_slice(&key_off.to_le_bytes());
         out.extend_from_slice(&(key.len() as u32).to_le_bytes());
         key_off += key.len() as u64;
-        let (flags, source, entry) = match slot {
+        let (mut flags, source, entry) = match slot {
             Slot::Removed => (FLAG_REMOVED, Stamp::sized(0, 0), Stamp::sized(0, 0)),
             Slot::Entry(r) => (if r.racy { FLAG_RACY } else { 0 }, r.source, r.entry),
         };
+        let inputs = inputs_of(slot);
+        if inputs > 0 {
+            flags |= FLAG_INPUTS;
+        }
         out.extend_from_slice(&flags.to_le_bytes());
         for s in [source, entry] {
             out.extend_from_slice(&s.size.to_le_bytes());
@@ -237,9 +291,21 @@ fn encode(fingerprint: Option<&str>, mut records: Vec<(Vec<u8>, Slot)>) -> Vec<u
             out.extend_from_slice(&s.ino.to_le_bytes());
             out.extend_from_slice(&s.ctime_ns.to_le_bytes());
         }
+        out.extend_from_slice(&inputs_off.to_le_bytes());
+        out.extend_from_slice(&(inputs as u32).to_le_bytes());
+        out.extend_from_slice(&0u32.to_le_bytes());
+        inputs_off += inputs as u64;
     }
     for (key, _) in &kept {
         out.extend_from_slice(key);
+    }
+    for (_, slot) in &kept {
+        if let Slot::Entry(IndexRecord {
+            inputs: Some(i), ..
+        }) = slot
+        {
+            out.extend_from_slice(i.as_bytes());
+        }
     }
     out.extend_from_slice(END_MAGIC);
     out.extend_from_slice(&(total as u64).to_le_bytes());
@@ -578,11 +644,15 @@ mod tests {
             source,
             entry: Stamp::sized(size + 1, 11),
             racy: size % 2 == 0,
+            inputs: (size % 3 == 0).then(|| format!("[{{\"n\":{size}}}]").into()),
         })
     }
 
     fn write(dir: &Path, fp: Option<&str>, records: &[(&[u8], Slot)]) -> PathBuf {
-        let records = records.iter().map(|(k, s)| (k.to_vec(), *s)).collect();
+        let records = records
+            .iter()
+            .map(|(k, s)| (k.to_vec(), s.clone()))
+            .collect();
         write_segment(dir, fp, records, false).unwrap()
     }
 
@@ -605,6 +675,50 @@ mod tests {
         assert_eq!(index.get(b"c.png"), None);
         let keys: Vec<&[u8]> = index.live().map(|(k, _)| k).collect();
         assert_eq!(keys, vec![&b"a.png"[..], b"b.png", odd]);
+    }
+
+    #[test]
+    fn a_first_format_segment_is_still_read_and_compaction_rewrites_it() {
+        let dir = tempfile::tempdir().unwrap();
+        // What an earlier version wrote: "fsindex1", 80-byte records, no input area.
+        let mut source = Stamp::sized(64, 10);
+        (source.ino, source.ctime_ns) = (3, 4);
+        let (key, fp) = (b"a.png", b"fp");
+        let mut v1 = Vec::new();
+        v1.extend_from_slice(MAGIC_V1);
+        v1.extend_from_slice(&1u64.to_le_bytes());
+        v1.extend_from_slice(&(key.len() as u64).to_le_bytes());
+        v1.extend_from_slice(&(fp.len() as u32).to_le_bytes());
+        v1.resize(HEADER_LEN, 0);
+        v1.extend_from_slice(fp);
+        v1.resize(HEADER_LEN + 8, 0);
+        v1.extend_from_slice(&0u64.to_le_bytes());
+        v1.extend_from_slice(&(key.len() as u32).to_le_bytes());
+        v1.extend_from_slice(&FLAG_RACY.to_le_bytes());
+        for s in [source, source] {
+            for v in [s.size, s.mtime_ns as u64, s.ino, s.ctime_ns as u64] {
+                v1.extend_from_slice(&v.to_le_bytes());
+            }
+        }
+        v1.extend_from_slice(key);
+        v1.extend_from_slice(END_MAGIC);
+        let total = v1.len() as u64 + 8;
+        v1.extend_from_slice(&total.to_le_bytes());
+        std::fs::write(dir.path().join("0000000000000001-1-00000000.seg"), &v1).unwrap();
+        let wanted = IndexRecord {
+            source,
+            entry: source,
+            racy: true,
+            inputs: None,
+        };
+        let index = Index::open(dir.path(), Some("fp")).unwrap();
+        assert_eq!(index.get(key), Some(wanted.clone()));
+        write(dir.path(), Some("fp"), &[(b"b.png", rec(3, 1))]);
+        compact(dir.path(), Some("fp"), false).unwrap();
+        let index = Index::open(dir.path(), Some("fp")).unwrap();
+        assert_eq!(index.segments().len(), 1);
+        assert_eq!(index.get(key), Some(wanted));
+        assert_eq!(Slot::Entry(index.get(b"b.png").unwrap()), rec(3, 1));
     }
 
     #[test]

@@ -14,6 +14,7 @@ use std::collections::BTreeMap;
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde_json::{Map, Value};
 
@@ -49,20 +50,24 @@ pub const MANIFEST_FORMAT: &str = "featstore-manifest-v1";
 /// What the manifest remembers of one valid entry: the source and entry stamps when it was
 /// written (so `status` and the hot path open no entry) and whether a lookup must check it in
 /// full before trusting the stamps.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IndexRecord {
     pub source: Stamp,
     pub entry: Stamp,
-    /// Check in full on first use: the entry is racy, or it has inputs besides its source
-    /// (a caption, a control image) whose stamps the index does not hold.
+    /// Check in full on first use: the entry (or one of its inputs) is racy, or it has inputs
+    /// besides its source that this record does not hold (records of earlier versions).
     pub racy: bool,
+    /// The entry's extra inputs as its header records them (the `inputs` array without the
+    /// source's item): a lookup checks them from here, without opening the entry.
+    pub inputs: Option<Arc<str>>,
 }
 
 impl IndexRecord {
     // Stored as a compact array: `[size, mtime_ns, entry size, entry mtime_ns, check_first,
-    // ino, ctime_ns, entry ino, entry ctime_ns]`; a million-entry index stays around 120 MB.
-    pub fn to_json(self) -> Value {
-        Value::from(vec![
+    // ino, ctime_ns, entry ino, entry ctime_ns]`, then the extra inputs' JSON when there are
+    // any (a journal line's `record`; earlier versions' manifests held these inline).
+    pub fn to_json(&self) -> Value {
+        let mut fields = vec![
             Value::from(self.source.size),
             Value::from(self.source.mtime_ns),
             Value::from(self.entry.size),
@@ -72,19 +77,23 @@ impl IndexRecord {
             Value::from(self.source.ctime_ns),
             Value::from(self.entry.ino),
             Value::from(self.entry.ctime_ns),
-        ])
+        ];
+        if let Some(inputs) = &self.inputs {
+            fields.push(Value::from(&**inputs));
+        }
+        Value::from(fields)
     }
 
     /// Reads a record; the 5-field form of earlier versions lacks inodes and ctimes, so its
     /// stamps never match a file's and the entry is checked in full on first use.
     fn from_json(v: &Value) -> Option<IndexRecord> {
         let a = v.as_array()?;
-        if a.len() != 5 && a.len() != 9 {
+        if a.len() != 5 && a.len() != 9 && a.len() != 10 {
             return None;
         }
         let mut source = Stamp::sized(a[0].as_u64()?, a[1].as_i64()?);
         let mut entry = Stamp::sized(a[2].as_u64()?, a[3].as_i64()?);
-        if a.len() == 9 {
+        if a.len() >= 9 {
             (source.ino, source.ctime_ns) = (a[5].as_u64()?, a[6].as_i64()?);
             (entry.ino, entry.ctime_ns) = (a[7].as_u64()?, a[8].as_i64()?);
         }
@@ -92,6 +101,10 @@ impl IndexRecord {
             source,
             entry,
             racy: a[4].as_u64()? != 0,
+            inputs: match a.get(9) {
+                Some(i) => Some(Arc::from(i.as_str()?)),
+                None => None,
+            },
         })
     }
 }
@@ -232,6 +245,7 @@ impl Manifest {
                         source,
                         entry,
                         racy,
+                        inputs: record.get("inputs").and_then(Value::as_str).map(Arc::from),
                     }),
                     (_, _, Some(r)) => IndexRecord::from_json(r),
                     _ => None,
@@ -261,7 +275,12 @@ impl Manifest {
     fn legacy_records(&self) -> Vec<(Vec<u8>, Slot)> {
         self.legacy_index
             .iter()
-            .map(|(rel, r)| (path_bytes(&path_from_json(rel)).to_vec(), Slot::Entry(*r)))
+            .map(|(rel, r)| {
+                (
+                    path_bytes(&path_from_json(rel)).to_vec(),
+                    Slot::Entry(r.clone()),
+                )
+            })
             .collect()
     }
 }
@@ -522,7 +541,7 @@ mod tests {
             &mut delta,
         );
         assert!(m.failures.is_empty());
-        assert!(matches!(delta[0].1, Slot::Entry(r) if r.racy));
+        assert!(matches!(&delta[0].1, Slot::Entry(r) if r.racy));
         m.apply(&json!({"op": "removed", "path": "x"}), &mut delta);
         assert_eq!(delta[1], (b"x".to_vec(), Slot::Removed));
     }
@@ -537,10 +556,44 @@ mod tests {
         assert!(delta.is_empty());
         let ours = json!({"op": "ok", "path": "x", "source": [1, 1, 5, 6], "entry": [2, 2, 7, 8], "fingerprint": "b"});
         assert!(m.apply(&ours, &mut delta));
-        let Slot::Entry(r) = delta[0].1 else {
+        let Slot::Entry(r) = &delta[0].1 else {
             panic!("an entry")
         };
         assert_eq!((r.source.ino, r.entry.ctime_ns), (5, 8));
+    }
+
+    #[test]
+    fn a_record_with_inputs_keeps_every_stamp_and_its_inputs_through_a_journal() {
+        let mut source = Stamp::sized(1, 2);
+        (source.ino, source.ctime_ns) = (3, 4);
+        let mut entry = Stamp::sized(5, 6);
+        (entry.ino, entry.ctime_ns) = (7, 8);
+        let inputs: Arc<str> = Arc::from(r#"[{"name":"caption","blake3":"ab"}]"#);
+        let record = IndexRecord {
+            source,
+            entry,
+            racy: false,
+            inputs: Some(inputs.clone()),
+        };
+        assert_eq!(
+            IndexRecord::from_json(&record.to_json()),
+            Some(record.clone())
+        );
+        // A line of the journal (`record`, as journal_unindexed writes it) and a write's line.
+        let mut m = Manifest::default();
+        let mut delta = Vec::new();
+        m.apply(
+            &json!({"op": "ok", "path": "a", "record": record.to_json()}),
+            &mut delta,
+        );
+        m.apply(
+            &json!({"op": "ok", "path": "b", "source": [1, 2, 3, 4], "entry": [5, 6, 7, 8],
+                    "racy": false, "inputs": &*inputs}),
+            &mut delta,
+        );
+        for (_, slot) in &delta {
+            assert_eq!(slot, &Slot::Entry(record.clone()));
+        }
     }
 
     #[test]

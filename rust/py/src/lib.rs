@@ -77,7 +77,34 @@ type ScanTuple<'py> = (
     Vec<(String, String)>,
     Vec<Vec<OsString>>,
     Vec<OsString>,
+    Bound<'py, PyBytes>,
 );
+
+/// A stamp as 32 little-endian bytes: size, mtime_ns, ino, ctime_ns.
+fn stamp_bytes(s: Stamp) -> impl Iterator<Item = u8> {
+    [s.size, s.mtime_ns as u64, s.ino, s.ctime_ns as u64]
+        .into_iter()
+        .flat_map(u64::to_le_bytes)
+}
+
+/// Stamps packed as [`stamp_bytes`] writes them; None when `packed` is not a whole number of them.
+fn stamps_from_bytes(packed: &[u8]) -> Option<Vec<Stamp>> {
+    if packed.len() % 32 != 0 {
+        return None;
+    }
+    let word = |c: &[u8], i: usize| u64::from_le_bytes(c[i * 8..i * 8 + 8].try_into().expect("8"));
+    Some(
+        packed
+            .chunks_exact(32)
+            .map(|c| Stamp {
+                size: word(c, 0),
+                mtime_ns: word(c, 1) as i64,
+                ino: word(c, 2),
+                ctime_ns: word(c, 3) as i64,
+            })
+            .collect(),
+    )
+}
 
 fn scan_to_python(py: Python<'_>, s: scan::Scan) -> ScanTuple<'_> {
     // Sizes and mtimes go out as raw little-endian arrays: numpy.frombuffer turns them into
@@ -91,6 +118,13 @@ fn scan_to_python(py: Python<'_>, s: scan::Scan) -> ScanTuple<'_> {
         .sources
         .iter()
         .flat_map(|x| x.stamp.mtime_ns.to_le_bytes())
+        .collect();
+    // Each source's whole stamp (size, mtime_ns, ino, ctime_ns): `status` checks with it
+    // rather than stat every source a second time.
+    let stamps: Vec<u8> = s
+        .sources
+        .iter()
+        .flat_map(|x| stamp_bytes(x.stamp))
         .collect();
     let paths = s
         .sources
@@ -110,6 +144,7 @@ fn scan_to_python(py: Python<'_>, s: scan::Scan) -> ScanTuple<'_> {
         s.errors,
         sets,
         named,
+        PyBytes::new(py, &stamps),
     )
 }
 
@@ -560,6 +595,7 @@ fn written_dict(py: Python<'_>, w: Written) -> PyResult<Bound<'_, PyDict>> {
     d.set_item("entry", stamp_tuple(w.entry))?;
     d.set_item("racy", w.racy)?;
     d.set_item("check_first", w.check_first)?;
+    d.set_item("inputs", w.inputs.as_deref())?;
     d.set_item("bytes", w.bytes)?;
     Ok(d)
 }
@@ -769,7 +805,8 @@ impl PyStore {
     ) -> Vec<PyCheck> {
         let counter = progress_counter(progress);
         let checks = fork::detached(py, || {
-            self.inner.check_many(&rels, depth(deep), threads, &counter)
+            self.inner
+                .check_many(&rels, None, depth(deep), threads, &counter)
         });
         checks
             .into_iter()
@@ -778,26 +815,38 @@ impl PyStore {
     }
 
     /// State names of many sources, checked in parallel; `"error: ..."` where a check failed.
-    #[pyo3(signature = (rels, threads=None, progress=None))]
+    /// `stamps`: each source's stamp as a scan just took it (32 bytes each: size, mtime_ns,
+    /// ino, ctime_ns), so that no source is stat'ed a second time.
+    #[pyo3(signature = (rels, threads=None, progress=None, stamps=None))]
     fn check_many(
         &self,
         py: Python<'_>,
         rels: Vec<PathBuf>,
         threads: Option<usize>,
         progress: Option<&Bound<'_, Progress>>,
-    ) -> Vec<String> {
+        stamps: Option<&[u8]>,
+    ) -> PyResult<Vec<String>> {
+        let stamps = match stamps.map(stamps_from_bytes) {
+            Some(Some(s)) if s.len() == rels.len() => Some(s),
+            None => None,
+            Some(_) => {
+                return Err(PyValueError::new_err(
+                    "stamps must be 32 bytes per source, one per path",
+                ))
+            }
+        };
         let counter = progress_counter(progress);
         let checks = fork::detached(py, || {
             self.inner
-                .check_many(&rels, Depth::Stamps, threads, &counter)
+                .check_many(&rels, stamps.as_deref(), Depth::Stamps, threads, &counter)
         });
-        checks
+        Ok(checks
             .into_iter()
             .map(|c| match c {
                 Ok(c) => c.state.name().to_string(),
                 Err(e) => format!("error: {e}"),
             })
-            .collect()
+            .collect())
     }
 
     /// Writes the entry of `rel`; returns `{"path", "source": stamp, "entry": stamp, "racy",

@@ -20,6 +20,7 @@ fn indexed(path: PathBuf, r: IndexRecord) -> Known {
         trusted: !r.racy,
         racy: false,
         indexed: true,
+        recorded_inputs: r.inputs,
         header: None,
     }
 }
@@ -60,19 +61,21 @@ impl Store {
         for (rel, r) in &m.legacy_index {
             let rel = path_from_json(rel);
             let path = self.entry_path(&rel, r.source);
-            known.insert(rel, indexed(path, *r));
+            known.insert(rel, indexed(path, r.clone()));
         }
     }
 
     /// The manifest index record of `rel`, if this process found (or wrote) its entry valid.
     pub fn index_record(&self, rel: &Path) -> Option<IndexRecord> {
         let k = self.recall(rel)?;
+        // An entry whose inputs this process holds only as stamps (judged by a version that
+        // did not keep the header's record of them) is checked in full on first use.
+        let inputs_unrecorded = !k.inputs.is_empty() && k.recorded_inputs.is_none();
         (k.trusted && k.state == State::Valid).then(|| IndexRecord {
             source: k.source,
             entry: k.entry,
-            // The index holds the source's stamps only: entries with more inputs are checked
-            // in full (inputs included) on first use.
-            racy: racy_now(k.source) || !k.inputs.is_empty(),
+            racy: racy_now(k.source) || k.racy || inputs_unrecorded,
+            inputs: k.recorded_inputs.clone(),
         })
     }
 
@@ -88,6 +91,6 @@ impl Store {
         // Judged here by a full check (an entry with inputs always is), but the index already
         // holds these very stamps: journaling it again would rewrite the index for nothing.
         let held = self.index.get(path_bytes(rel));
-        (held != Some(record)).then_some(record)
+        (held.as_ref() != Some(&record)).then_some(record)
     }
 }

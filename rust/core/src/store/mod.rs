@@ -156,8 +156,10 @@ pub struct Written {
     pub source: Stamp,
     pub entry: Stamp,
     pub racy: bool,
-    /// The manifest index must not trust this entry's stamps alone (racy, or extra inputs).
+    /// The index must not trust this entry's stamps alone: it (or one of its inputs) is racy.
     pub check_first: bool,
+    /// The extra inputs as the header records them (None: none), for the index.
+    pub inputs: Option<Arc<str>>,
     pub bytes: u64,
 }
 
@@ -182,6 +184,9 @@ struct Known {
     racy: bool,
     /// Taken from the manifest's index and not judged since: the index already holds it.
     indexed: bool,
+    /// The extra inputs as the entry's header records them (None: none). For a record taken
+    /// from the index, `inputs` is empty and these are checked on use.
+    recorded_inputs: Option<Arc<str>>,
     /// The entry's validated header and the file it was validated for, once read.
     header: Option<(entry::FileId, Arc<entry::Header>)>,
 }
@@ -284,14 +289,6 @@ fn stat_source(path: &Path) -> Result<SourceFile> {
             Ok(SourceFile::Absent)
         }
         Err(e) => Err(Error::io(path, e)),
-    }
-}
-
-/// The kind of what is at `path` when it exists and is not a regular file (None otherwise).
-fn special_kind(path: &Path) -> Option<&'static str> {
-    match stat_source(path) {
-        Ok(SourceFile::Special(kind)) => Some(kind),
-        _ => None,
     }
 }
 

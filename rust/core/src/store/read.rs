@@ -8,7 +8,8 @@ use std::sync::Arc;
 
 use rayon::prelude::*;
 
-use super::{stat_opt, Check, Known, State, Store};
+use super::validity::Depth;
+use super::{racy_now, stat_opt, Check, Known, State, Store};
 use crate::entry;
 use crate::error::{Error, Result};
 use crate::key::Stamp;
@@ -67,23 +68,40 @@ impl Store {
                 source,
                 &c.entry,
                 Some(id.stamp),
-                Vec::new(),
+                Default::default(),
                 state,
                 reason,
             )?;
             return Ok(false);
         }
         let judged = |k: &Known| k.path == c.entry && k.entry == id.stamp;
-        let mut known = self.known.write().unwrap_or_else(|p| p.into_inner());
-        match known.get_mut(rel) {
-            Some(k) if judged(k) => k.header = Some((id, Arc::clone(header))),
-            Some(_) => {}
-            // Judged from the index alone: remembered now, with the header a read needs again.
-            None => {
-                if let Some(mut k) = self.learn_from_index(rel).filter(|k| judged(k)) {
+        {
+            let mut known = self.known.write().unwrap_or_else(|p| p.into_inner());
+            if let Some(k) = known.get_mut(rel) {
+                if judged(k) {
                     k.header = Some((id, Arc::clone(header)));
-                    known.insert(rel.to_path_buf(), k);
                 }
+                return Ok(true);
+            }
+        }
+        // Judged from the index alone: remembered now, with the header a read needs again, and
+        // the inputs the record holds as stamps (the check just found them holding), so that
+        // later reads stat them rather than parse the record again. Checked outside the lock:
+        // an input's line may need its listing read.
+        if let Some(mut k) = self.learn_from_index(rel).filter(|k| judged(k)) {
+            let held = match &k.recorded_inputs {
+                Some(raw) => self.check_recorded_inputs(raw, Depth::Stamps)?.ok(),
+                None => Some(Vec::new()),
+            };
+            if let Some(stamps) = held {
+                k.racy = stamps.iter().any(|(_, s)| s.is_some_and(racy_now));
+                k.inputs = stamps;
+                k.header = Some((id, Arc::clone(header)));
+                self.known
+                    .write()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .entry(rel.to_path_buf())
+                    .or_insert(k);
             }
         }
         Ok(true)
@@ -169,7 +187,7 @@ impl Store {
             {
                 let unchanged = src_stamp == k.source
                     && k.path == self.entry_path(rel, src_stamp)
-                    && self.inputs_unchanged(&k.inputs)?;
+                    && self.inputs_hold(&k)?;
                 if unchanged {
                     match entry::open_entry_with(
                         &k.path,

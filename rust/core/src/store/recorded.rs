@@ -3,9 +3,10 @@
 //! Lookups compare recorded files with the files (stamps, digests, a `.jsonl` line's value);
 //! only the planner knows the encoder's current choices: which inputs it has, the texts it was
 //! given, which file a rule picks. [`Store::inputs_differ_many`] compares those for a whole plan
-//! in one parallel pass over the entries' headers (a Python pass read and parsed each header).
+//! in one parallel pass, from the index's copy of each entry's record (or its header).
 
 use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
 
 use rayon::prelude::*;
 use serde_json::Value;
@@ -69,15 +70,28 @@ impl Store {
         self.recorded_inputs_differ(rel, now).unwrap_or(true)
     }
 
-    fn recorded_inputs_differ(&self, rel: &Path, now: &[NowInput]) -> Result<bool> {
-        // The planner asks about entries it already judged valid: where the entry of the source
-        // as it is now lies is enough (a full check here read every header a second time).
+    /// The inputs the entry of `rel` recorded (its header's `inputs`, or the index's copy of
+    /// them; None: none), for an entry a check just found valid.
+    fn recorded_inputs(&self, rel: &Path) -> Result<Option<Arc<str>>> {
+        // The verdict that check reached holds the entry's own record of its inputs: an entry
+        // judged (or written) here, or an index record it trusted.
+        if let Some(k) = self.recall(rel).filter(|k| k.trusted) {
+            return Ok(k.recorded_inputs);
+        }
+        // Else (a record of an earlier version, which did not hold them) the header of the
+        // entry where the source as it is now has it.
         let stamp = crate::key::Stamp::of(&self.cfg.root.join(rel))?;
         let header = entry::read_header(&self.entry_path(rel, stamp))?;
-        let Some(Ok(Value::Array(items))) = header
+        Ok(header
             .metadata
             .get("inputs")
-            .map(|raw| serde_json::from_str::<Value>(raw))
+            .map(|raw| Arc::from(raw.as_str())))
+    }
+
+    fn recorded_inputs_differ(&self, rel: &Path, now: &[NowInput]) -> Result<bool> {
+        let Some(Ok(Value::Array(items))) = self
+            .recorded_inputs(rel)?
+            .map(|raw| serde_json::from_str::<Value>(&raw))
         else {
             return Ok(!now.is_empty());
         };

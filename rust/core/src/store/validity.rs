@@ -7,13 +7,14 @@ use std::fs;
 use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use rayon::prelude::*;
 use serde_json::Value;
 
 use super::{
-    name_too_long, racy_now, recorded_stamp, special_kind, stat_entry, stat_opt, stat_source,
-    Check, EntryFile, Known, Layout, SourceFile, State, Store,
+    name_too_long, racy_now, recorded_stamp, stat_entry, stat_opt, stat_source, Check, EntryFile,
+    Known, Layout, SourceFile, State, Store,
 };
 use crate::entry;
 use crate::error::{Error, Result};
@@ -35,6 +36,29 @@ fn same_source(recorded: &str, here: &str) -> bool {
 
 /// Extra inputs as remembered for the hot path: path and stamp (None: must stay absent).
 type InputStamps = Vec<(PathBuf, Option<Stamp>)>;
+
+/// The extra inputs' stamps when every one holds, else why one does not.
+type Inputs = std::result::Result<InputStamps, String>;
+
+/// The extra inputs a verdict rests on: their stamps as checked, and the entry's own record of
+/// them (for the index, so that other processes check them without opening the entry).
+#[derive(Default)]
+pub(super) struct CheckedInputs {
+    pub(super) stamps: InputStamps,
+    pub(super) recorded: Option<Arc<str>>,
+}
+
+/// The header's `inputs` array without the source's item (None: no extra inputs).
+fn extra_inputs(meta: &BTreeMap<String, String>) -> Option<Arc<str>> {
+    let Ok(Value::Array(items)) = serde_json::from_str::<Value>(meta.get("inputs")?) else {
+        return None;
+    };
+    let extra: Vec<Value> = items
+        .into_iter()
+        .filter(|i| i.get("name").and_then(Value::as_str) != Some("source"))
+        .collect();
+    (!extra.is_empty()).then(|| Value::Array(extra).to_string().into())
+}
 
 /// How hard a check looks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -102,8 +126,19 @@ impl Store {
 
     /// [`Store::check`] at the given depth.
     pub fn check_at(&self, rel: &Path, depth: Depth) -> Result<Check> {
-        let src = self.cfg.root.join(rel);
-        let src_stamp = match stat_source(&src)? {
+        self.check_found(rel, stat_source(&self.cfg.root.join(rel))?, depth)
+    }
+
+    /// [`Store::check`] of a source a scan just found, a regular file with stamp `stamp`: the
+    /// scan's `stat` stands for the check's (`status` stats each source once, as `find` does).
+    /// Were the source changed since, the verdict is the one its state at the scan deserved,
+    /// and an entry whose stamp moved is judged by its digest as always.
+    pub fn check_scanned(&self, rel: &Path, stamp: Stamp, depth: Depth) -> Result<Check> {
+        self.check_found(rel, SourceFile::Regular(stamp), depth)
+    }
+
+    fn check_found(&self, rel: &Path, source: SourceFile, depth: Depth) -> Result<Check> {
+        let src_stamp = match source {
             SourceFile::Absent => return self.check_without_source(rel),
             SourceFile::Special(kind) => return self.check_special_source(rel, kind),
             SourceFile::Regular(stamp) => stamp,
@@ -129,7 +164,7 @@ impl Store {
                     && k.source == src_stamp
                     && k.path == entry
                     && k.entry == entry_stamp
-                    && self.inputs_unchanged(&k.inputs)?
+                    && self.inputs_hold(&k)?
                 {
                     return Ok(Check {
                         state: k.state,
@@ -141,6 +176,16 @@ impl Store {
             }
         }
         self.evaluate(rel, src_stamp, &entry, &entry, depth)
+    }
+
+    /// Whether the extra inputs of a verdict still hold: their stamps, once this process checked
+    /// them; else (a record taken from the index) the inputs the record holds, checked as the
+    /// header's would be (an input whose stamp moved is read: its digest, or its line).
+    pub(super) fn inputs_hold(&self, k: &Known) -> Result<bool> {
+        match (&k.recorded_inputs, k.inputs.is_empty()) {
+            (Some(raw), true) => Ok(self.check_recorded_inputs(raw, Depth::Stamps)?.is_ok()),
+            _ => self.inputs_unchanged(&k.inputs),
+        }
     }
 
     pub(super) fn inputs_unchanged(&self, inputs: &[(PathBuf, Option<Stamp>)]) -> Result<bool> {
@@ -219,7 +264,12 @@ impl Store {
             if k.path != entry {
                 if let EntryFile::Regular(es) = stat_entry(&k.path)? {
                     // Judged before with these very stamps (a stale entry): no second digest.
-                    if depth == Depth::Stamps && k.hot() && k.source == src_stamp && k.entry == es {
+                    if depth == Depth::Stamps
+                        && k.hot()
+                        && k.source == src_stamp
+                        && k.entry == es
+                        && self.inputs_hold(&k)?
+                    {
                         return Ok(Check {
                             state: k.state,
                             entry: k.path,
@@ -270,7 +320,7 @@ impl Store {
                     src_stamp,
                     found,
                     identity,
-                    Vec::new(),
+                    CheckedInputs::default(),
                     State::Corrupt,
                     reason,
                 );
@@ -290,7 +340,7 @@ impl Store {
                 src_stamp,
                 found,
                 Some(identity),
-                Vec::new(),
+                CheckedInputs::default(),
                 state,
                 reason,
             )
@@ -333,7 +383,10 @@ impl Store {
             }
         }
         let inputs = match self.check_inputs(meta, depth)? {
-            Ok(inputs) => inputs,
+            Ok(stamps) => CheckedInputs {
+                stamps,
+                recorded: extra_inputs(meta),
+            },
             Err(why) => return verdict(State::Stale, why),
         };
         if refreshed || found != wanted {
@@ -403,14 +456,16 @@ impl Store {
     }
 
     /// Checks an entry's extra inputs; `Ok(Err(why))` when one changed.
-    fn check_inputs(
-        &self,
-        meta: &BTreeMap<String, String>,
-        depth: Depth,
-    ) -> Result<std::result::Result<InputStamps, String>> {
+    fn check_inputs(&self, meta: &BTreeMap<String, String>, depth: Depth) -> Result<Inputs> {
         let Some(raw) = meta.get("inputs") else {
             return Ok(Ok(Vec::new()));
         };
+        self.check_recorded_inputs(raw, depth)
+    }
+
+    /// Checks the inputs an entry recorded (`raw`: its header's `inputs` array, or the index's
+    /// copy of it without the source's item); `Ok(Err(why))` when one changed.
+    pub(super) fn check_recorded_inputs(&self, raw: &str, depth: Depth) -> Result<Inputs> {
         let Ok(Value::Array(items)) = serde_json::from_str::<Value>(raw) else {
             return Ok(Err("the entry's inputs metadata is malformed".into()));
         };
@@ -426,13 +481,18 @@ impl Store {
                 continue;
             }
             let abs = self.cfg.root.join(path);
-            let now = stat_opt(&abs)?;
-            if let Some(kind) = special_kind(&abs) {
-                return Ok(Err(format!(
+            let now = match stat_source(&abs)? {
+                SourceFile::Absent => None,
+                SourceFile::Regular(stamp) => Some(stamp),
+                SourceFile::Special(kind) => return Ok(Err(format!(
                     "input {name} ({}) is not a regular file ({kind}): featstore never reads it",
                     abs.display()
-                )));
-            }
+                ))),
+            };
+            // Stamped within the timestamp granularity of its last change when the entry was
+            // written: a same-size edit may have kept the stamp, so it is read every time.
+            let racy = item.get("racy").and_then(Value::as_bool) == Some(true);
+            let read_it = racy || depth == Depth::Digests;
             if item.get("absent").and_then(Value::as_bool) == Some(true) {
                 if now.is_some() {
                     return Ok(Err(format!(
@@ -458,7 +518,7 @@ impl Store {
             };
             if let Some(line) = item.get("line") {
                 // One line of a listing: the rest of the file may change freely.
-                if now != recorded || depth == Depth::Digests {
+                if now != recorded || read_it {
                     if let Some(why) = line_changed(&abs, now, line, &item, name)? {
                         return Ok(Err(why));
                     }
@@ -466,7 +526,7 @@ impl Store {
                 out.push((abs, Some(now)));
                 continue;
             }
-            if now != recorded || depth == Depth::Digests {
+            if now != recorded || read_it {
                 let digest = match file_digest(&abs) {
                     Ok(digest) => digest,
                     Err(Error::NotRegular { kind, .. }) => {
@@ -495,23 +555,27 @@ impl Store {
         src_stamp: Stamp,
         entry: &Path,
         identity: Option<Stamp>,
-        inputs: InputStamps,
+        inputs: CheckedInputs,
         state: State,
         reason: String,
     ) -> Result<Check> {
         if let Some(entry_stamp) = identity {
+            // An input changed within the timestamp granularity of now may change again
+            // without its stamp moving: then its stamp alone vouches for nothing yet.
+            let racy_input = inputs.stamps.iter().any(|(_, s)| s.is_some_and(racy_now));
             self.remember(
                 rel,
                 Known {
                     source: src_stamp,
                     path: entry.to_path_buf(),
                     entry: entry_stamp,
-                    inputs,
+                    inputs: inputs.stamps,
                     state,
                     reason: reason.clone(),
                     trusted: true,
-                    racy: racy_now(src_stamp),
+                    racy: racy_now(src_stamp) || racy_input,
                     indexed: false,
+                    recorded_inputs: inputs.recorded,
                     header: None,
                 },
             );
@@ -526,18 +590,25 @@ impl Store {
 
     /// Checks many sources in parallel (in featstore's pool); results in input order.
     /// `progress` counts checked sources, for a display on another thread.
+    /// `stamps` (aligned with `rels`): each source's stamp as a scan just took it
+    /// ([`Store::check_scanned`]).
     pub fn check_many(
         &self,
         rels: &[PathBuf],
+        stamps: Option<&[Stamp]>,
         depth: Depth,
         threads: Option<usize>,
         progress: &AtomicU64,
     ) -> Vec<Result<Check>> {
         pool::pool(threads).install(|| {
             rels.par_iter()
-                .map(|r| {
+                .enumerate()
+                .map(|(i, r)| {
                     progress.fetch_add(1, Ordering::Relaxed);
-                    self.check_at(r, depth)
+                    match stamps.and_then(|s| s.get(i)) {
+                        Some(&stamp) => self.check_scanned(r, stamp, depth),
+                        None => self.check_at(r, depth),
+                    }
                 })
                 .collect()
         })
@@ -550,12 +621,13 @@ mod tests {
     //! mtime in the past so that entries are not racy (a racy entry is re-digested on every use,
     //! which would hide whether the stamp rules alone hold).
 
+    use std::collections::BTreeMap;
     use std::fs::{self, File};
     use std::path::{Path, PathBuf};
     use std::time::{Duration, SystemTime};
 
     use super::Depth;
-    use crate::entry::{Dtype, ReadMode, TensorData};
+    use crate::entry::{self, Dtype, ReadMode, TensorData};
     use crate::error::Error;
     use crate::key::Stamp;
     use crate::store::{Input, Layout, State, Store, StoreConfig};
@@ -991,6 +1063,61 @@ mod tests {
         let c = s.check(Path::new("a.png")).unwrap();
         assert_eq!(c.state, State::Stale);
         assert!(c.reason.contains("caption"), "{}", c.reason);
+    }
+
+    /// An input stamped within the timestamp granularity of its last change may be edited again
+    /// in the same tick, keeping its stamp (size, mtime, ctime): the entry marks it racy and
+    /// every check reads it, whatever its stamp, in this process and in others (the index's
+    /// copy of the inputs included).
+    #[test]
+    fn an_input_stamped_in_its_racy_window_is_read_whatever_its_stamp() {
+        let dir = tempfile::tempdir().unwrap();
+        write_aged(&dir.path().join("a.png"), b"image", 3600);
+        let caption = dir.path().join("cap.txt");
+        fs::write(&caption, b"a cat").unwrap(); // just now: racy
+        let s = store(dir.path(), Layout::Sidecar, "fp");
+        let rel = Path::new("a.png");
+        let input = Input::File {
+            name: "caption".into(),
+            path: PathBuf::from("cap.txt"),
+            expected: None,
+        };
+        let w = s
+            .put(rel, &tensor(), &Default::default(), &[input], false, None)
+            .unwrap();
+        assert!(
+            w.check_first,
+            "a racy input keeps the index from trusting the stamps"
+        );
+        assert!(w.inputs.as_deref().unwrap().contains(r#""racy":true"#));
+        // The same size, edited "in the same tick": forge the header so that the recorded stamp
+        // is the file's new one, as a same-tick edit would leave it.
+        fs::write(&caption, b"a dog").unwrap();
+        let now = Stamp::of(&caption).unwrap();
+        let forged = |racy: bool| {
+            let judged = Stamp::of(&w.path).unwrap();
+            let update = |m: &mut BTreeMap<String, String>| {
+                let mut items: serde_json::Value = serde_json::from_str(&m["inputs"]).unwrap();
+                let item = &mut items[1];
+                item["mtime_ns"] = now.mtime_ns.into();
+                item["ctime_ns"] = now.ctime_ns.into();
+                item["ino"] = now.ino.into();
+                if !racy {
+                    item.as_object_mut().unwrap().remove("racy");
+                }
+                m.insert("inputs".into(), items.to_string());
+            };
+            assert!(entry::rewrite_metadata_to(&w.path, &w.path, judged, update, false).unwrap());
+        };
+        forged(true);
+        let fresh = store(dir.path(), Layout::Sidecar, "fp");
+        let c = fresh.check(rel).unwrap();
+        assert_eq!(c.state, State::Stale, "{}", c.reason);
+        assert!(c.reason.contains("caption"), "{}", c.reason);
+        // Without the mark, the unchanged stamp would have vouched for the new bytes.
+        forged(false);
+        let fresh = store(dir.path(), Layout::Sidecar, "fp");
+        assert_eq!(state(&fresh, "a.png"), State::Valid);
     }
 
     #[test]

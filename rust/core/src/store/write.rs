@@ -7,7 +7,7 @@ use std::fs;
 use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use rayon::prelude::*;
 
@@ -56,6 +56,17 @@ fn stamped_digest(path: &Path, name: &str, expected: Option<Stamp>) -> Result<(S
 fn stamp_record(name: &str, path: &str, stamp: Stamp, digest: &str) -> Value {
     json!({"name": name, "path": path, "size": stamp.size, "mtime_ns": stamp.mtime_ns,
            "ino": stamp.ino, "ctime_ns": stamp.ctime_ns, "blake3": digest})
+}
+
+/// An extra input's record. One stamped within the timestamp granularity of now is marked
+/// `racy`: an edit of the same size may follow and keep its stamp, so every check reads it
+/// (its digest, or its line) whatever its stamp.
+fn input_record(name: &str, path: &str, stamp: Stamp, digest: &str) -> Value {
+    let mut record = stamp_record(name, path, stamp, digest);
+    if racy_now(stamp) {
+        record["racy"] = Value::Bool(true);
+    }
+    record
 }
 
 /// One entry of a batched write ([`Store::put_many`]): what [`Store::put`] takes.
@@ -210,6 +221,7 @@ impl Store {
         let rel_str = rel.to_string_lossy().into_owned();
         let mut input_records = vec![stamp_record("source", &rel_str, before, &digest)];
         let mut known_inputs = Vec::new();
+        let mut inputs_racy = false;
         for input in inputs {
             match input {
                 Input::File {
@@ -220,7 +232,8 @@ impl Store {
                     let abs = self.abs(path);
                     let (stamp, digest) = stamped_digest(&abs, name, *expected)?;
                     let shown = self.shown(&abs);
-                    input_records.push(stamp_record(name, &shown, stamp, &digest));
+                    input_records.push(input_record(name, &shown, stamp, &digest));
+                    inputs_racy |= racy_now(stamp);
                     known_inputs.push((abs, Some(stamp)));
                 }
                 Input::Text { name, text } => input_records
@@ -245,7 +258,8 @@ impl Store {
                             ),
                         });
                     }
-                    let mut record = stamp_record(name, &self.shown(&abs), stamp, &digest);
+                    let mut record = input_record(name, &self.shown(&abs), stamp, &digest);
+                    inputs_racy |= racy_now(stamp);
                     record["line"] = json!({"image_field": fields.image_field,
                                             "field": fields.field, "listed": listed});
                     input_records.push(record);
@@ -265,6 +279,9 @@ impl Store {
                 }
             }
         }
+        // The index holds the extra inputs, so that a lookup checks them without the header.
+        let extra_inputs: Option<Arc<str>> = (input_records.len() > 1)
+            .then(|| Value::Array(input_records[1..].to_vec()).to_string().into());
         let mut meta = user_meta.clone();
         let reserved = [
             ("feature", self.cfg.feature.clone()),
@@ -316,8 +333,9 @@ impl Store {
                     state: State::Valid,
                     reason: String::new(),
                     trusted: true,
-                    racy,
+                    racy: racy || inputs_racy,
                     indexed: false,
+                    recorded_inputs: extra_inputs.clone(),
                     header: None,
                 },
             );
@@ -327,7 +345,8 @@ impl Store {
             source: before,
             entry: entry_stamp,
             racy,
-            check_first: racy || !inputs.is_empty(),
+            check_first: racy || inputs_racy,
+            inputs: extra_inputs,
             bytes,
         })
     }
