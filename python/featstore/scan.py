@@ -40,6 +40,10 @@ class ScanResult:
     named : list of str or None
         With ``named_suffix``: the files named so, relative, sorted (found without a ``stat``);
         None when not asked for.
+    stamps : numpy.ndarray of uint64, shape (N, 4), or None
+        Each source's whole stamp as the scan's ``stat`` took it (size, mtime_ns, ino,
+        ctime_ns), aligned with ``paths``: ``status`` checks with it instead of a second
+        ``stat``.
     """
 
     paths: list[str]
@@ -49,6 +53,7 @@ class ScanResult:
     sets: list[list[str]] = field(default_factory=list)
     root: str = ""
     named: list[str] | None = None
+    stamps: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -69,7 +74,7 @@ class ScanResult:
         index = np.asarray(keep, dtype=np.int64)
         sets = [s for s in self.sets if not any(m.endswith(suffix) for m in s)]
         return ScanResult([self.paths[i] for i in keep], self.sizes[index], self.mtimes_ns[index], self.errors,
-                          sets, self.root, self.named)
+                          sets, self.root, self.named, None if self.stamps is None else self.stamps[index])
 
     def by_extension(self) -> dict[str, tuple[int, int]]:
         """``{".jpg": (count, bytes), ...}`` with extensions in lower case."""
@@ -137,11 +142,12 @@ def scan(root: str | os.PathLike[str], *, extensions: Sequence[str] | None = Non
             listed = [line.strip() for line in f if line.strip() and not line.startswith("#")]
     if progress is None:
         progress = sys.stderr.isatty()
-    paths, sizes, mtimes, errors, sets, named = run_with_progress(
+    paths, sizes, mtimes, errors, sets, named, stamps = run_with_progress(
         lambda p: _core.scan(root_abs, extensions=list(extensions or []), follow_symlinks=follow_symlinks,
                              skip_dirs=[os.path.abspath(os.fspath(d)) for d in skip_dirs], jsonl=jsonl,
                              listed=listed, threads=threads, progress=p, named_suffix=named_suffix),
         desc=f"scanning {root_abs}", show=progress)
     return ScanResult(paths=paths, sizes=np.frombuffer(sizes, dtype="<u8").copy(),
                       mtimes_ns=np.frombuffer(mtimes, dtype="<i8").copy(), errors=list(errors),
-                      sets=sets, root=root_abs, named=named if named_suffix else None)
+                      sets=sets, root=root_abs, named=named if named_suffix else None,
+                      stamps=np.frombuffer(stamps, dtype="<u8").reshape(-1, 4).copy())

@@ -11,6 +11,8 @@ from featstore.scan import scan
 from featstore.vocabulary import ENTRY_EXTENSION, STATES, check_error, sidecar_suffix
 
 if TYPE_CHECKING:  # the store counts through this module; it only uses the store handed to it
+    import numpy as np
+
     from featstore.store import FeatureStore
 
 
@@ -75,9 +77,11 @@ class Status:
 
 
 def count_states(store: FeatureStore, sources: Iterable[str] | None = None, *, threads: int | None = None,
-                 progress: bool | None = False, entries: Sequence[str] | None = None) -> Status:
+                 progress: bool | None = False, entries: Sequence[str] | None = None,
+                 stamps: np.ndarray | None = None) -> Status:
     """:meth:`FeatureStore.status`: counts per state; ``sources`` defaults to a scan of the root.
-    ``entries``: the sidecar entry files a caller's scan listed (else found by a walk)."""
+    ``entries``: the sidecar entry files a caller's scan listed (else found by a walk);
+    ``stamps``: the stamps that scan took of ``sources`` (else each is stat'ed by its check)."""
     suffix = sidecar_suffix(store.feature)
     entry_names = [p[: -len(suffix)] for p in entries] if entries is not None and store.layout == "sidecar" else None
     if sources is None:
@@ -86,14 +90,14 @@ def count_states(store: FeatureStore, sources: Iterable[str] | None = None, *, t
         sidecar = store.layout == "sidecar"
         found = scan(store.data_root, skip_dirs=[store.cache_dir] if store.cache_dir else (), threads=threads,
                      progress=progress, named_suffix=suffix if sidecar else None)
-        rels = found.paths
+        rels, stamps = found.paths, found.stamps
         errors = list(found.errors)
         if sidecar and found.named is not None:
             entry_names = [p[: -len(suffix)] for p in found.named]
     else:
         rels = store.rels(sources)
         errors = []
-    states = store.states(rels, threads=threads, progress=progress)
+    states = store.states(rels, threads=threads, progress=progress, stamps=stamps)
     counts = {s: 0 for s in STATES}
     for rel, s in zip(rels, states, strict=True):
         error = check_error(s)

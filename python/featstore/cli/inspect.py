@@ -89,7 +89,7 @@ def cmd_status(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
               file=sys.stderr)
     found = find_sources(args, store, entry_names=True)
     report = ops.status(store, found.paths, lists=found.sets, threads=args.threads, progress=None,
-                        entries=found.named)
+                        entries=found.named, stamps=found.stamps)
     report.status.errors[:0] = found.errors
     emit(args, report.to_dict(), report.text())
     return 1 if report.status.errors else 0  # some sources could not be checked

@@ -131,7 +131,7 @@ def feature_files(store: FeatureStore) -> tuple[list[str], list[str], list[tuple
         if not os.path.isdir(base):
             return [], [], []
         tmp_entry = re.compile(r"^\.[0-9a-f]{32}\." + ENTRY_EXTENSION + _TMP_RANDOM)
-    paths, _, _, errors, _, _ = _core.scan(base, extensions=[ENTRY_EXTENSION, "tmp"])
+    paths, _, _, errors, *_ = _core.scan(base, extensions=[ENTRY_EXTENSION, "tmp"])
     entries: list[str] = []
     temps: list[str] = []
     for p in map(os.fspath, paths):

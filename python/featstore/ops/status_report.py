@@ -8,6 +8,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from featstore.fmt import error_lines
 from featstore.history import recorded_history
 from featstore.ops.files import feature_files
@@ -81,9 +83,10 @@ class StatusReport:
 
 def status(store: FeatureStore, sources: Sequence[str] | None = None, *, lists: Sequence[Sequence[str]] | None = None,
            threads: int | None = None, progress: bool | None = None,
-           entries: Sequence[str] | None = None) -> StatusReport:
-    """Counts entries per state: two ``stat`` calls per source, no entry opened for sources the
-    manifest indexes. ``corrupt`` entries are only found by :func:`featstore.ops.verify`.
+           entries: Sequence[str] | None = None, stamps: np.ndarray | None = None) -> StatusReport:
+    """Counts entries per state: two ``stat`` calls per source (one with ``stamps`` from the
+    scan that found them), no entry opened for sources the manifest indexes. ``corrupt``
+    entries are only found by :func:`featstore.ops.verify`.
 
     When the feature's manifest records a frame-set mode (``precompute --frames-per-set N``), the
     counts are of frame sets (``Status.unit``): each set the sources make, as precompute grouped
@@ -108,10 +111,13 @@ def status(store: FeatureStore, sources: Sequence[str] | None = None, *, lists: 
     entries : sequence of str, optional
         The feature's sidecar entry files (relative), when the scan of ``sources`` listed them
         (``scan(..., named_suffix=...)``): orphans are counted among them without another walk.
+    stamps : numpy.ndarray, optional
+        The stamps that scan took of ``sources`` (:attr:`featstore.scan.ScanResult.stamps`):
+        each source's check uses its stamp rather than ``stat`` it again.
     """
     t0 = time.perf_counter()
     st = (_set_status(store, sources, lists, threads) or _history_status(store, sources, lists, threads)
-          or store.status(sources, threads=threads, progress=progress, entries=entries))
+          or store.status(sources, threads=threads, progress=progress, entries=entries, stamps=stamps))
     seconds = time.perf_counter() - t0
     manifest = store.manifest_path if os.path.exists(store.manifest_path) else None
     return StatusReport(st, seconds, manifest, store.journal_paths())
