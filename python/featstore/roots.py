@@ -72,10 +72,15 @@ class SourceNames:
     def rels(self, paths: Iterable[str | os.PathLike[str]]) -> list[str]:
         """:meth:`rel` of many paths. Paths that are already relative and normal (a scan's, a
         manifest's) are taken as they are: a million of them cost a pass, not a million calls."""
-        if isinstance(paths, (list, tuple)) and all(type(p) is str for p in paths):
-            # One regex pass over all of them (a history's frames on every lookup); NUL cannot
-            # be part of a path, so it separates them.
-            if _all_normal("\0".join(paths)):
+        if isinstance(paths, (list, tuple)):
+            # One pass over all of them in C (a history's frames on every lookup, a million
+            # sources for status); NUL cannot be part of a path, so it separates them. Joining
+            # refuses anything but str (bytes, PathLike): those go the long way below.
+            try:
+                joined = "\0".join(paths)
+            except TypeError:
+                joined = None
+            if joined is not None and _all_normal(joined):
                 return list(paths)
         out = []
         for p in paths:

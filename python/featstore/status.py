@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -99,12 +100,12 @@ def count_states(store: FeatureStore, sources: Iterable[str] | None = None, *, t
         errors = []
     states = store.states(rels, threads=threads, progress=progress, stamps=stamps)
     counts = {s: 0 for s in STATES}
-    for rel, s in zip(rels, states, strict=True):
-        error = check_error(s)
-        if error is not None:
-            errors.append((rel, error))
-        else:
-            counts[s] += 1
+    tally = Counter(states)
+    for state, n in tally.items():
+        if state in counts:
+            counts[state] += n
+    if any(state not in counts for state in tally):  # some checks failed: name their sources
+        errors += [(rel, error) for rel, s in zip(rels, states, strict=True) if (error := check_error(s)) is not None]
     known = set(rels)
     for rel in _orphan_candidates(store) if entry_names is None else entry_names:
         if rel not in known and store.state(rel) == "orphan":

@@ -187,7 +187,7 @@ def find_sources(args: argparse.Namespace, store: FeatureStore | None, *, allow_
     found = scan(where, extensions=args.ext, jsonl=jsonl, follow_symlinks=args.follow_symlinks,
                  files_from=args.files_from, skip_dirs=[skip] if skip else [], threads=args.threads, progress=None,
                  named_suffix=named)
-    if store is not None:
+    if store is not None and named is None:  # a walk naming the entries already left them out
         found = found.without_entries_of(store.feature)
     if len(found) == 0 and not allow_empty:
         raise nothing_found(found, extensions=args.ext, jsonl=jsonl, files_from=args.files_from)

@@ -128,10 +128,10 @@ def _set_status(store: FeatureStore, sources: Sequence[str] | None, lists: Seque
     """The counts per state of the frame sets the sources make, when the manifest records a
     frame-set mode (else None)."""
     errors: list[tuple[str, str]] = []
+    mode = recorded_mode(store)
+    if mode is None:
+        return None  # entries are per image: no pass over the sources here
     if sources is None:
-        mode = recorded_mode(store)
-        if mode is None:
-            return None
         found = scan(store.data_root, jsonl=mode.jsonl, skip_dirs=[store.cache_dir] if store.cache_dir else (),
                      threads=threads, progress=False)
         sources, lists, errors = found.paths, found.sets, list(found.errors)
