@@ -79,3 +79,26 @@ def build_tree(root: str, n: int) -> list[str]:
             f.write(i.to_bytes(8, "little") * (SOURCE_BYTES // 8))
         rels.append(rel)
     return rels
+
+
+def file_writes_per_second(root: str, n: int, size: int = 960) -> float:
+    """The disk's floor for writing ``n`` entries: files of ``size`` bytes (a trivial entry's),
+    each written to a temporary name and renamed, as entries are, from one Python thread, into
+    a fresh tree laid out as the sources are (1,000 per directory). Removed afterwards."""
+    import shutil
+    import time
+
+    base = os.path.join(root, ".floor")
+    payload = b"\0" * size
+    t0 = time.perf_counter()
+    for i in range(n):
+        d = os.path.join(base, f"ep{i // PER_DIR:05d}")
+        if i % PER_DIR == 0:
+            os.makedirs(d, exist_ok=True)
+        name = os.path.join(d, f"{i % PER_DIR:04d}.bin")
+        with open(name + ".tmp", "wb") as f:
+            f.write(payload)
+        os.rename(name + ".tmp", name)
+    rate = n / (time.perf_counter() - t0)
+    shutil.rmtree(base)
+    return rate

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -314,3 +315,31 @@ def test_plain_and_shard_runs_exclude_each_other(data):
     with feature_lock(store, "precompute"):
         with pytest.raises(LockHeldError, match="over all sources"):
             run(root, shard="0/2")
+
+
+def test_workers_hand_small_chunks_over_pickled_and_large_ones_in_shared_memory(data, monkeypatch):
+    """A chunk of small decoded images travels inside the pickled chunk (no shared-memory
+    segment and file descriptor per chunk, which cost more than decoding them); a large chunk,
+    and a dtype numpy lacks, stay tensors. Either way every entry holds the same features as
+    one computed without workers."""
+    from featstore.pipeline import decoding
+
+    small = torch.zeros(4, 3, 8, 8, dtype=torch.uint8)
+    rows = [(i, small[i], None, None) for i in range(4)]
+    stacked, _ = decoding._packed(rows)
+    assert isinstance(stacked, np.ndarray) and stacked.shape == (4, 3, 8, 8)
+    monkeypatch.setattr(decoding, "SMALL_CHUNK_BYTES", 16)
+    assert isinstance(decoding._packed(rows)[0], torch.Tensor)
+    monkeypatch.undo()
+    bf16 = [(i, small[i].to(torch.bfloat16), None, None) for i in range(4)]
+    assert isinstance(decoding._packed(bf16)[0], torch.Tensor)
+    items = list(decoding.each_item([(stacked, [(i, None, None, None) for i in range(4)])]))
+    assert [i for i, *_ in items] == [0, 1, 2, 3] and all(isinstance(x, torch.Tensor) for _, x, _, _ in items)
+
+    root, rels = data
+    run(root, num_workers=2, batch_size=4)
+    pooled = FeatureStore(root, "toy")
+    by_workers = {r: pooled.get(r)["features"].clone() for r in rels}
+    run(root, num_workers=0, batch_size=4, overwrite=True)
+    alone = FeatureStore(root, "toy")
+    assert all(torch.equal(alone.get(r)["features"], by_workers[r]) for r in rels)

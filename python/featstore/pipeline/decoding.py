@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from featstore.encoders import Encoder
@@ -86,24 +87,37 @@ class DecodeDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return -(-len(self.items) // self.chunk)
 
-    def __getitem__(self, c: int) -> tuple[torch.Tensor | None, list[tuple[int, Any, str | None, Any]]]:
+    def __getitem__(self, c: int) -> tuple[torch.Tensor | np.ndarray | None, list[tuple[int, Any, str | None, Any]]]:
         indices = range(c * self.chunk, min(len(self.items), (c + 1) * self.chunk))
         decoded = [(i, *_DECODERS[self.items[i].kind](self.encoder, self.root, self.items[i])) for i in indices]
         return _packed(decoded) if torch.utils.data.get_worker_info() is not None else (None, decoded)
 
 
+#: A chunk's images up to this many bytes travel inside the pickled chunk, not in shared memory.
+SMALL_CHUNK_BYTES = 1 << 20
+
+
 def _packed(decoded: list[tuple[int, Any, str | None, Any]]
-            ) -> tuple[torch.Tensor | None, list[tuple[int, Any, str | None, Any]]]:
-    """``(one tensor of the chunk's decoded images, the items without them)`` when every item
+            ) -> tuple[torch.Tensor | np.ndarray | None, list[tuple[int, Any, str | None, Any]]]:
+    """``(the chunk's decoded images as one array, the items without them)`` when every item
     decoded to a tensor of one shape and dtype, else ``(None, the items)``. A worker hands each
-    tensor over in a shared-memory segment of its own, which costs more than decoding a small
-    image: one per chunk instead."""
+    tensor over in a shared-memory segment of its own, passed as a file descriptor through a
+    socket of torch's (about 2 ms here), which costs more than decoding a small image: one per
+    chunk instead, and for a chunk of at most ``SMALL_CHUNK_BYTES`` none: its bytes go with the
+    pickled chunk (a copy of under a megabyte)."""
     tensors = [d for _, d, _, _ in decoded if isinstance(d, torch.Tensor)]
     first = tensors[0] if tensors else None
     if first is None or len(tensors) != len(decoded) or len(tensors) < 2 \
             or any(t.shape != first.shape or t.dtype != first.dtype for t in tensors):
         return None, decoded
-    return torch.stack(tensors), [(i, None, error, stamp) for i, _, error, stamp in decoded]
+    stacked = torch.stack(tensors)
+    small = stacked.nbytes <= SMALL_CHUNK_BYTES and stacked.dtype in _NUMPY_DTYPES
+    return stacked.numpy() if small else stacked, [(i, None, error, stamp) for i, _, error, stamp in decoded]
+
+
+#: Dtypes numpy holds as torch does (bfloat16 has no numpy dtype: such chunks stay tensors).
+_NUMPY_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.float16, torch.float32,
+                 torch.float64, torch.bool)
 
 
 def _identity(item: Any) -> Any:
@@ -122,7 +136,7 @@ def decode_loader(encoder: Encoder, root: str, items: Sequence[WorkItem], *, bat
         persistent_workers=False, worker_init_fn=ExitWithParent() if num_workers else None)
 
 
-def each_item(loader: Iterable[tuple[torch.Tensor | None, list[tuple[int, Any, str | None, Any]]]]
+def each_item(loader: Iterable[tuple[torch.Tensor | np.ndarray | None, list[tuple[int, Any, str | None, Any]]]]
               ) -> Iterator[tuple[int, Any, str | None, Any]]:
     """The decoded items of a :func:`decode_loader`, one by one (a packed chunk's images as rows
     of its tensor)."""
@@ -130,7 +144,8 @@ def each_item(loader: Iterable[tuple[torch.Tensor | None, list[tuple[int, Any, s
         if stacked is None:
             yield from chunk
         else:
-            for row, (i, _, error, stamp) in zip(stacked, chunk, strict=True):
+            rows = torch.from_numpy(stacked) if isinstance(stacked, np.ndarray) else stacked
+            for row, (i, _, error, stamp) in zip(rows, chunk, strict=True):
                 yield i, row, error, stamp
 
 
