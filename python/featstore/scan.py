@@ -41,9 +41,9 @@ class ScanResult:
         With ``named_suffix``: the files named so, relative, sorted (found without a ``stat``);
         None when not asked for.
     stamps : numpy.ndarray of uint64, shape (N, 4), or None
-        Each source's whole stamp as the scan's ``stat`` took it (size, mtime_ns, ino,
-        ctime_ns), aligned with ``paths``: ``status`` checks with it instead of a second
-        ``stat``.
+        With ``scan(..., stamps=True)``: each source's whole stamp as the scan's ``stat`` took
+        it (size, mtime_ns, ino, ctime_ns), aligned with ``paths``: ``status`` checks with it
+        instead of a second ``stat``.
     """
 
     paths: list[str]
@@ -102,7 +102,7 @@ def nothing_found(found: ScanResult, *, extensions: Sequence[str] | None = None,
 def scan(root: str | os.PathLike[str], *, extensions: Sequence[str] | None = None, jsonl: str | None = None,
          follow_symlinks: bool = True, files_from: str | os.PathLike[str] | None = None,
          skip_dirs: Sequence[str | os.PathLike[str]] = (), threads: int | None = None,
-         progress: bool | None = False, named_suffix: str | None = None) -> ScanResult:
+         progress: bool | None = False, named_suffix: str | None = None, stamps: bool = False) -> ScanResult:
     """Finds the sources under ``root``.
 
     Parameters
@@ -129,6 +129,9 @@ def scan(root: str | os.PathLike[str], *, extensions: Sequence[str] | None = Non
     named_suffix : str, optional
         Also list the files whose name ends with this (``.vggt.safetensors``: a feature's
         sidecar entries) in ``named``, in the same walk and without a ``stat`` (a tree scan only).
+    stamps : bool
+        Also return each source's whole stamp (``ScanResult.stamps``, 32 bytes per source),
+        for checks that then need no ``stat`` of their own (``status``).
 
     Raises
     ------
@@ -142,12 +145,13 @@ def scan(root: str | os.PathLike[str], *, extensions: Sequence[str] | None = Non
             listed = [line.strip() for line in f if line.strip() and not line.startswith("#")]
     if progress is None:
         progress = sys.stderr.isatty()
-    paths, sizes, mtimes, errors, sets, named, stamps = run_with_progress(
+    paths, sizes, mtimes, errors, sets, named, stamps_bytes = run_with_progress(
         lambda p: _core.scan(root_abs, extensions=list(extensions or []), follow_symlinks=follow_symlinks,
                              skip_dirs=[os.path.abspath(os.fspath(d)) for d in skip_dirs], jsonl=jsonl,
-                             listed=listed, threads=threads, progress=p, named_suffix=named_suffix),
+                             listed=listed, threads=threads, progress=p, named_suffix=named_suffix,
+                             with_stamps=stamps),
         desc=f"scanning {root_abs}", show=progress)
     return ScanResult(paths=paths, sizes=np.frombuffer(sizes, dtype="<u8").copy(),
                       mtimes_ns=np.frombuffer(mtimes, dtype="<i8").copy(), errors=list(errors),
                       sets=sets, root=root_abs, named=named if named_suffix else None,
-                      stamps=np.frombuffer(stamps, dtype="<u8").reshape(-1, 4).copy())
+                      stamps=np.frombuffer(stamps_bytes, dtype="<u8").reshape(-1, 4).copy() if stamps else None)

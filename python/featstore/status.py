@@ -90,7 +90,7 @@ def count_states(store: FeatureStore, sources: Iterable[str] | None = None, *, t
         # stat of theirs: the check below stats each entry it needs).
         sidecar = store.layout == "sidecar"
         found = scan(store.data_root, skip_dirs=[store.cache_dir] if store.cache_dir else (), threads=threads,
-                     progress=progress, named_suffix=suffix if sidecar else None)
+                     progress=progress, named_suffix=suffix if sidecar else None, stamps=True)
         rels, stamps = found.paths, found.stamps
         errors = list(found.errors)
         if sidecar and found.named is not None:

@@ -66,7 +66,8 @@ def test_status_checks_each_source_with_the_stamp_its_walk_took(tmp_path, monkey
     assert len(passed) == 1 and isinstance(passed[0], bytes) and len(passed[0]) == 32 * len(rels)
     # The same verdicts as checks that stat each source themselves.
     store = store_module.FeatureStore(root, "toy")
-    found = scan(root, named_suffix=".toy.safetensors").without_entries_of("toy")
+    found = scan(root, named_suffix=".toy.safetensors", stamps=True)
+    assert scan(root).stamps is None  # only when asked: planning a precompute does not hold them
     assert store.states(found.paths, stamps=found.stamps) == store.states(found.paths)
     with pytest.raises(ValueError, match="32 bytes per source"):
         store._core.check_many(found.paths, None, None, b"\0" * 31)

@@ -175,7 +175,8 @@ def find_sources(args: argparse.Namespace, store: FeatureStore | None, *, allow_
     select; finding none is an error unless ``allow_empty``. Without --jsonl, a feature whose
     frame sets or histories came from a ``.jsonl`` field (its manifest says so) is scanned with that
     field. ``entry_names``: a tree walk also lists the feature's sidecar entries in ``named``
-    (what ``status`` counts orphans among), so nothing walks the tree a second time."""
+    (what ``status`` counts orphans among), so nothing walks the tree a second time, and the
+    sources' stamps, so that nothing stats them a second time."""
     skip = store.cache_dir if store is not None else None
     where = store.data_root if store is not None else root
     jsonl = args.jsonl
@@ -186,7 +187,7 @@ def find_sources(args: argparse.Namespace, store: FeatureStore | None, *, allow_
              and jsonl is None and args.files_from is None else None)
     found = scan(where, extensions=args.ext, jsonl=jsonl, follow_symlinks=args.follow_symlinks,
                  files_from=args.files_from, skip_dirs=[skip] if skip else [], threads=args.threads, progress=None,
-                 named_suffix=named)
+                 named_suffix=named, stamps=entry_names)
     if store is not None and named is None:  # a walk naming the entries already left them out
         found = found.without_entries_of(store.feature)
     if len(found) == 0 and not allow_empty:

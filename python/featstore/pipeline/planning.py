@@ -179,15 +179,19 @@ def make_plan(data_root: str | os.PathLike[str], *, encoder: Any, feature: str |
     every = work_items(found.paths, found.sets, caps)
     mine = select(every, start_idx=start_idx, end_idx=end_idx, shard=shard_spec, rank=rank)
     t_plan = time.perf_counter()
-    per_entry = entry_states(store, mine)
-    states = [_item_state(s) for s in per_entry]
-    if caps.inputs:
-        states = _inputs_now(store, enc, mine, states)
-        per_entry = [(s,) for s in states]
     redo = overwrite or not skip_existing
+    if caps.history:  # an item writes an entry per prefix: each has its own state
+        per_entry = entry_states(store, mine)
+        states = [_item_state(s) for s in per_entry]
+        todo = [narrowed for item, entries in zip(mine, per_entry, strict=True)
+                if (narrowed := item.needing([redo or _needs_work(s) for s in entries])) is not None]
+    else:  # one entry per item: its state is the item's (no tuple per item: a million of them)
+        per_entry = []
+        states = item_states(store, mine)
+        if caps.inputs:
+            states = _inputs_now(store, enc, mine, states)
+        todo = [item for item, s in zip(mine, states, strict=True) if redo or _needs_work(s)]
     refresh = refreshable(store, enc, mine, states) if caps.inputs and not redo else []
-    todo = [narrowed for item, entries in zip(mine, per_entry, strict=True)
-            if (narrowed := item.needing([redo or _needs_work(s) for s in entries])) is not None]
     if refresh:
         refreshed = set(refresh)
         todo = [item for item in todo if item not in refreshed]
@@ -202,7 +206,7 @@ def make_plan(data_root: str | os.PathLike[str], *, encoder: Any, feature: str |
                 free_bytes=_free_bytes(target_dir),
                 estimated_bytes=entry_bytes * planned_entries if entry_bytes is not None else None,
                 model_path=model_path, jsonl=jsonl, total_items=len(every),
-                entry_states=per_entry if caps.history else [],
+                entry_states=per_entry,
                 log_every=log_seconds if progress is None and not show else 0.0, unchecked=unchecked,
                 estimate_from=estimate_from, refresh=refresh)
 
@@ -264,6 +268,21 @@ def entry_states(store: FeatureStore, items: Sequence[WorkItem]) -> list[tuple[s
     for kind, indices in by_kind.items():
         judged = _STATES[kind](store, [items[i] for i in indices])
         for i, state in zip(indices, judged, strict=True):
+            states[i] = state
+    return states
+
+
+def item_states(store: FeatureStore, items: Sequence[WorkItem]) -> list[str]:
+    """The state of each item that writes one entry (an image, a frame set), in order; each
+    kind's items are judged together."""
+    by_kind: dict[Kind, list[int]] = defaultdict(list)
+    for i, item in enumerate(items):
+        by_kind[item.kind].append(i)
+    if set(by_kind) == {"image"}:  # the common case, without an index list per item
+        return store.states([item.paths[0] for item in items])
+    states = [""] * len(items)
+    for kind, indices in by_kind.items():
+        for i, (state,) in zip(indices, _STATES[kind](store, [items[i] for i in indices]), strict=True):
             states[i] = state
     return states
 

@@ -25,7 +25,7 @@ use featstore_core::store::{
 };
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyDict};
+use pyo3::types::{PyBytes, PyDict, PyString};
 use rayon::prelude::*;
 use records::{PyCheck, PyIndexRecord};
 
@@ -106,7 +106,7 @@ fn stamps_from_bytes(packed: &[u8]) -> Option<Vec<Stamp>> {
     )
 }
 
-fn scan_to_python(py: Python<'_>, s: scan::Scan) -> ScanTuple<'_> {
+fn scan_to_python(py: Python<'_>, s: scan::Scan, with_stamps: bool) -> ScanTuple<'_> {
     // Sizes and mtimes go out as raw little-endian arrays: numpy.frombuffer turns them into
     // arrays without a Python int per file.
     let sizes: Vec<u8> = s
@@ -121,11 +121,14 @@ fn scan_to_python(py: Python<'_>, s: scan::Scan) -> ScanTuple<'_> {
         .collect();
     // Each source's whole stamp (size, mtime_ns, ino, ctime_ns): `status` checks with it
     // rather than stat every source a second time.
-    let stamps: Vec<u8> = s
-        .sources
-        .iter()
-        .flat_map(|x| stamp_bytes(x.stamp))
-        .collect();
+    let stamps: Vec<u8> = if with_stamps {
+        s.sources
+            .iter()
+            .flat_map(|x| stamp_bytes(x.stamp))
+            .collect()
+    } else {
+        Vec::new()
+    };
     let paths = s
         .sources
         .into_iter()
@@ -149,10 +152,11 @@ fn scan_to_python(py: Python<'_>, s: scan::Scan) -> ScanTuple<'_> {
 }
 
 /// Scans a directory tree (or `.jsonl` fields, or a list) and returns
-/// `(paths, sizes_le_u64, mtimes_le_i64, errors, sets, named)`; `named` lists the files named
-/// with `named_suffix` (a tree scan only), found without a `stat`.
+/// `(paths, sizes_le_u64, mtimes_le_i64, errors, sets, named, stamps)`; `named` lists the files
+/// named with `named_suffix` (a tree scan only), found without a `stat`; `stamps` holds each
+/// source's whole stamp (32 bytes each) with `with_stamps`, else nothing.
 #[pyfunction(name = "scan")]
-#[pyo3(signature = (root, *, extensions=Vec::new(), follow_symlinks=true, skip_dirs=Vec::new(), jsonl=None, listed=None, threads=None, progress=None, named_suffix=None))]
+#[pyo3(signature = (root, *, extensions=Vec::new(), follow_symlinks=true, skip_dirs=Vec::new(), jsonl=None, listed=None, threads=None, progress=None, named_suffix=None, with_stamps=false))]
 #[allow(clippy::too_many_arguments)]
 fn scan_sources<'py>(
     py: Python<'py>,
@@ -165,6 +169,7 @@ fn scan_sources<'py>(
     threads: Option<usize>,
     progress: Option<&Bound<'py, Progress>>,
     named_suffix: Option<String>,
+    with_stamps: bool,
 ) -> PyResult<ScanTuple<'py>> {
     let counter = progress_counter(progress);
     let opts = ScanOptions {
@@ -179,7 +184,7 @@ fn scan_sources<'py>(
         (Some(field), None) => scan::scan_jsonl(&root, field, &opts, &counter),
         (None, None) => scan::scan_tree(&root, &opts, &counter),
     });
-    Ok(scan_to_python(py, result.py_err()?))
+    Ok(scan_to_python(py, result.py_err()?, with_stamps))
 }
 
 /// The v1 key of a relative path (raw bytes) with a stamp, as 64 hex digits.
@@ -825,7 +830,7 @@ impl PyStore {
         threads: Option<usize>,
         progress: Option<&Bound<'_, Progress>>,
         stamps: Option<&[u8]>,
-    ) -> PyResult<Vec<String>> {
+    ) -> PyResult<Vec<Py<PyString>>> {
         let stamps = match stamps.map(stamps_from_bytes) {
             Some(Some(s)) if s.len() == rels.len() => Some(s),
             None => None,
@@ -840,11 +845,12 @@ impl PyStore {
             self.inner
                 .check_many(&rels, stamps.as_deref(), Depth::Stamps, threads, &counter)
         });
+        // State names as interned Python strings: a million states share a few objects.
         Ok(checks
             .into_iter()
             .map(|c| match c {
-                Ok(c) => c.state.name().to_string(),
-                Err(e) => format!("error: {e}"),
+                Ok(c) => PyString::intern(py, c.state.name()).unbind(),
+                Err(e) => PyString::new(py, &format!("error: {e}")).unbind(),
             })
             .collect())
     }

@@ -484,10 +484,12 @@ impl Store {
             let now = match stat_source(&abs)? {
                 SourceFile::Absent => None,
                 SourceFile::Regular(stamp) => Some(stamp),
-                SourceFile::Special(kind) => return Ok(Err(format!(
+                SourceFile::Special(kind) => {
+                    return Ok(Err(format!(
                     "input {name} ({}) is not a regular file ({kind}): featstore never reads it",
                     abs.display()
-                ))),
+                )))
+                }
             };
             // Stamped within the timestamp granularity of its last change when the entry was
             // written: a same-size edit may have kept the stamp, so it is read every time.
