@@ -311,21 +311,27 @@ def _inputs_now(store: FeatureStore, enc: Encoder, items: Sequence[WorkItem], st
     another digest, or a file input taken from another path (a ``.jsonl`` line now naming another
     control image). Lookups compare recorded files themselves; texts and paths only the planner can."""
     out = list(states)
-    compared: list[tuple[int, str, list[tuple[str, tuple[Any, ...]]]]] = []
+    compared: list[int] = []
+    asked: list[tuple[str, list[tuple[str, tuple[Any, ...]]]]] = []
+    # Sources are relative and normal and the root absolute: joined by hand (os.path.join
+    # costs more than the rest of a source's turn here, times a million).
+    prefix = store.data_root.rstrip("/") + "/"
+    inputs = enc.inputs  # type: ignore[attr-defined]
     for i, (item, state) in enumerate(zip(items, states, strict=True)):
         if state != "valid" or item.kind != "image":
             continue
         rel = item.paths[0]
         try:
-            now = enc.inputs(rel, os.path.join(store.data_root, rel))  # type: ignore[attr-defined]
-            compared.append((i, rel, [(name, _as_now(value)) for name, value in now.items()]))
+            now = inputs(rel, prefix + rel)
+            asked.append((rel, [(name, _as_now(value)) for name, value in now.items()]))
+            compared.append(i)
         except Exception:  # unreadable now: let the run find out and record why
             out[i] = "stale"
     # Another set of inputs, a text with another digest, or a file (or a .jsonl line) the encoder
     # would now take from elsewhere (a line naming another control image): the recorded file may
-    # be unchanged, but it is not the input any more. One parallel pass over the headers.
-    differ = store._core.inputs_differ_many([(rel, now) for _, rel, now in compared])
-    for (i, _, _), changed in zip(compared, differ, strict=True):
+    # be unchanged, but it is not the input any more. One parallel pass, over the index's copy of
+    # each entry's inputs (or its header).
+    for i, changed in zip(compared, store._core.inputs_differ_many(asked), strict=True):
         if changed:
             out[i] = "stale"
     return out
@@ -333,6 +339,8 @@ def _inputs_now(store: FeatureStore, enc: Encoder, items: Sequence[WorkItem], st
 
 def _as_now(value: Any) -> tuple[Any, ...]:
     """An input the encoder would read now, as the core compares it with what an entry recorded."""
+    if type(value) is bytes:  # the usual case first: a caption's text
+        return ("text", value)
     if isinstance(value, bytes):
         return ("text", value)
     if isinstance(value, AbsentInput):
