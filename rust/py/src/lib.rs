@@ -21,7 +21,7 @@ use featstore_core::manifest::{self, Manifest};
 use featstore_core::pool;
 use featstore_core::scan::{self, ScanOptions};
 use featstore_core::store::{
-    Depth, Input, Layout, NowInput, PutRequest, Store, StoreConfig, Written,
+    Depth, Input, Layout, NowInput, PutRequest, State, Store, StoreConfig, Written,
 };
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
@@ -841,15 +841,29 @@ impl PyStore {
             }
         };
         let counter = progress_counter(progress);
-        let checks = fork::detached(py, || {
-            self.inner
-                .check_many(&rels, stamps.as_deref(), Depth::Stamps, threads, &counter)
+        let states = fork::detached(py, || {
+            self.inner.check_many_into(
+                &rels,
+                stamps.as_deref(),
+                Depth::Stamps,
+                threads,
+                &counter,
+                |c| c.map(|c| c.state).map_err(|e| e.to_string()),
+            )
         });
-        // State names as interned Python strings: a million states share a few objects.
-        Ok(checks
+        // State names as interned Python strings, made once: a million states share a few
+        // objects.
+        let names: Vec<Py<PyString>> = State::ALL
+            .iter()
+            .map(|s| PyString::intern(py, s.name()).unbind())
+            .collect();
+        Ok(states
             .into_iter()
-            .map(|c| match c {
-                Ok(c) => PyString::intern(py, c.state.name()).unbind(),
+            .map(|s| match s {
+                Ok(state) => match State::ALL.iter().position(|&x| x == state) {
+                    Some(i) => names[i].clone_ref(py),
+                    None => PyString::new(py, state.name()).unbind(),
+                },
                 Err(e) => PyString::new(py, &format!("error: {e}")).unbind(),
             })
             .collect())

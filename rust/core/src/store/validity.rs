@@ -602,15 +602,29 @@ impl Store {
         threads: Option<usize>,
         progress: &AtomicU64,
     ) -> Vec<Result<Check>> {
+        self.check_many_into(rels, stamps, depth, threads, progress, |c| c)
+    }
+
+    /// [`Store::check_many`] keeping only what `keep` takes of each check (its state, say): a
+    /// million checks then hold a million small values, not a million entry paths and reasons.
+    pub fn check_many_into<T: Send>(
+        &self,
+        rels: &[PathBuf],
+        stamps: Option<&[Stamp]>,
+        depth: Depth,
+        threads: Option<usize>,
+        progress: &AtomicU64,
+        keep: impl Fn(Result<Check>) -> T + Sync,
+    ) -> Vec<T> {
         pool::pool(threads).install(|| {
             rels.par_iter()
                 .enumerate()
                 .map(|(i, r)| {
                     progress.fetch_add(1, Ordering::Relaxed);
-                    match stamps.and_then(|s| s.get(i)) {
+                    keep(match stamps.and_then(|s| s.get(i)) {
                         Some(&stamp) => self.check_scanned(r, stamp, depth),
                         None => self.check_at(r, depth),
-                    }
+                    })
                 })
                 .collect()
         })
