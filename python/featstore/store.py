@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from featstore import _core, batches, explain, history, history_writes, manifest, removal, sets, writes
+from featstore import _core, batches, explain, history, history_writes, lazy_torch, manifest, removal, sets, writes
 from featstore.compat import load_legacy_sidecar
 from featstore.errors import (
     CorruptEntryError,
@@ -35,28 +35,6 @@ from featstore.vocabulary import (
 
 if TYPE_CHECKING:
     import torch
-
-_TORCH_HELPERS: Any = None
-_FROM_DLPACK: Any = None
-
-
-def _load_from_dlpack() -> Any:
-    global _FROM_DLPACK
-    import torch
-
-    _FROM_DLPACK = torch.from_dlpack
-    return _FROM_DLPACK
-
-
-def _torch_helpers() -> Any:
-    """featstore._torch, imported on first use (it imports torch)."""
-    global _TORCH_HELPERS
-    if _TORCH_HELPERS is None:
-        from featstore import _torch
-
-        _TORCH_HELPERS = _torch
-    return _TORCH_HELPERS
-
 
 class FeatureStore:
     """Cached features of one encoder output (``feature``) for the sources under a data root.
@@ -274,9 +252,9 @@ class FeatureStore:
         self.stats["hits"] += 1
         if device is None and dtype is None:
             # The hot path: no helper calls between the core and torch.
-            from_dlpack = _FROM_DLPACK or _load_from_dlpack()
+            from_dlpack = lazy_torch.from_dlpack()
             return {name: from_dlpack(cap) for name, cap in capsules}
-        return _torch_helpers().from_capsules(capsules, device, dtype)
+        return lazy_torch.helpers().from_capsules(capsules, device, dtype)
 
     def get_many(self, paths: Iterable[str | os.PathLike[str]], *, device: Any = None,
                  dtype: Any = None) -> list[dict[str, torch.Tensor] | None]:

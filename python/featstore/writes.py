@@ -10,6 +10,7 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from featstore import lazy_torch
 from featstore.errors import ReadOnlyDataRootError
 from featstore.inputs import InputValue, Stamp, to_core
 
@@ -21,18 +22,12 @@ if TYPE_CHECKING:
 Result = dict[str, Any] | BaseException
 
 
-def _torch_helpers() -> Any:
-    from featstore import _torch  # imports torch: only when something is written
-
-    return _torch
-
-
 def write_one(store: FeatureStore, path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor], *,
               inputs: Mapping[str, InputValue] | None, metadata: Mapping[str, str] | None, durable: bool,
               expected: Stamp | None) -> dict[str, Any]:
     """:meth:`FeatureStore.write`: one entry, raising what its write raised."""
     rel = store.rel(path)
-    raw, keep = _torch_helpers().to_raw(tensors)
+    raw, keep = lazy_torch.helpers().to_raw(tensors)
     meta = {}
     for k, v in (metadata or {}).items():
         if not isinstance(k, str) or not isinstance(v, str):
@@ -58,7 +53,7 @@ def write_many(store: FeatureStore, items: Sequence[tuple[str, Mapping[str, torc
     written). A failed fsync raises: no entry of the batch is known durable."""
     raws, keep = [], []
     for _, tensors, _, _ in items:
-        raw, held = _torch_helpers().to_raw(tensors)
+        raw, held = lazy_torch.helpers().to_raw(tensors)
         raws.append(raw)
         keep.append(held)
     return _put_many(store, [(path, raw, inputs, expected) for (path, _, inputs, expected), raw
@@ -71,7 +66,7 @@ def write_rows(store: FeatureStore, paths: Sequence[str | os.PathLike[str]], out
     """:func:`write_many` of a batch of outputs: the entry of ``paths[i]`` holds row ``i`` of each
     tensor of ``outputs`` (first axis ``len(paths)``), read in place, with no copy or tensor per
     row. ``inputs`` and ``expected``: per path, as :meth:`FeatureStore.write` takes them."""
-    rows, keep = _torch_helpers().rows_to_raw(outputs, len(paths))
+    rows, keep = lazy_torch.helpers().rows_to_raw(outputs, len(paths))
     inputs = inputs if inputs is not None else [None] * len(paths)
     expected = expected if expected is not None else [None] * len(paths)
     return _put_many(store, list(zip(paths, rows, inputs, expected, strict=True)), keep, durable, threads)

@@ -111,8 +111,8 @@ def _packed(decoded: list[tuple[int, Any, str | None, Any]]
             or any(t.shape != first.shape or t.dtype != first.dtype for t in tensors):
         return None, decoded
     stacked = torch.stack(tensors)
-    small = stacked.nbytes <= SMALL_CHUNK_BYTES and stacked.dtype in _NUMPY_DTYPES
-    return stacked.numpy() if small else stacked, [(i, None, error, stamp) for i, _, error, stamp in decoded]
+    small = stacked.nbytes <= SMALL_CHUNK_BYTES and stacked.dtype in _NUMPY_DTYPES and stacked.device.type == "cpu"
+    return stacked.detach().numpy() if small else stacked, [(i, None, error, stamp) for i, _, error, stamp in decoded]
 
 
 #: Dtypes numpy holds as torch does (bfloat16 has no numpy dtype: such chunks stay tensors).

@@ -811,7 +811,7 @@ impl PyStore {
         let counter = progress_counter(progress);
         let checks = fork::detached(py, || {
             self.inner
-                .check_many(&rels, None, depth(deep), threads, &counter)
+                .check_many(&rels, None, depth(deep), threads, &counter, |c| c)
         });
         checks
             .into_iter()
@@ -842,7 +842,7 @@ impl PyStore {
         };
         let counter = progress_counter(progress);
         let states = fork::detached(py, || {
-            self.inner.check_many_into(
+            self.inner.check_many(
                 &rels,
                 stamps.as_deref(),
                 Depth::Stamps,

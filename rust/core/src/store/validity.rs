@@ -590,24 +590,12 @@ impl Store {
         })
     }
 
-    /// Checks many sources in parallel (in featstore's pool); results in input order.
-    /// `progress` counts checked sources, for a display on another thread.
-    /// `stamps` (aligned with `rels`): each source's stamp as a scan just took it
-    /// ([`Store::check_scanned`]).
-    pub fn check_many(
-        &self,
-        rels: &[PathBuf],
-        stamps: Option<&[Stamp]>,
-        depth: Depth,
-        threads: Option<usize>,
-        progress: &AtomicU64,
-    ) -> Vec<Result<Check>> {
-        self.check_many_into(rels, stamps, depth, threads, progress, |c| c)
-    }
-
-    /// [`Store::check_many`] keeping only what `keep` takes of each check (its state, say): a
-    /// million checks then hold a million small values, not a million entry paths and reasons.
-    pub fn check_many_into<T: Send>(
+    /// Checks many sources in parallel (in featstore's pool), keeping what `keep` takes of each
+    /// check (the whole check, or only its state: a million states, not a million entry paths
+    /// and reasons); results in input order. `progress` counts checked sources, for a display on
+    /// another thread. `stamps` (aligned with `rels`): each source's stamp as a scan just took
+    /// it ([`Store::check_scanned`]).
+    pub fn check_many<T: Send>(
         &self,
         rels: &[PathBuf],
         stamps: Option<&[Stamp]>,
