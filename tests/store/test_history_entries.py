@@ -254,3 +254,49 @@ def test_a_gone_frame_misses_only_the_prefixes_that_hold_it(tmp_path):
     store.put_histories(names, {k: feats(k) for k in range(1, 5)})
     os.unlink(os.path.join(tmp_path, names[2]))
     assert history_states(store, names, [1, 2, 3, 4]) == ["valid", "valid", "missing", "missing"]
+
+
+def test_the_stamps_only_read_serves_only_what_the_full_judgement_calls_valid_on_stamps(tmp_path):
+    import pathlib
+    import shutil
+
+    names = frames(tmp_path, 4)
+    store = FeatureStore(tmp_path, "vggt", fingerprint="fp")
+    path = store.put_history(names, feats(4))
+    store.put_history(names[:3], feats(3))
+    fast = store._core.read_history
+    got = fast(names)
+    assert got is not None and torch.equal(torch.from_dlpack(dict(got)["features"]), feats(4)["features"])
+    # Frames named otherwise than as the store names them: deferred (absolute, `./`) or refused
+    # by type (paths); the full judgement serves them all.
+    absolute = [os.path.join(tmp_path, n) for n in names]
+    assert fast(absolute) is None and fast(["./" + n for n in names]) is None
+    for other in (absolute, [pathlib.Path(p) for p in absolute]):
+        served = store.get_history(other)
+        assert served is not None and torch.equal(served["features"], feats(4)["features"])
+    # Another encoder's store: deferred, and the full judgement calls it foreign.
+    other_store = FeatureStore(tmp_path, "vggt", fingerprint="another")
+    assert other_store._core.read_history(names) is None and other_store.get_history(names) is None
+    # A hand-made copy of another list's entry under this list's name: deferred, never served.
+    shutil.copyfile(path, history_entry_path(store, names[:3]))
+    assert fast(names[:3]) is None and store.get_history(names[:3]) is None
+    # A frame touched (new inode, same bytes and mtime): deferred; the full judgement digests.
+    frame = os.path.join(tmp_path, names[1])
+    st, data = os.stat(frame), open(frame, "rb").read()
+    os.unlink(frame)
+    with open(frame, "wb") as f:
+        f.write(data)
+    os.utime(frame, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert fast(names) is None and store.get_history(names) is not None
+    os.unlink(frame)  # gone: deferred, and a miss
+    assert fast(names) is None and store.get_history(names) is None
+
+
+def test_a_racy_entry_is_never_served_by_the_stamps_only_read(tmp_path):
+    names = frames(tmp_path, 2)
+    for name in names:
+        os.utime(os.path.join(tmp_path, name))
+    store = FeatureStore(tmp_path, "vggt", fingerprint="fp")
+    path = store.put_history(names, feats(2))
+    assert _core.read_header(path)[0]["racy"] == "1"
+    assert store._core.read_history(names) is None and store.get_history(names) is not None

@@ -594,6 +594,9 @@ pub fn rewrite_metadata_to(
     Ok(true)
 }
 
+/// Entries of at most this many bytes are read into memory even in [`ReadMode::Map`].
+pub const SMALL_ENTRY_BYTES: u64 = 16 * 1024;
+
 /// How an entry's bytes get into memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReadMode {
@@ -742,7 +745,9 @@ pub fn open_entry_with(
         return Err(Error::corrupt(path, format!("file is {len} bytes, shorter than a header length: truncated; delete it and recompute")));
     }
     let bytes = match mode {
-        ReadMode::Map => {
+        // A small entry is read, not mapped: mapping, faulting in and unmapping its one page cost
+        // several times the copy, and a private mapping shares nothing a reader would notice.
+        ReadMode::Map if len > SMALL_ENTRY_BYTES => {
             // SAFETY: a private (copy-on-write) mapping: writes through it never reach the file.
             // The file may still be truncated by another process, which would fault on access;
             // featstore never modifies entries in place (write_atomic renames a new inode over
@@ -750,7 +755,7 @@ pub fn open_entry_with(
             let map = unsafe { MmapOptions::new().map_copy(&file) }.at(path)?;
             EntryBytes::Mapped(map)
         }
-        ReadMode::Pread => {
+        ReadMode::Map | ReadMode::Pread => {
             let mut buf = AlignedBuf::zeroed(len as usize);
             file.read_exact_at(buf.as_mut_slice(), 0).at(path)?;
             EntryBytes::Owned(buf)

@@ -97,18 +97,19 @@ pub fn chains(members: &[(&[u8], Stamp)], last_only: bool) -> Links {
 /// The chains of `rels` (relative to `root`) from one `stat` of each frame, following symlinks.
 /// A frame that cannot be stat'ed is an error naming it (`NotFound` when it is gone: the history
 /// has no entry).
-pub fn links(root: &Path, rels: &[PathBuf], last_only: bool) -> Result<Links> {
+pub fn links<P: AsRef<Path>>(root: &Path, rels: &[P], last_only: bool) -> Result<Links> {
     let mut folder = Folder::default();
     let mut members: Vec<(&[u8], Stamp)> = Vec::with_capacity(rels.len());
     for rel in rels {
-        if !is_normal_relative(path_bytes(rel)) {
+        let rel = path_bytes(rel.as_ref());
+        if !is_normal_relative(rel) {
             // Keys hash the path's bytes: `a//b.png` or `/root/a.png` would name another entry.
             return Err(crate::Error::Invalid(format!(
                 "{} is not a normal path relative to the data root",
-                rel.display()
+                String::from_utf8_lossy(rel)
             )));
         }
-        members.push((path_bytes(rel), folder.stat(root, rel)?));
+        members.push((rel, folder.stat(root, rel)?));
     }
     Ok(chains(&members, last_only))
 }
@@ -125,43 +126,56 @@ pub fn is_normal_relative(rel: &[u8]) -> bool {
 
 /// The frames of an episode usually share one folder: `stat`ing each relative to that folder's
 /// open descriptor resolves the root's components once per folder instead of once per frame.
+/// The names are split and NUL-terminated in reused buffers: with the `stat`s costing well under
+/// a microsecond each, an allocation per frame would be a large part of a lookup.
 #[derive(Default)]
 struct Folder {
-    path: Option<PathBuf>,
+    parent: Option<Vec<u8>>,
     fd: Option<std::fs::File>,
+    name: Vec<u8>,
 }
 
 impl Folder {
-    fn stat(&mut self, root: &Path, rel: &Path) -> Result<Stamp> {
-        let full = root.join(rel);
-        let (parent, name) = match (rel.parent(), rel.file_name()) {
-            (Some(parent), Some(name)) => (parent, name),
-            _ => return Stamp::of(&full),
+    /// The stamp of `rel` (a normal relative path, see [`is_normal_relative`]) under `root`.
+    fn stat(&mut self, root: &Path, rel: &[u8]) -> Result<Stamp> {
+        let full = || root.join(std::ffi::OsStr::from_bytes(rel));
+        let Some(slash) = rel.iter().rposition(|&b| b == b'/') else {
+            return Stamp::of(&full());
         };
-        if self.path.as_deref() != Some(parent) {
-            self.path = Some(parent.to_path_buf());
+        let (parent, name) = (&rel[..slash], &rel[slash + 1..]);
+        if self.parent.as_deref() != Some(parent) {
+            self.parent = Some(parent.to_vec());
             // O_PATH: a descriptor to resolve names against, opened without read permission on
             // the folder's contents; a folder that cannot be opened falls back to full paths.
             self.fd = std::fs::OpenOptions::new()
                 .read(true)
                 .custom_flags(libc::O_PATH | libc::O_DIRECTORY)
-                .open(root.join(parent))
+                .open(root.join(std::ffi::OsStr::from_bytes(parent)))
                 .ok();
         }
         let Some(fd) = &self.fd else {
-            return Stamp::of(&full);
+            return Stamp::of(&full());
         };
-        let name = std::ffi::CString::new(name.as_bytes()).map_err(|_| {
-            crate::Error::io(
-                &full,
-                std::io::Error::from(std::io::ErrorKind::InvalidInput),
-            )
-        })?;
+        if name.contains(&0) {
+            let invalid = std::io::Error::from(std::io::ErrorKind::InvalidInput);
+            return Err(crate::Error::io(full(), invalid));
+        }
+        self.name.clear();
+        self.name.extend_from_slice(name);
+        self.name.push(0);
         let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
-        // SAFETY: `name` is NUL-terminated and `st` is written by the call before it is read.
-        let rc = unsafe { libc::fstatat(fd.as_raw_fd(), name.as_ptr(), st.as_mut_ptr(), 0) };
+        // SAFETY: `self.name` is NUL-terminated with no NUL before it, and `st` is written by
+        // the call before it is read.
+        let rc = unsafe {
+            libc::fstatat(
+                fd.as_raw_fd(),
+                self.name.as_ptr().cast(),
+                st.as_mut_ptr(),
+                0,
+            )
+        };
         if rc != 0 {
-            return Err(crate::Error::io(&full, std::io::Error::last_os_error()));
+            return Err(crate::Error::io(full(), std::io::Error::last_os_error()));
         }
         // SAFETY: fstatat returned 0, so it filled `st`.
         let st = unsafe { st.assume_init() };

@@ -25,6 +25,7 @@ use featstore_core::store::{
 };
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
+use pyo3::pybacked::PyBackedStr;
 use pyo3::types::{PyBytes, PyDict, PyString};
 use rayon::prelude::*;
 use records::{PyCheck, PyIndexRecord};
@@ -954,6 +955,22 @@ impl PyStore {
             None => fork::detached(py, || self.inner.open_checked(&rel)).py_err()?,
         };
         match entry {
+            Some(e) => Ok(Some(tensors_of(py, &e)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// The tensors of the history `rels`' entry as `[(name, dltensor capsule)]` when its frames'
+    /// stamps alone vouch for it (`Store::open_history_trusted`), else None: the caller then
+    /// judges it in full. The frames come as `str` (a relative path as the store names it):
+    /// borrowing a `str`'s UTF-8 is a fraction of extracting a path, which a 64-frame lookup would feel.
+    fn read_history<'py>(
+        &self,
+        py: Python<'py>,
+        rels: Vec<PyBackedStr>,
+    ) -> PyResult<Option<Capsules<'py>>> {
+        let rels: Vec<&str> = rels.iter().map(|r| &**r).collect();
+        match fork::detached(py, || self.inner.open_history_trusted(&rels)) {
             Some(e) => Ok(Some(tensors_of(py, &e)?)),
             None => Ok(None),
         }

@@ -6,6 +6,7 @@
 //! in memory and compared with fresh ones. Everything slower (first look at an entry, a touched
 //! source, a racy entry) runs once per entry and process, then is remembered.
 
+mod history_read;
 mod index;
 mod read;
 mod recorded;
