@@ -343,3 +343,23 @@ def test_workers_hand_small_chunks_over_pickled_and_large_ones_in_shared_memory(
     run(root, num_workers=0, batch_size=4, overwrite=True)
     alone = FeatureStore(root, "toy")
     assert all(torch.equal(alone.get(r)["features"], by_workers[r]) for r in rels)
+
+
+def test_a_run_lets_go_of_its_work_lists_before_the_merge_and_the_summary_still_counts(data, monkeypatch):
+    from featstore import _core
+    from featstore.pipeline import run as run_module
+
+    root, rels = data
+    seen = {}
+    real = run_module.finish_manifest
+
+    def finish(plan):
+        seen["lists"] = (len(plan.items), len(plan.states), len(plan.todo))
+        return real(plan)
+
+    monkeypatch.setattr(run_module, "finish_manifest", finish)
+    s = run(root)
+    assert seen["lists"] == (0, 0, 0)  # their memory went to the merge
+    assert s["written"] == s["planned"] == len(rels) and s["selected"] == len(rels)
+    assert FeatureStore(root, "toy").state(rels[0]) == "valid"
+    assert _core.release_freed_memory() in (True, False)  # on any C library, never an error

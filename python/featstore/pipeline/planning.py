@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from featstore import env
+from featstore import _core, env
 from featstore.encoders import Capabilities, Encoder, capabilities, describe, resolve_encoder
 from featstore.env import parse_shard
 from featstore.errors import CheckpointError, FeatstoreError
@@ -124,6 +124,13 @@ class Plan:
         planned = set(self.todo)
         return [item for item, s in zip(self.items, self.states, strict=True) if s == "valid" and item not in planned]
 
+    def release_work(self) -> None:
+        """Empties the work lists (items, states, todo, refresh) once the run is done with them:
+        their few hundred bytes per source then go to the merge that follows instead of adding to
+        the run's peak. The summary is taken before the run."""
+        for work in (self.items, self.states, self.todo, self.refresh, self.entry_states):
+            work.clear()
+
     def check_space(self, force: bool) -> None:
         """Raises :class:`FeatstoreError` when the estimate exceeds the free space, unless ``force``."""
         estimate, free = self.estimated_bytes, self.free_bytes
@@ -178,6 +185,8 @@ def make_plan(data_root: str | os.PathLike[str], *, encoder: Any, feature: str |
                              "that lists the sample's frames, oldest first")
     every = work_items(found.paths, found.sets, caps)
     mine = select(every, start_idx=start_idx, end_idx=end_idx, shard=shard_spec, rank=rank)
+    total_items = len(every)
+    del every  # a selection's items are all the run keeps
     t_plan = time.perf_counter()
     redo = overwrite or not skip_existing
     if caps.history:  # an item writes an entry per prefix: each has its own state
@@ -196,6 +205,9 @@ def make_plan(data_root: str | os.PathLike[str], *, encoder: Any, feature: str |
         refreshed = set(refresh)
         todo = [item for item in todo if item not in refreshed]
     plan_seconds = time.perf_counter() - t_plan
+    # The checks freed their temporary buffers, but the heap keeps the pages: give them back, or
+    # the whole run carries them (about 100 bytes per source).
+    _core.release_freed_memory()
 
     target_dir = store.cache_dir or store.data_root
     entry_bytes, estimate_from = _ESTIMATES[kind_for(caps)](store, enc, caps, mine, states)
@@ -205,7 +217,7 @@ def make_plan(data_root: str | os.PathLike[str], *, encoder: Any, feature: str |
                 states=states, todo=todo, plan_seconds=plan_seconds, target_dir=target_dir,
                 free_bytes=_free_bytes(target_dir),
                 estimated_bytes=entry_bytes * planned_entries if entry_bytes is not None else None,
-                model_path=model_path, jsonl=jsonl, total_items=len(every),
+                model_path=model_path, jsonl=jsonl, total_items=total_items,
                 entry_states=per_entry,
                 log_every=log_seconds if progress is None and not show else 0.0, unchecked=unchecked,
                 estimate_from=estimate_from, refresh=refresh)

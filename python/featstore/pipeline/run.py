@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from featstore import _core
 from featstore.lock import run_lock
 from featstore.manifest import ensure_manifest, recorded_shapes
 from featstore.pipeline import journal as journal_lines
@@ -69,6 +70,8 @@ def run_plan(plan: Plan, *, num_workers: int | None, durable: bool) -> Outcome:
                 interrupted = True
         if join_process_group(plan.rank[1]):
             torch.distributed.barrier()  # every rank's journal is complete before rank 0 merges
+        plan.release_work()
+        _core.release_freed_memory()
         # Still under the lock: no other run of the feature appends to a journal being merged.
         manifest = finish_manifest(plan)
     return Outcome(counts=counts, interrupted=interrupted, manifest=manifest)

@@ -456,6 +456,20 @@ pub const NAME_MAX: usize = 255;
 /// Readers that mapped the old file keep a valid mapping (its inode lives on) and no reader ever
 /// sees a partial file. With `durable`, the file and its directory are fsynced.
 pub fn write_atomic(path: &Path, chunks: &[&[u8]], durable: bool) -> Result<()> {
+    let bytes = chunks.iter().map(|c| c.len()).sum();
+    write_atomic_with(path, bytes, durable, |w| {
+        chunks.iter().try_for_each(|chunk| w.write_all(chunk))
+    })
+}
+
+/// [`write_atomic`] of what `fill` writes into the temporary file (`bytes` of it, for the
+/// message of a full disk): a large file (an index segment) need not be held whole in memory.
+pub fn write_atomic_with(
+    path: &Path,
+    bytes: usize,
+    durable: bool,
+    fill: impl FnOnce(&mut File) -> std::io::Result<()>,
+) -> Result<()> {
     let dir = path
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
@@ -471,7 +485,6 @@ pub fn write_atomic(path: &Path, chunks: &[&[u8]], durable: bool) -> Result<()> 
         if e.kind() != std::io::ErrorKind::StorageFull {
             return Error::io(at, e);
         }
-        let bytes: usize = chunks.iter().map(|c| c.len()).sum();
         let why = format!("no space left on the device to write {bytes} bytes ({e}); nothing was written and the files already there are intact: free space, or write to another disk (--cache-dir)");
         Error::io(path, std::io::Error::new(e.kind(), why))
     };
@@ -489,9 +502,7 @@ pub fn write_atomic(path: &Path, chunks: &[&[u8]], durable: bool) -> Result<()> 
         .permissions(std::fs::Permissions::from_mode(0o644))
         .tempfile_in(dir)
         .map_err(|e| full(e, dir))?;
-    for chunk in chunks {
-        tmp.write_all(chunk).map_err(|e| full(e, tmp.path()))?;
-    }
+    fill(tmp.as_file_mut()).map_err(|e| full(e, tmp.path()))?;
     if durable {
         tmp.as_file().sync_all().map_err(|e| full(e, tmp.path()))?;
     }

@@ -22,13 +22,14 @@
 use std::cmp::Ordering;
 use std::collections::BinaryHeap;
 use std::fs::File;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use memmap2::Mmap;
 
-use crate::entry::write_atomic;
+use crate::entry::write_atomic_with;
 use crate::error::{Error, IoContext, Result};
 use crate::key::Stamp;
 use crate::manifest::IndexRecord;
@@ -233,9 +234,9 @@ impl Segment {
 }
 
 /// Serializes records (sorted here by key; a key given twice keeps its last slot).
-fn encode(fingerprint: Option<&str>, mut records: Vec<(Vec<u8>, Slot)>) -> Vec<u8> {
-    // Stable sort, then keep the last of each run of equal keys (later slots win), in place:
-    // a million records are not copied.
+/// The records in key order, the last of each key kept (later slots win), sorted in place: a
+/// million records are not copied.
+fn sorted_unique(mut records: Vec<(Vec<u8>, Slot)>) -> Vec<(Vec<u8>, Slot)> {
     records.sort_by(|a, b| a.0.cmp(&b.0));
     records.dedup_by(|later, kept| {
         let same = later.0 == kept.0;
@@ -244,73 +245,88 @@ fn encode(fingerprint: Option<&str>, mut records: Vec<(Vec<u8>, Slot)>) -> Vec<u
         }
         same
     });
-    let kept = records;
-    let fp = fingerprint.map(str::as_bytes);
-    let keys_len: usize = kept.iter().map(|(k, _)| k.len()).sum();
-    let inputs_of = |slot: &Slot| match slot {
+    records
+}
+
+fn inputs_len_of(slot: &Slot) -> usize {
+    match slot {
         Slot::Entry(IndexRecord {
             inputs: Some(i), ..
         }) => i.len(),
         _ => 0,
-    };
-    let inputs_len: usize = kept.iter().map(|(_, s)| inputs_of(s)).sum();
+    }
+}
+
+/// Writes the segment of `kept` (sorted, unique) to `out`, in small pieces (give it a buffered
+/// writer): the segment of a million records is never built whole in memory.
+fn encode(
+    fingerprint: Option<&str>,
+    kept: &[(Vec<u8>, Slot)],
+    out: &mut impl Write,
+) -> std::io::Result<()> {
+    let fp = fingerprint.map(str::as_bytes);
+    let keys_len: usize = kept.iter().map(|(k, _)| k.len()).sum();
+    let inputs_len: usize = kept.iter().map(|(_, s)| inputs_len_of(s)).sum();
     let total = HEADER_LEN
         + pad8(fp.map_or(0, <[u8]>::len))
         + kept.len() * RECORD_LEN
         + keys_len
         + inputs_len
         + TRAILER_LEN;
-    let mut out = Vec::with_capacity(total);
-    out.extend_from_slice(MAGIC);
-    out.extend_from_slice(&(kept.len() as u64).to_le_bytes());
-    out.extend_from_slice(&(keys_len as u64).to_le_bytes());
-    out.extend_from_slice(&fp.map_or(NO_FINGERPRINT, |f| f.len() as u32).to_le_bytes());
-    out.resize(32, 0);
-    out.extend_from_slice(&(inputs_len as u64).to_le_bytes());
+    let mut header = Vec::with_capacity(HEADER_LEN + pad8(fp.map_or(0, <[u8]>::len)));
+    header.extend_from_slice(MAGIC);
+    header.extend_from_slice(&(kept.len() as u64).to_le_bytes());
+    header.extend_from_slice(&(keys_len as u64).to_le_bytes());
+    header.extend_from_slice(&fp.map_or(NO_FINGERPRINT, |f| f.len() as u32).to_le_bytes());
+    header.resize(32, 0);
+    header.extend_from_slice(&(inputs_len as u64).to_le_bytes());
     if let Some(f) = fp {
-        out.extend_from_slice(f);
-        out.resize(HEADER_LEN + pad8(f.len()), 0);
+        header.extend_from_slice(f);
+        header.resize(HEADER_LEN + pad8(f.len()), 0);
     }
+    out.write_all(&header)?;
     let (mut key_off, mut inputs_off) = (0u64, 0u64);
-    for (key, slot) in &kept {
-        out.extend_from_slice(&key_off.to_le_bytes());
-        out.extend_from_slice(&(key.len() as u32).to_le_bytes());
+    let mut record = Vec::with_capacity(RECORD_LEN);
+    for (key, slot) in kept {
+        record.clear();
+        record.extend_from_slice(&key_off.to_le_bytes());
+        record.extend_from_slice(&(key.len() as u32).to_le_bytes());
         key_off += key.len() as u64;
         let (mut flags, source, entry) = match slot {
             Slot::Removed => (FLAG_REMOVED, Stamp::sized(0, 0), Stamp::sized(0, 0)),
             Slot::Entry(r) => (if r.racy { FLAG_RACY } else { 0 }, r.source, r.entry),
         };
-        let inputs = inputs_of(slot);
+        let inputs = inputs_len_of(slot);
         if inputs > 0 {
             flags |= FLAG_INPUTS;
         }
-        out.extend_from_slice(&flags.to_le_bytes());
+        record.extend_from_slice(&flags.to_le_bytes());
         for s in [source, entry] {
-            out.extend_from_slice(&s.size.to_le_bytes());
-            out.extend_from_slice(&s.mtime_ns.to_le_bytes());
-            out.extend_from_slice(&s.ino.to_le_bytes());
-            out.extend_from_slice(&s.ctime_ns.to_le_bytes());
+            record.extend_from_slice(&s.size.to_le_bytes());
+            record.extend_from_slice(&s.mtime_ns.to_le_bytes());
+            record.extend_from_slice(&s.ino.to_le_bytes());
+            record.extend_from_slice(&s.ctime_ns.to_le_bytes());
         }
-        out.extend_from_slice(&inputs_off.to_le_bytes());
-        out.extend_from_slice(&(inputs as u32).to_le_bytes());
-        out.extend_from_slice(&0u32.to_le_bytes());
+        record.extend_from_slice(&inputs_off.to_le_bytes());
+        record.extend_from_slice(&(inputs as u32).to_le_bytes());
+        record.extend_from_slice(&0u32.to_le_bytes());
+        debug_assert_eq!(record.len(), RECORD_LEN);
+        out.write_all(&record)?;
         inputs_off += inputs as u64;
     }
-    for (key, _) in &kept {
-        out.extend_from_slice(key);
+    for (key, _) in kept {
+        out.write_all(key)?;
     }
-    for (_, slot) in &kept {
+    for (_, slot) in kept {
         if let Slot::Entry(IndexRecord {
             inputs: Some(i), ..
         }) = slot
         {
-            out.extend_from_slice(i.as_bytes());
+            out.write_all(i.as_bytes())?;
         }
     }
-    out.extend_from_slice(END_MAGIC);
-    out.extend_from_slice(&(total as u64).to_le_bytes());
-    debug_assert_eq!(out.len(), total);
-    out
+    out.write_all(END_MAGIC)?;
+    out.write_all(&(total as u64).to_le_bytes())
 }
 
 fn now_ns() -> u64 {
@@ -346,7 +362,13 @@ fn write_segment_named(
         rand_u32()
     );
     let path = dir.join(name);
-    write_atomic(&path, &[&encode(fingerprint, records)], durable)?;
+    let kept = sorted_unique(records);
+    let bytes = kept.len() * RECORD_LEN;
+    write_atomic_with(&path, bytes, durable, |file| {
+        let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
+        encode(fingerprint, &kept, &mut out)?;
+        out.flush()
+    })?;
     Ok(path)
 }
 
