@@ -23,6 +23,7 @@ use memmap2::{MmapMut, MmapOptions};
 use serde_json::{Map, Value};
 
 use crate::error::{Error, IoContext, Result};
+use crate::key::Stamp;
 
 /// Data sections start at this alignment (a cache line; enough for every dtype and SIMD loads).
 pub const DATA_ALIGN: usize = 64;
@@ -455,7 +456,7 @@ pub const NAME_MAX: usize = 255;
 ///
 /// Readers that mapped the old file keep a valid mapping (its inode lives on) and no reader ever
 /// sees a partial file. With `durable`, the file and its directory are fsynced.
-pub fn write_atomic(path: &Path, chunks: &[&[u8]], durable: bool) -> Result<()> {
+pub fn write_atomic(path: &Path, chunks: &[&[u8]], durable: bool) -> Result<Stamp> {
     let bytes = chunks.iter().map(|c| c.len()).sum();
     write_atomic_with(path, bytes, durable, |w| {
         chunks.iter().try_for_each(|chunk| w.write_all(chunk))
@@ -464,12 +465,14 @@ pub fn write_atomic(path: &Path, chunks: &[&[u8]], durable: bool) -> Result<()> 
 
 /// [`write_atomic`] of what `fill` writes into the temporary file (`bytes` of it, for the
 /// message of a full disk): a large file (an index segment) need not be held whole in memory.
+/// Returns the written file's stamp, taken from its descriptor after the rename (which may
+/// change its ctime), so a writer that records it does not resolve the path again.
 pub fn write_atomic_with(
     path: &Path,
     bytes: usize,
     durable: bool,
     fill: impl FnOnce(&mut File) -> std::io::Result<()>,
-) -> Result<()> {
+) -> Result<Stamp> {
     let dir = path
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
@@ -506,11 +509,11 @@ pub fn write_atomic_with(
     if durable {
         tmp.as_file().sync_all().map_err(|e| full(e, tmp.path()))?;
     }
-    tmp.persist(path).map_err(|e| full(e.error, path))?;
+    let file = tmp.persist(path).map_err(|e| full(e.error, path))?;
     if durable {
         sync_dir(dir)?;
     }
-    Ok(())
+    Ok(Stamp::from_metadata(&file.metadata().at(path)?))
 }
 
 /// fsyncs a directory, making renames inside it durable.
@@ -518,7 +521,8 @@ pub fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir).and_then(|d| d.sync_all()).at(dir)
 }
 
-/// Writes an entry atomically; returns its size in bytes.
+/// Writes an entry atomically; returns its size in bytes and its stamp (see
+/// [`write_atomic_with`]).
 ///
 /// `metadata` is stored as given plus `featstore.format` and `data.blake3` (the checksum of the
 /// data section, which `verify` and racy-entry checks use).
@@ -527,7 +531,7 @@ pub fn write_entry(
     tensors: &[TensorData],
     metadata: &BTreeMap<String, String>,
     durable: bool,
-) -> Result<u64> {
+) -> Result<(u64, Stamp)> {
     let mut seen = std::collections::HashSet::new();
     for t in tensors {
         if t.name == "__metadata__" || !seen.insert(t.name.as_str()) {
@@ -572,8 +576,8 @@ pub fn write_entry(
     let header = encode_header(&layout, &meta)?;
     let mut chunks: Vec<&[u8]> = vec![&header];
     chunks.extend(ordered.iter().map(|t| t.data));
-    write_atomic(path, &chunks, durable)?;
-    Ok(chunks.iter().map(|c| c.len() as u64).sum())
+    let stamp = write_atomic(path, &chunks, durable)?;
+    Ok((chunks.iter().map(|c| c.len() as u64).sum(), stamp))
 }
 
 /// Writes the entry at `from` to `to` (often the same path) with updated metadata (same tensors,

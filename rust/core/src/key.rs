@@ -115,6 +115,24 @@ pub fn file_digest(path: &Path) -> Result<String> {
     Ok(h.finalize().to_hex().to_string())
 }
 
+/// A regular file's stamp and blake3 (64 hex digits), read through one descriptor: the stamp
+/// before the read and the digest, or [`Error::SourceChanged`] when the stamp after the read
+/// differs (the bytes digested may mix two versions). The path is resolved once: a file renamed
+/// over it meanwhile is not what was read, and its own stamp (another inode) tells lookups so.
+pub fn stamped_file_digest(path: &Path) -> Result<(Stamp, String)> {
+    let mut h = blake3::Hasher::new();
+    let (mut file, meta) = open_regular(path)?;
+    let before = Stamp::from_metadata(&meta);
+    h.update_reader(&mut file).at(path)?;
+    if Stamp::from_metadata(&file.metadata().at(path)?) != before {
+        return Err(Error::SourceChanged {
+            path: path.to_path_buf(),
+            what: "while its entry was being written; write it again".into(),
+        });
+    }
+    Ok((before, h.finalize().to_hex().to_string()))
+}
+
 /// blake3 of in-memory bytes (a caption's text, a data section), as 64 hex digits.
 pub fn bytes_digest(bytes: &[u8]) -> String {
     blake3::hash(bytes).to_hex().to_string()

@@ -198,7 +198,7 @@ impl Manifest {
 
     /// Writes the manifest atomically (temporary file, rename).
     pub fn write(&self, path: &Path, durable: bool) -> Result<()> {
-        write_atomic(path, &[&self.to_json_bytes()], durable)
+        write_atomic(path, &[&self.to_json_bytes()], durable).map(|_| ())
     }
 
     /// Sets free-form fields. A new `fingerprint` (or a first one) empties the index and the

@@ -421,7 +421,9 @@ fn write_entry(
 ) -> PyResult<u64> {
     // SAFETY: see tensor_views; the caller holds the tensors for the duration of this call.
     let views = unsafe { tensor_views(&tensors)? };
-    fork::detached(py, || entry::write_entry(&path, &views, &metadata, durable)).py_err()
+    fork::detached(py, || entry::write_entry(&path, &views, &metadata, durable))
+        .map(|(bytes, _)| bytes)
+        .py_err()
 }
 
 type HeaderTuple = (

@@ -18,13 +18,13 @@ use super::{
 };
 use crate::entry::{self, TensorData};
 use crate::error::{Error, IoContext, Result};
-use crate::key::{file_digest, Stamp};
+use crate::key::{stamped_file_digest, Stamp};
 
 /// The stamp and digest of an input as the encoder read it: `expected` is its stamp then (taken
 /// before reading); if it changed since, or changes while the digest is computed, the features
 /// belong to other bytes and nothing may be written.
 fn stamped_digest(path: &Path, name: &str, expected: Option<Stamp>) -> Result<(Stamp, String)> {
-    let before = Stamp::of(path)?;
+    let (before, digest) = stamped_file_digest(path)?;
     if let Some(seen) = expected {
         if seen != before {
             let what = if name == "source" {
@@ -41,13 +41,6 @@ fn stamped_digest(path: &Path, name: &str, expected: Option<Stamp>) -> Result<(S
                 ),
             });
         }
-    }
-    let digest = file_digest(path)?;
-    if Stamp::of(path)? != before {
-        return Err(Error::SourceChanged {
-            path: path.to_path_buf(),
-            what: "while its entry was being written; write it again".into(),
-        });
     }
     Ok((before, digest))
 }
@@ -204,7 +197,9 @@ impl Store {
         remember: bool,
     ) -> Result<Written> {
         let src = self.cfg.root.join(rel);
-        let path = self.entry_path(rel, Stamp::of(&src)?);
+        // The source is read first: its stamp then names the entry (the dir layout's key).
+        let (before, digest) = stamped_digest(&src, "source", expected)?;
+        let path = self.entry_path(rel, before);
         let parent = path.parent().unwrap_or(Path::new("/"));
         let checked = dirs.contains(parent);
         if !checked {
@@ -216,7 +211,6 @@ impl Store {
                 why: name_too_long(&path),
             });
         }
-        let (before, digest) = stamped_digest(&src, "source", expected)?;
         let racy = racy_now(before);
         let rel_str = rel.to_string_lossy().into_owned();
         let mut input_records = vec![stamp_record("source", &rel_str, before, &digest)];
@@ -302,17 +296,13 @@ impl Store {
         for (k, v) in reserved {
             meta.insert(k.to_string(), v);
         }
-        // The key follows the stamp the digest was taken with (equal to the one above unless the
-        // source changed in between, which `stamped_digest` refused).
-        let path = self.entry_path(rel, before);
         if let Some(parent) = path.parent().filter(|p| !dirs.contains(p)) {
             fs::create_dir_all(parent).at(parent)?;
             // Checked inside the root (sidecars) and now existing: the batch's next entries
             // there skip both.
             dirs.insert(parent);
         }
-        let bytes = entry::write_entry(&path, tensors, &meta, durable)?;
-        let entry_stamp = Stamp::of(&path)?;
+        let (bytes, entry_stamp) = entry::write_entry(&path, tensors, &meta, durable)?;
         // An entry under this source's earlier key (dir layout) is left alone: another data root
         // sharing the cache (a copy of the dataset) may still use it; `featstore gc` removes
         // entries no source claims.
