@@ -363,3 +363,28 @@ def test_a_run_lets_go_of_its_work_lists_before_the_merge_and_the_summary_still_
     assert s["written"] == s["planned"] == len(rels) and s["selected"] == len(rels)
     assert FeatureStore(root, "toy").state(rels[0]) == "valid"
     assert _core.release_freed_memory() in (True, False)  # on any C library, never an error
+
+
+def test_a_rerun_asks_for_unindexed_records_only_when_a_verdict_came_from_outside_the_index(data):
+    import gc
+
+    from featstore.bulk import collector_paused
+
+    root, rels = data
+    for rel in rels:  # out of the racy window: the index's stamps alone vouch for the entries
+        os.utime(os.path.join(root, rel), (time.time() - 3600,) * 2)
+    run(root)
+    store = FeatureStore(root, "toy")
+    assert set(store.states(rels)) == {"valid"} and not store._core.judged_outside_the_index()
+    path = os.path.join(root, rels[0])
+    st = os.stat(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 5 * 10**9))  # touched: judged by its digest
+    store = FeatureStore(root, "toy")
+    assert set(store.states(rels)) == {"valid"} and store._core.judged_outside_the_index()
+    assert [r.source for r in store.index_records([rels[0]], unindexed_only=True)]  # its new stamp
+    run(root)  # journals it: the next process trusts the index again
+    store = FeatureStore(root, "toy")
+    assert set(store.states(rels)) == {"valid"} and not store._core.judged_outside_the_index()
+    with collector_paused():
+        assert not gc.isenabled()
+    assert gc.isenabled()

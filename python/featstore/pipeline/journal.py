@@ -68,6 +68,8 @@ def journal_unindexed(store: FeatureStore, items: Sequence[WorkItem], journal: s
     """Journals an ``ok`` line for each valid entry among ``items`` that the manifest's index
     does not hold (a killed run wrote it but not its line; a touched source's refreshed stamp), so
     the merged index holds every valid entry, not only this run's."""
+    if not store._core.judged_outside_the_index():  # every verdict came from the index
+        return
     rels = [item.paths[0] for item in items if item.indexed]
     if not rels:
         return

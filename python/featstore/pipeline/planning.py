@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from featstore import _core, env
+from featstore.bulk import collector_paused
 from featstore.encoders import Capabilities, Encoder, capabilities, describe, resolve_encoder
 from featstore.env import parse_shard
 from featstore.errors import CheckpointError, FeatstoreError
@@ -173,54 +174,56 @@ def make_plan(data_root: str | os.PathLike[str], *, encoder: Any, feature: str |
     if log_seconds < 0:
         raise ValueError(f"log_every must be 0 (no progress lines) or more seconds, got {log_seconds}")
 
-    found = scan(store.data_root, extensions=extensions, jsonl=jsonl, files_from=files_from,
-                 skip_dirs=[store.cache_dir] if store.cache_dir else (), progress=show)
-    found = found.without_entries_of(store.feature)
-    if len(found) == 0:
-        raise nothing_found(found, extensions=extensions, jsonl=jsonl, files_from=files_from)
-    caps = capabilities(enc)
-    if caps.history and not found.sets:
-        raise FeatstoreError(f"history mode reads each sample's history from a .jsonl list, and none was found "
-                             f"under {store.data_root}: pass jsonl=FIELD (--jsonl FIELD), the field of each line "
-                             "that lists the sample's frames, oldest first")
-    every = work_items(found.paths, found.sets, caps)
-    mine = select(every, start_idx=start_idx, end_idx=end_idx, shard=shard_spec, rank=rank)
-    total_items = len(every)
-    del every  # a selection's items are all the run keeps
-    t_plan = time.perf_counter()
-    redo = overwrite or not skip_existing
-    if caps.history:  # an item writes an entry per prefix: each has its own state
-        per_entry = entry_states(store, mine)
-        states = [_item_state(s) for s in per_entry]
-        todo = [narrowed for item, entries in zip(mine, per_entry, strict=True)
-                if (narrowed := item.needing([redo or _needs_work(s) for s in entries])) is not None]
-    else:  # one entry per item: its state is the item's (no tuple per item: a million of them)
-        per_entry = []
-        states = item_states(store, mine)
-        if caps.inputs:
-            states = _inputs_now(store, enc, mine, states)
-        todo = [item for item, s in zip(mine, states, strict=True) if redo or _needs_work(s)]
-    refresh = refreshable(store, enc, mine, states) if caps.inputs and not redo else []
-    if refresh:
-        refreshed = set(refresh)
-        todo = [item for item in todo if item not in refreshed]
-    plan_seconds = time.perf_counter() - t_plan
-    # The checks freed their temporary buffers, but the heap keeps the pages: give them back, or
-    # the whole run carries them (about 100 bytes per source).
-    _core.release_freed_memory()
+    # A few objects per source and no cycles: see featstore.bulk.
+    with collector_paused():
+        found = scan(store.data_root, extensions=extensions, jsonl=jsonl, files_from=files_from,
+                     skip_dirs=[store.cache_dir] if store.cache_dir else (), progress=show)
+        found = found.without_entries_of(store.feature)
+        if len(found) == 0:
+            raise nothing_found(found, extensions=extensions, jsonl=jsonl, files_from=files_from)
+        caps = capabilities(enc)
+        if caps.history and not found.sets:
+            raise FeatstoreError(f"history mode reads each sample's history from a .jsonl list, and none was found "
+                                 f"under {store.data_root}: pass jsonl=FIELD (--jsonl FIELD), the field of each line "
+                                 "that lists the sample's frames, oldest first")
+        every = work_items(found.paths, found.sets, caps)
+        mine = select(every, start_idx=start_idx, end_idx=end_idx, shard=shard_spec, rank=rank)
+        total_items = len(every)
+        del every  # a selection's items are all the run keeps
+        t_plan = time.perf_counter()
+        redo = overwrite or not skip_existing
+        if caps.history:  # an item writes an entry per prefix: each has its own state
+            per_entry = entry_states(store, mine)
+            states = [_item_state(s) for s in per_entry]
+            todo = [narrowed for item, entries in zip(mine, per_entry, strict=True)
+                    if (narrowed := item.needing([redo or _needs_work(s) for s in entries])) is not None]
+        else:  # one entry per item: its state is the item's (no tuple per item: a million of them)
+            per_entry = []
+            states = item_states(store, mine)
+            if caps.inputs:
+                states = _inputs_now(store, enc, mine, states)
+            todo = [item for item, s in zip(mine, states, strict=True) if redo or _needs_work(s)]
+        refresh = refreshable(store, enc, mine, states) if caps.inputs and not redo else []
+        if refresh:
+            refreshed = set(refresh)
+            todo = [item for item in todo if item not in refreshed]
+        plan_seconds = time.perf_counter() - t_plan
+        # The checks freed their temporary buffers, but the heap keeps the pages: give them back, or
+        # the whole run carries them (about 100 bytes per source).
+        _core.release_freed_memory()
 
-    target_dir = store.cache_dir or store.data_root
-    entry_bytes, estimate_from = _ESTIMATES[kind_for(caps)](store, enc, caps, mine, states)
-    planned_entries = sum(item.entries for item in todo)
-    return Plan(store=store, encoder=enc, caps=caps, description=describe(enc), device=device,
-                batch_size=batch_size, rank=rank, shard=shard_spec, progress=show, found=found, items=mine,
-                states=states, todo=todo, plan_seconds=plan_seconds, target_dir=target_dir,
-                free_bytes=_free_bytes(target_dir),
-                estimated_bytes=entry_bytes * planned_entries if entry_bytes is not None else None,
-                model_path=model_path, jsonl=jsonl, total_items=total_items,
-                entry_states=per_entry,
-                log_every=log_seconds if progress is None and not show else 0.0, unchecked=unchecked,
-                estimate_from=estimate_from, refresh=refresh)
+        target_dir = store.cache_dir or store.data_root
+        entry_bytes, estimate_from = _ESTIMATES[kind_for(caps)](store, enc, caps, mine, states)
+        planned_entries = sum(item.entries for item in todo)
+        return Plan(store=store, encoder=enc, caps=caps, description=describe(enc), device=device,
+                    batch_size=batch_size, rank=rank, shard=shard_spec, progress=show, found=found, items=mine,
+                    states=states, todo=todo, plan_seconds=plan_seconds, target_dir=target_dir,
+                    free_bytes=_free_bytes(target_dir),
+                    estimated_bytes=entry_bytes * planned_entries if entry_bytes is not None else None,
+                    model_path=model_path, jsonl=jsonl, total_items=total_items,
+                    entry_states=per_entry,
+                    log_every=log_seconds if progress is None and not show else 0.0, unchecked=unchecked,
+                    estimate_from=estimate_from, refresh=refresh)
 
 
 def _open_encoder(spec: Any, device: str, options: dict[str, Any] | None, *, dry_run: bool) -> Encoder:

@@ -1054,6 +1054,12 @@ impl PyStore {
             .collect()
     }
 
+    /// Whether any entry this process found valid was judged outside the index (else
+    /// `unindexed_records` of any list is empty).
+    fn judged_outside_the_index(&self) -> bool {
+        self.inner.judged_outside_the_index()
+    }
+
     /// Like `index_records`, for the sources whose entries this process judged valid itself (or
     /// wrote) rather than taking them from the manifest's index: the records the manifest may
     /// lack (entries a killed run wrote before journaling them, refreshed stamps).

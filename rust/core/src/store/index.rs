@@ -79,6 +79,17 @@ impl Store {
         })
     }
 
+    /// Whether any entry this process found valid was judged by a full check rather than from
+    /// the index: when none was, no [`Store::unindexed_record`] exists, and a no-op run of a
+    /// million sources skips asking for each.
+    pub fn judged_outside_the_index(&self) -> bool {
+        self.known
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .any(|k| !k.indexed && k.state == State::Valid)
+    }
+
     /// The index record of `rel` when this process found its entry valid by a check of its own
     /// (or wrote it), rather than taking it from the manifest's index: the records the manifest
     /// may lack, such as those of entries a killed run wrote before their journal lines, or a
