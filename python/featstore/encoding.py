@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from featstore.encoders.base import Encoder, capabilities, check_outputs
+from featstore.encoders.base import Capabilities, Encoder, capabilities, check_outputs
 from featstore.inputs import InputValue, Stamp, as_read, stamp_of
 
 
@@ -22,16 +22,19 @@ def source_stamp(path: str) -> Stamp:
     return stamp_of(path)
 
 
-def decode_source(encoder: Encoder, path: str) -> tuple[Any, str | None, Stamp | None]:
+def decode_source(encoder: Encoder, path: str, caps: Capabilities | None = None
+                  ) -> tuple[Any, str | None, Stamp | None]:
     """``(decoded or None, error or None, the source's stamp before reading)`` for one source:
     a uint8 ``[3, H, W]`` image, or whatever ``preprocess`` gives an encoder with
-    ``encode_items`` (a caption). A bad source is an error string, never an exception."""
+    ``encode_items`` (a caption). A bad source is an error string, never an exception. A loop
+    over many sources passes the encoder's ``caps`` (asking costs more than a tiny source's
+    decode)."""
     try:
         stamp = source_stamp(path)
         decoded = encoder.preprocess(path)
     except Exception as exc:  # a bad image is recorded, never fatal
         return None, f"{type(exc).__name__}: {exc}", None
-    if capabilities(encoder).items:
+    if (caps or capabilities(encoder)).items:
         return decoded, None, stamp
     if not isinstance(decoded, torch.Tensor):
         return None, f"preprocess returned {type(decoded).__name__}, not a [3, H, W] tensor", None
@@ -40,12 +43,13 @@ def decode_source(encoder: Encoder, path: str) -> tuple[Any, str | None, Stamp |
     return decoded, None, stamp
 
 
-def read_inputs(encoder: Encoder, rel: str, root: str) -> tuple[dict[str, InputValue] | None, str | None]:
+def read_inputs(encoder: Encoder, rel: str, root: str, caps: Capabilities | None = None
+                ) -> tuple[dict[str, InputValue] | None, str | None]:
     """``(inputs, error)``: the encoder's other inputs of source ``rel`` (a caption file, a control
     image, a caption's text), each file stamped now. Call it *before* the encoder reads them
     (``preprocess``): the write then refuses features of a file edited in between. ``(None,
     None)`` for an encoder without ``inputs``; a missing caption is an error string."""
-    if not capabilities(encoder).inputs:
+    if not (caps or capabilities(encoder)).inputs:
         return None, None
     try:
         return as_read(encoder.inputs(rel, os.path.join(root, rel)), root), None  # type: ignore[attr-defined]

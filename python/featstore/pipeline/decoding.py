@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from featstore.encoders import Encoder
+from featstore.encoders import Capabilities, Encoder, capabilities
 from featstore.encoding import decode_source, read_inputs
 from featstore.models.vggt.preprocess import stack_uint8_images
 from featstore.pipeline.items import Kind, WorkItem
@@ -27,18 +27,18 @@ from featstore.pipeline.items import Kind, WorkItem
 Decoded = tuple[Any, str | None, Any]
 
 
-def _decode_image(encoder: Encoder, root: str, item: WorkItem) -> Decoded:
+def _decode_image(encoder: Encoder, caps: Capabilities, root: str, item: WorkItem) -> Decoded:
     """The image, and as what was read: its stamp and its other inputs, stamped before reading."""
-    inputs, error = read_inputs(encoder, item.paths[0], root)
+    inputs, error = read_inputs(encoder, item.paths[0], root, caps)
     if error is not None:
         return None, error, None
-    decoded, error, stamp = decode_source(encoder, os.path.join(root, item.paths[0]))
+    decoded, error, stamp = decode_source(encoder, os.path.join(root, item.paths[0]), caps)
     return decoded, error, (stamp, inputs)
 
 
-def _decode_set(encoder: Encoder, root: str, item: WorkItem) -> Decoded:
+def _decode_set(encoder: Encoder, caps: Capabilities, root: str, item: WorkItem) -> Decoded:
     """``[S, 3, H, W]``, smaller frames padded with white; one bad frame fails its set, never the run."""
-    frames = [decode_source(encoder, os.path.join(root, r)) for r in item.paths]
+    frames = [decode_source(encoder, os.path.join(root, r), caps) for r in item.paths]
     error = next((err for _, err, _ in frames if err is not None), None)
     if error is not None:
         return None, error, None
@@ -48,7 +48,7 @@ def _decode_set(encoder: Encoder, root: str, item: WorkItem) -> Decoded:
         return None, f"{type(exc).__name__}: {exc}", None
 
 
-def _decode_history(encoder: Encoder, root: str, item: WorkItem) -> Decoded:
+def _decode_history(encoder: Encoder, caps: Capabilities, root: str, item: WorkItem) -> Decoded:
     """``[T, 3, H, W]`` as for a set, but a frame that cannot be decoded only cuts the list there:
     the prefixes before it do not depend on it. Stamps: ``(the decoded frames' stamps, the bad
     frame's error or None)``; the writer writes the prefixes the decoded frames cover and fails
@@ -57,7 +57,7 @@ def _decode_history(encoder: Encoder, root: str, item: WorkItem) -> Decoded:
     stamps = []
     error = None
     for rel in item.paths:
-        frame, err, stamp = decode_source(encoder, os.path.join(root, rel))
+        frame, err, stamp = decode_source(encoder, os.path.join(root, rel), caps)
         if err is not None:
             error = f"frame {rel}: {err}"
             break
@@ -72,8 +72,8 @@ def _decode_history(encoder: Encoder, root: str, item: WorkItem) -> Decoded:
 
 
 # How each kind's sources become one decoded item (see items.py).
-_DECODERS: dict[Kind, Callable[[Encoder, str, WorkItem], Decoded]] = {"image": _decode_image, "set": _decode_set,
-                                                                       "history": _decode_history}
+_DECODERS: dict[Kind, Callable[[Encoder, Capabilities, str, WorkItem], Decoded]] = {
+    "image": _decode_image, "set": _decode_set, "history": _decode_history}
 
 
 class DecodeDataset(torch.utils.data.Dataset):
@@ -83,13 +83,15 @@ class DecodeDataset(torch.utils.data.Dataset):
 
     def __init__(self, encoder: Encoder, root: str, items: Sequence[WorkItem], chunk: int = 1) -> None:
         self.encoder, self.root, self.items, self.chunk = encoder, root, list(items), chunk
+        self.caps = capabilities(encoder)  # asked once: asking per source cost more than a decode
 
     def __len__(self) -> int:
         return -(-len(self.items) // self.chunk)
 
     def __getitem__(self, c: int) -> tuple[torch.Tensor | np.ndarray | None, list[tuple[int, Any, str | None, Any]]]:
         indices = range(c * self.chunk, min(len(self.items), (c + 1) * self.chunk))
-        decoded = [(i, *_DECODERS[self.items[i].kind](self.encoder, self.root, self.items[i])) for i in indices]
+        decoded = [(i, *_DECODERS[self.items[i].kind](self.encoder, self.caps, self.root, self.items[i]))
+                   for i in indices]
         return _packed(decoded) if torch.utils.data.get_worker_info() is not None else (None, decoded)
 
 

@@ -129,12 +129,13 @@ class LiveEncoder:
         there (recording the source's stamp from before it was read)."""
         if not sources:
             return []
-        items = capabilities(enc).items
+        caps = capabilities(enc)
+        items = caps.items
         decoded = []
         for source in sources:
             # Inputs first: stamped before the encoder reads them (see featstore.encoding).
-            inputs, error = read_inputs(enc, source, self.data_root or "")
-            item, decode_error, stamp = decode_source(enc, source_path(self.data_root, source))
+            inputs, error = read_inputs(enc, source, self.data_root or "", caps)
+            item, decode_error, stamp = decode_source(enc, source_path(self.data_root, source), caps)
             error = error or decode_error
             if error is not None:
                 raise FeatstoreError(f"cannot compute {enc.name} features of "

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from featstore.encoders import capabilities
+from featstore.encoders import Capabilities, capabilities
 from featstore.encoding import decode_source, encode_histories
 from featstore.errors import FeatstoreError
 from featstore.history import history_keys, history_states, longest_lists
@@ -115,10 +115,11 @@ class HistoryComputer:
             return {}
         decoded: dict[str, tuple[torch.Tensor, Stamp]] = {}
         sequences: dict[Frames, tuple[torch.Tensor, list[Stamp]]] = {}
+        caps = capabilities(enc)  # asked once: it inspects encode_history's signature
         for frames in lists:
             for rel in frames:
                 if rel not in decoded:
-                    decoded[rel] = self._decode(enc, rel)
+                    decoded[rel] = self._decode(enc, caps, rel)
             images = [decoded[rel][0] for rel in frames]
             if len({tuple(i.shape) for i in images}) != 1:
                 raise FeatstoreError(f"the frames of the history ending in {frames[-1]} have different sizes "
@@ -141,9 +142,9 @@ class HistoryComputer:
                     self._write(enc, write_to, frames, computed, sequences[frames][1])
         return out
 
-    def _decode(self, enc: Any, rel: str) -> tuple[torch.Tensor, Stamp]:
+    def _decode(self, enc: Any, caps: Capabilities, rel: str) -> tuple[torch.Tensor, Stamp]:
         path = source_path(self.live.data_root, rel)
-        item, error, stamp = decode_source(enc, path)  # stamped before it is read
+        item, error, stamp = decode_source(enc, path, caps)  # stamped before it is read
         if error is not None or stamp is None:
             raise FeatstoreError(f"cannot compute {enc.name} history features with the frame {path}: {error}")
         return item, stamp
