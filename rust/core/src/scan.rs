@@ -3,7 +3,7 @@
 //! deterministic; errors per entry (unreadable directory, symlink loop, missing listed file) are
 //! collected, never fatal.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -394,13 +394,15 @@ pub fn scan_jsonl(
     };
     let files = scan_tree(&root, &jsonl_opts, &AtomicU64::new(0))?;
     let mut errors = files.errors;
-    // (base dir, where it was listed, the listed path, index of its set or usize::MAX)
-    let mut listed: Vec<(PathBuf, String, String, usize)> = Vec::new();
+    // Where a listing is, for messages only: formatted when one is needed, never per line.
+    let paths: Vec<PathBuf> = files.sources.iter().map(|f| root.join(&f.rel)).collect();
+    let bases: Vec<&Path> = paths.iter().map(|p| p.parent().unwrap_or(&root)).collect();
+    let at = |file: usize, line: usize| format!("{}:{}", paths[file].display(), line + 1);
+    // (the .jsonl's index, its line, the listed path, index of its set or usize::MAX)
+    let mut listed: Vec<(usize, usize, String, usize)> = Vec::new();
     let mut set_members: Vec<Vec<String>> = Vec::new();
-    for f in &files.sources {
-        let path = root.join(&f.rel);
-        let base = path.parent().unwrap_or(&root).to_path_buf();
-        let text = match std::fs::read_to_string(&path) {
+    for (file, path) in paths.iter().enumerate() {
+        let text = match std::fs::read_to_string(path) {
             Ok(t) => t,
             Err(e) => {
                 errors.push((path.display().to_string(), e.to_string()));
@@ -411,18 +413,15 @@ pub fn scan_jsonl(
             if line.trim().is_empty() {
                 continue;
             }
-            let where_ = format!("{}:{}", path.display(), i + 1);
             let value: Value = match serde_json::from_str(line) {
                 Ok(v) => v,
                 Err(e) => {
-                    errors.push((where_, format!("not valid JSON: {e}")));
+                    errors.push((at(file, i), format!("not valid JSON: {e}")));
                     continue;
                 }
             };
             match value.get(field) {
-                Some(Value::String(s)) => {
-                    listed.push((base.clone(), where_, s.clone(), usize::MAX))
-                }
+                Some(Value::String(s)) => listed.push((file, i, s.clone(), usize::MAX)),
                 Some(Value::Array(items)) => {
                     let set_index = set_members.len();
                     let mut members = Vec::new();
@@ -430,15 +429,10 @@ pub fn scan_jsonl(
                         match item.as_str() {
                             Some(s) => {
                                 members.push(s.to_string());
-                                listed.push((
-                                    base.clone(),
-                                    where_.clone(),
-                                    s.to_string(),
-                                    set_index,
-                                ));
+                                listed.push((file, i, s.to_string(), set_index));
                             }
                             None => errors.push((
-                                where_.clone(),
+                                at(file, i),
                                 format!("field {field:?} holds a non-string item {item}"),
                             )),
                         }
@@ -446,24 +440,27 @@ pub fn scan_jsonl(
                     set_members.push(members);
                 }
                 Some(other) => errors.push((
-                    where_,
+                    at(file, i),
                     format!("field {field:?} is neither a path nor a list of paths: {other}"),
                 )),
-                None => errors.push((where_, format!("no field {field:?} on this line"))),
+                None => errors.push((at(file, i), format!("no field {field:?} on this line"))),
             }
         }
     }
     // Each distinct (folder, listed path) is resolved once: a history dataset lists every frame
-    // of an episode on each of its steps' lines, T(T+1)/2 mentions of T files.
-    let mut slots: HashMap<(&Path, &str), usize> = HashMap::new();
+    // of an episode on each of its steps' lines, T(T+1)/2 mentions of T files. Keys are compared
+    // as bytes (a `Path` hashes and compares component by component: most of a million-line
+    // scan's time).
+    let mut slots: HashMap<(&OsStr, &str), usize> = HashMap::new();
     let mut distinct: Vec<(&Path, &str)> = Vec::new();
     let slot_of: Vec<usize> = listed
         .iter()
-        .map(|(base, _, p, _)| {
+        .map(|(file, _, p, _)| {
+            let base = bases[*file];
             *slots
-                .entry((base.as_path(), p.as_str()))
+                .entry((base.as_os_str(), p.as_str()))
                 .or_insert_with(|| {
-                    distinct.push((base.as_path(), p.as_str()));
+                    distinct.push((base, p.as_str()));
                     distinct.len() - 1
                 })
         })
@@ -477,31 +474,30 @@ pub fn scan_jsonl(
             })
             .collect()
     });
-    let resolved = listed
-        .iter()
-        .zip(slot_of)
-        .map(|((_, where_, p, set), slot)| (where_, p, *set, looked_up[slot].clone()));
     let mut found = Found::default();
-    let mut seen = BTreeSet::new();
+    let mut seen: HashSet<&OsStr> = HashSet::new();
     let mut sets: Vec<Vec<PathBuf>> = vec![Vec::new(); set_members.len()];
     let mut broken_sets = BTreeSet::new();
-    for (where_, p, set, r) in resolved {
-        match r {
+    for ((file, line, p, set), slot) in listed.iter().zip(slot_of) {
+        match &looked_up[slot] {
             Ok((rel, stamp)) => {
-                if set != usize::MAX {
-                    sets[set].push(rel.clone());
+                if *set != usize::MAX {
+                    sets[*set].push(rel.clone());
                 }
-                if seen.insert(rel.clone()) {
-                    found.sources.push(Source { rel, stamp });
+                if seen.insert(rel.as_os_str()) {
+                    found.sources.push(Source {
+                        rel: rel.clone(),
+                        stamp: *stamp,
+                    });
                 }
             }
             Err(reason) => {
-                if set != usize::MAX {
-                    broken_sets.insert(set);
+                if *set != usize::MAX {
+                    broken_sets.insert(*set);
                 }
                 found
                     .errors
-                    .push((where_.clone(), format!("listed path {p:?}: {reason}")));
+                    .push((at(*file, *line), format!("listed path {p:?}: {reason}")));
             }
         }
     }
