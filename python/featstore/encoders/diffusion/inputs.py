@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from featstore import _core
+from featstore.bulk import collector_paused
 from featstore.errors import FeatstoreError
 from featstore.inputs import AbsentInput, InputValue, JsonlLine
 from featstore.regular import read_text
@@ -46,8 +47,9 @@ class JsonlField(Mapping[str, str]):
         # absent, the path as the line spells it)
         self._values: dict[str, tuple[str, str, str | None, str]] = {}
         self.errors: list[tuple[str, str]] = []
-        for rel in scan(self.root, extensions=["jsonl"]).paths:
-            self._read(os.path.join(self.root, rel))
+        with collector_paused():  # a tuple per line and no cycles: see featstore.bulk
+            for rel in scan(self.root, extensions=["jsonl"]).paths:
+                self._read(os.path.join(self.root, rel))
 
     def _read(self, jsonl: str) -> None:
         """Every line of one listing, parsed and its paths resolved in Rust: the lines the
