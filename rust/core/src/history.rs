@@ -47,18 +47,18 @@ pub struct Links {
     pub newest_mtime_ns: i64,
 }
 
-fn member(h: &mut blake3::Hasher, rel: &[u8], stamp: &Stamp) {
+/// The key of a prefix: `blake3(previous key, or the domain || member)`, hashed from one
+/// buffer (`buf`, reused): a `Hasher` is about 2 KB to set up, several times the hash of the
+/// hundred bytes a key covers, and a lookup computes one per frame.
+fn key_of(buf: &mut Vec<u8>, previous: Option<&Digest>, rel: &[u8], stamp: &Stamp) -> Digest {
+    buf.clear();
+    buf.extend_from_slice(previous.map_or(KEY_DOMAIN, |d| d.as_slice()));
     // Paths longer than 4 GiB do not exist on any file system we run on.
-    h.update(&(rel.len() as u32).to_le_bytes());
-    h.update(rel);
-    h.update(&stamp.size.to_le_bytes());
-    h.update(&stamp.mtime_ns.to_le_bytes());
-}
-
-fn chained(previous: Option<&Digest>, domain: &[u8]) -> blake3::Hasher {
-    let mut h = blake3::Hasher::new();
-    h.update(previous.map_or(domain, |d| d.as_slice()));
-    h
+    buf.extend_from_slice(&(rel.len() as u32).to_le_bytes());
+    buf.extend_from_slice(rel);
+    buf.extend_from_slice(&stamp.size.to_le_bytes());
+    buf.extend_from_slice(&stamp.mtime_ns.to_le_bytes());
+    *blake3::hash(buf).as_bytes()
 }
 
 /// The chains of `members` (each frame's relative path and stamp, in order): the key of every
@@ -74,11 +74,11 @@ pub fn chains(members: &[(&[u8], Stamp)], last_only: bool) -> Links {
     let mut running = blake3::Hasher::new();
     running.update(STAMPS_DOMAIN);
     let mut newest = i64::MIN;
+    let mut buf = Vec::new();
     for (k, (rel, stamp)) in members.iter().enumerate() {
         newest = newest.max(stamp.mtime_ns);
-        let mut h = chained(keys.last(), KEY_DOMAIN);
-        member(&mut h, rel, stamp);
-        keys.push(*h.finalize().as_bytes());
+        let key = key_of(&mut buf, keys.last(), rel, stamp);
+        keys.push(key);
         running.update(&stamp.ino.to_le_bytes());
         running.update(&stamp.ctime_ns.to_le_bytes());
         if !last_only || k + 1 == members.len() {
@@ -205,6 +205,12 @@ pub fn contents(root: &Path, rels: &[PathBuf], pool: &rayon::ThreadPool) -> Resu
     Ok(content_chain(&members))
 }
 
+fn chained(previous: Option<&Digest>, domain: &[u8]) -> blake3::Hasher {
+    let mut h = blake3::Hasher::new();
+    h.update(previous.map_or(domain, |d| d.as_slice()));
+    h
+}
+
 /// The content chain of every prefix from the frames' digests (64 hex digits each), for callers
 /// that hold them already (a pass records them; `verify` digests each frame once per run):
 /// `d_k = blake3(d_{k-1} || u32le(len(p)) || p || digest)`, `d_{-1}` the content domain.
@@ -232,6 +238,31 @@ mod tests {
     use super::*;
     use std::fs;
     use std::os::unix::fs::MetadataExt;
+
+    #[test]
+    fn a_key_is_the_hash_of_the_previous_key_and_the_member_as_written_down() {
+        let stamp = Stamp {
+            size: 1234,
+            mtime_ns: -5,
+            ino: 7,
+            ctime_ns: 9,
+        };
+        let mut buf = Vec::new();
+        let first = key_of(&mut buf, None, b"ep/0.png", &stamp);
+        let second = key_of(&mut buf, Some(&first), b"ep/1.png", &stamp);
+        for (previous, rel, key) in [
+            (None, b"ep/0.png", first),
+            (Some(first), b"ep/1.png", second),
+        ] {
+            let mut h = blake3::Hasher::new();
+            h.update(previous.as_ref().map_or(KEY_DOMAIN, |d| d.as_slice()));
+            h.update(&(rel.len() as u32).to_le_bytes());
+            h.update(rel);
+            h.update(&stamp.size.to_le_bytes());
+            h.update(&stamp.mtime_ns.to_le_bytes());
+            assert_eq!(*h.finalize().as_bytes(), key);
+        }
+    }
 
     fn tree(names: &[&str]) -> (tempfile::TempDir, Vec<PathBuf>) {
         let dir = tempfile::tempdir().unwrap();
