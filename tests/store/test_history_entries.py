@@ -300,3 +300,12 @@ def test_a_racy_entry_is_never_served_by_the_stamps_only_read(tmp_path):
     path = store.put_history(names, feats(2))
     assert _core.read_header(path)[0]["racy"] == "1"
     assert store._core.read_history(names) is None and store.get_history(names) is not None
+
+
+def test_the_stamps_only_read_finds_entries_in_a_cache_directory_too(tmp_path):
+    names = frames(tmp_path / "data", 3)
+    store = FeatureStore(tmp_path / "data", "vggt", layout="dir", cache_dir=tmp_path / "cache", fingerprint="fp")
+    path = store.put_history(names, feats(3))
+    assert path.startswith(str(tmp_path / "cache"))
+    got = store._core.read_history(names)
+    assert got is not None and torch.equal(torch.from_dlpack(dict(got)["features"]), feats(3)["features"])
