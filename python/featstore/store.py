@@ -231,7 +231,8 @@ class FeatureStore:
         """The cached tensors of ``path``, or None when there is no valid entry.
 
         Tensors view the entry's private copy-on-write mapping: no copy is made, and in-place
-        changes never reach the file. ``device``/``dtype`` move or cast on request (floating
+        changes never reach the file (an entry of at most 16 KiB is read into memory instead:
+        copying it costs less than mapping it). ``device``/``dtype`` move or cast on request (floating
         tensors only for ``dtype``). A stale, foreign or corrupt entry is a counted miss
         (``stats``) with one warning per kind, never an exception.
         """
