@@ -57,8 +57,9 @@ class FeatureStore:
         entries written without a fingerprint (``put`` on such a store) are served, and an
         encoder's entries are ``foreign`` until its fingerprint is given.
     read_mode : {"auto", "map", "pread"}
-        ``map`` maps entries (zero-copy); ``pread`` reads them into memory; ``auto`` maps except
-        on network file systems, where a file replaced by another node could fault a mapping.
+        ``map`` maps entries (zero-copy; those of at most 16 KiB are read, which costs less);
+        ``pread`` reads them into memory; ``auto`` maps except on network file systems, where a
+        file replaced by another node could fault a mapping.
     allow_legacy : bool
         Serve old ``<image>.vggt_cache.pt`` sidecars (read with ``weights_only=True``) when no
         entry exists.
