@@ -10,13 +10,8 @@ search for cycles waits until the bulk work is done.
 from __future__ import annotations
 
 import contextlib
-import functools
 import gc
-from collections.abc import Callable, Iterator
-from typing import ParamSpec, TypeVar
-
-P = ParamSpec("P")
-R = TypeVar("R")
+from collections.abc import Iterator
 
 
 @contextlib.contextmanager
@@ -30,14 +25,3 @@ def collector_paused() -> Iterator[None]:
         if was_enabled:
             gc.enable()
 
-
-def with_collector_paused(fn: Callable[P, R]) -> Callable[P, R]:
-    """``fn`` run with :func:`collector_paused` (for functions that build per-source objects and
-    never a cycle)."""
-
-    @functools.wraps(fn)
-    def paused(*args: P.args, **kwargs: P.kwargs) -> R:
-        with collector_paused():
-            return fn(*args, **kwargs)
-
-    return paused

@@ -354,8 +354,6 @@ def _inputs_now(store: FeatureStore, enc: Encoder, items: Sequence[WorkItem], st
 
 def _as_now(value: Any) -> tuple[Any, ...]:
     """An input the encoder would read now, as the core compares it with what an entry recorded."""
-    if type(value) is bytes:  # the usual case first: a caption's text
-        return ("text", value)
     if isinstance(value, bytes):
         return ("text", value)
     if isinstance(value, AbsentInput):
