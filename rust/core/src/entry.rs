@@ -377,15 +377,51 @@ pub fn read_header_stamped(path: &Path) -> Result<(Header, crate::key::Stamp)> {
 
 /// Reads and validates the header of an already open entry file of `file_len` bytes.
 pub fn read_header_of(file: &File, path: &Path, file_len: u64) -> Result<Header> {
-    let mut prefix = [0u8; 8];
-    if file_len < 8 {
-        return Err(Error::corrupt(path, format!("file is {file_len} bytes, shorter than a header length: truncated; delete it and recompute")));
+    read_header_at(file, path, Span::whole(file_len), file_len)
+}
+
+/// Where an entry's bytes are in the file that holds them: the whole file, or a range of a pack.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Span {
+    pub offset: u64,
+    pub len: u64,
+}
+
+impl Span {
+    pub fn whole(len: u64) -> Span {
+        Span { offset: 0, len }
     }
-    file.read_exact_at(&mut prefix, 0).at(path)?;
-    let n = header_len(path, prefix, file_len)?;
+
+    /// Refuses a range that the file of `file_len` bytes does not hold (a pack cut short, or an
+    /// index record that is damaged).
+    fn within(self, path: &Path, file_len: u64) -> Result<Span> {
+        match self.offset.checked_add(self.len) {
+            Some(end) if end <= file_len => Ok(self),
+            _ => Err(Error::corrupt(path, format!("the entry at bytes {}..{} lies past the end of the file ({file_len} bytes): the pack is damaged; `featstore verify` names its entries", self.offset, self.offset.saturating_add(self.len)))),
+        }
+    }
+}
+
+/// Reads and validates the header of the entry at `span` of an open file of `file_len` bytes.
+pub fn read_header_at(file: &File, path: &Path, span: Span, file_len: u64) -> Result<Header> {
+    let span = span.within(path, file_len)?;
+    let mut prefix = [0u8; 8];
+    if span.len < 8 {
+        return Err(Error::corrupt(path, format!("the entry is {} bytes, shorter than a header length: truncated; delete it and recompute", span.len)));
+    }
+    file.read_exact_at(&mut prefix, span.offset).at(path)?;
+    let n = header_len(path, prefix, span.len)?;
     let mut json = vec![0u8; n as usize];
-    file.read_exact_at(&mut json, 8).at(path)?;
-    parse_header(path, &json, 8 + n, file_len - 8 - n)
+    file.read_exact_at(&mut json, span.offset + 8).at(path)?;
+    parse_header(path, &json, 8 + n, span.len - 8 - n)
+}
+
+/// [`read_header_stamped`] of the entry at `span` of the file at `path` (a pack), with the
+/// stamp of the file read.
+pub fn read_header_in(path: &Path, span: Span) -> Result<(Header, crate::key::Stamp)> {
+    let (file, meta) = open_regular(path)?;
+    let header = read_header_at(&file, path, span, meta.len())?;
+    Ok((header, crate::key::Stamp::from_metadata(&meta)))
 }
 
 /// Encodes the header (length prefix, JSON, space padding) for tensors laid out in `order`.
@@ -666,22 +702,21 @@ impl Drop for AlignedBuf {
 
 /// The bytes behind an open entry.
 pub enum EntryBytes {
-    Mapped(MmapMut),
+    /// A mapping whose first `skip` bytes precede the entry (a packed entry's mapping starts at
+    /// the page holding it).
+    Mapped(MmapMut, usize),
     Owned(AlignedBuf),
 }
 
 impl EntryBytes {
     /// Start address of the bytes (tensors point into this region).
     pub fn as_ptr(&self) -> *const u8 {
-        match self {
-            EntryBytes::Mapped(m) => m.as_ptr(),
-            EntryBytes::Owned(b) => b.as_slice().as_ptr(),
-        }
+        self.as_slice().as_ptr()
     }
 
     pub fn as_slice(&self) -> &[u8] {
         match self {
-            EntryBytes::Mapped(m) => m,
+            EntryBytes::Mapped(m, skip) => &m[*skip..],
             EntryBytes::Owned(b) => b.as_slice(),
         }
     }
@@ -753,11 +788,26 @@ pub fn open_entry_with(
     mode: ReadMode,
     known: Option<(FileId, Arc<Header>)>,
 ) -> Result<(Entry, FileId)> {
+    open_entry_in(path, None, mode, known)
+}
+
+/// [`open_entry_with`] of the entry at `span` of the file (a pack), or of the whole file when
+/// `span` is None. A packed entry's mapping covers its own pages only and is private to this
+/// open, as a whole file's is: a tensor written through never reaches another read.
+pub fn open_entry_in(
+    path: &Path,
+    span: Option<Span>,
+    mode: ReadMode,
+    known: Option<(FileId, Arc<Header>)>,
+) -> Result<(Entry, FileId)> {
     let (file, meta) = open_regular(path)?;
     let id = FileId::of(&meta);
-    let len = meta.len();
+    let span = span
+        .unwrap_or(Span::whole(meta.len()))
+        .within(path, meta.len())?;
+    let len = span.len;
     if len < 8 {
-        return Err(Error::corrupt(path, format!("file is {len} bytes, shorter than a header length: truncated; delete it and recompute")));
+        return Err(Error::corrupt(path, format!("the entry is {len} bytes, shorter than a header length: truncated; delete it and recompute")));
     }
     let bytes = match mode {
         // A small entry is read, not mapped: mapping, faulting in and unmapping its one page cost
@@ -767,12 +817,22 @@ pub fn open_entry_with(
             // The file may still be truncated by another process, which would fault on access;
             // featstore never modifies entries in place (write_atomic renames a new inode over
             // the name), and on network file systems callers use ReadMode::Pread instead.
-            let map = unsafe { MmapOptions::new().map_copy(&file) }.at(path)?;
-            EntryBytes::Mapped(map)
+            let page = page_size();
+            let start = span.offset / page * page;
+            let skip = (span.offset - start) as usize;
+            let map = unsafe {
+                MmapOptions::new()
+                    .offset(start)
+                    .len(skip + len as usize)
+                    .map_copy(&file)
+            }
+            .at(path)?;
+            EntryBytes::Mapped(map, skip)
         }
         ReadMode::Map | ReadMode::Pread => {
             let mut buf = AlignedBuf::zeroed(len as usize);
-            file.read_exact_at(buf.as_mut_slice(), 0).at(path)?;
+            file.read_exact_at(buf.as_mut_slice(), span.offset)
+                .at(path)?;
             EntryBytes::Owned(buf)
         }
     };
@@ -788,6 +848,16 @@ pub fn open_entry_with(
         },
         id,
     ))
+}
+
+fn page_size() -> u64 {
+    // SAFETY: sysconf only reads a system constant.
+    let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if n > 0 {
+        n as u64
+    } else {
+        4096
+    }
 }
 
 /// True when `path` lies on a network file system (NFS, SMB/CIFS, Lustre, GPFS, Ceph, BeeGFS, 9p,

@@ -10,14 +10,17 @@
 //! torn, stale or ordered wrongly against another costs a full check, never a wrong tensor.
 //!
 //! File layout (little endian):
-//! `header (40 bytes) || fingerprint (padded to 8) || records (96 bytes each, sorted by key) ||
-//! keys || inputs || trailer (16 bytes)`. Header: magic, record count, key bytes, fingerprint
-//! length (`u32::MAX`: none), reserved (4 bytes), input bytes. Record: key offset (u64) and
-//! length (u32), flags (u32: removed, racy), the source's stamp and the entry's (size, mtime_ns,
-//! ino, ctime_ns each), the offset (u64) and length (u32, 0: none) of the entry's extra inputs
-//! (the JSON its header records), reserved (u32). Trailer: end magic and the file's length, so a
-//! file cut short is refused whole. Segments of the first format (`fsindex1`: 80-byte records,
-//! no inputs) are still read; compaction rewrites them in this one.
+//! `header (40 bytes) || fingerprint (padded to 8) || records (112 bytes each, sorted by key) ||
+//! keys || inputs || pack names || trailer (16 bytes)`. Header: magic, record count, key bytes,
+//! fingerprint length (`u32::MAX`: none), pack names' bytes (u32), input bytes. Record: key
+//! offset (u64) and length (u32), flags (u32: removed, racy, inputs), the source's stamp and the
+//! entry's (size, mtime_ns, ino, ctime_ns each), the offset (u64) and length (u32, 0: none) of
+//! the entry's extra inputs (the JSON its header records), the number of the pack holding the
+//! entry (u32, `u32::MAX`: its own file), the entry's offset and length in that pack (u64 each).
+//! Pack names: the names the records number, each ending in a newline. Trailer: end magic and
+//! the file's length, so a file cut short is refused whole. Segments of the earlier formats
+//! (`fsindex2`: 96-byte records, no packs; `fsindex1`: 80-byte records, no inputs) are still
+//! read; compaction rewrites them in this one.
 
 use std::cmp::Ordering;
 use std::collections::BinaryHeap;
@@ -33,16 +36,22 @@ use crate::entry::write_atomic_with;
 use crate::error::{Error, IoContext, Result};
 use crate::key::Stamp;
 use crate::manifest::IndexRecord;
+use crate::pack::PackedAt;
 
-const MAGIC: &[u8; 8] = b"fsindex2";
+const MAGIC: &[u8; 8] = b"fsindex3";
+/// The second format: records without a pack location (96 bytes), no pack names.
+const MAGIC_V2: &[u8; 8] = b"fsindex2";
 /// The first format: records without inputs (80 bytes), no input area.
 const MAGIC_V1: &[u8; 8] = b"fsindex1";
 const END_MAGIC: &[u8; 8] = b"fsidxend";
 const HEADER_LEN: usize = 40;
-const RECORD_LEN: usize = 96;
+const RECORD_LEN: usize = 112;
+const RECORD_LEN_V2: usize = 96;
 const RECORD_LEN_V1: usize = 80;
 const TRAILER_LEN: usize = 16;
 const NO_FINGERPRINT: u32 = u32::MAX;
+/// A record's pack number when the entry is in its own file.
+const NOT_PACKED: u32 = u32::MAX;
 const FLAG_REMOVED: u32 = 1;
 const FLAG_RACY: u32 = 2;
 /// The record holds its entry's extra inputs.
@@ -69,6 +78,8 @@ pub struct Segment {
     keys_len: usize,
     inputs_at: usize,
     inputs_len: usize,
+    /// The names of the packs the records number (few: a pack holds gigabytes).
+    packs: Vec<Arc<str>>,
 }
 
 fn u32_at(b: &[u8], at: usize) -> u32 {
@@ -112,9 +123,14 @@ impl Segment {
         if b.len() < HEADER_LEN + TRAILER_LEN {
             return None;
         }
-        let (record_len, inputs_len) = match &b[..8] {
-            m if m == MAGIC => (RECORD_LEN, usize::try_from(u64_at(b, 32)).ok()?),
-            m if m == MAGIC_V1 => (RECORD_LEN_V1, 0),
+        let (record_len, inputs_len, names_len) = match &b[..8] {
+            m if m == MAGIC => (
+                RECORD_LEN,
+                usize::try_from(u64_at(b, 32)).ok()?,
+                u32_at(b, 28) as usize,
+            ),
+            m if m == MAGIC_V2 => (RECORD_LEN_V2, usize::try_from(u64_at(b, 32)).ok()?, 0),
+            m if m == MAGIC_V1 => (RECORD_LEN_V1, 0, 0),
             _ => return None,
         };
         let count = usize::try_from(u64_at(b, 8)).ok()?;
@@ -128,9 +144,8 @@ impl Segment {
         let records_at = HEADER_LEN.checked_add(pad8(fp_bytes))?;
         let keys_at = records_at.checked_add(count.checked_mul(record_len)?)?;
         let inputs_at = keys_at.checked_add(keys_len)?;
-        let total = inputs_at
-            .checked_add(inputs_len)?
-            .checked_add(TRAILER_LEN)?;
+        let names_at = inputs_at.checked_add(inputs_len)?;
+        let total = names_at.checked_add(names_len)?.checked_add(TRAILER_LEN)?;
         let trailer = total - TRAILER_LEN;
         if total != b.len()
             || &b[trailer..trailer + 8] != END_MAGIC
@@ -140,6 +155,11 @@ impl Segment {
         }
         let fingerprint = (fp_len != NO_FINGERPRINT)
             .then(|| String::from_utf8_lossy(&b[HEADER_LEN..HEADER_LEN + fp_bytes]).into_owned());
+        let packs = std::str::from_utf8(&b[names_at..names_at + names_len])
+            .ok()?
+            .split_terminator('\n')
+            .map(Arc::from)
+            .collect();
         Some(Segment {
             path: path.to_path_buf(),
             map,
@@ -151,6 +171,7 @@ impl Segment {
             keys_len,
             inputs_at,
             inputs_len,
+            packs,
         })
     }
 
@@ -179,7 +200,7 @@ impl Segment {
     /// The inputs of record `r` (None: none, a first-format record, or offsets pointing outside
     /// the input area, which is damage: the entry is then checked from its header).
     fn inputs(&self, r: &[u8]) -> Option<Arc<str>> {
-        if self.record_len < RECORD_LEN {
+        if self.record_len < RECORD_LEN_V2 {
             return None;
         }
         let (off, len) = (u64_at(r, 80) as usize, u32_at(r, 88) as usize);
@@ -201,6 +222,24 @@ impl Segment {
         }
     }
 
+    /// Where record `r`'s entry is when a pack holds it. A pack number the segment does not
+    /// name, or a name that is not a pack's, is damage: the record then says the entry is in its
+    /// own file, where a lookup finds it or not.
+    fn packed(&self, r: &[u8]) -> Option<PackedAt> {
+        if self.record_len < RECORD_LEN || u32_at(r, 92) == NOT_PACKED {
+            return None;
+        }
+        let pack = self
+            .packs
+            .get(u32_at(r, 92) as usize)
+            .filter(|n| crate::pack::is_pack_name(n))?;
+        Some(PackedAt {
+            pack: Arc::clone(pack),
+            offset: u64_at(r, 96),
+            len: u64_at(r, 104),
+        })
+    }
+
     pub fn slot(&self, i: usize) -> Slot {
         let r = self.record(i);
         let flags = u32_at(r, 12);
@@ -215,6 +254,7 @@ impl Segment {
             entry: stamp_at(r, 48),
             racy: flags & FLAG_RACY != 0 || lost,
             inputs,
+            packed: self.packed(r),
         })
     }
 
@@ -267,18 +307,34 @@ fn encode(
     let fp = fingerprint.map(str::as_bytes);
     let keys_len: usize = kept.iter().map(|(k, _)| k.len()).sum();
     let inputs_len: usize = kept.iter().map(|(_, s)| inputs_len_of(s)).sum();
+    // The packs the records name, numbered in order of first use.
+    let mut packs: Vec<&str> = Vec::new();
+    let mut numbers: std::collections::HashMap<&str, u32> = std::collections::HashMap::new();
+    for (_, slot) in kept {
+        if let Slot::Entry(IndexRecord {
+            packed: Some(p), ..
+        }) = slot
+        {
+            numbers.entry(&p.pack).or_insert_with(|| {
+                packs.push(&p.pack);
+                (packs.len() - 1) as u32
+            });
+        }
+    }
+    let names_len: usize = packs.iter().map(|n| n.len() + 1).sum();
     let total = HEADER_LEN
         + pad8(fp.map_or(0, <[u8]>::len))
         + kept.len() * RECORD_LEN
         + keys_len
         + inputs_len
+        + names_len
         + TRAILER_LEN;
     let mut header = Vec::with_capacity(HEADER_LEN + pad8(fp.map_or(0, <[u8]>::len)));
     header.extend_from_slice(MAGIC);
     header.extend_from_slice(&(kept.len() as u64).to_le_bytes());
     header.extend_from_slice(&(keys_len as u64).to_le_bytes());
     header.extend_from_slice(&fp.map_or(NO_FINGERPRINT, |f| f.len() as u32).to_le_bytes());
-    header.resize(32, 0);
+    header.extend_from_slice(&(names_len as u32).to_le_bytes());
     header.extend_from_slice(&(inputs_len as u64).to_le_bytes());
     if let Some(f) = fp {
         header.extend_from_slice(f);
@@ -292,9 +348,14 @@ fn encode(
         record.extend_from_slice(&key_off.to_le_bytes());
         record.extend_from_slice(&(key.len() as u32).to_le_bytes());
         key_off += key.len() as u64;
-        let (mut flags, source, entry) = match slot {
-            Slot::Removed => (FLAG_REMOVED, Stamp::sized(0, 0), Stamp::sized(0, 0)),
-            Slot::Entry(r) => (if r.racy { FLAG_RACY } else { 0 }, r.source, r.entry),
+        let (mut flags, source, entry, packed) = match slot {
+            Slot::Removed => (FLAG_REMOVED, Stamp::sized(0, 0), Stamp::sized(0, 0), None),
+            Slot::Entry(r) => (
+                if r.racy { FLAG_RACY } else { 0 },
+                r.source,
+                r.entry,
+                r.packed.as_ref(),
+            ),
         };
         let inputs = inputs_len_of(slot);
         if inputs > 0 {
@@ -309,7 +370,11 @@ fn encode(
         }
         record.extend_from_slice(&inputs_off.to_le_bytes());
         record.extend_from_slice(&(inputs as u32).to_le_bytes());
-        record.extend_from_slice(&0u32.to_le_bytes());
+        let (number, offset, len) =
+            packed.map_or((NOT_PACKED, 0, 0), |p| (numbers[&*p.pack], p.offset, p.len));
+        record.extend_from_slice(&number.to_le_bytes());
+        record.extend_from_slice(&offset.to_le_bytes());
+        record.extend_from_slice(&len.to_le_bytes());
         debug_assert_eq!(record.len(), RECORD_LEN);
         out.write_all(&record)?;
         inputs_off += inputs as u64;
@@ -325,11 +390,15 @@ fn encode(
             out.write_all(i.as_bytes())?;
         }
     }
+    for name in packs {
+        out.write_all(name.as_bytes())?;
+        out.write_all(b"\n")?;
+    }
     out.write_all(END_MAGIC)?;
     out.write_all(&(total as u64).to_le_bytes())
 }
 
-fn now_ns() -> u64 {
+pub(crate) fn now_ns() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
@@ -372,7 +441,7 @@ fn write_segment_named(
     Ok(path)
 }
 
-fn rand_u32() -> u32 {
+pub(crate) fn rand_u32() -> u32 {
     let mut b = [0u8; 4];
     // A hash of the time and the address of a stack value: enough to keep two writers in one
     // nanosecond apart, which is all the random part is for.
@@ -667,6 +736,12 @@ mod tests {
             entry: Stamp::sized(size + 1, 11),
             racy: size % 2 == 0,
             inputs: (size % 3 == 0).then(|| format!("[{{\"n\":{size}}}]").into()),
+            // Entries in two packs, and in files of their own.
+            packed: (size % 4 != 0).then(|| PackedAt {
+                pack: format!("{:016x}-1-0000000{}.fspack", size % 2, size % 2).into(),
+                offset: 64 * size,
+                len: 100 + size,
+            }),
         })
     }
 
@@ -732,6 +807,7 @@ mod tests {
             entry: source,
             racy: true,
             inputs: None,
+            packed: None,
         };
         let index = Index::open(dir.path(), Some("fp")).unwrap();
         assert_eq!(index.get(key), Some(wanted.clone()));
@@ -741,6 +817,40 @@ mod tests {
         assert_eq!(index.segments().len(), 1);
         assert_eq!(index.get(key), Some(wanted));
         assert_eq!(Slot::Entry(index.get(b"b.png").unwrap()), rec(3, 1));
+    }
+
+    #[test]
+    fn a_second_format_segment_is_still_read_with_its_inputs() {
+        let dir = tempfile::tempdir().unwrap();
+        // What the previous version wrote: "fsindex2", 96-byte records, an input area.
+        let (key, inputs) = (b"a.png", br#"[{"n":1}]"#);
+        let mut v2 = Vec::new();
+        v2.extend_from_slice(MAGIC_V2);
+        v2.extend_from_slice(&1u64.to_le_bytes());
+        v2.extend_from_slice(&(key.len() as u64).to_le_bytes());
+        v2.extend_from_slice(&NO_FINGERPRINT.to_le_bytes());
+        v2.extend_from_slice(&0u32.to_le_bytes());
+        v2.extend_from_slice(&(inputs.len() as u64).to_le_bytes());
+        v2.extend_from_slice(&0u64.to_le_bytes());
+        v2.extend_from_slice(&(key.len() as u32).to_le_bytes());
+        v2.extend_from_slice(&FLAG_INPUTS.to_le_bytes());
+        for v in [1u64, 2, 3, 4, 5, 6, 7, 8] {
+            v2.extend_from_slice(&v.to_le_bytes());
+        }
+        v2.extend_from_slice(&0u64.to_le_bytes());
+        v2.extend_from_slice(&(inputs.len() as u32).to_le_bytes());
+        v2.extend_from_slice(&0u32.to_le_bytes());
+        v2.extend_from_slice(key);
+        v2.extend_from_slice(inputs);
+        v2.extend_from_slice(END_MAGIC);
+        let total = v2.len() as u64 + 8;
+        v2.extend_from_slice(&total.to_le_bytes());
+        std::fs::write(dir.path().join("0000000000000001-1-00000000.seg"), &v2).unwrap();
+        let r = Index::open(dir.path(), None).unwrap().get(key).unwrap();
+        assert_eq!(r.source.size, 1);
+        assert_eq!(r.entry.ctime_ns, 8);
+        assert_eq!(r.inputs.as_deref(), Some(r#"[{"n":1}]"#));
+        assert_eq!(r.packed, None);
     }
 
     #[test]

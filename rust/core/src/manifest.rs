@@ -22,6 +22,7 @@ use crate::entry::write_atomic;
 use crate::error::{Error, IoContext, Result};
 use crate::index::{self, Index, Segment, Slot};
 use crate::key::{path_bytes, Stamp};
+use crate::pack::PackedAt;
 
 /// How a relative path is written in JSON (journal lines, the index's keys): as itself when it
 /// is UTF-8, else as a NUL (which no path contains) followed by its bytes in hex. Python's
@@ -60,12 +61,17 @@ pub struct IndexRecord {
     /// The entry's extra inputs as its header records them (the `inputs` array without the
     /// source's item): a lookup checks them from here, without opening the entry.
     pub inputs: Option<Arc<str>>,
+    /// Where the entry is when a pack holds it (its `entry` stamp is then the pack's); None: in
+    /// its own file, where the layout puts it.
+    pub packed: Option<PackedAt>,
 }
 
 impl IndexRecord {
     // Stored as a compact array: `[size, mtime_ns, entry size, entry mtime_ns, check_first,
     // ino, ctime_ns, entry ino, entry ctime_ns]`, then the extra inputs' JSON when there are
-    // any (a journal line's `record`; earlier versions' manifests held these inline).
+    // any (null when there are none but a location follows), then a packed entry's location
+    // `[pack, offset, length]` (a journal line's `record`; earlier versions' manifests held
+    // these inline).
     pub fn to_json(&self) -> Value {
         let mut fields = vec![
             Value::from(self.source.size),
@@ -78,8 +84,17 @@ impl IndexRecord {
             Value::from(self.entry.ino),
             Value::from(self.entry.ctime_ns),
         ];
-        if let Some(inputs) = &self.inputs {
-            fields.push(Value::from(&**inputs));
+        match (&self.inputs, &self.packed) {
+            (Some(inputs), _) => fields.push(Value::from(&**inputs)),
+            (None, Some(_)) => fields.push(Value::Null),
+            (None, None) => {}
+        }
+        if let Some(p) = &self.packed {
+            fields.push(Value::from(vec![
+                Value::from(&*p.pack),
+                Value::from(p.offset),
+                Value::from(p.len),
+            ]));
         }
         Value::from(fields)
     }
@@ -88,7 +103,7 @@ impl IndexRecord {
     /// stamps never match a file's and the entry is checked in full on first use.
     fn from_json(v: &Value) -> Option<IndexRecord> {
         let a = v.as_array()?;
-        if a.len() != 5 && a.len() != 9 && a.len() != 10 {
+        if !matches!(a.len(), 5 | 9 | 10 | 11) {
             return None;
         }
         let mut source = Stamp::sized(a[0].as_u64()?, a[1].as_i64()?);
@@ -102,11 +117,30 @@ impl IndexRecord {
             entry,
             racy: a[4].as_u64()? != 0,
             inputs: match a.get(9) {
+                Some(Value::Null) | None => None,
                 Some(i) => Some(Arc::from(i.as_str()?)),
+            },
+            packed: match a.get(10) {
+                Some(p) => Some(packed_from_json(p)?),
                 None => None,
             },
         })
     }
+}
+
+/// A packed entry's location `[pack, offset, length]`; a pack name that could name a file
+/// outside the packs directory is no location.
+fn packed_from_json(v: &Value) -> Option<PackedAt> {
+    let a = v.as_array()?;
+    let pack = a
+        .first()?
+        .as_str()
+        .filter(|n| crate::pack::is_pack_name(n))?;
+    Some(PackedAt {
+        pack: Arc::from(pack),
+        offset: a.get(1)?.as_u64()?,
+        len: a.get(2)?.as_u64()?,
+    })
 }
 
 /// A journal stamp: `[size, mtime_ns]` (earlier versions) or `[size, mtime_ns, ino, ctime_ns]`.
@@ -246,6 +280,7 @@ impl Manifest {
                         entry,
                         racy,
                         inputs: record.get("inputs").and_then(Value::as_str).map(Arc::from),
+                        packed: None,
                     }),
                     (_, _, Some(r)) => IndexRecord::from_json(r),
                     _ => None,
@@ -574,11 +609,33 @@ mod tests {
             entry,
             racy: false,
             inputs: Some(inputs.clone()),
+            packed: None,
         };
         assert_eq!(
             IndexRecord::from_json(&record.to_json()),
             Some(record.clone())
         );
+        // A packed entry's record, with inputs and without.
+        let at = PackedAt {
+            pack: Arc::from("0000018c00000000-7-0000abcd.fspack"),
+            offset: 128,
+            len: 4096,
+        };
+        for inputs in [None, Some(inputs.clone())] {
+            let packed = IndexRecord {
+                inputs,
+                packed: Some(at.clone()),
+                ..record.clone()
+            };
+            assert_eq!(IndexRecord::from_json(&packed.to_json()), Some(packed));
+        }
+        // A location naming a file outside the packs directory is no record.
+        let mut escaping = record.to_json();
+        escaping
+            .as_array_mut()
+            .unwrap()
+            .push(json!(["../../x.fspack", 0, 10]));
+        assert_eq!(IndexRecord::from_json(&escaping), None);
         // A line of the journal (`record`, as journal_unindexed writes it) and a write's line.
         let mut m = Manifest::default();
         let mut delta = Vec::new();

@@ -13,6 +13,7 @@ fn indexed(path: PathBuf, r: IndexRecord) -> Known {
     Known {
         source: r.source,
         path,
+        packed: r.packed,
         entry: r.entry,
         inputs: Vec::new(),
         state: State::Valid,
@@ -30,17 +31,21 @@ impl Store {
     /// the index is the memory of it (a status or a planning pass over a million indexed
     /// entries keeps nothing per entry); reads remember it with the entry's parsed header.
     pub(super) fn learn_from_index(&self, rel: &Path) -> Option<Known> {
-        let r = self.index.get(path_bytes(rel))?;
-        Some(indexed(self.entry_path(rel, r.source), r))
+        let r = self.index().get(path_bytes(rel))?;
+        let path = match &r.packed {
+            Some(p) => self.pack_path(&p.pack),
+            None => self.entry_path(rel, r.source),
+        };
+        Some(indexed(path, r))
     }
 
     /// The sources the index holds a record of, in byte order: its segments' live keys, or the
     /// inline index of a manifest of an earlier version when there are no segments yet.
     pub fn indexed_sources(&self) -> Vec<PathBuf> {
         use std::os::unix::ffi::OsStrExt;
-        if !self.index.segments().is_empty() {
-            return self
-                .index
+        let index = self.index();
+        if !index.segments().is_empty() {
+            return index
                 .live()
                 .map(|(k, _)| PathBuf::from(std::ffi::OsStr::from_bytes(k)))
                 .collect();
@@ -76,6 +81,7 @@ impl Store {
             entry: k.entry,
             racy: racy_now(k.source) || k.racy || inputs_unrecorded,
             inputs: k.recorded_inputs.clone(),
+            packed: k.packed.clone(),
         })
     }
 
@@ -101,7 +107,7 @@ impl Store {
             .and_then(|_| self.index_record(rel))?;
         // Judged here by a full check (an entry with inputs always is), but the index already
         // holds these very stamps: journaling it again would rewrite the index for nothing.
-        let held = self.index.get(path_bytes(rel));
+        let held = self.index().get(path_bytes(rel));
         (held.as_ref() != Some(&record)).then_some(record)
     }
 }

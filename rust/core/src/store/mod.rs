@@ -3,14 +3,16 @@
 //! One vocabulary of states for every command and API ([`State`]). The hot path ([`Store::check`]
 //! on an entry seen before) costs two `stat`s (source and entry) plus one per extra file input,
 //! and opens nothing: the stamps from the entry's header, or from the manifest's index, are kept
-//! in memory and compared with fresh ones. Everything slower (first look at an entry, a touched
+//! in memory and compared with fresh ones. A packed entry costs one more (its pack). Everything slower (first look at an entry, a touched
 //! source, a racy entry) runs once per entry and process, then is remembered.
 
 mod history_read;
 mod index;
+mod packing;
 mod read;
 mod recorded;
 
+pub use packing::{pack_name, LiveEntry, Moved, PackRun, PackUsage};
 pub use recorded::NowInput;
 mod validity;
 
@@ -32,6 +34,7 @@ use crate::error::{Error, Result};
 use crate::index::Index;
 use crate::key::{path_bytes, stamp_key, Stamp, KEY_NAME_LEN};
 use crate::manifest::Manifest;
+use crate::pack::PackedAt;
 
 /// Sources modified less than this long before their entry was written are *racy*: a same-size
 /// edit within the file system's timestamp granularity would keep the stamp, so such entries are
@@ -110,6 +113,10 @@ pub struct Check {
     /// The stamp of the entry file the verdict is about, as it was when judged (None when there
     /// is no such file). Destructive commands act on that very file and no other.
     pub identity: Option<Stamp>,
+    /// Where the entry is when a pack holds it; `entry` is then `<pack>@<offset>`, a name no
+    /// file has (so nothing that removes the file `entry` names can remove the pack), and
+    /// `identity` is the pack's stamp.
+    pub packed: Option<PackedAt>,
 }
 
 impl Check {
@@ -119,8 +126,34 @@ impl Check {
             entry,
             reason: reason.into(),
             identity: None,
+            packed: None,
         }
     }
+}
+
+impl Check {
+    /// A verdict about the entry `at` in the pack `pack`.
+    fn packed_about(state: State, pack: &Path, at: PackedAt, reason: impl Into<String>) -> Check {
+        Check {
+            packed: Some(at.clone()),
+            ..Check::about(state, packed_entry_name(pack, &at), reason)
+        }
+    }
+}
+
+/// Where in its pack a packed entry's bytes are.
+fn span_of(at: &PackedAt) -> entry::Span {
+    entry::Span {
+        offset: at.offset,
+        len: at.len,
+    }
+}
+
+/// The name a packed entry goes by in a [`Check`]: `<pack path>@<offset>`.
+pub fn packed_entry_name(pack: &Path, at: &PackedAt) -> PathBuf {
+    let mut name = pack.as_os_str().to_os_string();
+    name.push(format!("@{}", at.offset));
+    PathBuf::from(name)
 }
 
 /// An input of an entry besides its source.
@@ -169,8 +202,10 @@ pub struct Written {
 struct Known {
     source: Stamp,
     /// The entry file the verdict is about (in the dir layout its name follows the stamp the
-    /// entry was written for, which may be older than `source`).
+    /// entry was written for, which may be older than `source`), or the pack holding it.
     path: PathBuf,
+    /// Where in the pack `path` the entry is (None: `path` is the entry's own file).
+    packed: Option<PackedAt>,
     entry: Stamp,
     /// Extra file inputs: absolute path and stamp when the entry was checked (None: a file
     /// that must stay absent).
@@ -210,8 +245,12 @@ pub struct Store {
     cfg: StoreConfig,
     known: RwLock<HashMap<PathBuf, Known>>,
     /// The index segments of the store's fingerprint, mapped when the store was opened: a lookup
-    /// of an entry not yet known in this process finds its record there (docs/design.md).
-    index: Index,
+    /// of an entry not yet known in this process finds its record there (docs/design.md). Mapped
+    /// again when an entry it vouched for is gone and the index directory changed since (another
+    /// process moved entries into a pack, say).
+    index: RwLock<Arc<Index>>,
+    /// The index directory's stamp before the index was last mapped (None: no directory).
+    index_dir_seen: RwLock<Option<Stamp>>,
     /// The manifest of an earlier version holds the index inline and no segment holds it yet:
     /// the next merge moves it.
     inline_index: bool,
@@ -325,7 +364,9 @@ impl Store {
             cfg.fingerprint = manifest_fp.clone();
         }
         // Index records were valid for the fingerprint they were judged for: trust only those.
-        let index = Index::open(&Store::index_dir_of(&cfg), cfg.fingerprint.as_deref())?;
+        let index_dir = Store::index_dir_of(&cfg);
+        let index_dir_seen = stat_opt(&index_dir)?;
+        let index = Index::open(&index_dir, cfg.fingerprint.as_deref())?;
         let inline_index = index.segments().is_empty()
             && manifest
                 .as_ref()
@@ -333,14 +374,15 @@ impl Store {
         let store = Store {
             cfg,
             known: RwLock::new(HashMap::new()),
-            index,
+            index: RwLock::new(Arc::new(index)),
+            index_dir_seen: RwLock::new(index_dir_seen),
             inline_index,
             adopted: OnceLock::new(),
             real_root: OnceLock::new(),
         };
         if let Some(m) = manifest {
             // Segments written from this inline index since are newer and hold the same records.
-            if manifest_fp == store.cfg.fingerprint && store.index.segments().is_empty() {
+            if manifest_fp == store.cfg.fingerprint && store.index().segments().is_empty() {
                 store.seed(&m);
             }
         }
@@ -434,15 +476,47 @@ impl Store {
         Store::index_dir_of(&self.cfg)
     }
 
-    /// The index this store mapped when it was opened.
-    pub fn index(&self) -> &Index {
-        &self.index
+    /// The index as this store mapped it (when it was opened, or again since).
+    pub fn index(&self) -> Arc<Index> {
+        Arc::clone(&self.index.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Maps the index again if its directory changed since it was mapped (a segment written or
+    /// compacted by another process); true when it did. One `stat` when nothing changed.
+    pub fn reload_index_if_changed(&self) -> Result<bool> {
+        let dir = self.index_dir();
+        let now = stat_opt(&dir)?;
+        if now
+            == *self
+                .index_dir_seen
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+        {
+            return Ok(false);
+        }
+        let index = Index::open(&dir, self.fingerprint())?;
+        *self.index.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(index);
+        *self
+            .index_dir_seen
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = now;
+        Ok(true)
     }
 
     /// True when the manifest (of an earlier version) holds the index inline and no segment
     /// holds it yet: the next merge of journals moves it into one.
     pub fn holds_inline_index(&self) -> bool {
         self.inline_index
+    }
+
+    /// Where the feature's packs are: `<state dir>/packs`.
+    pub fn packs_dir(&self) -> PathBuf {
+        self.state_dir().join("packs")
+    }
+
+    /// The path of the pack named `name` (a name [`crate::pack::is_pack_name`] accepts).
+    pub fn pack_path(&self, name: &str) -> PathBuf {
+        self.packs_dir().join(name)
     }
 
     /// The entry path of source `rel` with stamp `stamp` (the sidecar layout ignores the stamp).

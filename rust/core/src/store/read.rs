@@ -9,7 +9,7 @@ use std::sync::Arc;
 use rayon::prelude::*;
 
 use super::validity::Depth;
-use super::{racy_now, stat_opt, Check, Known, State, Store};
+use super::{racy_now, span_of, stat_entry, stat_opt, Check, EntryFile, Known, State, Store};
 use crate::entry;
 use crate::error::{Error, Result};
 use crate::key::Stamp;
@@ -66,7 +66,7 @@ impl Store {
             self.settle(
                 rel,
                 source,
-                &c.entry,
+                (&self.file_of(c), c.packed.as_ref()),
                 Some(id.stamp),
                 Default::default(),
                 state,
@@ -74,7 +74,8 @@ impl Store {
             )?;
             return Ok(false);
         }
-        let judged = |k: &Known| k.path == c.entry && k.entry == id.stamp;
+        let file = self.file_of(c);
+        let judged = |k: &Known| k.path == file && k.packed == c.packed && k.entry == id.stamp;
         {
             let mut known = self.known.write().unwrap_or_else(|p| p.into_inner());
             if let Some(k) = known.get_mut(rel) {
@@ -121,20 +122,25 @@ impl Store {
         if c.state != State::Valid {
             return Err(format!("{}: {}", c.state.name(), c.reason));
         }
-        let file = fs::File::open(&c.entry).map_err(|e| format!("{}: {e}", c.entry.display()))?;
+        let path = self.file_of(&c);
+        let file = fs::File::open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
         let meta = file
             .metadata()
-            .map_err(|e| format!("{}: {e}", c.entry.display()))?;
+            .map_err(|e| format!("{}: {e}", path.display()))?;
         let id = entry::FileId::of(&meta);
+        let span = c
+            .packed
+            .as_ref()
+            .map_or(entry::Span::whole(meta.len()), span_of);
         let known = self
             .recall(rel)
-            .filter(|k| k.path == c.entry)
+            .filter(|k| k.path == path && k.packed == c.packed)
             .and_then(|k| k.header);
         let header = match known {
             Some((known_id, h)) if known_id == id => h,
             _ => {
                 let h = Arc::new(
-                    entry::read_header_of(&file, &c.entry, meta.len())
+                    entry::read_header_at(&file, &path, span, meta.len())
                         .map_err(|e| e.to_string())?,
                 );
                 if !self
@@ -160,8 +166,16 @@ impl Store {
                 shape
             ));
         }
-        file.read_exact_at(dst, header.data_start + t.start)
+        file.read_exact_at(dst, span.offset + header.data_start + t.start)
             .map_err(|e| format!("{}: {e}", c.entry.display()))
+    }
+
+    /// The file a check's entry is in: its own, or the pack holding it.
+    pub fn file_of(&self, c: &Check) -> PathBuf {
+        match &c.packed {
+            Some(at) => self.pack_path(&at.pack),
+            None => c.entry.clone(),
+        }
     }
 
     /// Opens the valid entry of `rel` for reading, or None when it is not valid: the fast path
@@ -185,12 +199,20 @@ impl Store {
             if let (Some(src_stamp), Some((id, header))) =
                 (stat_opt(&self.cfg.root.join(rel))?, &k.header)
             {
-                let unchanged = src_stamp == k.source
-                    && k.path == self.entry_path(rel, src_stamp)
-                    && self.inputs_hold(&k)?;
+                // A packed entry holds while no entry file of its own has appeared (a later put
+                // writes one, and it is the newer).
+                let located = match &k.packed {
+                    None => k.path == self.entry_path(rel, src_stamp),
+                    Some(_) => matches!(
+                        stat_entry(&self.entry_path(rel, src_stamp))?,
+                        EntryFile::Absent
+                    ),
+                };
+                let unchanged = src_stamp == k.source && located && self.inputs_hold(&k)?;
                 if unchanged {
-                    match entry::open_entry_with(
+                    match entry::open_entry_in(
                         &k.path,
+                        k.packed.as_ref().map(span_of),
                         self.cfg.read_mode,
                         Some((*id, Arc::clone(header))),
                     ) {
@@ -211,12 +233,14 @@ impl Store {
         if c.state != State::Valid {
             return Ok(None);
         }
+        let path = self.file_of(&c);
         let known_header = self
             .recall(rel)
-            .filter(|k| k.path == c.entry)
+            .filter(|k| k.path == path && k.packed == c.packed)
             .and_then(|k| k.header);
         let reused = known_header.as_ref().map(|(id, _)| *id);
-        match entry::open_entry_with(&c.entry, self.cfg.read_mode, known_header) {
+        let span = c.packed.as_ref().map(span_of);
+        match entry::open_entry_in(&path, span, self.cfg.read_mode, known_header) {
             Ok((e, id)) => {
                 if reused != Some(id) && !self.adopt_header(rel, &c, id, &e.header)? {
                     return Ok(None);

@@ -13,12 +13,13 @@ use rayon::prelude::*;
 use serde_json::Value;
 
 use super::{
-    name_too_long, racy_now, recorded_stamp, stat_entry, stat_opt, stat_source, Check, EntryFile,
-    Known, Layout, SourceFile, State, Store,
+    name_too_long, packed_entry_name, racy_now, recorded_stamp, span_of, stat_entry, stat_opt,
+    stat_source, Check, EntryFile, Known, Layout, SourceFile, State, Store,
 };
 use crate::entry;
 use crate::error::{Error, Result};
 use crate::key::{file_digest, Stamp};
+use crate::pack::PackedAt;
 use crate::pool;
 
 /// True when an entry written for `recorded` (relative to the root it was written under) is the
@@ -171,11 +172,72 @@ impl Store {
                         entry,
                         reason: k.reason,
                         identity: Some(k.entry),
+                        packed: None,
                     });
                 }
             }
         }
-        self.evaluate(rel, src_stamp, &entry, &entry, depth)
+        self.evaluate(rel, src_stamp, &entry, None, &entry, depth)
+    }
+
+    /// What this process knows of `rel` when it is about a packed entry.
+    fn recall_packed(&self, rel: &Path) -> Option<(Known, PackedAt)> {
+        let k = self.recall(rel)?;
+        let at = k.packed.clone()?;
+        Some((k, at))
+    }
+
+    /// The packed entry of `rel` (when the index locates one) as a file a verdict can be about:
+    /// its pack's stamp, or None when the pack is not there.
+    fn stat_packed(&self, rel: &Path) -> Result<Option<(PathBuf, Stamp, PackedAt)>> {
+        let Some((k, at)) = self.recall_packed(rel) else {
+            return Ok(None);
+        };
+        match stat_entry(&k.path)? {
+            EntryFile::Regular(stamp) => Ok(Some((k.path, stamp, at))),
+            _ => Ok(None),
+        }
+    }
+
+    /// The check of a source whose own entry file is absent and whose entry a pack holds (the
+    /// index says where): the hot path while the source's, the pack's and the inputs' stamps are
+    /// the ones judged, else the entry's header is read from the pack and judged in full.
+    fn check_packed(
+        &self,
+        rel: &Path,
+        src_stamp: Stamp,
+        k: Known,
+        at: PackedAt,
+        wanted: &Path,
+        depth: Depth,
+    ) -> Result<Check> {
+        let pack_stamp = match stat_entry(&k.path)? {
+            EntryFile::Regular(stamp) => stamp,
+            _ => {
+                let why = format!(
+                    "the index places the entry in the pack {}, which no longer exists (removed \
+                     by gc or by hand after this process opened the store): open the store again, \
+                     or recompute it",
+                    k.path.display()
+                );
+                return Ok(Check::about(State::Missing, wanted.to_path_buf(), why));
+            }
+        };
+        if depth == Depth::Stamps
+            && k.hot()
+            && k.source == src_stamp
+            && k.entry == pack_stamp
+            && self.inputs_hold(&k)?
+        {
+            return Ok(Check {
+                state: k.state,
+                entry: packed_entry_name(&k.path, &at),
+                reason: k.reason,
+                identity: Some(pack_stamp),
+                packed: Some(at),
+            });
+        }
+        self.evaluate(rel, src_stamp, &k.path, Some(&at), wanted, depth)
     }
 
     /// Whether the extra inputs of a verdict still hold: their stamps, once this process checked
@@ -205,10 +267,7 @@ impl Store {
             "the source {} is not a regular file ({kind}): featstore never reads it; put the image file back",
             self.cfg.root.join(rel).display()
         );
-        let entry = match &self.cfg.layout {
-            Layout::Sidecar => Some(self.entry_path(rel, Stamp::sized(0, 0))),
-            Layout::Dir { .. } => self.recall(rel).map(|k| k.path),
-        };
+        let entry = self.own_entry_file(rel);
         if let Some(entry) = &entry {
             if let EntryFile::Regular(stamp) = stat_entry(entry)? {
                 return Ok(Check {
@@ -217,31 +276,60 @@ impl Store {
                 });
             }
         }
+        if let Some((pack, stamp, at)) = self.stat_packed(rel)? {
+            return Ok(Check {
+                identity: Some(stamp),
+                ..Check::packed_about(State::Stale, &pack, at, why)
+            });
+        }
         Ok(Check::about(State::Missing, entry.unwrap_or_default(), why))
     }
 
-    fn check_without_source(&self, rel: &Path) -> Result<Check> {
-        let entry = match (&self.cfg.layout, self.recall(rel)) {
+    /// The entry file of `rel` when its source cannot say where it is (gone, or not a regular
+    /// file): the sidecar, or in the dir layout the file this process or the index knows (never
+    /// a pack: [`Store::stat_packed`] finds those).
+    fn own_entry_file(&self, rel: &Path) -> Option<PathBuf> {
+        match (&self.cfg.layout, self.recall(rel)) {
             (Layout::Sidecar, _) => Some(self.entry_path(rel, Stamp::sized(0, 0))),
-            (Layout::Dir { .. }, Some(k)) => Some(k.path),
-            (Layout::Dir { .. }, None) => None,
+            (Layout::Dir { .. }, Some(k)) if k.packed.is_none() => Some(k.path),
+            (Layout::Dir { .. }, _) => None,
+        }
+    }
+
+    fn check_without_source(&self, rel: &Path) -> Result<Check> {
+        let gone = || {
+            format!(
+                "the source {} no longer exists",
+                self.cfg.root.join(rel).display()
+            )
         };
-        let Some(entry) = entry else {
+        let own = self.own_entry_file(rel);
+        let own_stamp = match &own {
+            Some(entry) => stat_entry(entry)?,
+            None => EntryFile::Absent,
+        };
+        if !matches!(own_stamp, EntryFile::Regular(_)) {
+            if let Some((pack, stamp, at)) = self.stat_packed(rel)? {
+                return Ok(Check {
+                    identity: Some(stamp),
+                    ..Check::packed_about(State::Orphan, &pack, at, gone())
+                });
+            }
+        }
+        let Some(entry) = own else {
             return Ok(Check::about(
                 State::Missing,
                 PathBuf::new(),
                 "neither the source nor an entry exists",
             ));
         };
-        match stat_entry(&entry)? {
+        match own_stamp {
             EntryFile::Regular(stamp) => Ok(Check {
                 state: State::Orphan,
-                reason: format!(
-                    "the source {} no longer exists",
-                    self.cfg.root.join(rel).display()
-                ),
+                reason: gone(),
                 entry,
                 identity: Some(stamp),
+                packed: None,
             }),
             _ => Ok(Check::about(
                 State::Missing,
@@ -258,6 +346,30 @@ impl Store {
         entry: PathBuf,
         depth: Depth,
     ) -> Result<Check> {
+        let c = self.look_elsewhere(rel, src_stamp, entry.clone(), depth)?;
+        // Another process may have moved the entry into a pack since this store mapped the index
+        // (`featstore pack` removes the files it packed once a new segment says where they
+        // are): when the index directory changed since, look again in the index as it is now.
+        if c.state == State::Missing && self.reload_index_if_changed()? {
+            self.forget(rel);
+            return self.look_elsewhere(rel, src_stamp, entry, depth);
+        }
+        Ok(c)
+    }
+
+    /// Where an entry may be when the file its source's stamp names is absent: a pack, an older
+    /// key (dir layout), a legacy file.
+    fn look_elsewhere(
+        &self,
+        rel: &Path,
+        src_stamp: Stamp,
+        entry: PathBuf,
+        depth: Depth,
+    ) -> Result<Check> {
+        // A pack holds it (the index says where; an entry file of its own, found first, is newer).
+        if let Some((k, at)) = self.recall_packed(rel) {
+            return self.check_packed(rel, src_stamp, k, at, &entry, depth);
+        }
         // Dir layout: the key follows the stamp, so a touched source looks for its entry under a
         // new name. The old one (known from the manifest or an earlier look) may still be valid.
         if let (Layout::Dir { .. }, Some(k)) = (&self.cfg.layout, self.recall(rel)) {
@@ -275,9 +387,10 @@ impl Store {
                             entry: k.path,
                             reason: k.reason,
                             identity: Some(es),
+                            packed: None,
                         });
                     }
-                    return self.evaluate(rel, src_stamp, &k.path, &entry, depth);
+                    return self.evaluate(rel, src_stamp, &k.path, None, &entry, depth);
                 }
             }
         }
@@ -297,18 +410,24 @@ impl Store {
         Ok(Check::about(State::Missing, entry, "no entry"))
     }
 
-    /// Full evaluation of the entry found at `found` (opens its header); `wanted` is where it
-    /// belongs for the source's current stamp (differs from `found` only in the dir layout).
+    /// Full evaluation of the entry found at `found` (opens its header), or at `packed` in the
+    /// pack `found`; `wanted` is where its own file belongs for the source's current stamp
+    /// (differs from `found` only in the dir layout, or for a packed entry).
     fn evaluate(
         &self,
         rel: &Path,
         src_stamp: Stamp,
         found: &Path,
+        packed: Option<&PackedAt>,
         wanted: &Path,
         depth: Depth,
     ) -> Result<Check> {
         let src = self.cfg.root.join(rel);
-        let (header, identity) = match entry::read_header_stamped(found) {
+        let read = match packed {
+            None => entry::read_header_stamped(found),
+            Some(at) => entry::read_header_in(found, span_of(at)),
+        };
+        let (header, identity) = match read {
             Ok(h) => h,
             Err(Error::Corrupt { reason, .. }) => {
                 let identity = match stat_entry(found)? {
@@ -318,7 +437,7 @@ impl Store {
                 return self.settle(
                     rel,
                     src_stamp,
-                    found,
+                    (found, packed),
                     identity,
                     CheckedInputs::default(),
                     State::Corrupt,
@@ -326,11 +445,12 @@ impl Store {
                 );
             }
             Err(e) if e.is_io_kind(ErrorKind::NotFound) => {
+                let at = if packed.is_some() { wanted } else { found };
                 return Ok(Check::about(
                     State::Missing,
-                    found.to_path_buf(),
+                    at.to_path_buf(),
                     "entry vanished while being checked",
-                ))
+                ));
             }
             Err(e) => return Err(e),
         };
@@ -338,7 +458,7 @@ impl Store {
             self.settle(
                 rel,
                 src_stamp,
-                found,
+                (found, packed),
                 Some(identity),
                 CheckedInputs::default(),
                 state,
@@ -389,20 +509,30 @@ impl Store {
             },
             Err(why) => return verdict(State::Stale, why),
         };
-        if refreshed || found != wanted {
+        // A packed entry is never rewritten: the source's new stamp is remembered here and, by
+        // a precompute or `featstore pack`, in the index; other processes digest it once each.
+        if packed.is_none() && (refreshed || found != wanted) {
             if let Some(at) = self.refresh(found, wanted, identity, src_stamp) {
                 // The file just written is the one judged valid (same data, our header).
                 let written = match stat_entry(&at)? {
                     EntryFile::Regular(stamp) => Some(stamp),
                     _ => None,
                 };
-                return self.settle(rel, src_stamp, &at, written, inputs, State::Valid, reason);
+                return self.settle(
+                    rel,
+                    src_stamp,
+                    (&at, None),
+                    written,
+                    inputs,
+                    State::Valid,
+                    reason,
+                );
             }
         }
         self.settle(
             rel,
             src_stamp,
-            found,
+            (found, packed),
             Some(identity),
             inputs,
             State::Valid,
@@ -555,7 +685,7 @@ impl Store {
         &self,
         rel: &Path,
         src_stamp: Stamp,
-        entry: &Path,
+        (entry, packed): (&Path, Option<&PackedAt>),
         identity: Option<Stamp>,
         inputs: CheckedInputs,
         state: State,
@@ -570,6 +700,7 @@ impl Store {
                 Known {
                     source: src_stamp,
                     path: entry.to_path_buf(),
+                    packed: packed.cloned(),
                     entry: entry_stamp,
                     inputs: inputs.stamps,
                     state,
@@ -584,9 +715,13 @@ impl Store {
         }
         Ok(Check {
             state,
-            entry: entry.to_path_buf(),
+            entry: match packed {
+                Some(at) => packed_entry_name(entry, at),
+                None => entry.to_path_buf(),
+            },
             reason,
             identity,
+            packed: packed.cloned(),
         })
     }
 

@@ -318,6 +318,7 @@ impl Store {
                 Known {
                     source: before,
                     path: path.clone(),
+                    packed: None,
                     entry: entry_stamp,
                     inputs: known_inputs,
                     state: State::Valid,
@@ -381,19 +382,25 @@ impl Store {
             .into_owned()
     }
 
-    /// Removes the entry of `rel` (at its current and last known key); true if one was removed.
+    /// Removes the entry of `rel` (at its current and last known key, and from its pack when
+    /// one holds it); true if one was removed.
     pub fn remove(&self, rel: &Path) -> Result<bool> {
         let mut candidates = Vec::new();
         if let Some(s) = stat_opt(&self.cfg.root.join(rel))? {
             candidates.push(self.entry_path(rel, s));
         }
-        if let Some(k) = self.recall(rel) {
+        // Never a pack: it holds other sources' entries (a packed entry is dropped from the
+        // index instead, `Store::drop_packed`).
+        if let Some(k) = self.recall(rel).filter(|k| k.packed.is_none()) {
             candidates.push(k.path);
         }
         if self.cfg.layout == Layout::Sidecar {
             candidates.push(self.entry_path(rel, Stamp::sized(0, 0)));
         }
         let mut removed = false;
+        if let Some(at) = self.recall(rel).and_then(|k| k.packed) {
+            removed |= self.drop_packed(&[(rel.to_path_buf(), at)])?[0];
+        }
         for c in candidates {
             match fs::remove_file(&c) {
                 Ok(()) => removed = true,
