@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from featstore import _core
 from featstore.errors import BatchReadError, CorruptEntryError, StaleEntryError, TensorNameError
+from featstore.packs import entry_location
 
 if TYPE_CHECKING:  # the store reads batches through this module
     import torch
@@ -25,7 +26,7 @@ def entry_layout(store: FeatureStore, path: str | os.PathLike[str]) -> dict[str,
     if check.state != "valid":
         return None
     try:
-        _, tensors, _ = _core.read_header(check.entry)
+        _, tensors, _ = _core.read_header(*entry_location(check))
     except (CorruptEntryError, FileNotFoundError):
         return None  # replaced or removed since the check
     # A dtype torch cannot hold (float8) gives no layout: read_batch then finds no entry to use.

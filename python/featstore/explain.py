@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from featstore import _core
 from featstore.errors import CorruptEntryError
 from featstore.fmt import human_bytes, timestamp
+from featstore.packs import entry_location
 from featstore.vocabulary import LEGACY_SIDECAR_SUFFIX, MISS_ADVICE
 
 if TYPE_CHECKING:  # the store calls explain(); explain only uses the store handed to it
@@ -145,11 +146,15 @@ def explain(store: FeatureStore, path: str | os.PathLike[str]) -> Explanation:
         src_st = None
     legacy = entry.endswith(LEGACY_SIDECAR_SUFFIX)
     meta: dict[str, str] = {}
+    if checked.packed is not None:
+        pack, offset, length = checked.packed
+        details.append(("pack", f"{os.fspath(pack)}, bytes {offset:,}..{offset + length:,}"))
     if entry and not legacy and state not in ("missing", "corrupt"):
         try:
-            meta, tensors, _ = _core.read_header(entry)
+            meta, tensors, _ = _core.read_header(*entry_location(checked))
+            size = checked.packed[2] if checked.packed is not None else _size(entry)
             details.append(("entry written", f"{timestamp(int(meta.get('created', '0')) * 10**9)[:19]}, "
-                            f"{human_bytes(_size(entry))}, fingerprint {meta.get('fingerprint') or '(none)'}"))
+                            f"{human_bytes(size)}, fingerprint {meta.get('fingerprint') or '(none)'}"))
             details.append(("tensors", ", ".join(f"{n} {dt}{list(shape)}" for n, dt, shape, _, _ in tensors)))
         except (CorruptEntryError, OSError, ValueError):
             pass
@@ -169,7 +174,7 @@ def explain(store: FeatureStore, path: str | os.PathLike[str]) -> Explanation:
         details.append(("entry fingerprint", meta.get("fingerprint") or "(none)"))
         details.append(("expected", f"{store.fingerprint} ("
                         + ("given" if given else f"from the manifest {store.manifest_path}") + ")"))
-    elif state == "corrupt":
+    elif state == "corrupt" and checked.packed is None:
         details.append(("file", f"{_size(entry):,} bytes"))
     elif state == "missing":
         if src_st is None:

@@ -15,7 +15,8 @@ if TYPE_CHECKING:
 
 
 def remove_entry(store: FeatureStore, rel: str) -> bool:
-    """Removes the entry of ``rel``; True if a file was removed.
+    """Removes the entry of ``rel``; True if a file was removed (or, for a packed entry, dropped
+    from the index: its pack keeps the bytes until ``featstore gc`` compacts it).
 
     Only the entry file this call judged is removed: :meth:`FeatureStore.check` names it and its
     identity, and :func:`featstore._core.remove_judged` removes it only while it is still that
@@ -24,7 +25,11 @@ def remove_entry(store: FeatureStore, rel: str) -> bool:
     c = store.check(rel)
     entry = os.fspath(c.entry) if c.entry else ""
     removed = False
-    if c.identity is not None and entry and c.state != "legacy" and not entry.endswith(LEGACY_SIDECAR_SUFFIX):
+    if c.packed is not None:
+        # A pack holds other sources' entries too: this one leaves the index, the pack stays.
+        pack, offset, length = c.packed
+        removed = store._core.drop_packed([(rel, pack, offset, length)])[0]
+    elif c.identity is not None and entry and c.state != "legacy" and not entry.endswith(LEGACY_SIDECAR_SUFFIX):
         removed = _core.remove_judged(entry, c.identity)
     store.forget(rel)
     return removed

@@ -107,7 +107,11 @@ def count_states(store: FeatureStore, sources: Iterable[str] | None = None, *, t
     if any(state not in counts for state in tally):  # some checks failed: name their sources
         errors += [(rel, error) for rel, s in zip(rels, states, strict=True) if (error := check_error(s)) is not None]
     known = set(rels)
-    for rel in _orphan_candidates(store) if entry_names is None else entry_names:
+    candidates = _orphan_candidates(store) if entry_names is None else entry_names
+    if store.layout == "sidecar" and os.path.isdir(store._core.packs_dir):
+        # Packed entries have no file a walk finds: the index names their sources.
+        candidates = sorted({*candidates, *map(os.fsdecode, store._core.indexed_sources())})
+    for rel in candidates:
         if rel not in known and store.state(rel) == "orphan":
             counts["orphan"] += 1
     return Status(counts=counts, feature=store.feature, layout=store.layout, data_root=store.data_root,

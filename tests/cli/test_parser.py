@@ -9,7 +9,7 @@ import pytest
 from featstore import __version__
 from featstore.cli import build_parser, main
 
-COMMANDS = ["scan", "precompute", "demo", "status", "explain", "verify", "gc", "migrate", "bench"]
+COMMANDS = ["scan", "precompute", "demo", "status", "explain", "verify", "gc", "pack", "migrate", "bench"]
 
 
 def test_every_command_is_registered_in_order():

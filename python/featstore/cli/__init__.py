@@ -33,7 +33,7 @@ COMMANDS: tuple[Callable[[Subcommands], None], ...] = (
     precompute.register,
     demo.register,
     inspect.register,  # status, explain
-    maintain.register,  # verify, gc, migrate
+    maintain.register,  # verify, gc, pack, migrate
     bench.register,
 )
 

@@ -1,4 +1,4 @@
-"""Operating a cache: ``status``, ``verify``, ``gc``, ``migrate`` and ``bench``.
+"""Operating a cache: ``status``, ``verify``, ``gc``, ``pack``, ``migrate`` and ``bench``.
 
 The ``featstore`` subcommands of the same names are thin wrappers around these functions. Each
 returns a report with ``to_dict()`` (what ``--json`` prints) and ``text()`` (what a person reads).
@@ -15,6 +15,7 @@ One module per command, over one survey of a feature's entries:
   :mod:`~featstore.ops.gc`, :mod:`~featstore.ops.migrate` (with :mod:`~featstore.ops.migrate_report`
   and :mod:`~featstore.ops.legacy_caches`), :mod:`~featstore.ops.benchmark`
 - :mod:`~featstore.ops.journals`: leftover precompute journals merged
+- :mod:`~featstore.ops.packing`: ``featstore pack``, entries moved into packs
 
 A module is never named like a function re-exported here (``status_report``, not ``status``), so
 ``featstore.ops.status`` is always the function. Nothing here imports torch: the CLI imports this
@@ -27,6 +28,7 @@ from featstore.ops.history_explanation import HistoryExplanation, explain_histor
 from featstore.ops.journals import merge_leftover_journals
 from featstore.ops.migrate import execute_migrate, plan_migrate
 from featstore.ops.migrate_report import MigrateItem, MigrateReport
+from featstore.ops.packing import PackReport, pack
 from featstore.ops.status_report import StatusReport, status
 from featstore.ops.survey import EntryReport
 from featstore.ops.verification import VerifyReport, quarantine, quarantine_dir, verify
@@ -41,6 +43,7 @@ __all__ = [
     "HistoryExplanation",
     "MigrateItem",
     "MigrateReport",
+    "PackReport",
     "StatusReport",
     "VerifyReport",
     "WrongDataRootError",
@@ -49,6 +52,7 @@ __all__ = [
     "execute_migrate",
     "explain_history",
     "merge_leftover_journals",
+    "pack",
     "plan_gc",
     "plan_migrate",
     "quarantine",

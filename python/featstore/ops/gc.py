@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from featstore.fmt import age, error_lines, human_bytes, shown
 from featstore.history import frames_record_files, frames_record_path, history_entry_files
 from featstore.lock import maintenance_lock
 from featstore.ops.files import KEPT_REWRITTEN, Identity, base_dir, file_identity, gone_or_kept, not_writable
+from featstore.ops.packing import PackCompaction, compact, plan_compaction
 from featstore.ops.survey import EntryReport, Survey, survey
 from featstore.progress import bar as progress_bar
 from featstore.store import FeatureStore
@@ -49,6 +51,9 @@ class GcItem:
     identity : (int, int, int, int) or None
         The stamp ``(size, mtime_ns, ino, ctime_ns)`` of the file judged: only that file is
         removed (None: it changed while being judged, so it is left alone).
+    packed : (str, int, int) or None
+        ``(pack, offset, length)`` of a packed entry: it is dropped from the index (the pack
+        holds other entries; a pack no live entry is in is removed, see ``packs``).
     """
 
     path: str
@@ -57,6 +62,7 @@ class GcItem:
     bytes: int
     source: str = ""
     identity: Identity | None = None
+    packed: tuple[str, int, int] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"path": self.path, "kind": self.kind, "reason": self.reason, "bytes": self.bytes,
@@ -74,7 +80,10 @@ class GcReport:
     kept : list of GcItem
         Files gc leaves, with the reason (corrupt: ``verify --quarantine``; legacy: ``migrate``).
     removed : list of GcItem
-        Files removed (empty in a dry run).
+        Files removed, and packed entries dropped from the index (empty in a dry run).
+    packs : list of PackCompaction
+        Packs to remove (no live entry in them) or rewrite (mostly dead bytes), or kept (young);
+        ``compacted`` says what was done with each.
     skipped : list of (str, str)
         Planned files left alone at removal time: gone meanwhile, or
         ``"kept: rewritten since it was judged"`` (a writer replaced the file judged).
@@ -90,10 +99,13 @@ class GcReport:
     removed: list[GcItem] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
     errors: list[tuple[str, str]] = field(default_factory=list)
+    packs: list[PackCompaction] = field(default_factory=list)
+    compacted: list[tuple[str, str]] = field(default_factory=list)
+    min_tmp_age_s: float = DEFAULT_MIN_TMP_AGE_S
 
     @property
     def bytes(self) -> int:
-        """Bytes of the files planned for removal."""
+        """Bytes of the files planned for removal (and of packed entries to drop)."""
         return sum(i.bytes for i in self.remove)
 
     def to_dict(self) -> dict[str, Any]:
@@ -102,7 +114,8 @@ class GcReport:
                 "kept": [i.to_dict() for i in self.kept], "removed": [i.to_dict() for i in self.removed],
                 "removed_bytes": sum(i.bytes for i in self.removed),
                 "skipped": [list(s) for s in self.skipped], "rewritten_since_judged": self.rewritten,
-                "errors": [list(e) for e in self.errors]}
+                "errors": [list(e) for e in self.errors], "packs": [p.to_dict() for p in self.packs],
+                "compacted": [list(c) for c in self.compacted]}
 
     @property
     def rewritten(self) -> int:
@@ -124,6 +137,10 @@ class GcReport:
                 by_kind[i.kind] = by_kind.get(i.kind, 0) + 1
             lines.append("kept: " + ", ".join(f"{n:,} {k}" for k, n in sorted(by_kind.items())))
             lines.extend(f"  {i.kind:8} {shown(self.base, i.path)}  ({i.reason})" for i in self.kept[:limit])
+        for pack in self.packs:
+            lines.append(f"  pack {pack.action:7} {shown(self.base, pack.path)}  {human_bytes(pack.size)}  "
+                         f"({pack.reason})")
+        lines.extend(f"  pack {shown(self.base, p)}: {what}" for p, what in self.compacted)
         if self.dry_run:
             lines.append("dry run: nothing removed; run without --dry-run to remove them")
         else:
@@ -186,7 +203,10 @@ def plan_gc(store: FeatureStore, sources: Sequence[str], *, keep_fingerprints: I
     never = {os.path.join(store.data_root, s) for s in sources}
     remove, kept = _plan_entries(store, found.reports, never, set(keep_fingerprints), store.fingerprint is not None)
     _plan_temps(found, never, min_tmp_age_s, remove, kept)
+    _plan_pack_temps(store, min_tmp_age_s, remove, kept)
     _plan_frames_records(store, min_tmp_age_s, remove, kept)
+    packs = plan_compaction(store, {(i.packed[0], i.packed[1]) for i in remove if i.packed is not None},
+                            min_age_s=min_tmp_age_s)
     belongs = [r for r in found.reports if r.state != "orphan"]
     orphans = [i for i in remove if i.kind == "orphan"]
     if orphans and not belongs and not force:
@@ -195,7 +215,7 @@ def plan_gc(store: FeatureStore, sources: Sequence[str], *, keep_fingerprints: I
             f"belongs to a source under {store.data_root} ({len(sources):,} sources found). Is that the data "
             "root these entries were made for? Pass --force to remove them anyway")
     return GcReport(store.feature, store.layout, store.data_root, base_dir(store), remove, kept, True,
-                    errors=found.errors)
+                    errors=found.errors, packs=packs, min_tmp_age_s=min_tmp_age_s)
 
 
 def _plan_entries(store: FeatureStore, reports: Sequence[EntryReport], never: set[str],
@@ -207,7 +227,7 @@ def _plan_entries(store: FeatureStore, reports: Sequence[EntryReport], never: se
     kept: list[GcItem] = []
     for r in reports:
         legacy = r.path.endswith(LEGACY_SIDECAR_SUFFIX)
-        item = GcItem(r.path, r.state, r.reason, r.bytes, r.source, r.identity)
+        item = GcItem(r.path, r.state, r.reason, r.bytes, r.source, r.identity, r.packed)
         if r.state not in ("orphan", "stale", "foreign") or legacy:
             if legacy:
                 item.kind = "legacy"
@@ -223,7 +243,7 @@ def _plan_entries(store: FeatureStore, reports: Sequence[EntryReport], never: se
             item.reason = r.keep  # perhaps another data root's valid entry (a copy sharing the cache)
             kept.append(item)
             continue
-        meta = _featstore_meta(store, r.path)
+        meta = _featstore_meta(store, r.path, r.packed)
         if meta is None or r.path in never:
             item.kind, item.reason = "unknown", "named like an entry but not a featstore entry of this feature"
             kept.append(item)
@@ -262,6 +282,29 @@ def _plan_temps(found: Survey, never: set[str], min_tmp_age_s: float, remove: li
             remove.append(GcItem(t, "temp", f"left by an interrupted write {age(age_s)} ago", ident[0], "", ident))
 
 
+def _plan_pack_temps(store: FeatureStore, min_tmp_age_s: float, remove: list[GcItem], kept: list[GcItem]) -> None:
+    """Adds the temporary files of pack runs killed before sealing (``.<pack name>.<random>.tmp``
+    in the packs directory) to ``remove``, or to ``kept`` while they may be a pack being written."""
+    packs_dir = os.fspath(store._core.packs_dir)
+    try:
+        names = os.listdir(packs_dir)
+    except OSError:
+        return
+    now = time.time_ns()
+    for name in names:
+        path = os.path.join(packs_dir, name)
+        ident = file_identity(path)
+        if ident is None or not _PACK_TEMP.match(name):
+            continue
+        age_s = (now - ident[1]) / 1e9
+        if age_s < min_tmp_age_s:
+            kept.append(GcItem(path, "temp", f"written {age_s:.0f} s ago: may be a pack being written "
+                               f"(--min-tmp-age {min_tmp_age_s:.0f})", ident[0], "", ident))
+        else:
+            remove.append(GcItem(path, "temp", f"left by an interrupted pack run {age(age_s)} ago", ident[0], "",
+                                 ident))
+
+
 def _plan_frames_records(store: FeatureStore, min_tmp_age_s: float, remove: list[GcItem], kept: list[GcItem]
                          ) -> None:
     """Adds the frames records of history passes (:mod:`featstore.history_frames`) that no history
@@ -295,6 +338,10 @@ def _plan_frames_records(store: FeatureStore, min_tmp_age_s: float, remove: list
                                  ident[0], "", ident))
 
 
+#: What a pack run's temporary file is called (the pack's name, then the temporary suffix).
+_PACK_TEMP = re.compile(r"^\.[0-9a-f]+-[0-9]+-[0-9a-f]+\.fspack\..+\.tmp$")
+
+
 def execute_gc(store: FeatureStore, plan: GcReport, *, progress: bool | None = None) -> GcReport:
     """:func:`_execute_gc` under the feature's lock: refused while a precompute runs."""
     with maintenance_lock(store, "collect garbage"):
@@ -317,8 +364,18 @@ def _execute_gc(store: FeatureStore, plan: GcReport, *, progress: bool | None = 
     """
     plan.dry_run = False
     key_dirs: set[str] = set()
-    with progress_bar(len(plan.remove), "removing", show=progress, unit="files") as bar:
+    packed = [i for i in plan.remove if i.packed is not None]
+    if packed:  # dropped from the index in one segment; the packs keep the bytes until compacted
+        dropped = store._core.drop_packed([(i.source, *i.packed) for i in packed if i.packed is not None])
+        for item, was in zip(packed, dropped, strict=True):
+            if was:
+                plan.removed.append(item)
+            else:
+                plan.skipped.append((item.path, "kept: the index places this source's entry elsewhere since"))
+    with progress_bar(len(plan.remove) - len(packed), "removing", show=progress, unit="files") as bar:
         for item in plan.remove:
+            if item.packed is not None:
+                continue
             bar.update(1)
             if item.identity is None:
                 plan.skipped.append((item.path, "changed while it was judged"))
@@ -341,13 +398,18 @@ def _execute_gc(store: FeatureStore, plan: GcReport, *, progress: bool | None = 
                 os.rmdir(d)  # only succeeds when empty
             except OSError:
                 pass
+    # The packs as they are now that the entries are dropped: judged again, under the lock.
+    plan.packs = plan_compaction(store, set(), min_age_s=plan.min_tmp_age_s)
+    plan.compacted = compact(store, plan.packs)
     return plan
 
 
-def _featstore_meta(store: FeatureStore, path: str) -> dict[str, str] | None:
-    """The header metadata of ``path`` if it is a readable featstore entry of this feature."""
+def _featstore_meta(store: FeatureStore, path: str, packed: tuple[str, int, int] | None = None
+                    ) -> dict[str, str] | None:
+    """The header metadata of ``path`` (or of the packed entry at ``packed``) if it is a readable
+    featstore entry of this feature."""
     try:
-        meta, _, _ = _core.read_header(path)
+        meta, _, _ = _core.read_header(*((packed[0], packed[1:]) if packed is not None else (path, None)))
     except (CorruptEntryError, OSError):
         return None
     if not meta.get("featstore.format", "").startswith("featstore-entry") or meta.get("feature") != store.feature:

@@ -64,10 +64,13 @@ class EntryReport:
     members: tuple[str, ...] = ()  # a frame set's members or a history's frames, in order (``source`` is '')
     identity: Identity | None = None
     keep: str = ""
+    packed: tuple[str, int, int] | None = None  # (pack, offset, length): ``path`` is then no file
 
     def to_dict(self) -> dict[str, Any]:
         doc: dict[str, Any] = {"path": self.path, "source": self.source, "state": self.state, "reason": self.reason,
                                "bytes": self.bytes}
+        if self.packed is not None:
+            doc["pack"], doc["offset"], _ = self.packed
         if self.members:
             doc["members"] = list(self.members)
         if self.keep:
@@ -160,12 +163,15 @@ def survey(store: FeatureStore, rels: Sequence[str], *, deep: bool, threads: int
             missing += 1
             continue
         path = os.fspath(entry)
-        nbytes = c.identity[0] if c.identity is not None else file_size(path)
-        by_path[path] = EntryReport(path, rel, state, reason, nbytes, identity=c.identity)
+        packed = (os.fspath(c.packed[0]), c.packed[1], c.packed[2]) if c.packed is not None else None
+        nbytes = packed[2] if packed else c.identity[0] if c.identity is not None else file_size(path)
+        by_path[path] = EntryReport(path, rel, state, reason, nbytes, identity=c.identity, packed=packed)
         claimed[rel] = path
     entries, temps, walk_errors = feature_files(store)
     errors.extend(walk_errors)
     in_scope = set(rels)
+    for r in _packed_orphans(store, in_scope, threads):
+        by_path[r.path] = r
     shared = shared_data_root(store)
     if shared is not None:
         for r in by_path.values():
@@ -261,6 +267,21 @@ def shared_data_root(store: FeatureStore) -> str | None:
     if not isinstance(recorded, str) or os.path.abspath(recorded) == store.data_root:
         return None
     return os.path.abspath(recorded)
+
+
+def _packed_orphans(store: FeatureStore, in_scope: set[str], threads: int | None) -> list[EntryReport]:
+    """The packed entries of sources that are gone: no walk finds them (they are inside packs), the
+    index names them."""
+    if not os.path.isdir(store._core.packs_dir):
+        return []
+    gone = [s for s in map(os.fsdecode, store._core.indexed_sources()) if s not in in_scope]
+    reports = []
+    for rel, c in zip(gone, store.check_many(gone, threads=threads), strict=True):
+        if c.packed is not None and c.state == "orphan":
+            packed = (os.fspath(c.packed[0]), c.packed[1], c.packed[2])
+            reports.append(EntryReport(os.fspath(c.entry), rel, c.state, c.reason, packed[2], identity=c.identity,
+                                       packed=packed))
+    return reports
 
 
 def _unclaimed(store: FeatureStore, path: str, in_scope: set[str], claimed: dict[str, str],

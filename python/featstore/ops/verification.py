@@ -148,10 +148,11 @@ def _read_in_full(store: FeatureStore, found: Survey, threads: int | None, progr
             except CorruptEntryError as exc:
                 return "corrupt", str(exc)
             return None
+        file, span = (r.packed[0], r.packed[1:]) if r.packed is not None else (r.path, None)
         try:
-            meta = _core.verify_entry(r.path)
+            meta = _core.verify_entry(file, span)
         except CorruptEntryError as exc:
-            return "corrupt", corrupt_reason(exc, r.path)
+            return "corrupt", corrupt_reason(exc, file)
         if meta.get("feature") != store.feature:
             return "corrupt", f"the entry belongs to feature {meta.get('feature')!r}, not {store.feature!r}"
         if store.layout == "dir" and r.source and meta.get("source") != r.source:
@@ -160,7 +161,8 @@ def _read_in_full(store: FeatureStore, found: Survey, threads: int | None, progr
 
     def guarded(r: EntryReport) -> tuple[tuple[str, str] | None, Identity | None]:
         try:
-            return read_judged(r.path, lambda _: check(r))
+            # A packed entry's verdict is about its pack as it was while the entry was read.
+            return read_judged(r.packed[0] if r.packed is not None else r.path, lambda _: check(r))
         except OSError as exc:
             return ("error", str(exc)), None
 
@@ -179,6 +181,10 @@ def _read_in_full(store: FeatureStore, found: Survey, threads: int | None, progr
                 r.state, r.reason = verdict
                 r.identity = identity
                 store.forget(r.source)
+
+
+#: What the quarantine says of a packed entry it dropped (its ``to``).
+PACKED_DROPPED = "(dropped from the index: its pack keeps the bytes until `featstore gc` compacts it)"
 
 
 def quarantine_dir(store: FeatureStore) -> str:
@@ -223,6 +229,14 @@ def _quarantine(store: FeatureStore, bad: Sequence[EntryReport],
         if r.identity is None or r.keep:
             if kept is not None:
                 kept.append((r.path, r.keep or "kept: it changed while it was judged"))
+            continue
+        if r.packed is not None:
+            # Its pack holds other entries: this one leaves the index (its source is then computed
+            # again), and gc compacts the bytes away.
+            if store._core.drop_packed([(r.source, *r.packed)])[0]:
+                moved.append((r.path, PACKED_DROPPED))
+            elif kept is not None:
+                kept.append((r.path, "kept: the index places this source's entry elsewhere since"))
             continue
         try:
             os.makedirs(os.path.dirname(dst), exist_ok=True)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from featstore import _core
+from featstore.packs import entry_location
 from featstore.pipeline.items import kind_for, noun
 from featstore.pipeline.planning import Plan
 from featstore.vocabulary import check_error
@@ -78,7 +79,7 @@ def _foreign_fingerprint(plan: Plan) -> str | None:
     for item, state in zip(plan.items, plan.states, strict=True):
         if state == "foreign" and item.kind == "image":
             try:
-                meta, _, _ = _core.read_header(plan.store.check(item.paths[0]).entry)
+                meta, _, _ = _core.read_header(*entry_location(plan.store.check(item.paths[0])))
             except Exception:  # unreadable now: the count alone still says it
                 return None
             return meta.get("fingerprint")

@@ -4,6 +4,7 @@
 mod dlpack;
 mod error;
 mod fork;
+mod packs;
 mod records;
 
 use std::collections::BTreeMap;
@@ -451,11 +452,22 @@ fn header_tuple(h: &entry::Header) -> HeaderTuple {
     )
 }
 
+/// An entry's place in the file at a path: `(offset, length)` of a packed entry, or None for
+/// a file that is one entry.
+fn span(at: Option<(u64, u64)>) -> Option<entry::Span> {
+    at.map(|(offset, len)| entry::Span { offset, len })
+}
+
 /// Reads and validates an entry's header only: `(metadata, [(name, dtype, shape, start, end)],
-/// data_start)`.
+/// data_start)`. `span`: `(offset, length)` of a packed entry in the pack at `path`.
 #[pyfunction]
-fn read_header(py: Python<'_>, path: PathBuf) -> PyResult<HeaderTuple> {
-    let h = fork::detached(py, || entry::read_header(&path)).py_err()?;
+#[pyo3(signature = (path, span=None))]
+fn read_header(py: Python<'_>, path: PathBuf, span: Option<(u64, u64)>) -> PyResult<HeaderTuple> {
+    let h = fork::detached(py, || match self::span(span) {
+        None => entry::read_header(&path),
+        Some(at) => entry::read_header_in(&path, at).map(|(h, _)| h),
+    })
+    .py_err()?;
     Ok(header_tuple(&h))
 }
 
@@ -489,20 +501,31 @@ fn read_mode(pread: bool) -> ReadMode {
 /// Opens an entry file: `([(name, dltensor capsule)], metadata, (address, length))`. The
 /// address range is that of the mapping (or buffer) the tensors view.
 #[pyfunction]
-#[pyo3(signature = (path, pread=false))]
-fn read_entry<'py>(py: Python<'py>, path: PathBuf, pread: bool) -> PyResult<OpenedEntry<'py>> {
+#[pyo3(signature = (path, pread=false, span=None))]
+fn read_entry<'py>(
+    py: Python<'py>,
+    path: PathBuf,
+    pread: bool,
+    span: Option<(u64, u64)>,
+) -> PyResult<OpenedEntry<'py>> {
     let e = py
-        .detach(|| entry::open_entry(&path, read_mode(pread)))
-        .py_err()?;
+        .detach(|| entry::open_entry_in(&path, self::span(span), read_mode(pread), None))
+        .py_err()?
+        .0;
     let range = (e.bytes.as_ptr() as usize, e.bytes.as_slice().len());
     Ok((tensors_of(py, &e)?, e.header.metadata.clone(), range))
 }
 
 /// Opens an entry and checks its data against `data.blake3`; returns its metadata.
 #[pyfunction]
-fn verify_entry(py: Python<'_>, path: PathBuf) -> PyResult<BTreeMap<String, String>> {
+#[pyo3(signature = (path, span=None))]
+fn verify_entry(
+    py: Python<'_>,
+    path: PathBuf,
+    span: Option<(u64, u64)>,
+) -> PyResult<BTreeMap<String, String>> {
     fork::detached(py, || {
-        let e = entry::open_entry(&path, ReadMode::Pread)?;
+        let (e, _) = entry::open_entry_in(&path, self::span(span), ReadMode::Pread, None)?;
         e.verify_checksum(&path)?;
         Ok(e.header.metadata.clone())
     })
@@ -809,7 +832,7 @@ impl PyStore {
         let c = py
             .detach(|| self.inner.check_at(&rel, depth(deep)))
             .py_err()?;
-        Ok(c.into())
+        Ok(PyCheck::of(c, &self.inner))
     }
 
     /// The state name of one source: the hot path (the GIL is kept: the call is shorter than
@@ -836,7 +859,7 @@ impl PyStore {
         });
         checks
             .into_iter()
-            .map(|c| c.map_or_else(PyCheck::failed, PyCheck::from))
+            .map(|c| c.map_or_else(PyCheck::failed, |c| PyCheck::of(c, &self.inner)))
             .collect()
     }
 
@@ -1120,6 +1143,57 @@ impl PyStore {
     /// Forgets what this process remembers about `rel`.
     fn forget(&self, rel: PathBuf) {
         self.inner.forget(&rel)
+    }
+
+    /// Where the feature's packs are.
+    #[getter]
+    fn packs_dir(&self) -> OsString {
+        self.inner.packs_dir().into_os_string()
+    }
+
+    /// Moves the valid entries of `rels` in files of their own into packs of about
+    /// `target_size` bytes (see `packs::pack_entries`).
+    #[pyo3(signature = (rels, target_size, durable=true, progress=None))]
+    fn pack_entries(
+        &self,
+        py: Python<'_>,
+        rels: Vec<PathBuf>,
+        target_size: u64,
+        durable: bool,
+        progress: Option<&Bound<'_, Progress>>,
+    ) -> PyResult<packs::PackReport> {
+        packs::pack_entries(py, &self.inner, rels, target_size, durable, progress)
+    }
+
+    /// Drops packed entries from the index: `[(rel, pack path, offset, length)]`, those the
+    /// index still places there; returns, per entry, whether it was dropped.
+    fn drop_packed(
+        &self,
+        py: Python<'_>,
+        entries: Vec<(PathBuf, PathBuf, u64, u64)>,
+    ) -> PyResult<Vec<bool>> {
+        packs::drop_packed(py, &self.inner, entries)
+    }
+
+    /// Every pack of the feature and which of its entries the index still places in it:
+    /// `[(pack path, size, [(rel bytes, offset, length)] of live entries, entries in its table)]`
+    /// (a pack whose table cannot be read lists none, and -1 entries).
+    fn pack_usage(&self, py: Python<'_>) -> PyResult<Vec<packs::PackUsage>> {
+        packs::pack_usage(py, &self.inner)
+    }
+
+    /// Rewrites the pack at `path` with only its live entries (`pack_usage`'s list), then
+    /// removes it if it is still the file of stamp `identity`; returns `(new packs, records)`.
+    #[pyo3(signature = (path, identity, live, durable=true))]
+    fn repack(
+        &self,
+        py: Python<'_>,
+        path: PathBuf,
+        identity: StampTuple,
+        live: Vec<(Vec<u8>, u64, u64)>,
+        durable: bool,
+    ) -> PyResult<(Vec<OsString>, usize)> {
+        packs::repack(py, &self.inner, path, identity, live, durable)
     }
 }
 

@@ -4,7 +4,7 @@ use std::ffi::OsString;
 use std::path::PathBuf;
 
 use featstore_core::manifest;
-use featstore_core::store::Check;
+use featstore_core::store::{Check, Store};
 use pyo3::prelude::*;
 
 /// The verdict of one check: the state name (`"error: ..."` where the check itself failed, in
@@ -17,12 +17,20 @@ pub struct PyCheck {
     /// The judged entry file's stamp `(size, mtime_ns, ino, ctime_ns)`, or None when there is
     /// no such file: destructive commands pass it back so that only that very file is touched.
     pub identity: Option<(u64, i64, u64, i64)>,
+    /// `(pack path, offset, length)` when a pack holds the entry (`entry` is then a name no
+    /// file has, and `identity` the pack's stamp); None: the entry is in a file of its own.
+    pub packed: Option<(OsString, u64, u64)>,
 }
 
-impl From<Check> for PyCheck {
-    fn from(c: Check) -> Self {
+impl PyCheck {
+    /// The binding's record of `c`, a check by `store`.
+    pub fn of(c: Check, store: &Store) -> Self {
         PyCheck {
             state: c.state.name().to_string(),
+            packed: c.packed.map(|at| {
+                let pack = store.pack_path(&at.pack).into_os_string();
+                (pack, at.offset, at.len)
+            }),
             entry: c.entry.into_os_string(),
             reason: c.reason,
             identity: c.identity.map(|s| (s.size, s.mtime_ns, s.ino, s.ctime_ns)),
@@ -38,6 +46,7 @@ impl PyCheck {
             entry: OsString::new(),
             reason: String::new(),
             identity: None,
+            packed: None,
         }
     }
 }
