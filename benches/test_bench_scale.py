@@ -15,7 +15,9 @@ process, as a user's command would have them):
   recomputed (1) and others rewritten (0), and the rerun against reading the ``.jsonl`` once
   (Python, ``json.loads`` per line; target <= 2x), with the edit's own cost (the rerun less a
   no-op rerun of the same captions, measured just before the edit);
-- the manifest's and the index's sizes.
+- the manifest's and the index's sizes;
+- ``featstore pack`` of every entry (entries/s, files before and after), then ``featstore status``
+  and a no-op precompute rerun over the packed entries against the same commands before packing.
 """
 
 from __future__ import annotations
@@ -150,11 +152,32 @@ def test_scale_figures(tree):
     index = os.path.join(root, ".featstore", "trivial", "index")
     rows.append(("manifest / index on disk", f"{os.path.getsize(manifest):,} B / {_dir_bytes(index):,} B", "", ""))
 
+    rows += _packed(root, featstore, status_s, rerun_s, trivial)
+
     shutil.rmtree(floor_dir)
     width = max(len(r[0]) for r in rows)
     print(f"\nscale benchmark at {N:,} sources ({os.cpu_count()} cores)")
     for name, value, floor, verdict in rows:
         print(f"  {name:<{width}}  {value:<32} {floor:<24} {verdict}")
+
+
+def _packed(root: str, featstore: str, status_s: float, rerun_s: float, trivial: dict[str, str]
+            ) -> list[tuple[str, str, str, str]]:
+    """`featstore pack` of every entry, then status and a no-op rerun over the packed entries."""
+    pack_s, peak, out = _run([featstore, "pack", root, "--feature", "trivial", "--json"])
+    packed = json.loads(out)
+    assert packed["moved"] == N, packed["skipped"][:3]
+    rows = [("featstore pack", f"{N / pack_s:,.0f} entries/s ({pack_s:.1f} s)",
+             f"{N:,} files -> {len(packed['packs'])} packs", f"peak {peak / 2**20:,.0f} MiB")]
+    packed_status_s, _, out = _run([featstore, "status", root, "--feature", "trivial", "--json"])
+    assert json.loads(out)["counts"]["valid"] == N
+    rows.append(("featstore status, packed", f"{packed_status_s:.2f} s", f"unpacked {status_s:.2f} s",
+                 f"{packed_status_s / status_s:.2f}x"))
+    packed_rerun_s, _, out = _run(_python(PRECOMPUTE.format(root=root, **trivial)))
+    assert json.loads(out)["skipped"] == N
+    rows.append(("no-op precompute rerun, packed", f"{packed_rerun_s:.2f} s", f"unpacked {rerun_s:.2f} s",
+                 f"{packed_rerun_s / rerun_s:.2f}x"))
+    return rows
 
 
 def _jsonl_edit(root: str, rels: list[str]) -> list[tuple[str, str, str, str]]:
