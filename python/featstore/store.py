@@ -322,19 +322,20 @@ class FeatureStore:
 
     def write_many(self, items: Sequence[tuple[str, Mapping[str, torch.Tensor], Mapping[str, InputValue] | None,
                                                Stamp | None]], *, durable: bool = False,
-                   threads: int | None = None) -> list[dict[str, Any] | BaseException]:
+                   threads: int | None = None, stream: _core.PackStream | None = None) -> list[writes.Result]:
         """:meth:`write` of a batch ``(path, tensors, inputs, expected)`` in parallel, fsynced together
-        when ``durable``: one result (or exception) per item (:func:`featstore.writes.write_many`)."""
-        return writes.write_many(self, items, durable=durable, threads=threads)
+        when ``durable``: one result (or exception) per item (:func:`featstore.writes.write_many`;
+        ``stream``: appended to precompute's pack stream instead)."""
+        return writes.write_many(self, items, durable=durable, threads=threads, stream=stream)
 
     def write_rows(self, paths: Sequence[str | os.PathLike[str]], outputs: Mapping[str, torch.Tensor], *,
                    inputs: Sequence[Mapping[str, InputValue] | None] | None = None,
                    expected: Sequence[Stamp | None] | None = None, durable: bool = False,
-                   threads: int | None = None) -> list[dict[str, Any] | BaseException]:
+                   threads: int | None = None, stream: _core.PackStream | None = None) -> list[writes.Result]:
         """:meth:`write_many` where the entry of ``paths[i]`` holds row ``i`` of each output, read in
         place (:func:`featstore.writes.write_rows`)."""
         return writes.write_rows(self, paths, outputs, inputs=inputs, expected=expected, durable=durable,
-                                 threads=threads)
+                                 threads=threads, stream=stream)
 
     def read_batch(self, paths: Sequence[str | os.PathLike[str]], name: str, out: torch.Tensor | None = None, *,
                    pin_memory: bool = False, threads: int | None = None) -> torch.Tensor:

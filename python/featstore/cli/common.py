@@ -16,6 +16,7 @@ from featstore.errors import DataRootError
 from featstore.history import recorded_history
 from featstore.manifest import manifest_features
 from featstore.ops.features import require_feature
+from featstore.packs import parse_size
 from featstore.scan import ScanResult, nothing_found, scan
 from featstore.sets import recorded_mode
 from featstore.store import FeatureStore
@@ -50,6 +51,14 @@ def seconds(text: str) -> float:
     if not value >= 0:  # NaN too
         raise argparse.ArgumentTypeError(f"must be 0 or more seconds, got {text}")
     return value
+
+
+def size(text: str) -> int:
+    """An argparse type: a size in bytes, such as ``512MiB`` or ``2GiB``."""
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 class ParagraphFormatter(argparse.HelpFormatter):

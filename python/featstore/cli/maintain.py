@@ -21,8 +21,9 @@ from featstore.cli.common import (
     only_feature,
     open_store,
     seconds,
+    size,
 )
-from featstore.packs import DEFAULT_TARGET_SIZE, parse_size
+from featstore.packs import DEFAULT_TARGET_SIZE
 
 if TYPE_CHECKING:
     from featstore.cli.common import Subcommands
@@ -92,7 +93,7 @@ def register(sub: Subcommands) -> None:
     add_data_root(p)
     add_sources(p)
     add_feature(p, required=False, note=" (default: the feature, when the root has one manifest)")
-    p.add_argument("--target-size", type=_size, default=DEFAULT_TARGET_SIZE, metavar="SIZE",
+    p.add_argument("--target-size", type=size, default=DEFAULT_TARGET_SIZE, metavar="SIZE",
                    help="seal a pack once it holds this much, e.g. 512MiB or 2GiB (default: 2GiB)")
     add_json(p)
     p.set_defaults(func=cmd_pack)
@@ -149,13 +150,6 @@ def cmd_gc(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     report.errors[:0] = found.errors
     emit(args, report.to_dict(), report.text())
     return 1 if report.errors else 0
-
-
-def _size(text: str) -> int:
-    try:
-        return parse_size(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def cmd_pack(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:

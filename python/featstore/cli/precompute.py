@@ -19,6 +19,7 @@ from featstore.cli.common import (
     data_root,
     emit,
     seconds,
+    size,
 )
 from featstore.cli.pipeline_args import DTYPES, add_pipeline_arguments, pipeline_encoder
 from featstore.errors import CheckpointError
@@ -89,8 +90,11 @@ def register(sub: Subcommands) -> None:
     add_pipeline_arguments(p)
     f = p.add_argument_group("where")
     f.add_argument("--feature", default=None, metavar="F", help="feature name (default: the encoder's, e.g. vggt)")
-    f.add_argument("--layout", choices=("sidecar", "dir"), default=None,
-                   help="sidecar: beside each image (default); dir: under --cache-dir")
+    f.add_argument("--layout", choices=("sidecar", "dir", "packed"), default=None,
+                   help="sidecar: beside each image (default); dir: under --cache-dir; packed: straight into packs "
+                        "(under --cache-dir when given, else the data root's .featstore/), for millions of entries")
+    f.add_argument("--pack-size", type=size, default=None, metavar="SIZE",
+                   help="with --layout packed: seal a pack once it holds this much, e.g. 512MiB (default: 2GiB)")
     f.add_argument("--cache-dir", "--cache_dir", dest="cache_dir", default=None, metavar="DIR",
                    help="cache directory, for read-only datasets (default for vggt: $VGGT_CACHE_DIR)")
     add_sources(p)
@@ -122,6 +126,8 @@ def register(sub: Subcommands) -> None:
 def cmd_precompute(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """Runs the engine; exit code 1 when an item failed, 130 when interrupted."""
     parser = command_parser(parser, "precompute")  # usage errors show this command's usage
+    if args.pack_size is not None and args.layout != "packed":
+        parser.error("--pack-size applies to --layout packed")
     root = data_root(args, parser)
     try:  # checked before anything loads: a typo should not cost a model load
         env.parse_shard(args.shard)
@@ -145,7 +151,7 @@ def cmd_precompute(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
                        extensions=args.ext, jsonl=args.jsonl, dry_run=args.dry_run, force=args.force,
                        durable=not args.no_durable, progress=None if not args.json else False,
                        encoder_options=options, model_path=args.model_path, log_every=args.log_every,
-                       on_plan=None if args.json else _print_plan)
+                       on_plan=None if args.json else _print_plan, pack_size=args.pack_size)
     except KeyboardInterrupt as exc:
         done = exc.args[0] if exc.args and isinstance(exc.args[0], dict) else {}
         print(f"featstore precompute: interrupted after {done.get('written', 0)} entries; every entry on disk is "

@@ -46,7 +46,8 @@ def precompute(data_root: str | os.PathLike[str], *, encoder: Any = "vggt", feat
                jsonl: str | None = None, dry_run: bool = False, force: bool = False, durable: bool = True,
                progress: bool | None = None, encoder_options: dict[str, Any] | None = None,
                model_path: str | None = None, log_every: float | None = None,
-               on_plan: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+               on_plan: Callable[[dict[str, Any]], None] | None = None,
+               pack_size: int | None = None) -> dict[str, Any]:
     """Computes and stores an encoder's features for every source under ``data_root``.
 
     Parameters
@@ -59,7 +60,10 @@ def precompute(data_root: str | os.PathLike[str], *, encoder: Any = "vggt", feat
     feature : str, optional
         Feature name (default: the encoder's ``name``).
     layout, cache_dir
-        Where entries go (see :class:`featstore.FeatureStore`).
+        Where entries go (see :class:`featstore.FeatureStore`); ``layout="packed"`` writes
+        per-image entries straight into packs (of ``pack_size`` bytes, default 2 GiB) in the
+        state directory of the data root, or of ``cache_dir`` when given: one pack stream per
+        process, each pack indexed once sealed (see ``featstore pack``).
     device : str, optional
         Default ``$DEVICE``, else ``cuda:0`` when available, else ``cpu``.
     batch_size : int, optional
@@ -117,7 +121,7 @@ def precompute(data_root: str | os.PathLike[str], *, encoder: Any = "vggt", feat
                      batch_size=batch_size, skip_existing=skip_existing, overwrite=overwrite, start_idx=start_idx,
                      end_idx=end_idx, shard=shard, files_from=files_from, extensions=extensions, jsonl=jsonl,
                      progress=progress, encoder_options=encoder_options, model_path=model_path,
-                     log_every=log_every, dry_run=dry_run)
+                     log_every=log_every, dry_run=dry_run, pack_size=pack_size)
     summary = plan_summary(plan, dry_run=dry_run)
     if on_plan is not None:
         on_plan(dict(summary))

@@ -47,6 +47,13 @@ def ok_record(store: FeatureStore, rel: str, written: Mapping[str, Any]) -> Reco
     return record
 
 
+def indexed_record(store: FeatureStore, record: _core.IndexRecord) -> Record:
+    """The line of an entry already indexed (a sealed pack's, see the pack stream): the record as
+    the index holds it, so a merge of the journal writes the same."""
+    key, value = record.to_json()
+    return {"op": "ok", "path": key, "record": json.loads(value), "fingerprint": store.fingerprint}
+
+
 def set_record(members: Sequence[str], entry: str) -> Record:
     """The line of a frame set's entry: sets are not in the per-source index, the line documents
     the write."""
@@ -73,7 +80,6 @@ def journal_unindexed(store: FeatureStore, items: Sequence[WorkItem], journal: s
     rels = [item.paths[0] for item in items if item.indexed]
     if not rels:
         return
-    records = [{"op": "ok", "path": key, "record": json.loads(value), "fingerprint": store.fingerprint}
-               for key, value in (r.to_json() for r in store.index_records(rels, unindexed_only=True))]
+    records = [indexed_record(store, r) for r in store.index_records(rels, unindexed_only=True)]
     if records:
         append(journal, records)

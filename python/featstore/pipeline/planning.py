@@ -26,6 +26,7 @@ from featstore.env import parse_shard
 from featstore.errors import CheckpointError, FeatstoreError
 from featstore.history import history_states
 from featstore.inputs import AbsentInput, FileInput, JsonlLine
+from featstore.packs import DEFAULT_TARGET_SIZE
 from featstore.pipeline.items import Kind, WorkItem, kind_for, work_items
 from featstore.pipeline.refresh import refreshable
 from featstore.pipeline.selection import check_range, distributed_rank, select
@@ -70,6 +71,8 @@ class Plan:
     refresh : list of WorkItem
         Stale items that only a shared input (a ``.jsonl`` edited on another line) made stale:
         rewritten with the same tensors, not computed (:mod:`.refresh`).
+    pack_size : int or None
+        ``layout="packed"``: per-image entries are written into packs of this size.
     plan_seconds : float
         Seconds spent judging states.
     target_dir : str
@@ -115,6 +118,7 @@ class Plan:
     unchecked: str | None = None
     estimate_from: str | None = None
     refresh: list[WorkItem] = field(default_factory=list)
+    pack_size: int | None = None
 
     def states_of_entries(self) -> list[str]:
         """The state of every entry of the selected items, in order (samples in history mode)."""
@@ -146,8 +150,12 @@ def make_plan(data_root: str | os.PathLike[str], *, encoder: Any, feature: str |
               shard: str | tuple[int, int] | None, files_from: str | os.PathLike[str] | None,
               extensions: Sequence[str] | None, jsonl: str | None, progress: bool | None,
               encoder_options: dict[str, Any] | None, model_path: str | None, log_every: float | None = None,
-              dry_run: bool = False) -> Plan:
+              dry_run: bool = False, pack_size: int | None = None) -> Plan:
     """The plan of :func:`featstore.pipeline.precompute` (see it for the parameters)."""
+    if layout == "packed":  # packs live in the state directory of the root, or of the cache directory
+        layout, pack_size = ("dir" if cache_dir is not None else "sidecar"), pack_size or DEFAULT_TARGET_SIZE
+    elif pack_size is not None:
+        raise ValueError(f"pack_size (--pack-size) applies to layout='packed' (--layout packed), not {layout!r}")
     shard_spec = parse_shard(shard)  # a bad spec fails before anything loads
     check_range(start_idx, end_idx)
     given_by = "$DEVICE" if env.device() else "the default: cuda:$LOCAL_RANK"
@@ -223,7 +231,7 @@ def make_plan(data_root: str | os.PathLike[str], *, encoder: Any, feature: str |
                     model_path=model_path, jsonl=jsonl, total_items=total_items,
                     entry_states=per_entry,
                     log_every=log_seconds if progress is None and not show else 0.0, unchecked=unchecked,
-                    estimate_from=estimate_from, refresh=refresh)
+                    estimate_from=estimate_from, refresh=refresh, pack_size=pack_size)
 
 
 def _open_encoder(spec: Any, device: str, options: dict[str, Any] | None, *, dry_run: bool) -> Encoder:

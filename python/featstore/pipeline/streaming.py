@@ -54,7 +54,7 @@ def stream(plan: Plan, *, num_workers: int | None, durable: bool, counts: Counts
         torch.set_num_threads(max(1, cores - num_workers))
     loader = decode_loader(enc, store.data_root, todo, batch_size=plan.batch_size, num_workers=num_workers,
                            pin_memory=dev.type == "cuda")
-    writer = Writer(store, journal, durable, counts, shape_log)
+    writer = Writer(store, journal, durable, counts, shape_log, pack_size=plan.pack_size)
     encoder = BatchEncoder(enc, dev, writer, counts, plan.batch_size)
     # A bar on a terminal; in a log file (stderr not a terminal) a line every plan.log_every seconds.
     show = True if plan.progress else None if plan.log_every > 0 else False

@@ -6,6 +6,11 @@ together, then one journal line per item is appended. A killed run so leaves onl
 and a journal that names none that is not durable. Per-image entries of a batch are written by
 one Rust call (in parallel, without the GIL), and the fsyncs run concurrently: featstore's own
 cost per entry must stay far below any encoder's.
+
+With a pack size (``precompute(layout="packed")``), per-image entries are appended to this
+process's pack stream instead; when a pack is sealed (full, or open for ``PACK_MAX_OPEN_S``, and
+at the end of the run) the core indexes its entries, and their journal lines are appended then.
+A killed run loses the entries of its open pack, which the next run computes.
 """
 
 from __future__ import annotations
@@ -82,6 +87,10 @@ _WRITERS: dict[Kind, _WriteEntries] = {"set": _write_set, "history": _write_hist
 #: Queued batches the writer takes at once (see Writer._run).
 _COALESCE = 8
 
+#: A pack open this long (seconds) is sealed even when smaller than the pack size: what a killed
+#: packed run may lose.
+PACK_MAX_OPEN_S = 300.0
+
 
 class Writer:
     """Writes entries on a background thread: atomic entries, fsync in batches, then journal.
@@ -99,11 +108,15 @@ class Writer:
         spent writing.
     shape_log : ShapeLog
         Records the shapes of the entries, before they are written.
+    pack_size : int or None
+        Append per-image entries to packs of this size (None: a file per entry).
     """
 
-    def __init__(self, store: FeatureStore, journal: str, durable: bool, counts: Counts, shape_log: ShapeLog) -> None:
+    def __init__(self, store: FeatureStore, journal: str, durable: bool, counts: Counts, shape_log: ShapeLog,
+                 pack_size: int | None = None) -> None:
         self.store, self.journal, self.durable, self.counts = store, journal, durable, counts
         self.shape_log = shape_log
+        self.stream = _core.PackStream(pack_size, PACK_MAX_OPEN_S) if pack_size else None
         self.queue: queue.Queue[Any] = queue.Queue(maxsize=_COALESCE)
         # What each item's decoder read (stamps, inputs), set by the main loop before submitting.
         self.expected: dict[WorkItem, Any] = {}
@@ -143,12 +156,26 @@ class Writer:
             if jobs[-1] is None:
                 jobs.pop()
                 finished = True
-            if self.error is not None or not jobs:
+            if self.error is not None:
                 continue  # drain
             try:
-                self._write(jobs)
+                if jobs:
+                    self._write(jobs)
+                if self.stream is not None:
+                    self._seal(force=finished)
             except BaseException as exc:  # surfaced to the main thread on the next submit/close
                 self.error = exc
+
+    def _seal(self, *, force: bool) -> None:
+        """Seals the pack stream's open pack when it is due (``force``: the end of the run): the
+        core indexes its entries, and their lines go to the journal."""
+        assert self.stream is not None
+        t0 = time.perf_counter()
+        sealed = self.store._core.seal_pack_stream(self.stream, force, self.durable)
+        if sealed:
+            journal_lines.append(self.journal, [journal_lines.indexed_record(self.store, r) for r in sealed],
+                                 durable=self.durable)
+        self.counts.stage_seconds["write"] += time.perf_counter() - t0
 
     def _write(self, jobs: list[tuple[list[WorkItem], Outputs | str]]) -> None:
         t0 = time.perf_counter()
@@ -195,19 +222,24 @@ class Writer:
         paths = [item.paths[0] for item in batch]
         stamps, inputs = [e[0] for e in expected], [e[1] for e in expected]
         if all(isinstance(v, torch.Tensor) for v in outputs.values()):
-            results = self.store.write_rows(paths, outputs, inputs=inputs, expected=stamps)  # type: ignore[arg-type]
+            results = self.store.write_rows(paths, outputs, inputs=inputs, expected=stamps,  # type: ignore[arg-type]
+                                            stream=self.stream)
         else:  # ragged outputs of encode_items: one tensor per item
             results = self.store.write_many([(p, {k: v[i] for k, v in outputs.items()}, inp, st) for i, (p, inp, st)
-                                             in enumerate(zip(paths, inputs, stamps, strict=True))])
+                                             in enumerate(zip(paths, inputs, stamps, strict=True))], stream=self.stream)
         written = []
         for item, w in zip(batch, results, strict=True):
             if isinstance(w, BaseException):
                 if _fatal(w):
                     raise w
                 self._failed(item, w, records)
-                continue
-            written.append(Written(os.fspath(w["path"]), int(w["bytes"]), journal_lines.ok_record(
-                self.store, item.paths[0], w)))
+            elif isinstance(w, int):  # appended to the open pack: journaled when it is sealed
+                self.counts.written += 1
+                self.counts.frames += 1
+                self.counts.bytes += w
+            else:
+                written.append(Written(os.fspath(w["path"]), int(w["bytes"]), journal_lines.ok_record(
+                    self.store, item.paths[0], w)))
         return written
 
     def _failed(self, item: WorkItem, why: str | BaseException, records: list[journal_lines.Record], *,

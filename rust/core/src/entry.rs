@@ -568,6 +568,20 @@ pub fn write_entry(
     metadata: &BTreeMap<String, String>,
     durable: bool,
 ) -> Result<(u64, Stamp)> {
+    let (header, data) = encode_entry(tensors, metadata)?;
+    let mut chunks: Vec<&[u8]> = vec![&header];
+    chunks.extend(data);
+    let stamp = write_atomic(path, &chunks, durable)?;
+    Ok((chunks.iter().map(|c| c.len() as u64).sum(), stamp))
+}
+
+/// An entry's bytes as [`write_entry`] writes them: the header (length prefix, JSON, padding) and
+/// the tensors' data in storage order, to be written one after the other (into a file of its
+/// own, or appended to a pack).
+pub fn encode_entry<'a>(
+    tensors: &[TensorData<'a>],
+    metadata: &BTreeMap<String, String>,
+) -> Result<(Vec<u8>, Vec<&'a [u8]>)> {
     let mut seen = std::collections::HashSet::new();
     for t in tensors {
         if t.name == "__metadata__" || !seen.insert(t.name.as_str()) {
@@ -610,10 +624,7 @@ pub fn write_entry(
         })
         .collect();
     let header = encode_header(&layout, &meta)?;
-    let mut chunks: Vec<&[u8]> = vec![&header];
-    chunks.extend(ordered.iter().map(|t| t.data));
-    let stamp = write_atomic(path, &chunks, durable)?;
-    Ok((chunks.iter().map(|c| c.len() as u64).sum(), stamp))
+    Ok((header, ordered.iter().map(|t| t.data).collect()))
 }
 
 /// Writes the entry at `from` to `to` (often the same path) with updated metadata (same tensors,

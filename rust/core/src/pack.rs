@@ -124,18 +124,28 @@ impl PackWriter {
 
     /// Appends one entry's bytes under `key`; returns its offset and length.
     pub fn append(&mut self, key: &[u8], bytes: &[u8]) -> Result<(u64, u64)> {
+        self.append_chunks(key, &[bytes])
+    }
+
+    /// Appends one entry given as consecutive pieces (its header, then its tensors' data).
+    pub fn append_chunks(&mut self, key: &[u8], chunks: &[&[u8]]) -> Result<(u64, u64)> {
         let offset = pad_to(self.at, DATA_ALIGN as u64);
         let pad = (offset - self.at) as usize;
         let tmp = self.out.get_ref().path().to_path_buf();
         self.out.write_all(&[0u8; DATA_ALIGN][..pad]).at(&tmp)?;
-        self.out.write_all(bytes).at(&tmp)?;
-        let len = bytes.len() as u64;
+        let mut hasher = blake3::Hasher::new();
+        let mut len = 0u64;
+        for chunk in chunks {
+            self.out.write_all(chunk).at(&tmp)?;
+            hasher.update(chunk);
+            len += chunk.len() as u64;
+        }
         self.at = offset + len;
         self.table.push(Packed {
             key: key.to_vec(),
             offset,
             len,
-            blake3: *blake3::hash(bytes).as_bytes(),
+            blake3: *hasher.finalize().as_bytes(),
         });
         Ok((offset, len))
     }

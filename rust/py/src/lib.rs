@@ -989,6 +989,73 @@ impl PyStore {
             .collect()
     }
 
+    /// Writes a batch of entries into `stream`'s open pack (`items` as `put_many` takes them),
+    /// in parallel without the GIL. One result per item: the entry's length in bytes, or the
+    /// exception its write raised. Nothing is served until `seal_pack_stream` indexes the pack.
+    #[pyo3(signature = (stream, items, threads=None))]
+    #[allow(clippy::type_complexity)]
+    fn put_many_packed<'py>(
+        &self,
+        py: Python<'py>,
+        stream: &packs::PyPackStream,
+        items: Vec<(
+            PathBuf,
+            Vec<RawTensor>,
+            BTreeMap<String, String>,
+            Vec<(String, Bound<'py, PyAny>)>,
+            Option<StampTuple>,
+        )>,
+        threads: Option<usize>,
+    ) -> PyResult<Vec<Bound<'py, PyAny>>> {
+        let mut raws = Vec::with_capacity(items.len());
+        let mut requests = Vec::with_capacity(items.len());
+        for (rel, tensors, meta, inputs, expected) in items {
+            raws.push(tensors);
+            requests.push((rel, meta, parse_inputs(inputs)?, expected.map(stamp_of)));
+        }
+        let mut batch = Vec::with_capacity(requests.len());
+        for ((rel, meta, inputs, expected), raw) in requests.into_iter().zip(&raws) {
+            batch.push(PutRequest {
+                rel,
+                // SAFETY: see tensor_views; `featstore.writes` holds the tensors during this call.
+                tensors: unsafe { tensor_views(raw)? },
+                meta,
+                inputs,
+                expected,
+            });
+        }
+        let results = fork::detached(py, || {
+            self.inner.put_many_packed(&stream.inner, &batch, threads)
+        });
+        results
+            .into_iter()
+            .map(|r| match r {
+                Ok(n) => Ok(n.into_pyobject(py)?.into_any()),
+                Err(e) => Ok(error::to_py(e).into_value(py).into_bound(py).into_any()),
+            })
+            .collect()
+    }
+
+    /// Seals `stream`'s open pack when it is due (`force`: whatever it holds) and indexes its
+    /// entries; returns their index records (for the journal), empty when nothing was sealed.
+    #[pyo3(signature = (stream, force=false, durable=true))]
+    fn seal_pack_stream(
+        &self,
+        py: Python<'_>,
+        stream: &packs::PyPackStream,
+        force: bool,
+        durable: bool,
+    ) -> PyResult<Vec<PyIndexRecord>> {
+        let sealed = fork::detached(py, || {
+            self.inner.seal_pack_stream(&stream.inner, force, durable)
+        })
+        .py_err()?;
+        Ok(sealed
+            .into_iter()
+            .map(|(rel, r)| PyIndexRecord::new(rel, r))
+            .collect())
+    }
+
     /// The tensors of `rel`'s entry as `[(name, dltensor capsule)]`, or None unless it is valid.
     fn read<'py>(&self, py: Python<'py>, rel: PathBuf) -> PyResult<Option<Capsules<'py>>> {
         // The hot path keeps the GIL (shorter than releasing it); the slow one, which parses the
@@ -1246,6 +1313,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyStore>()?;
     m.add_class::<PyCheck>()?;
     m.add_class::<PyIndexRecord>()?;
+    m.add_class::<packs::PyPackStream>()?;
     for f in [
         wrap_pyfunction!(scan_sources, m)?,
         wrap_pyfunction!(stamp_key, m)?,

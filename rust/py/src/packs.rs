@@ -115,3 +115,22 @@ pub fn repack(
         n,
     ))
 }
+
+/// One process's stream of packs for precompute's packed writes (`Store.put_many_packed`).
+#[pyclass(module = "featstore._core", name = "PackStream", frozen)]
+pub struct PyPackStream {
+    pub inner: featstore_core::store::PackStream,
+}
+
+#[pymethods]
+impl PyPackStream {
+    /// Seals a pack once it holds `target_size` bytes or has been open `max_open_s` seconds.
+    #[new]
+    #[pyo3(signature = (target_size, max_open_s=300.0))]
+    fn new(target_size: u64, max_open_s: f64) -> Self {
+        let max_open = std::time::Duration::from_secs_f64(max_open_s.max(0.0));
+        PyPackStream {
+            inner: featstore_core::store::PackStream::new(target_size, max_open),
+        }
+    }
+}

@@ -8,10 +8,12 @@
 
 mod history_read;
 mod index;
+mod pack_stream;
 mod packing;
 mod read;
 mod recorded;
 
+pub use pack_stream::PackStream;
 pub use packing::{pack_name, LiveEntry, Moved, PackRun, PackUsage};
 pub use recorded::NowInput;
 mod validity;

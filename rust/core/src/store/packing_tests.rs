@@ -265,3 +265,65 @@ fn a_pack_cut_short_is_a_corrupt_entry_never_a_wrong_tensor() {
     assert!(c.reason.contains("past the end"), "{}", c.reason);
     assert!(tensor(&fresh, &rels[1]).is_none());
 }
+
+#[test]
+fn a_pack_stream_indexes_its_entries_only_once_the_pack_is_sealed() {
+    use crate::store::{PackStream, PutRequest};
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let s = store(root, Layout::Sidecar);
+    let data: Vec<Vec<u8>> = (0..3u8).map(|i| vec![i; 20_000]).collect();
+    let requests: Vec<PutRequest> = (0..3)
+        .map(|i| {
+            let rel = PathBuf::from(format!("s{i}.png"));
+            write_aged(&root.join(&rel), format!("image {i}").as_bytes());
+            PutRequest {
+                rel,
+                tensors: vec![TensorData {
+                    name: "x".into(),
+                    dtype: Dtype::U8,
+                    shape: vec![20_000],
+                    data: &data[i],
+                }],
+                meta: Default::default(),
+                inputs: Vec::new(),
+                expected: None,
+            }
+        })
+        .collect();
+    let stream = PackStream::new(1 << 30, Duration::from_secs(3600));
+    let appended = s.put_many_packed(&stream, &requests, Some(2));
+    assert!(appended.iter().all(|r| r.is_ok()), "{appended:?}");
+    assert!(
+        s.seal_pack_stream(&stream, false, false)
+            .unwrap()
+            .is_empty(),
+        "not due"
+    );
+    // Not sealed: nothing is served, and no entry file was written.
+    assert_eq!(
+        store(root, Layout::Sidecar)
+            .check(&requests[1].rel)
+            .unwrap()
+            .state,
+        State::Missing
+    );
+    assert!(s.pack_paths().unwrap().is_empty());
+    let records = s.seal_pack_stream(&stream, true, false).unwrap();
+    assert_eq!(records.len(), 3);
+    let other = store(root, Layout::Sidecar);
+    for (i, r) in requests.iter().enumerate() {
+        assert_eq!(tensor(&other, &r.rel).unwrap(), vec![i as u8; 20_000]);
+        assert!(!root.join(format!("s{i}.png.f.safetensors")).exists());
+    }
+    // A source edited after it was read: nothing appended for it.
+    let mut stale = requests;
+    stale.truncate(1);
+    stale[0].expected = Some(Stamp::sized(1, 1));
+    let refused = s.put_many_packed(&stream, &stale, None);
+    assert!(refused[0]
+        .as_ref()
+        .unwrap_err()
+        .to_string()
+        .contains("changed"));
+}

@@ -23,7 +23,11 @@ use crate::key::{stamped_file_digest, Stamp};
 /// The stamp and digest of an input as the encoder read it: `expected` is its stamp then (taken
 /// before reading); if it changed since, or changes while the digest is computed, the features
 /// belong to other bytes and nothing may be written.
-fn stamped_digest(path: &Path, name: &str, expected: Option<Stamp>) -> Result<(Stamp, String)> {
+pub(super) fn stamped_digest(
+    path: &Path,
+    name: &str,
+    expected: Option<Stamp>,
+) -> Result<(Stamp, String)> {
     let (before, digest) = stamped_file_digest(path)?;
     if let Some(seen) = expected {
         if seen != before {
@@ -60,6 +64,15 @@ fn input_record(name: &str, path: &str, stamp: Stamp, digest: &str) -> Value {
         record["racy"] = Value::Bool(true);
     }
     record
+}
+
+/// What an entry records besides its tensors ([`Store::prepare_entry`]).
+pub(super) struct Prepared {
+    pub racy: bool,
+    pub inputs_racy: bool,
+    pub known_inputs: Vec<(PathBuf, Option<Stamp>)>,
+    pub extra_inputs: Option<Arc<str>>,
+    pub meta: BTreeMap<String, String>,
 }
 
 /// One entry of a batched write ([`Store::put_many`]): what [`Store::put`] takes.
@@ -211,6 +224,70 @@ impl Store {
                 why: name_too_long(&path),
             });
         }
+        let Prepared {
+            racy,
+            inputs_racy,
+            known_inputs,
+            extra_inputs,
+            meta,
+        } = self.prepare_entry(rel, before, digest, user_meta, inputs)?;
+        if let Some(parent) = path.parent().filter(|p| !dirs.contains(p)) {
+            fs::create_dir_all(parent).at(parent)?;
+            // Checked inside the root (sidecars) and now existing: the batch's next entries
+            // there skip both.
+            dirs.insert(parent);
+        }
+        let (bytes, entry_stamp) = entry::write_entry(&path, tensors, &meta, durable)?;
+        // An entry under this source's earlier key (dir layout) is left alone: another data root
+        // sharing the cache (a copy of the dataset) may still use it; `featstore gc` removes
+        // entries no source claims.
+        //
+        // A racy entry is checked again (digest included) on every use, here as in other
+        // processes, until a check outside the window: an edit that keeps the stamp may follow.
+        //
+        // A batch (precompute's writer) remembers nothing: its entries go to the journal, and
+        // memory must not grow with the number written; a lookup here reads the header once.
+        if remember {
+            self.remember(
+                rel,
+                Known {
+                    source: before,
+                    path: path.clone(),
+                    packed: None,
+                    entry: entry_stamp,
+                    inputs: known_inputs,
+                    state: State::Valid,
+                    reason: String::new(),
+                    trusted: true,
+                    racy: racy || inputs_racy,
+                    indexed: false,
+                    recorded_inputs: extra_inputs.clone(),
+                    header: None,
+                },
+            );
+        }
+        Ok(Written {
+            path,
+            source: before,
+            entry: entry_stamp,
+            racy,
+            check_first: racy || inputs_racy,
+            inputs: extra_inputs,
+            bytes,
+        })
+    }
+
+    /// What an entry of `rel` records besides its tensors, from the source's stamp and digest
+    /// (read before the encoder's output is stored) and its other inputs, each stamped and
+    /// digested now and refused when it changed since the encoder read it.
+    pub(super) fn prepare_entry(
+        &self,
+        rel: &Path,
+        before: Stamp,
+        digest: String,
+        user_meta: &BTreeMap<String, String>,
+        inputs: &[Input],
+    ) -> Result<Prepared> {
         let racy = racy_now(before);
         let rel_str = rel.to_string_lossy().into_owned();
         let mut input_records = vec![stamp_record("source", &rel_str, before, &digest)];
@@ -296,49 +373,12 @@ impl Store {
         for (k, v) in reserved {
             meta.insert(k.to_string(), v);
         }
-        if let Some(parent) = path.parent().filter(|p| !dirs.contains(p)) {
-            fs::create_dir_all(parent).at(parent)?;
-            // Checked inside the root (sidecars) and now existing: the batch's next entries
-            // there skip both.
-            dirs.insert(parent);
-        }
-        let (bytes, entry_stamp) = entry::write_entry(&path, tensors, &meta, durable)?;
-        // An entry under this source's earlier key (dir layout) is left alone: another data root
-        // sharing the cache (a copy of the dataset) may still use it; `featstore gc` removes
-        // entries no source claims.
-        //
-        // A racy entry is checked again (digest included) on every use, here as in other
-        // processes, until a check outside the window: an edit that keeps the stamp may follow.
-        //
-        // A batch (precompute's writer) remembers nothing: its entries go to the journal, and
-        // memory must not grow with the number written; a lookup here reads the header once.
-        if remember {
-            self.remember(
-                rel,
-                Known {
-                    source: before,
-                    path: path.clone(),
-                    packed: None,
-                    entry: entry_stamp,
-                    inputs: known_inputs,
-                    state: State::Valid,
-                    reason: String::new(),
-                    trusted: true,
-                    racy: racy || inputs_racy,
-                    indexed: false,
-                    recorded_inputs: extra_inputs.clone(),
-                    header: None,
-                },
-            );
-        }
-        Ok(Written {
-            path,
-            source: before,
-            entry: entry_stamp,
+        Ok(Prepared {
             racy,
-            check_first: racy || inputs_racy,
-            inputs: extra_inputs,
-            bytes,
+            inputs_racy,
+            known_inputs,
+            extra_inputs,
+            meta,
         })
     }
 
