@@ -108,12 +108,11 @@ def count_states(store: FeatureStore, sources: Iterable[str] | None = None, *, t
         errors += [(rel, error) for rel, s in zip(rels, states, strict=True) if (error := check_error(s)) is not None]
     known = set(rels)
     candidates = _orphan_candidates(store) if entry_names is None else entry_names
+    unknown = {rel for rel in candidates if rel not in known}
     if store.layout == "sidecar" and os.path.isdir(store._core.packs_dir):
         # Packed entries have no file a walk finds: the index names their sources.
-        candidates = sorted({*candidates, *map(os.fsdecode, store._core.indexed_sources())})
-    for rel in candidates:
-        if rel not in known and store.state(rel) == "orphan":
-            counts["orphan"] += 1
+        unknown.update(rel for rel in map(os.fsdecode, store._core.indexed_sources()) if rel not in known)
+    counts["orphan"] += sum(store.state(rel) == "orphan" for rel in unknown)
     return Status(counts=counts, feature=store.feature, layout=store.layout, data_root=store.data_root,
                   fingerprint=store.fingerprint, errors=errors)
 

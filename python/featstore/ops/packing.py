@@ -112,13 +112,13 @@ def pack(store: FeatureStore, sources: Sequence[str], *, target_size: int = DEFA
     rels = store.rels(sources)
     t0 = time.perf_counter()
     with maintenance_lock(store, "pack entries"):
-        packs, moved, already, skipped = run_with_progress(
+        packs, moved, kept, already, skipped = run_with_progress(
             lambda p: store._core.pack_entries(rels, target_size, True, p), desc="packing entries",
             total=len(rels), show=progress, unit="entries")
     return PackReport(store.feature, store.layout, store.data_root, base_dir(store), len(rels),
-                      [(os.fspath(p), n) for p, n in packs], len(moved), already,
+                      [(os.fspath(p), n) for p, n in packs], moved, already,
                       [(os.fsdecode(r), why) for r, why in skipped], time.perf_counter() - t0,
-                      [os.fsdecode(r) for r, removed in moved if not removed])
+                      [os.fsdecode(r) for r in kept])
 
 
 #: gc rewrites a pack once this fraction of its bytes belongs to no live entry.

@@ -12,11 +12,12 @@ use pyo3::types::PyBytes;
 
 use crate::{fork, progress_counter, stamp_of, IntoPy, Progress, StampTuple};
 
-/// What a pack run did: `(packs [(path, size)], moved [(rel, own file removed)],
-/// already packed, skipped [(rel, why)])`.
+/// What a pack run did: `(packs [(path, size)], entries moved, sources whose own file was kept
+/// (rewritten since it was copied), already packed, skipped [(rel, why)])`.
 pub type PackReport = (
     Vec<(OsString, u64)>,
-    Vec<(OsString, bool)>,
+    usize,
+    Vec<OsString>,
     usize,
     Vec<(OsString, String)>,
 );
@@ -39,9 +40,10 @@ pub fn pack_entries(
             .into_iter()
             .map(|p| (p.path.into_os_string(), p.stamp.size))
             .collect(),
-        run.moved
+        run.moved,
+        run.kept_files
             .into_iter()
-            .map(|m| (m.rel.into_os_string(), m.removed))
+            .map(PathBuf::into_os_string)
             .collect(),
         run.already_packed,
         run.skipped

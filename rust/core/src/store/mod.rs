@@ -14,7 +14,7 @@ mod read;
 mod recorded;
 
 pub use pack_stream::PackStream;
-pub use packing::{pack_name, LiveEntry, Moved, PackRun, PackUsage};
+pub use packing::{pack_name, LiveEntry, PackRun, PackUsage};
 pub use recorded::NowInput;
 mod validity;
 
@@ -251,8 +251,10 @@ pub struct Store {
     /// again when an entry it vouched for is gone and the index directory changed since (another
     /// process moved entries into a pack, say).
     index: RwLock<Arc<Index>>,
-    /// The index directory's stamp before the index was last mapped (None: no directory).
-    index_dir_seen: RwLock<Option<Stamp>>,
+    /// The index directory's stamp before the index was last mapped (None: no directory), and
+    /// whether it was racy then (changed within the timestamp granularity: a change in the same
+    /// tick keeps the stamp, so it vouches for nothing).
+    index_dir_seen: RwLock<(Option<Stamp>, bool)>,
     /// The manifest of an earlier version holds the index inline and no segment holds it yet:
     /// the next merge moves it.
     inline_index: bool,
@@ -377,7 +379,7 @@ impl Store {
             cfg,
             known: RwLock::new(HashMap::new()),
             index: RwLock::new(Arc::new(index)),
-            index_dir_seen: RwLock::new(index_dir_seen),
+            index_dir_seen: RwLock::new((index_dir_seen, index_dir_seen.is_some_and(racy_now))),
             inline_index,
             adopted: OnceLock::new(),
             real_root: OnceLock::new(),
@@ -484,16 +486,16 @@ impl Store {
     }
 
     /// Maps the index again if its directory changed since it was mapped (a segment written or
-    /// compacted by another process); true when it did. One `stat` when nothing changed.
+    /// compacted by another process), or may have (its stamp was taken within the timestamp
+    /// granularity of a change); true when it did. One `stat` when nothing changed.
     pub fn reload_index_if_changed(&self) -> Result<bool> {
         let dir = self.index_dir();
         let now = stat_opt(&dir)?;
-        if now
-            == *self
-                .index_dir_seen
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-        {
+        let (seen, racy) = *self
+            .index_dir_seen
+            .read()
+            .unwrap_or_else(|p| p.into_inner());
+        if now == seen && !racy {
             return Ok(false);
         }
         let index = Index::open(&dir, self.fingerprint())?;
@@ -501,7 +503,7 @@ impl Store {
         *self
             .index_dir_seen
             .write()
-            .unwrap_or_else(|p| p.into_inner()) = now;
+            .unwrap_or_else(|p| p.into_inner()) = (now, now.is_some_and(racy_now));
         Ok(true)
     }
 

@@ -20,24 +20,15 @@ use crate::key::{path_bytes, Stamp};
 use crate::manifest::IndexRecord;
 use crate::pack::{PackWriter, PackedAt, Sealed};
 
-/// One entry [`Store::pack_entries`] moved into a pack.
-#[derive(Debug, Clone)]
-pub struct Moved {
-    pub rel: PathBuf,
-    /// The entry's own file that was copied, and its stamp when it was judged and copied.
-    pub file: PathBuf,
-    pub identity: Stamp,
-    pub at: PackedAt,
-    /// False when the own file was not removed: another file took its name since (a newer
-    /// entry, which lookups prefer to the packed copy).
-    pub removed: bool,
-}
-
-/// What [`Store::pack_entries`] did.
+/// What [`Store::pack_entries`] did (counts, not a record per entry: a run may move millions).
 #[derive(Debug, Default)]
 pub struct PackRun {
     pub packs: Vec<Sealed>,
-    pub moved: Vec<Moved>,
+    /// Entries now in the packs written.
+    pub moved: usize,
+    /// Sources whose own entry file was not removed although its copy was packed: another file
+    /// took its name since (a newer entry, which lookups prefer to the packed copy).
+    pub kept_files: Vec<PathBuf>,
     /// Entries already in a pack.
     pub already_packed: usize,
     /// Sources whose entry was not packed, with why (not valid, changed while being copied, a
@@ -146,35 +137,32 @@ impl Store {
         durable: bool,
     ) -> Result<()> {
         let sealed = writer.seal(durable)?;
-        let first = run.moved.len();
-        let mut records = Vec::with_capacity(copied.len());
         let name: std::sync::Arc<str> = std::sync::Arc::from(sealed.name.as_str());
-        for c in copied.drain(..) {
-            let at = PackedAt {
-                pack: std::sync::Arc::clone(&name),
-                offset: c.offset,
-                len: c.len,
-            };
-            let record = IndexRecord {
-                entry: sealed.stamp,
-                packed: Some(at.clone()),
-                ..c.record
-            };
-            records.push((path_bytes(&c.rel).to_vec(), Slot::Entry(record)));
-            run.moved.push(Moved {
-                rel: c.rel,
-                file: c.file,
-                identity: c.identity,
-                at,
-                removed: false,
-            });
-        }
+        let records = copied
+            .iter_mut()
+            .map(|c| {
+                let record = IndexRecord {
+                    entry: sealed.stamp,
+                    packed: Some(PackedAt {
+                        pack: std::sync::Arc::clone(&name),
+                        offset: c.offset,
+                        len: c.len,
+                    }),
+                    inputs: c.record.inputs.take(),
+                    ..c.record
+                };
+                (path_bytes(&c.rel).to_vec(), Slot::Entry(record))
+            })
+            .collect();
         run.packs.push(sealed);
         index::write_segment(&self.index_dir(), self.fingerprint(), records, durable)?;
         // The index now locates these entries: their own files may go.
-        for m in &mut run.moved[first..] {
-            m.removed = crate::judged::remove_judged(&m.file, m.identity)?;
-            self.forget(&m.rel);
+        for c in copied.drain(..) {
+            if !crate::judged::remove_judged(&c.file, c.identity)? {
+                run.kept_files.push(c.rel.clone());
+            }
+            self.forget(&c.rel);
+            run.moved += 1;
         }
         Ok(())
     }

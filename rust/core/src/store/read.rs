@@ -118,12 +118,26 @@ impl Store {
     ) -> std::result::Result<(), String> {
         use std::os::unix::fs::FileExt;
 
-        let c = self.check(rel).map_err(|e| e.to_string())?;
+        let mut c = self.check(rel).map_err(|e| e.to_string())?;
         if c.state != State::Valid {
             return Err(format!("{}: {}", c.state.name(), c.reason));
         }
-        let path = self.file_of(&c);
-        let file = fs::File::open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let mut path = self.file_of(&c);
+        let file = match fs::File::open(&path) {
+            Ok(f) => f,
+            // A pack removed between the check and the open (gc placed its entries in another
+            // pack first): what this process knew is out of date, so check again, once.
+            Err(e) if e.kind() == ErrorKind::NotFound && c.packed.is_some() => {
+                self.forget(rel);
+                c = self.check(rel).map_err(|e| e.to_string())?;
+                if c.state != State::Valid {
+                    return Err(format!("{}: {}", c.state.name(), c.reason));
+                }
+                path = self.file_of(&c);
+                fs::File::open(&path).map_err(|e| format!("{}: {e}", path.display()))?
+            }
+            Err(e) => return Err(format!("{}: {e}", path.display())),
+        };
         let meta = file
             .metadata()
             .map_err(|e| format!("{}: {e}", path.display()))?;
@@ -229,9 +243,25 @@ impl Store {
     /// The slow path of [`Store::open_valid`]: a full check (header parse, digests when racy),
     /// then the open.
     pub fn open_checked(&self, rel: &Path) -> Result<Option<entry::Entry>> {
+        match self.open_checked_once(rel)? {
+            // A pack removed between the check and the open (gc placed its entries in another
+            // pack first): what this process knew is out of date, so check again, once.
+            Opened::PackGone => {
+                self.forget(rel);
+                match self.open_checked_once(rel)? {
+                    Opened::Entry(e) => Ok(Some(e)),
+                    Opened::Miss | Opened::PackGone => Ok(None),
+                }
+            }
+            Opened::Entry(e) => Ok(Some(e)),
+            Opened::Miss => Ok(None),
+        }
+    }
+
+    fn open_checked_once(&self, rel: &Path) -> Result<Opened> {
         let c = self.check(rel)?;
         if c.state != State::Valid {
-            return Ok(None);
+            return Ok(Opened::Miss);
         }
         let path = self.file_of(&c);
         let known_header = self
@@ -243,17 +273,28 @@ impl Store {
         match entry::open_entry_in(&path, span, self.cfg.read_mode, known_header) {
             Ok((e, id)) => {
                 if reused != Some(id) && !self.adopt_header(rel, &c, id, &e.header)? {
-                    return Ok(None);
+                    return Ok(Opened::Miss);
                 }
-                Ok(Some(e))
+                Ok(Opened::Entry(e))
+            }
+            Err(e) if e.is_io_kind(ErrorKind::NotFound) && c.packed.is_some() => {
+                Ok(Opened::PackGone)
             }
             // Replaced or removed between the check and the open: a miss, not an error.
-            Err(e) if e.is_io_kind(ErrorKind::NotFound) => Ok(None),
+            Err(e) if e.is_io_kind(ErrorKind::NotFound) => Ok(Opened::Miss),
             Err(Error::Corrupt { .. }) => {
                 self.forget(rel);
-                Ok(None)
+                Ok(Opened::Miss)
             }
             Err(e) => Err(e),
         }
     }
+}
+
+/// What one checked open found.
+enum Opened {
+    Entry(entry::Entry),
+    Miss,
+    /// The pack the check placed the entry in was gone at the open.
+    PackGone,
 }

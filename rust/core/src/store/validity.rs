@@ -347,14 +347,35 @@ impl Store {
         depth: Depth,
     ) -> Result<Check> {
         let c = self.look_elsewhere(rel, src_stamp, entry.clone(), depth)?;
-        // Another process may have moved the entry into a pack since this store mapped the index
-        // (`featstore pack` removes the files it packed once a new segment says where they
-        // are): when the index directory changed since, look again in the index as it is now.
-        if c.state == State::Missing && self.reload_index_if_changed()? {
-            self.forget(rel);
-            return self.look_elsewhere(rel, src_stamp, entry, depth);
+        // Another process may have moved the entry since this process learned where it was:
+        // `featstore pack` removes the files it packed once a new segment says where they are,
+        // and gc removes a pack once a segment places its entries elsewhere. Look again in the
+        // index as it is now (mapped again if its directory changed), when it places the entry
+        // somewhere else than where this process looked.
+        if c.state == State::Missing {
+            let reloaded = self.reload_index_if_changed()?;
+            if reloaded || self.index_moved(rel) {
+                self.forget(rel);
+                return self.look_elsewhere(rel, src_stamp, entry, depth);
+            }
         }
         Ok(c)
+    }
+
+    /// Whether the index places `rel`'s entry somewhere else than what this process remembers.
+    fn index_moved(&self, rel: &Path) -> bool {
+        let remembered = self
+            .known
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(rel)
+            .map(|k| k.packed.clone());
+        match remembered {
+            Some(packed) => self
+                .learn_from_index(rel)
+                .is_some_and(|i| i.packed != packed),
+            None => false,
+        }
     }
 
     /// Where an entry may be when the file its source's stamp names is absent: a pack, an older
