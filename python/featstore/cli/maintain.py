@@ -161,8 +161,7 @@ def cmd_pack(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     found = find_sources(args, store)
     report = ops.pack(store, found.paths, target_size=args.target_size, progress=None)
     emit(args, report.to_dict(), report.text())
-    unpackable = [s for s in report.skipped if not s[1].startswith(("missing:", "stale:", "orphan:"))]
-    return 1 if found.errors or unpackable else 0
+    return 1 if found.errors or report.skipped else 0
 
 
 def cmd_migrate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:

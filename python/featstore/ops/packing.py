@@ -40,9 +40,11 @@ class PackReport:
         name meanwhile (a newer entry, which lookups prefer).
     already_packed : int
         Entries that were in a pack already.
+    not_valid : dict of str to int
+        Sources without a valid entry (nothing to pack), by state.
     skipped : list of (str, str)
-        Sources whose entry was not packed, with why (not valid, or its data checksum failed:
-        ``featstore verify`` says more).
+        Sources whose valid entry was not packed, with why (its data checksum failed:
+        ``featstore verify`` says more; or it was rewritten while being copied).
     """
 
     feature: str
@@ -56,6 +58,7 @@ class PackReport:
     skipped: list[tuple[str, str]]
     seconds: float
     kept_files: list[str] = field(default_factory=list)
+    not_valid: dict[str, int] = field(default_factory=dict)
 
     @property
     def bytes(self) -> int:
@@ -65,7 +68,8 @@ class PackReport:
         return {"feature": self.feature, "layout": self.layout, "data_root": self.data_root,
                 "sources": self.sources, "packs": [{"path": p, "bytes": n} for p, n in self.packs],
                 "moved": self.moved, "bytes": self.bytes, "already_packed": self.already_packed,
-                "skipped": [list(s) for s in self.skipped], "kept_files": self.kept_files,
+                "not_valid": self.not_valid, "skipped": [list(s) for s in self.skipped],
+                "kept_files": self.kept_files,
                 "seconds": round(self.seconds, 3)}
 
     def text(self, limit: int = 20) -> str:
@@ -75,14 +79,14 @@ class PackReport:
         lines.extend(f"  {shown(self.base, p)}  {human_bytes(n)}" for p, n in self.packs[:limit])
         if self.already_packed:
             lines.append(f"{count(self.already_packed, 'entry', 'entries')} already in a pack")
-        not_valid = [s for s in self.skipped if not s[1].startswith(("missing:", "stale:", "orphan:"))]
-        unmade = len(self.skipped) - len(not_valid)
-        if unmade:
-            lines.append(f"{count(unmade, 'source')} without a valid entry (missing or stale): nothing to pack")
-        for rel, why in not_valid[:limit]:
+        if self.not_valid:
+            states = ", ".join(f"{s} {n:,}" for s, n in sorted(self.not_valid.items()))
+            lines.append(f"{count(sum(self.not_valid.values()), 'source')} without a valid entry ({states}): "
+                         "nothing to pack (`featstore status` and `explain` say more)")
+        for rel, why in self.skipped[:limit]:
             lines.append(f"  not packed {rel}: {why}")
-        if len(not_valid) > limit:
-            lines.append(f"  ... and {len(not_valid) - limit:,} more (--json lists all)")
+        if len(self.skipped) > limit:
+            lines.append(f"  ... and {len(self.skipped) - limit:,} more (--json lists all)")
         for rel in self.kept_files[:limit]:
             lines.append(f"  kept the entry file of {rel}: rewritten since it was packed (the newer one is served)")
         return "\n".join(lines)
@@ -112,13 +116,13 @@ def pack(store: FeatureStore, sources: Sequence[str], *, target_size: int = DEFA
     rels = store.rels(sources)
     t0 = time.perf_counter()
     with maintenance_lock(store, "pack entries"):
-        packs, moved, kept, already, skipped = run_with_progress(
+        packs, moved, kept, already, not_valid, skipped = run_with_progress(
             lambda p: store._core.pack_entries(rels, target_size, True, p), desc="packing entries",
             total=len(rels), show=progress, unit="entries")
     return PackReport(store.feature, store.layout, store.data_root, base_dir(store), len(rels),
                       [(os.fspath(p), n) for p, n in packs], moved, already,
                       [(os.fsdecode(r), why) for r, why in skipped], time.perf_counter() - t0,
-                      [os.fsdecode(r) for r in kept])
+                      [os.fsdecode(r) for r in kept], dict(not_valid))
 
 
 #: gc rewrites a pack once this fraction of its bytes belongs to no live entry.

@@ -13,12 +13,14 @@ use pyo3::types::PyBytes;
 use crate::{fork, progress_counter, stamp_of, IntoPy, Progress, StampTuple};
 
 /// What a pack run did: `(packs [(path, size)], entries moved, sources whose own file was kept
-/// (rewritten since it was copied), already packed, skipped [(rel, why)])`.
+/// (rewritten since it was copied), already packed, {state: sources without a valid entry},
+/// skipped [(rel, why)])`.
 pub type PackReport = (
     Vec<(OsString, u64)>,
     usize,
     Vec<OsString>,
     usize,
+    std::collections::BTreeMap<&'static str, usize>,
     Vec<(OsString, String)>,
 );
 
@@ -46,6 +48,7 @@ pub fn pack_entries(
             .map(PathBuf::into_os_string)
             .collect(),
         run.already_packed,
+        run.not_valid,
         run.skipped
             .into_iter()
             .map(|(r, why)| (r.into_os_string(), why))

@@ -31,8 +31,10 @@ pub struct PackRun {
     pub kept_files: Vec<PathBuf>,
     /// Entries already in a pack.
     pub already_packed: usize,
-    /// Sources whose entry was not packed, with why (not valid, changed while being copied, a
-    /// data checksum that does not match).
+    /// Sources without a valid entry (nothing to pack), by state.
+    pub not_valid: std::collections::BTreeMap<&'static str, usize>,
+    /// Sources whose valid entry was not packed, with why (changed while being copied, a data
+    /// checksum that does not match).
     pub skipped: Vec<(PathBuf, String)>,
 }
 
@@ -67,8 +69,7 @@ impl Store {
             progress.fetch_add(1, Ordering::Relaxed);
             let c = self.check(rel)?;
             if c.state != State::Valid {
-                run.skipped
-                    .push((rel.clone(), format!("{}: {}", c.state.name(), c.reason)));
+                *run.not_valid.entry(c.state.name()).or_default() += 1;
                 continue;
             }
             if c.packed.is_some() {
