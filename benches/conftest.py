@@ -21,6 +21,19 @@ RESULTS: dict[str, list[tuple[str, float]]] = defaultdict(list)
 SUBJECTS: dict[str, str] = {}
 
 
+class Indices:
+    """The base dataset: nothing but the index (the cached features are the sample)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict:
+        return {"index": i}
+
+
 def record(benchmark, group: str, name: str, items: int) -> None:
     """Remembers the median time per item of a finished pytest-benchmark run."""
     stats = getattr(benchmark, "stats", None)

@@ -24,7 +24,7 @@ import os
 
 import pytest
 import torch
-from conftest import RESULTS, one_core_memcpy, record
+from conftest import RESULTS, Indices, one_core_memcpy, record
 
 from featstore import CachedDataset, FeatureStore
 from featstore.examples import make_image_tree
@@ -32,19 +32,6 @@ from featstore.examples import make_image_tree
 GROUP = "training batches through a DataLoader (per sample)"
 BATCH = 32
 RECOMPUTED = 96
-
-
-class Indices:
-    """The base dataset: nothing but the index (the cached features are the sample)."""
-
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int) -> dict:
-        return {"index": i}
 
 
 class TorchLoadSidecars(torch.utils.data.Dataset):

@@ -15,7 +15,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import SUBJECTS, record
+from conftest import SUBJECTS, Indices, record
 
 from featstore import CachedDataset, FeatureStore
 from featstore.examples import make_image_tree
@@ -25,19 +25,6 @@ GET = "get of one entry: packed against its own file (per entry)"
 EPOCH = "training epoch from packs against files (per sample)"
 SUBJECTS[GET] = SUBJECTS[EPOCH] = "the packed read"
 BATCH = 32
-
-
-class Indices:
-    """The base dataset: nothing but the index (the cached features are the sample)."""
-
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int) -> dict:
-        return {"index": i}
 
 
 @pytest.fixture(scope="session")

@@ -18,6 +18,7 @@ import warnings
 import pytest
 import torch
 from conftest import age
+from toy_datasets import Images, source_of
 
 from featstore import CachedDataset, FeatureStore
 from featstore.examples import make_image_tree
@@ -118,17 +119,6 @@ def _repack_forever(root: str, rels: list[str], stop: str) -> None:
             execute_gc(store, plan_gc(store, rels, min_tmp_age_s=0, progress=False), progress=False)
 
 
-class _Indices:
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int) -> dict:
-        return {"index": i}
-
-
 def test_a_training_loop_reading_while_entries_move_into_packs_is_served_its_own_bytes(template, tmp_path,
                                                                                        figures):
     fig = figures("concurrency: training reads while entries move into packs and back")
@@ -137,8 +127,7 @@ def test_a_training_loop_reading_while_entries_move_into_packs_is_served_its_own
     shutil.copytree(src, root)
     stop = str(tmp_path / "stop")
     other = fork(_repack_forever, root, rels, stop)
-    paths = [os.path.join(root, r) for r in rels]
-    ds = CachedDataset(_Indices(len(rels)), FeatureStore(root, "toy"), paths=paths, log_start=False)
+    ds = CachedDataset(Images(root, rels), FeatureStore(root, "toy"), path_fn=source_of, log_start=False)
     problems: list[str] = []
     served = 0
     deadline = time.monotonic() + 8

@@ -269,17 +269,24 @@ def _plan_temps(found: Survey, never: set[str], min_tmp_age_s: float, remove: li
                 kept: list[GcItem]) -> None:
     """Adds featstore's temporary files to ``remove``, or to ``kept`` while they may be a write in
     progress."""
-    now = time.time_ns()
     for t in found.temps:
-        ident = file_identity(t)
-        if ident is None or t in never:
-            continue
-        age_s = (now - ident[1]) / 1e9
-        if age_s < min_tmp_age_s:
-            kept.append(GcItem(t, "temp", f"written {age_s:.0f} s ago: may be a write in progress "
-                               f"(--min-tmp-age {min_tmp_age_s:.0f})", ident[0], "", ident))
-        else:
-            remove.append(GcItem(t, "temp", f"left by an interrupted write {age(age_s)} ago", ident[0], "", ident))
+        if t not in never:
+            _plan_temp(t, min_tmp_age_s, "a write in progress", "an interrupted write", remove, kept)
+
+
+def _plan_temp(path: str, min_tmp_age_s: float, writing: str, left_by: str, remove: list[GcItem],
+               kept: list[GcItem]) -> None:
+    """Adds one temporary file to ``remove``, or to ``kept`` while younger than ``min_tmp_age_s``
+    (it may be ``writing``); nothing when it is gone or not a regular file."""
+    ident = file_identity(path)
+    if ident is None:
+        return
+    age_s = (time.time_ns() - ident[1]) / 1e9
+    if age_s < min_tmp_age_s:
+        kept.append(GcItem(path, "temp", f"written {age_s:.0f} s ago: may be {writing} "
+                           f"(--min-tmp-age {min_tmp_age_s:.0f})", ident[0], "", ident))
+    else:
+        remove.append(GcItem(path, "temp", f"left by {left_by} {age(age_s)} ago", ident[0], "", ident))
 
 
 def _plan_pack_temps(store: FeatureStore, min_tmp_age_s: float, remove: list[GcItem], kept: list[GcItem]) -> None:
@@ -290,19 +297,10 @@ def _plan_pack_temps(store: FeatureStore, min_tmp_age_s: float, remove: list[GcI
         names = os.listdir(packs_dir)
     except OSError:
         return
-    now = time.time_ns()
     for name in names:
-        path = os.path.join(packs_dir, name)
-        ident = file_identity(path)
-        if ident is None or not _PACK_TEMP.match(name):
-            continue
-        age_s = (now - ident[1]) / 1e9
-        if age_s < min_tmp_age_s:
-            kept.append(GcItem(path, "temp", f"written {age_s:.0f} s ago: may be a pack being written "
-                               f"(--min-tmp-age {min_tmp_age_s:.0f})", ident[0], "", ident))
-        else:
-            remove.append(GcItem(path, "temp", f"left by an interrupted pack run {age(age_s)} ago", ident[0], "",
-                                 ident))
+        if _PACK_TEMP.match(name):
+            _plan_temp(os.path.join(packs_dir, name), min_tmp_age_s, "a pack being written",
+                       "an interrupted pack run", remove, kept)
 
 
 def _plan_frames_records(store: FeatureStore, min_tmp_age_s: float, remove: list[GcItem], kept: list[GcItem]

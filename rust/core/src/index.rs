@@ -452,6 +452,14 @@ pub(crate) fn rand_u32() -> u32 {
 
 /// The segment files in `dir`, oldest first (empty when there is no directory).
 pub fn segment_paths(dir: &Path) -> Result<Vec<PathBuf>> {
+    named_in(dir, |name| {
+        name.ends_with(SEGMENT_SUFFIX) && !name.starts_with('.')
+    })
+}
+
+/// The paths of the files in `dir` whose names `wanted` takes, sorted (names start with the hex
+/// time they were written: oldest first); empty when there is no directory.
+pub(crate) fn named_in(dir: &Path, wanted: impl Fn(&str) -> bool) -> Result<Vec<PathBuf>> {
     let entries = match std::fs::read_dir(dir) {
         Ok(e) => e,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -460,9 +468,7 @@ pub fn segment_paths(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut out = Vec::new();
     for e in entries {
         let e = e.at(dir)?;
-        let name = e.file_name();
-        let name = name.to_string_lossy();
-        if name.ends_with(SEGMENT_SUFFIX) && !name.starts_with('.') {
+        if wanted(&e.file_name().to_string_lossy()) {
             out.push(e.path());
         }
     }

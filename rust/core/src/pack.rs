@@ -251,20 +251,7 @@ pub fn read_table(path: &Path) -> Result<Vec<Packed>> {
 
 /// The packs in `dir`, oldest first (empty when there is no directory).
 pub fn pack_paths(dir: &Path) -> Result<Vec<PathBuf>> {
-    let entries = match std::fs::read_dir(dir) {
-        Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(Error::io(dir, e)),
-    };
-    let mut out = Vec::new();
-    for e in entries {
-        let e = e.at(dir)?;
-        if is_pack_name(&e.file_name().to_string_lossy()) {
-            out.push(e.path());
-        }
-    }
-    out.sort();
-    Ok(out)
+    crate::index::named_in(dir, is_pack_name)
 }
 
 #[cfg(test)]

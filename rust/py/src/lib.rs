@@ -723,6 +723,46 @@ fn parse_inputs(inputs: Vec<(String, Bound<'_, PyAny>)>) -> PyResult<Vec<Input>>
         .collect()
 }
 
+/// `put_many`'s items, as Python gives them: `(rel, tensors, metadata, inputs, expected)`.
+type PutItems<'py> = Vec<(
+    PathBuf,
+    Vec<RawTensor>,
+    BTreeMap<String, String>,
+    Vec<(String, Bound<'py, PyAny>)>,
+    Option<StampTuple>,
+)>;
+
+/// A parsed item of a batched write, its tensors apart (the views borrow them).
+type ParsedItem = (PathBuf, BTreeMap<String, String>, Vec<Input>, Option<Stamp>);
+
+/// Parses a batch's items: their raw tensors, and the rest of each request.
+fn put_items(items: PutItems<'_>) -> PyResult<(Vec<Vec<RawTensor>>, Vec<ParsedItem>)> {
+    let mut raws = Vec::with_capacity(items.len());
+    let mut requests = Vec::with_capacity(items.len());
+    for (rel, tensors, meta, inputs, expected) in items {
+        raws.push(tensors);
+        requests.push((rel, meta, parse_inputs(inputs)?, expected.map(stamp_of)));
+    }
+    Ok((raws, requests))
+}
+
+/// The core's requests of a parsed batch, viewing the tensors of `raws`.
+fn put_batch(requests: Vec<ParsedItem>, raws: &[Vec<RawTensor>]) -> PyResult<Vec<PutRequest<'_>>> {
+    let mut batch = Vec::with_capacity(requests.len());
+    for ((rel, meta, inputs, expected), raw) in requests.into_iter().zip(raws) {
+        batch.push(PutRequest {
+            rel,
+            // SAFETY: see tensor_views; `featstore.writes` holds the tensors during the call
+            // the batch is made for.
+            tensors: unsafe { tensor_views(raw)? },
+            meta,
+            inputs,
+            expected,
+        });
+    }
+    Ok(batch)
+}
+
 #[pymethods]
 impl PyStore {
     #[new]
@@ -951,33 +991,12 @@ impl PyStore {
     fn put_many<'py>(
         &self,
         py: Python<'py>,
-        items: Vec<(
-            PathBuf,
-            Vec<RawTensor>,
-            BTreeMap<String, String>,
-            Vec<(String, Bound<'py, PyAny>)>,
-            Option<StampTuple>,
-        )>,
+        items: PutItems<'py>,
         durable: bool,
         threads: Option<usize>,
     ) -> PyResult<Vec<Bound<'py, PyAny>>> {
-        let mut raws = Vec::with_capacity(items.len());
-        let mut requests = Vec::with_capacity(items.len());
-        for (rel, tensors, meta, inputs, expected) in items {
-            raws.push(tensors);
-            requests.push((rel, meta, parse_inputs(inputs)?, expected.map(stamp_of)));
-        }
-        let mut batch = Vec::with_capacity(requests.len());
-        for ((rel, meta, inputs, expected), raw) in requests.into_iter().zip(&raws) {
-            batch.push(PutRequest {
-                rel,
-                // SAFETY: see tensor_views; `featstore.store` holds the tensors during this call.
-                tensors: unsafe { tensor_views(raw)? },
-                meta,
-                inputs,
-                expected,
-            });
-        }
+        let (raws, requests) = put_items(items)?;
+        let batch = put_batch(requests, &raws)?;
         let results =
             fork::detached(py, || self.inner.put_many(&batch, durable, threads)).py_err()?;
         results
@@ -998,32 +1017,11 @@ impl PyStore {
         &self,
         py: Python<'py>,
         stream: &packs::PyPackStream,
-        items: Vec<(
-            PathBuf,
-            Vec<RawTensor>,
-            BTreeMap<String, String>,
-            Vec<(String, Bound<'py, PyAny>)>,
-            Option<StampTuple>,
-        )>,
+        items: PutItems<'py>,
         threads: Option<usize>,
     ) -> PyResult<Vec<Bound<'py, PyAny>>> {
-        let mut raws = Vec::with_capacity(items.len());
-        let mut requests = Vec::with_capacity(items.len());
-        for (rel, tensors, meta, inputs, expected) in items {
-            raws.push(tensors);
-            requests.push((rel, meta, parse_inputs(inputs)?, expected.map(stamp_of)));
-        }
-        let mut batch = Vec::with_capacity(requests.len());
-        for ((rel, meta, inputs, expected), raw) in requests.into_iter().zip(&raws) {
-            batch.push(PutRequest {
-                rel,
-                // SAFETY: see tensor_views; `featstore.writes` holds the tensors during this call.
-                tensors: unsafe { tensor_views(raw)? },
-                meta,
-                inputs,
-                expected,
-            });
-        }
+        let (raws, requests) = put_items(items)?;
+        let batch = put_batch(requests, &raws)?;
         let results = fork::detached(py, || {
             self.inner.put_many_packed(&stream.inner, &batch, threads)
         });

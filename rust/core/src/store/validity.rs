@@ -161,12 +161,7 @@ impl Store {
         };
         if depth == Depth::Stamps {
             if let Some(k) = self.recall(rel) {
-                if k.hot()
-                    && k.source == src_stamp
-                    && k.path == entry
-                    && k.entry == entry_stamp
-                    && self.inputs_hold(&k)?
-                {
+                if k.path == entry && self.vouches(&k, src_stamp, entry_stamp, depth)? {
                     return Ok(Check {
                         state: k.state,
                         entry,
@@ -223,12 +218,7 @@ impl Store {
                 return Ok(Check::about(State::Missing, wanted.to_path_buf(), why));
             }
         };
-        if depth == Depth::Stamps
-            && k.hot()
-            && k.source == src_stamp
-            && k.entry == pack_stamp
-            && self.inputs_hold(&k)?
-        {
+        if self.vouches(&k, src_stamp, pack_stamp, depth)? {
             return Ok(Check {
                 state: k.state,
                 entry: packed_entry_name(&k.path, &at),
@@ -238,6 +228,17 @@ impl Store {
             });
         }
         self.evaluate(rel, src_stamp, &k.path, Some(&at), wanted, depth)
+    }
+
+    /// Whether the remembered verdict `k` stands for a source and an entry file with these stamps
+    /// now, unread (the hot path): only at [`Depth::Stamps`], for a verdict its stamps alone
+    /// vouch for, with every stamp the one judged and the extra inputs still holding.
+    fn vouches(&self, k: &Known, source: Stamp, entry: Stamp, depth: Depth) -> Result<bool> {
+        Ok(depth == Depth::Stamps
+            && k.hot()
+            && k.source == source
+            && k.entry == entry
+            && self.inputs_hold(k)?)
     }
 
     /// Whether the extra inputs of a verdict still hold: their stamps, once this process checked
@@ -397,12 +398,7 @@ impl Store {
             if k.path != entry {
                 if let EntryFile::Regular(es) = stat_entry(&k.path)? {
                     // Judged before with these very stamps (a stale entry): no second digest.
-                    if depth == Depth::Stamps
-                        && k.hot()
-                        && k.source == src_stamp
-                        && k.entry == es
-                        && self.inputs_hold(&k)?
-                    {
+                    if self.vouches(&k, src_stamp, es, depth)? {
                         return Ok(Check {
                             state: k.state,
                             entry: k.path,
