@@ -25,12 +25,15 @@ def remove_entry(store: FeatureStore, rel: str) -> bool:
     c = store.check(rel)
     entry = os.fspath(c.entry) if c.entry else ""
     removed = False
+    if c.packed is None and c.identity is not None and entry and c.state != "legacy" \
+            and not entry.endswith(LEGACY_SIDECAR_SUFFIX):
+        removed = _core.remove_judged(entry, c.identity)
+        store.forget(rel)
+        c = store.check(rel)  # an older copy in a pack would show now: it goes too
     if c.packed is not None:
         # A pack holds other sources' entries too: this one leaves the index, the pack stays.
         pack, offset, length = c.packed
-        removed = store._core.drop_packed([(rel, pack, offset, length)])[0]
-    elif c.identity is not None and entry and c.state != "legacy" and not entry.endswith(LEGACY_SIDECAR_SUFFIX):
-        removed = _core.remove_judged(entry, c.identity)
+        removed = store._core.drop_packed([(rel, pack, offset, length)])[0] or removed
     store.forget(rel)
     return removed
 

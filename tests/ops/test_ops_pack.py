@@ -240,3 +240,38 @@ def test_a_bad_target_size_is_a_clear_error(cached, capsys):
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and "'lots' is not a size" in err and "2GiB" in err
     assert packs(root) == []
+
+
+def test_a_journal_a_killed_run_left_never_undoes_a_pack(cached):
+    root, rels, want = cached
+    from featstore.ops import merge_leftover_journals
+    from featstore.pipeline import journal
+
+    # A killed precompute journaled rels[0]'s entry in its own file and was never merged.
+    store = FeatureStore(root, "toy", fingerprint="fp")
+    written = store.write(rels[0], {"features": want[rels[0]]})
+    journal.append(journal.journal_path(store, (0, 1), None), [journal.ok_record(store, rels[0], written)])
+    pack(FeatureStore(root, "toy"), rels, progress=False)
+    assert sidecars(root) == []
+    merge_leftover_journals(FeatureStore(root, "toy"))  # status would merge it too
+    fresh = FeatureStore(root, "toy")
+    assert all(torch.equal(fresh.get(r)["features"], want[r]) for r in rels)
+
+
+def test_remove_takes_the_entry_file_and_an_older_packed_copy(cached):
+    root, rels, want = cached
+    pack(FeatureStore(root, "toy"), rels, progress=False)
+    FeatureStore(root, "toy", fingerprint="fp").put(rels[1], {"features": torch.zeros(2)})
+    store = FeatureStore(root, "toy")
+    assert torch.equal(store.get(rels[1])["features"], torch.zeros(2))
+    assert store.remove(rels[1]) is True
+    assert FeatureStore(root, "toy").state(rels[1]) == "missing"
+
+
+def test_a_manifest_written_for_some_sources_keeps_the_others_packed_entries(cached):
+    root, rels, want = cached
+    pack(FeatureStore(root, "toy"), rels, progress=False)
+    store = FeatureStore(root, "toy")
+    store.write_manifest(store.status(rels[:3]), rels[:3])
+    fresh = FeatureStore(root, "toy")
+    assert all(torch.equal(fresh.get(r)["features"], want[r]) for r in rels)

@@ -122,3 +122,18 @@ def test_pack_size_needs_the_packed_layout(data, capsys):
     assert exit_.value.code == 2
     with pytest.raises(ValueError, match="applies to layout='packed'"):
         precompute(root, encoder=MeanColor(), pack_size=1000, progress=False)
+
+
+def test_a_packed_run_replaces_an_entry_file_of_other_bytes(data):
+    root, rels = data
+    precompute(root, encoder=MeanColor(), num_workers=0, progress=False)  # files of their own
+    path = os.path.join(root, rels[2])
+    Image.new("RGB", (40, 40), (10, 250, 10)).save(path)
+    age(path)
+    s = run(root)
+    assert s["written"] == 1
+    store = FeatureStore(root, "toy")
+    assert torch.allclose(store.get(rels[2])["features"], expected(root, rels[2]))
+    assert store.check(rels[2]).packed is not None
+    assert len(entry_files(root)) == len(rels) - 1  # the stale file went, the valid ones stay
+    assert run(root)["written"] == 0

@@ -20,6 +20,7 @@ from featstore.errors import CorruptEntryError, DataRootError, FeatstoreError
 from featstore.fmt import age, error_lines, human_bytes, shown
 from featstore.history import frames_record_files, frames_record_path, history_entry_files
 from featstore.lock import maintenance_lock
+from featstore.manifest import merge_journals
 from featstore.ops.files import KEPT_REWRITTEN, Identity, base_dir, file_identity, gone_or_kept, not_writable
 from featstore.ops.packing import PackCompaction, compact, plan_compaction
 from featstore.ops.survey import EntryReport, Survey, survey
@@ -343,6 +344,9 @@ _PACK_TEMP = re.compile(r"^\.[0-9a-f]+-[0-9]+-[0-9a-f]+\.fspack\..+\.tmp$")
 def execute_gc(store: FeatureStore, plan: GcReport, *, progress: bool | None = None) -> GcReport:
     """:func:`_execute_gc` under the feature's lock: refused while a precompute runs."""
     with maintenance_lock(store, "collect garbage"):
+        # A killed run's journal merged later would win over the segments gc writes (see pack).
+        if store.journal_paths():
+            merge_journals(store)
         return _execute_gc(store, plan, progress=progress)
 
 

@@ -19,6 +19,7 @@ from typing import Any
 from featstore import _core
 from featstore.fmt import count, human_bytes, shown
 from featstore.lock import maintenance_lock
+from featstore.manifest import merge_journals
 from featstore.ops.files import Identity, base_dir
 from featstore.packs import DEFAULT_TARGET_SIZE
 from featstore.progress import run_with_progress
@@ -116,6 +117,11 @@ def pack(store: FeatureStore, sources: Sequence[str], *, target_size: int = DEFA
     rels = store.rels(sources)
     t0 = time.perf_counter()
     with maintenance_lock(store, "pack entries"):
+        # A killed run's journal names entries in their own files: merged now, its records are
+        # older than the segments this run writes (merged later, they would win over them and
+        # place moved entries back in files that are gone).
+        if store.journal_paths():
+            merge_journals(store)
         packs, moved, kept, already, not_valid, skipped = run_with_progress(
             lambda p: store._core.pack_entries(rels, target_size, True, p), desc="packing entries",
             total=len(rels), show=progress, unit="entries")

@@ -175,7 +175,7 @@ def survey(store: FeatureStore, rels: Sequence[str], *, deep: bool, threads: int
     shared = shared_data_root(store)
     if shared is not None:
         for r in by_path.values():
-            if r.state in ("stale", "orphan") and _other_roots_entry(r.path, os.path.join(shared, r.source)):
+            if r.state in ("stale", "orphan") and _other_roots_entry(r, os.path.join(shared, r.source)):
                 r.keep = (f"kept: the valid entry of {os.path.join(shared, r.source)} (the data root {shared} "
                           "shares this cache)")
                 r.reason += f"; {r.keep}"
@@ -360,10 +360,11 @@ def _unclaimed(store: FeatureStore, path: str, in_scope: set[str], claimed: dict
     return other
 
 
-def _other_roots_entry(path: str, src: str) -> bool:
-    """Whether the entry file at ``path`` records ``src`` (another root's source) as it is now."""
+def _other_roots_entry(r: EntryReport, src: str) -> bool:
+    """Whether the entry of ``r`` (its file, or its range of a pack) records ``src`` (another
+    root's source) as it is now."""
     try:
-        meta, _, _ = _core.read_header(path)
+        meta, _, _ = _core.read_header(*((r.packed[0], r.packed[1:]) if r.packed is not None else (r.path, None)))
     except (CorruptEntryError, OSError):
         return False
     return _written_for(meta, src)

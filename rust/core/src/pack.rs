@@ -72,6 +72,9 @@ pub struct PackWriter {
     out: BufWriter<tempfile::NamedTempFile>,
     at: u64,
     table: Vec<Packed>,
+    /// A write failed: the bytes after `at` are unknown, so no later offset could be trusted and
+    /// the pack is never sealed.
+    failed: bool,
 }
 
 fn pad_to(n: u64, align: u64) -> u64 {
@@ -105,6 +108,7 @@ impl PackWriter {
             out,
             at: HEADER_LEN,
             table: Vec::new(),
+            failed: false,
         })
     }
 
@@ -129,16 +133,29 @@ impl PackWriter {
 
     /// Appends one entry given as consecutive pieces (its header, then its tensors' data).
     pub fn append_chunks(&mut self, key: &[u8], chunks: &[&[u8]]) -> Result<(u64, u64)> {
+        let tmp = self.out.get_ref().path().to_path_buf();
+        if self.failed {
+            return Err(Error::Invalid(format!(
+                "an earlier write to {} failed: the pack is abandoned",
+                tmp.display()
+            )));
+        }
         let offset = pad_to(self.at, DATA_ALIGN as u64);
         let pad = (offset - self.at) as usize;
-        let tmp = self.out.get_ref().path().to_path_buf();
-        self.out.write_all(&[0u8; DATA_ALIGN][..pad]).at(&tmp)?;
         let mut hasher = blake3::Hasher::new();
         let mut len = 0u64;
-        for chunk in chunks {
-            self.out.write_all(chunk).at(&tmp)?;
-            hasher.update(chunk);
-            len += chunk.len() as u64;
+        let mut write = |out: &mut BufWriter<tempfile::NamedTempFile>| -> std::io::Result<()> {
+            out.write_all(&[0u8; DATA_ALIGN][..pad])?;
+            for chunk in chunks {
+                out.write_all(chunk)?;
+                hasher.update(chunk);
+                len += chunk.len() as u64;
+            }
+            Ok(())
+        };
+        if let Err(e) = write(&mut self.out) {
+            self.failed = true;
+            return Err(Error::io(&tmp, e));
         }
         self.at = offset + len;
         self.table.push(Packed {
@@ -154,6 +171,12 @@ impl PackWriter {
     /// and syncs the directory: once this returns, the pack is whole on disk.
     pub fn seal(mut self, durable: bool) -> Result<Sealed> {
         let tmp = self.out.get_ref().path().to_path_buf();
+        if self.failed {
+            return Err(Error::Invalid(format!(
+                "a write to {} failed: the pack is abandoned, its entries are not indexed",
+                tmp.display()
+            )));
+        }
         let table_at = pad_to(self.at, 8);
         let mut table = Vec::new();
         for p in &self.table {

@@ -844,17 +844,26 @@ impl PyStore {
     }
 
     /// Writes the index records of `rels` (those whose entries this process found valid) as the
-    /// whole index, replacing its segments; returns how many it wrote.
+    /// whole index, replacing its segments; returns how many it wrote. The records of packed
+    /// entries of other sources are kept: the index is the only thing that locates them.
     #[pyo3(signature = (rels, durable=true))]
     fn write_index(&self, py: Python<'_>, rels: Vec<PathBuf>, durable: bool) -> PyResult<usize> {
         use featstore_core::key::path_bytes;
-        let records = rels
+        let mut records: Vec<(Vec<u8>, index::Slot)> = rels
             .iter()
             .filter_map(|r| {
                 let rec = self.inner.index_record(r)?;
                 Some((path_bytes(r).to_vec(), index::Slot::Entry(rec)))
             })
             .collect();
+        let listed: std::collections::HashSet<&[u8]> = rels.iter().map(|r| path_bytes(r)).collect();
+        let current = self.inner.index();
+        let others: Vec<(Vec<u8>, index::Slot)> = current
+            .live()
+            .filter(|(k, r)| r.packed.is_some() && !listed.contains(k))
+            .map(|(k, r)| (k.to_vec(), index::Slot::Entry(r)))
+            .collect();
+        records.extend(others);
         let (dir, fp) = (self.inner.index_dir(), self.inner.fingerprint());
         py.detach(|| index::replace(&dir, fp, records, durable))
             .py_err()

@@ -39,6 +39,8 @@ struct StreamState {
 struct Pending {
     rel: PathBuf,
     source: Stamp,
+    /// The source's digest the entry was computed from.
+    digest: String,
     check_first: bool,
     inputs: Option<std::sync::Arc<str>>,
     offset: u64,
@@ -91,7 +93,7 @@ impl Store {
             extra_inputs,
             meta,
             ..
-        } = self.prepare_entry(&r.rel, before, digest, &r.meta, &r.inputs)?;
+        } = self.prepare_entry(&r.rel, before, digest.clone(), &r.meta, &r.inputs)?;
         let (header, data) = entry::encode_entry(&r.tensors, &meta)?;
         let mut chunks: Vec<&[u8]> = vec![&header];
         chunks.extend(data);
@@ -104,6 +106,7 @@ impl Store {
         state.pending.push(Pending {
             rel: r.rel.clone(),
             source: before,
+            digest,
             check_first: racy || inputs_racy,
             inputs: extra_inputs,
             offset,
@@ -138,6 +141,10 @@ impl Store {
         }
         let sealed = writer.seal(durable)?;
         let name: std::sync::Arc<str> = std::sync::Arc::from(sealed.name.as_str());
+        let retire: Vec<(PathBuf, Stamp, String)> = pending
+            .iter()
+            .map(|p| (p.rel.clone(), p.source, p.digest.clone()))
+            .collect();
         let records: Vec<(PathBuf, IndexRecord)> = pending
             .into_iter()
             .map(|p| {
@@ -160,6 +167,31 @@ impl Store {
             .map(|(rel, r)| (path_bytes(rel).to_vec(), Slot::Entry(r.clone())))
             .collect();
         index::write_segment(&self.index_dir(), self.fingerprint(), slots, durable)?;
+        for (rel, source, digest) in retire {
+            self.retire_own_file(&rel, source, &digest)?;
+        }
         Ok(records)
+    }
+
+    /// Removes the entry file of `rel`'s own that a packed entry just written replaces: one
+    /// computed from other source bytes or by another encoder configuration (it would otherwise
+    /// be preferred, and judged stale or foreign on every lookup). Only the file judged now is
+    /// removed; a valid one of the same source bytes stays (either may be served).
+    fn retire_own_file(&self, rel: &std::path::Path, source: Stamp, digest: &str) -> Result<()> {
+        let path = self.entry_path(rel, source);
+        let (header, stamp) = match entry::read_header_stamped(&path) {
+            Ok(h) => h,
+            Err(e) if e.is_io_kind(std::io::ErrorKind::NotFound) => return Ok(()),
+            // Not an entry featstore can read: left for `verify` and `gc` to judge.
+            Err(_) => return Ok(()),
+        };
+        let meta = &header.metadata;
+        let same_bytes = meta.get("source.blake3").map(String::as_str) == Some(digest);
+        let same_encoder = meta.get("fingerprint").map(String::as_str).unwrap_or("")
+            == self.fingerprint().unwrap_or("");
+        if !(same_bytes && same_encoder) {
+            crate::judged::remove_judged(&path, stamp)?;
+        }
+        Ok(())
     }
 }

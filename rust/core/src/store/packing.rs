@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::{State, Store};
 use crate::entry::{self, ReadMode};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::index::{self, Slot};
 use crate::key::{path_bytes, Stamp};
 use crate::manifest::IndexRecord;
@@ -261,10 +261,16 @@ impl Store {
             };
             let opened = entry::open_entry_in(&usage.path, Some(span), ReadMode::Pread, None)
                 .and_then(|(o, _)| o.verify_checksum(&usage.path).map(|()| o));
-            let Ok(opened) = opened else {
+            let opened = match opened {
+                Ok(o) => o,
                 // Damaged in the pack: nothing to keep; its source misses and is computed again.
-                dropped.push((e.key.clone(), Slot::Removed));
-                continue;
+                Err(Error::Corrupt { .. }) => {
+                    dropped.push((e.key.clone(), Slot::Removed));
+                    continue;
+                }
+                // Any other failure (a read error, no memory) says nothing about the entry: the
+                // rewrite stops, and the old pack stays as it is.
+                Err(other) => return Err(other),
             };
             let w = match &mut writer {
                 Some(w) => w,

@@ -125,9 +125,10 @@ impl Store {
         let mut path = self.file_of(&c);
         let file = match fs::File::open(&path) {
             Ok(f) => f,
-            // A pack removed between the check and the open (gc placed its entries in another
-            // pack first): what this process knew is out of date, so check again, once.
-            Err(e) if e.kind() == ErrorKind::NotFound && c.packed.is_some() => {
+            // Gone between the check and the open: moved into a pack (`featstore pack` removes
+            // the file once the index places it there), or a pack gc rewrote: what this process
+            // knew is out of date, so check again, once.
+            Err(e) if e.kind() == ErrorKind::NotFound => {
                 self.forget(rel);
                 c = self.check(rel).map_err(|e| e.to_string())?;
                 if c.state != State::Valid {
@@ -244,13 +245,13 @@ impl Store {
     /// then the open.
     pub fn open_checked(&self, rel: &Path) -> Result<Option<entry::Entry>> {
         match self.open_checked_once(rel)? {
-            // A pack removed between the check and the open (gc placed its entries in another
-            // pack first): what this process knew is out of date, so check again, once.
-            Opened::PackGone => {
+            // Gone between the check and the open (moved into a pack, or a pack gc rewrote):
+            // what this process knew is out of date, so check again, once.
+            Opened::Gone => {
                 self.forget(rel);
                 match self.open_checked_once(rel)? {
                     Opened::Entry(e) => Ok(Some(e)),
-                    Opened::Miss | Opened::PackGone => Ok(None),
+                    Opened::Miss | Opened::Gone => Ok(None),
                 }
             }
             Opened::Entry(e) => Ok(Some(e)),
@@ -277,11 +278,7 @@ impl Store {
                 }
                 Ok(Opened::Entry(e))
             }
-            Err(e) if e.is_io_kind(ErrorKind::NotFound) && c.packed.is_some() => {
-                Ok(Opened::PackGone)
-            }
-            // Replaced or removed between the check and the open: a miss, not an error.
-            Err(e) if e.is_io_kind(ErrorKind::NotFound) => Ok(Opened::Miss),
+            Err(e) if e.is_io_kind(ErrorKind::NotFound) => Ok(Opened::Gone),
             Err(Error::Corrupt { .. }) => {
                 self.forget(rel);
                 Ok(Opened::Miss)
@@ -295,6 +292,6 @@ impl Store {
 enum Opened {
     Entry(entry::Entry),
     Miss,
-    /// The pack the check placed the entry in was gone at the open.
-    PackGone,
+    /// The file the check placed the entry in (its own, or a pack) was gone at the open.
+    Gone,
 }

@@ -353,7 +353,9 @@ impl Store {
         // and gc removes a pack once a segment places its entries elsewhere. Look again in the
         // index as it is now (mapped again if its directory changed), when it places the entry
         // somewhere else than where this process looked.
-        if c.state == State::Missing {
+        // (A packed entry judged stale, foreign or corrupt may have been computed again into
+        // another pack since.)
+        if c.state == State::Missing || (c.packed.is_some() && c.state != State::Valid) {
             let reloaded = self.reload_index_if_changed()?;
             if reloaded || self.index_moved(rel) {
                 self.forget(rel);
